@@ -1,0 +1,1 @@
+//! Spoke tunnel core.
