@@ -1,1 +1,13 @@
-//! Spoke tunnel core.
+//! Spoke's tunnel core, shared by spoke-agent and spoke-server: Konnectivity packets,
+//! the per-stream send queues, per-connection flow control and relay, TLS, metrics,
+//! the health/admin HTTP server and upstream-compatible flag parsing.
+pub mod admin;
+pub mod backoff;
+pub mod flags;
+pub mod flow;
+pub mod logging;
+pub mod metrics;
+pub mod outbound;
+pub mod packet;
+pub mod relay;
+pub mod tls;

@@ -1,0 +1,74 @@
+//! The health/metrics/admin HTTP servers. They run on their own thread and runtime, so
+//! scrapes and probes never take time from the data path (and vice versa: a busy data
+//! path cannot make a liveness probe time out).
+use anyhow::{Context, Result};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use prometheus_client::registry::Registry;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// Binds now (so a taken port fails start-up with a clear error), serves on a thread.
+pub fn serve(name: &'static str, addr: SocketAddr, router: Router) -> Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("{name} server: cannot listen on {addr}"))?;
+    listener.set_nonblocking(true)?;
+    let local = listener.local_addr()?;
+    std::thread::Builder::new()
+        .name(format!("spoke-{name}"))
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "{name} server: no runtime");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => {
+                        if let Err(e) = axum::serve(l, router).await {
+                            tracing::error!(error = %e, "{name} server stopped");
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "{name} server: bad listener"),
+                }
+            });
+        })?;
+    tracing::info!(%local, "{name} server listening");
+    Ok(local)
+}
+
+/// `/metrics` rendering the given registry.
+pub fn metrics_route(registry: Arc<Registry>) -> Router {
+    Router::new().route(
+        "/metrics",
+        get(move || {
+            let registry = registry.clone();
+            async move {
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    crate::metrics::encode(&registry),
+                )
+                    .into_response()
+            }
+        }),
+    )
+}
+
+/// `/healthz`: the process is alive and serving HTTP.
+pub fn healthz() -> Router {
+    Router::new().route("/healthz", get(|| async { "ok" }))
+}
+
+pub fn text(status: StatusCode, body: impl Into<String>) -> Response {
+    (status, body.into()).into_response()
+}

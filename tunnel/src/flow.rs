@@ -1,0 +1,257 @@
+//! Per-connection flow control over one shared tunnel stream.
+//!
+//! HTTP/2 can only slow the whole agent stream, so each tunnelled connection gets:
+//! - an [`Inbox`]: bytes received from the peer waiting for the local endpoint, bounded by a
+//!   byte cap; the shared dispatch loop pushes without ever waiting;
+//! - a [`SendWindow`]: with a Spoke peer, credit granted by the peer's inbox as it drains,
+//!   so we read our local endpoint only while the peer has room (no overflow, no stall);
+//! - with an upstream peer (no credits) the window is unlimited and an inbox that overflows
+//!   closes that one connection, never the stream.
+use bytes::Bytes;
+use prometheus_client::metrics::gauge::Gauge;
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use tokio::sync::{mpsc, Notify};
+
+/// Why a push into an inbox was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PushError {
+    /// The local endpoint is not draining fast enough and the cap is reached.
+    Overflow,
+    /// The connection's relay has ended.
+    Closed,
+}
+
+/// Producer side of a connection's receive buffer.
+#[derive(Debug)]
+pub struct Inbox {
+    tx: mpsc::UnboundedSender<Bytes>,
+    buffered: Arc<AtomicUsize>,
+    total: Gauge,
+    cap: usize,
+}
+
+/// Consumer side, owned by the connection's relay.
+#[derive(Debug)]
+pub struct InboxRx {
+    rx: mpsc::UnboundedReceiver<Bytes>,
+    buffered: Arc<AtomicUsize>,
+    total: Gauge,
+}
+
+/// A connection's receive buffer holding at most about `cap` bytes; `total` sums all
+/// connections' buffered bytes for the metrics.
+pub fn inbox(cap: usize, total: Gauge) -> (Inbox, InboxRx) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let buffered = Arc::new(AtomicUsize::new(0));
+    (
+        Inbox {
+            tx,
+            buffered: buffered.clone(),
+            total: total.clone(),
+            cap,
+        },
+        InboxRx {
+            rx,
+            buffered,
+            total,
+        },
+    )
+}
+
+impl Inbox {
+    /// Queues `data` unless that would pass the cap. Never waits. A chunk larger than the
+    /// whole cap is still accepted into an empty inbox so a peer's large write cannot wedge.
+    pub fn push(&self, data: Bytes) -> Result<(), PushError> {
+        let len = data.len();
+        let before = self.buffered.fetch_add(len, Ordering::AcqRel);
+        if before > 0 && before + len > self.cap {
+            self.buffered.fetch_sub(len, Ordering::AcqRel);
+            return Err(PushError::Overflow);
+        }
+        match self.tx.send(data) {
+            Ok(()) => {
+                self.total.inc_by(len as i64);
+                Ok(())
+            }
+            Err(_) => {
+                self.buffered.fetch_sub(len, Ordering::AcqRel);
+                Err(PushError::Closed)
+            }
+        }
+    }
+
+    pub fn buffered(&self) -> usize {
+        self.buffered.load(Ordering::Acquire)
+    }
+}
+
+impl InboxRx {
+    /// Next chunk; `None` once the producer is gone and everything was taken.
+    pub async fn recv(&mut self) -> Option<Bytes> {
+        self.rx.recv().await
+    }
+
+    pub fn try_recv(&mut self) -> Option<Bytes> {
+        self.rx.try_recv().ok()
+    }
+
+    /// Marks `n` bytes as written to the local endpoint, freeing room in the cap.
+    pub fn consumed(&self, n: usize) {
+        self.buffered.fetch_sub(n, Ordering::AcqRel);
+        self.total.dec_by(n as i64);
+    }
+}
+
+impl Drop for InboxRx {
+    fn drop(&mut self) {
+        // Bytes still queued are dropped with us; keep the shared gauge honest.
+        self.rx.close();
+        while let Ok(b) = self.rx.try_recv() {
+            self.consumed(b.len());
+        }
+    }
+}
+
+/// Credit for sending toward the peer. `None` limit means the peer speaks no credits.
+#[derive(Debug)]
+pub struct SendWindow {
+    avail: AtomicI64,
+    limited: bool,
+    notify: Notify,
+}
+
+impl SendWindow {
+    pub fn unlimited() -> Arc<Self> {
+        Arc::new(Self {
+            avail: AtomicI64::new(i64::MAX / 2),
+            limited: false,
+            notify: Notify::new(),
+        })
+    }
+
+    pub fn with_credit(initial: usize) -> Arc<Self> {
+        Arc::new(Self {
+            avail: AtomicI64::new(initial as i64),
+            limited: true,
+            notify: Notify::new(),
+        })
+    }
+
+    pub fn is_limited(&self) -> bool {
+        self.limited
+    }
+
+    /// Waits until there is credit and returns how many bytes may be sent now (≤ `max`).
+    /// Cancel-safe: nothing is taken until [`SendWindow::spend`].
+    pub async fn ready(&self, max: usize) -> usize {
+        loop {
+            let notified = self.notify.notified();
+            let avail = self.avail.load(Ordering::Acquire);
+            if avail > 0 {
+                return (avail as usize).min(max);
+            }
+            notified.await;
+        }
+    }
+
+    /// True when the window is exhausted (a flow-control stall is about to happen).
+    pub fn exhausted(&self) -> bool {
+        self.avail.load(Ordering::Acquire) <= 0
+    }
+
+    pub fn spend(&self, n: usize) {
+        if self.limited {
+            self.avail.fetch_sub(n as i64, Ordering::AcqRel);
+        }
+    }
+
+    pub fn grant(&self, n: i64) {
+        if self.limited && n > 0 {
+            self.avail.fetch_add(n, Ordering::AcqRel);
+            self.notify.notify_one();
+        }
+    }
+}
+
+/// Batches credit returns so a window update goes out per quarter window, not per chunk.
+#[derive(Debug)]
+pub struct CreditReturn {
+    pending: usize,
+    threshold: usize,
+}
+
+impl CreditReturn {
+    pub fn new(window: usize) -> Self {
+        Self {
+            pending: 0,
+            threshold: (window / 4).max(1),
+        }
+    }
+
+    /// Records `n` drained bytes; returns the amount to grant now, if the batch is full.
+    pub fn drained(&mut self, n: usize) -> Option<usize> {
+        self.pending += n;
+        (self.pending >= self.threshold).then(|| std::mem::take(&mut self.pending))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn inbox_enforces_cap_and_frees_on_consume() {
+        let (tx, mut rx) = inbox(10, Gauge::default());
+        tx.push(Bytes::from_static(b"123456")).unwrap();
+        assert_eq!(
+            tx.push(Bytes::from_static(b"123456")),
+            Err(PushError::Overflow)
+        );
+        let got = rx.recv().await.unwrap();
+        rx.consumed(got.len());
+        tx.push(Bytes::from_static(b"123456")).unwrap();
+        assert_eq!(tx.buffered(), 6);
+    }
+
+    #[tokio::test]
+    async fn oversize_chunk_fits_into_empty_inbox_only() {
+        let (tx, _rx) = inbox(4, Gauge::default());
+        tx.push(Bytes::from_static(b"123456")).unwrap();
+        assert_eq!(tx.push(Bytes::from_static(b"1")), Err(PushError::Overflow));
+    }
+
+    #[tokio::test]
+    async fn dropped_consumer_closes_and_releases() {
+        let total = Gauge::default();
+        let (tx, rx) = inbox(100, total.clone());
+        tx.push(Bytes::from_static(b"abc")).unwrap();
+        assert_eq!(total.get(), 3);
+        drop(rx);
+        assert_eq!(tx.buffered(), 0);
+        assert_eq!(total.get(), 0);
+        assert_eq!(tx.push(Bytes::from_static(b"x")), Err(PushError::Closed));
+    }
+
+    #[tokio::test]
+    async fn window_waits_for_grant() {
+        let w = SendWindow::with_credit(5);
+        assert_eq!(w.ready(100).await, 5);
+        w.spend(5);
+        assert!(w.exhausted());
+        let w2 = w.clone();
+        let waiter = tokio::spawn(async move { w2.ready(100).await });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        w.grant(7);
+        assert_eq!(waiter.await.unwrap(), 7);
+    }
+
+    #[test]
+    fn credit_batches_by_quarter_window() {
+        let mut c = CreditReturn::new(100);
+        assert_eq!(c.drained(10), None);
+        assert_eq!(c.drained(15), Some(25));
+        assert_eq!(c.drained(1), None);
+    }
+}
