@@ -31,6 +31,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl, urlparse
 
 import jsonschema
+import promql_parser
 import yaml
 from kubernetes_validate import utils as kv
 
@@ -81,7 +82,7 @@ def rel(p: Path) -> str:
 # -------------------------------------------------------------------- flags ---
 KLOG = {"v", "vmodule", "logtostderr", "alsologtostderr", "log-file", "log-file-max-size", "log-dir",
         "stderrthreshold", "skip-headers", "skip-log-headers", "add-dir-header", "one-output",
-        "log-backtrace-at"}
+        "log-backtrace-at", "log-flush-frequency"}
 AGENT_UPSTREAM = {"agent-cert", "agent-key", "ca-cert", "proxy-server-host", "proxy-server-port", "alpn-proto",
                   "health-server-host", "health-server-port", "admin-bind-address", "admin-server-port",
                   "enable-profiling", "enable-contention-profiling", "agent-id", "agent-identifiers",
@@ -102,7 +103,7 @@ SERVER_UPSTREAM = {"mode", "uds-name", "delete-existing-uds-file", "server-port"
                    "cipher-suites", "tls-min-version", "xfr-channel-size", "enable-lease-controller",
                    "lease-namespace", "lease-label", "graceful-shutdown-timeout", "backend-dial-timeout",
                    "warn-on-channel-limit"} | KLOG
-SERVER_SPOKE = {"log-format"}
+SERVER_SPOKE = {"log-format", "frontend-header-timeout", "max-connection-buffer-bytes", "max-grpc-message-size"}
 
 AGENT_IDENTIFIER_KEYS = {"ipv4", "ipv6", "host", "cidr", "default-route"}
 PROXY_STRATEGIES = {"default", "destHost", "defaultRoute"}
@@ -433,7 +434,7 @@ def check_agent(where: str, ds: dict, objs: list[dict], expect_privileged: bool)
           str((ports.get("health") or {}).get("containerPort")) == hp)
 
     # Spoke extras
-    check(f"{where}: --ebpf value known", f.get("ebpf") in ("auto", "off", "on", "required"), f"{f.get('ebpf')}")
+    check(f"{where}: --ebpf value known", f.get("ebpf") in ("auto", "on", "off"), f"{f.get('ebpf')}")
     check(f"{where}: --log-format=json", f.get("log-format") == "json", f"{f.get('log-format')}")
     check_cidr_list(where, "--allowed-destinations", f.get("allowed-destinations") or "", allow_node=True,
                     allow_empty=False)
@@ -626,8 +627,14 @@ KNOWN_METRICS = {
         "established_connections", "full_receive_channels", "dial_failure_count", "stream_packets_total",
         "stream_errors_total", "culled_leases_count", "lease_delete_latency_seconds_bucket", "lease_delete_total",
         "lease_list_latency_seconds_bucket", "lease_list_total")),
-    # Spoke
-    "spoke_bytes_relayed_total",
+    # Spoke data path (tunnel crate RelayMetrics; registered as spoke_ and, on the server, spoke_server_)
+    *(f"spoke_{pre}{m}" for pre in ("", "server_", "agent_") for m in (
+        "bytes_relayed_total", "connections_closed_total", "buffered_bytes", "flow_control_stalls_total")),
+    "spoke_server_rejected_connections_total",
+    # Spoke eBPF (agent/src/ebpf/metrics.rs; counters get _total in the text format)
+    "spoke_ebpf_program_attached", "spoke_ebpf_xdp_packets_total",
+    *(f"spoke_ebpf_{m}_total" for m in ("sockets_tracked", "socket_pairs", "sockets_closed", "redirected_messages",
+                                        "redirected_bytes", "passed_messages", "sockhash_errors")),
     # cAdvisor (kubelet)
     "container_memory_working_set_bytes", "container_cpu_usage_seconds_total",
 }
@@ -673,8 +680,12 @@ def check_dashboard(path: Path) -> None:
     check(f"{where}: panels fit the 24-column grid without overlapping",
           not overlaps and all(r[0] + r[2] <= 24 for r in rects), f"{overlaps[:3]}")
     used: set[str] = set()
-    ebpf_regex = False
     unknown = []
+    bad_promql = []
+    var_values = {}
+    for v in (d.get("templating") or {}).get("list", []):
+        cur = (v.get("current") or {}).get("value")
+        var_values[v.get("name")] = cur if isinstance(cur, str) and cur else v.get("query", "x")
     variables = {v.get("name") for v in (d.get("templating") or {}).get("list", [])}
     undefined_vars = set()
     for p in panels:
@@ -688,11 +699,23 @@ def check_dashboard(path: Path) -> None:
             for v in re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", expr):
                 if not v.startswith("__") and v not in variables:
                     undefined_vars.add(v)
+            # substitute Grafana's variables, then parse with a real PromQL parser
+            concrete = re.sub(r"\$__(rate_interval|interval|range)\b", "5m", expr)
+            concrete = re.sub(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?", lambda m: var_values.get(m.group(1), "x"), concrete)
+            try:
+                promql_parser.parse(concrete)
+            except Exception as e:  # the binding raises ValueError with the parser's message
+                bad_promql.append(f"{p.get('title')!r}: {e}")
             names, regexes = metric_names(expr)
             used |= names
-            if any(r.startswith("spoke_ebpf_") for r in regexes):
-                ebpf_regex = True
-            unknown += [n for n in names if n not in KNOWN_METRICS and not n.startswith("spoke_ebpf_")]
+            for rx in regexes:
+                hits = {n for n in KNOWN_METRICS if re.fullmatch(rx, n)}
+                if hits:
+                    used |= hits
+                else:
+                    unknown.append(f"{{__name__=~{rx!r}}}")
+            unknown += [n for n in names if n not in KNOWN_METRICS]
+    check(f"{where}: every query parses as PromQL", not bad_promql, "; ".join(bad_promql[:3]))
     check(f"{where}: every query uses known metric names (reference §4 + spoke_*)", not unknown,
           f"unknown {sorted(set(unknown))}")
     check(f"{where}: query variables are defined", not undefined_vars, f"{sorted(undefined_vars)}")
@@ -701,7 +724,7 @@ def check_dashboard(path: Path) -> None:
     check(f"{where}: covers upstream agent metrics",
           any(n.startswith("konnectivity_network_proxy_agent_") for n in used))
     check(f"{where}: covers spoke_bytes_relayed_total", "spoke_bytes_relayed_total" in used)
-    check(f"{where}: covers spoke_ebpf_*", ebpf_regex or any(n.startswith("spoke_ebpf_") for n in used))
+    check(f"{where}: covers spoke_ebpf_*", any(n.startswith("spoke_ebpf_") for n in used))
 
 
 def check_configmap_dashboard(where: str, cm: dict, path: Path) -> None:
@@ -797,6 +820,14 @@ def negative_controls(sample: dict[str, dict]) -> None:
     check("negative: a misspelt agent flag is reported", bool(set(f) - AGENT_UPSTREAM - AGENT_SPOKE))
     names, _ = metric_names('sum by (x) (rate(konnectivity_network_proxy_server_dial_failures_count{a="b"}[5m]))')
     check("negative: a misspelt metric name is reported", bool(names - KNOWN_METRICS))
+    try:
+        promql_parser.parse('sum by (reason) (rate(foo{a="b"}[5m])')
+        fail("negative: unbalanced PromQL is rejected by the parser", "accepted")
+    except Exception:
+        ok("negative: unbalanced PromQL is rejected by the parser")
+    _, rx = metric_names('rate({__name__=~"spoke_(server_)?bytes_relayd_total"}[5m])')
+    check("negative: a __name__ regex matching no known metric is reported",
+          bool(rx) and not any(re.fullmatch(r, n) for r in rx for n in KNOWN_METRICS))
 
 
 # ------------------------------------------------------------------- main ---
