@@ -7,4 +7,6 @@ mod generated {
 }
 
 pub use generated::*;
-pub use generated::{agent_service_client, agent_service_server, proxy_service_client, proxy_service_server};
+pub use generated::{
+    agent_service_client, agent_service_server, proxy_service_client, proxy_service_server,
+};

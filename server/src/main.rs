@@ -1,1 +1,300 @@
-fn main() {}
+//! spoke-server: the control-plane half of Spoke. Agents dial in on the agent port;
+//! kube-apiserver's egress frontends (gRPC or HTTP CONNECT, over a Unix socket or mTLS
+//! TCP) are routed through them.
+mod agent_service;
+mod backends;
+mod frontend_grpc;
+mod frontend_http;
+mod metrics;
+mod options;
+mod state;
+
+use anyhow::{bail, Context, Result};
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+use clap::Parser;
+use futures::StreamExt;
+use options::{Mode, Options};
+use spoke_proto::agent_service_server::AgentServiceServer;
+use spoke_proto::proxy_service_server::ProxyServiceServer;
+use spoke_tunnel::admin;
+use spoke_tunnel::listen::{tls_incoming, TlsIo};
+use spoke_tunnel::tls::{CertFiles, Reloading, ServerTlsFiles};
+use state::State;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, UnixListener};
+use tonic::transport::Server;
+
+/// HTTP/2 windows sized for bulk transfer over long links (8 MiB per stream, 16 MiB per
+/// connection): the default 64 KiB window caps a 50 ms link at about 1 MiB/s.
+const STREAM_WINDOW: u32 = 8 << 20;
+const CONN_WINDOW: u32 = 16 << 20;
+const TLS_RELOAD_EVERY: Duration = Duration::from_secs(5);
+
+fn main() {
+    let mut opts = Options::parse();
+    opts.klog.init_logging();
+    if let Err(e) = opts.validate().and_then(|()| run(opts)) {
+        tracing::error!("{e:#}");
+        eprintln!("spoke-server: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn bind_addr(host: &str, port: u16) -> Result<SocketAddr> {
+    let ip: IpAddr = if host.is_empty() {
+        IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+    } else {
+        host.parse()
+            .with_context(|| format!("invalid bind address {host:?}"))?
+    };
+    Ok(SocketAddr::new(ip, port))
+}
+
+fn run(opts: Options) -> Result<()> {
+    if opts.token_auth() {
+        bail!("token authentication (--agent-namespace/--agent-service-account/--authentication-audience) is not supported by this build yet; use --cluster-ca-cert (mTLS)");
+    }
+    let metrics = metrics::ServerMetrics::new();
+    let state = Arc::new(State {
+        backends: backends::Backends::new(opts.proxy_strategies.clone(), metrics.clone()),
+        metrics,
+        opts,
+    });
+    let registry = Arc::new(state.metrics.registry());
+    start_health(&state, registry.clone())?;
+    let o = &state.opts;
+    admin::serve(
+        "admin",
+        bind_addr(&o.admin_bind_address, o.admin_port)?,
+        admin::metrics_route(registry),
+    )?;
+
+    // One single-threaded runtime for the data path: on a 2-vCPU node it beats a work-
+    // stealing pool (fewer cross-thread wakeups per packet) and leaves a core for the agent.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    rt.block_on(serve(state))
+}
+
+fn start_health(
+    state: &Arc<State>,
+    registry: Arc<prometheus_client::registry::Registry>,
+) -> Result<()> {
+    let ready = {
+        let state = state.clone();
+        move || {
+            let state = state.clone();
+            async move {
+                if state.backends.ready() {
+                    admin::text(StatusCode::OK, "ok")
+                } else {
+                    admin::text(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "no connection to any proxy agent",
+                    )
+                }
+            }
+        }
+    };
+    let router = Router::new()
+        .route("/readyz", get(ready.clone()))
+        .route("/ready", get(ready))
+        .merge(admin::healthz())
+        .merge(admin::metrics_route(registry));
+    let o = &state.opts;
+    admin::serve(
+        "health",
+        bind_addr(&o.health_bind_address, o.health_port)?,
+        router,
+    )?;
+    Ok(())
+}
+
+fn server_tls(
+    cert_flag: &'static str,
+    cert: &str,
+    key_flag: &'static str,
+    key: &str,
+    ca: Option<(&'static str, &str)>,
+    alpn: &[&[u8]],
+) -> Result<Arc<Reloading<ServerTlsFiles>>> {
+    let tls = Reloading::new(ServerTlsFiles {
+        identity: CertFiles {
+            cert_flag,
+            cert: PathBuf::from(cert),
+            key_flag,
+            key: PathBuf::from(key),
+        },
+        client_ca: ca
+            .filter(|(_, p)| !p.is_empty())
+            .map(|(f, p)| (f, PathBuf::from(p))),
+        alpn: alpn.iter().map(|a| a.to_vec()).collect(),
+    })?;
+    tls.watch(TLS_RELOAD_EVERY);
+    Ok(tls)
+}
+
+fn grpc_server(keepalive: Duration) -> Server {
+    Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONN_WINDOW)
+        .max_frame_size(Some(1 << 20))
+        .http2_keepalive_interval(Some(keepalive))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .tcp_nodelay(true)
+}
+
+async fn serve(state: Arc<State>) -> Result<()> {
+    let o = &state.opts;
+    let max_msg = o.max_grpc_message_size;
+
+    // Agent listener: always TLS, mutual when --cluster-ca-cert is given.
+    let agent_tls = server_tls(
+        "--cluster-cert",
+        &o.cluster_cert,
+        "--cluster-key",
+        &o.cluster_key,
+        Some(("--cluster-ca-cert", &o.cluster_ca_cert)),
+        &[b"h2"],
+    )?;
+    let agent_addr = bind_addr(&o.agent_bind_address, o.agent_port)?;
+    let agent_listener = TcpListener::bind(agent_addr)
+        .await
+        .with_context(|| format!("agent listener: cannot listen on {agent_addr}"))?;
+    tracing::info!(%agent_addr, server_id = %o.server_id, server_count = o.server_count, "listening for agents");
+    let m = state.metrics.clone();
+    let agents = tls_incoming("agent", agent_listener, agent_tls, move |r| m.reject(r))
+        .map(|r| r.map(TlsIo));
+    let agent_svc = AgentServiceServer::new(agent_service::AgentSvc {
+        state: state.clone(),
+    })
+    .max_decoding_message_size(max_msg)
+    .max_encoding_message_size(max_msg);
+    let agent_server = grpc_server(o.keepalive_time)
+        .add_service(agent_svc)
+        .serve_with_incoming(agents);
+
+    let frontend = serve_frontend(state.clone());
+    tokio::select! {
+        r = agent_server => r.context("agent server failed")?,
+        r = frontend => r?,
+        _ = shutdown_signal() => tracing::info!("shutting down"),
+    }
+    if !state.opts.uds_name.is_empty() {
+        let _ = std::fs::remove_file(&state.opts.uds_name);
+    }
+    Ok(())
+}
+
+async fn serve_frontend(state: Arc<State>) -> Result<()> {
+    let o = &state.opts;
+    let max_msg = o.max_grpc_message_size;
+    let proxy_svc = || {
+        ProxyServiceServer::new(frontend_grpc::ProxySvc {
+            state: state.clone(),
+        })
+        .max_decoding_message_size(max_msg)
+        .max_encoding_message_size(max_msg)
+    };
+    if !o.uds_name.is_empty() {
+        let listener = bind_uds(&o.uds_name, o.delete_existing_uds_file)?;
+        tracing::info!(path = %o.uds_name, mode = ?o.mode, "frontend listening on Unix socket");
+        match o.mode {
+            Mode::Grpc => {
+                let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+                grpc_server(o.frontend_keepalive_time)
+                    .add_service(proxy_svc())
+                    .serve_with_incoming(incoming)
+                    .await
+                    .context("frontend server failed")
+            }
+            Mode::HttpConnect => loop {
+                match listener.accept().await {
+                    Ok((s, _)) => {
+                        tokio::spawn(frontend_http::serve(state.clone(), s));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "frontend accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            },
+        }
+    } else {
+        let alpn: &[&[u8]] = match o.mode {
+            Mode::Grpc => &[b"h2"],
+            // kube-apiserver speaks HTTP/1.1 CONNECT over TLS; HTTP/2 is not offered.
+            Mode::HttpConnect => &[b"http/1.1"],
+        };
+        let tls = server_tls(
+            "--server-cert",
+            &o.server_cert,
+            "--server-key",
+            &o.server_key,
+            Some(("--server-ca-cert", &o.server_ca_cert)),
+            alpn,
+        )?;
+        let addr = bind_addr(&o.server_bind_address, o.server_port)?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("frontend: cannot listen on {addr}"))?;
+        tracing::info!(%addr, mode = ?o.mode, "frontend listening (mTLS)");
+        let m = state.metrics.clone();
+        let mut incoming = tls_incoming("frontend", listener, tls, move |r| m.reject(r));
+        match o.mode {
+            Mode::Grpc => grpc_server(o.frontend_keepalive_time)
+                .add_service(proxy_svc())
+                .serve_with_incoming(incoming.map(|r| r.map(TlsIo)))
+                .await
+                .context("frontend server failed"),
+            Mode::HttpConnect => {
+                while let Some(s) = incoming.next().await {
+                    if let Ok(s) = s {
+                        tokio::spawn(frontend_http::serve(state.clone(), s));
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+fn bind_uds(path: &str, delete_existing: bool) -> Result<UnixListener> {
+    if delete_existing && std::path::Path::new(path).exists() {
+        std::fs::remove_file(path)
+            .with_context(|| format!("--uds-name {path}: cannot remove the old socket"))?;
+    }
+    if let Some(dir) = std::path::Path::new(path).parent() {
+        if !dir.as_os_str().is_empty() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("--uds-name {path}: cannot create its directory"))?;
+        }
+    }
+    // Socket mode 0770, as upstream (umask 0007 while binding).
+    let old = unsafe { libc::umask(0o007) };
+    let listener = UnixListener::bind(path);
+    unsafe { libc::umask(old) };
+    listener.with_context(|| format!("--uds-name {path}: cannot listen"))
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}

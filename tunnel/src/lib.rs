@@ -5,9 +5,16 @@ pub mod admin;
 pub mod backoff;
 pub mod flags;
 pub mod flow;
+pub mod identifiers;
+pub mod klog;
 pub mod logging;
 pub mod metrics;
 pub mod outbound;
 pub mod packet;
 pub mod relay;
 pub mod tls;
+
+/// Metadata key by which Spoke peers advertise their per-connection receive window
+/// (bytes). Upstream peers never send it, so they never receive credit packets.
+pub const FLOW_CONTROL_HEADER: &str = "spoke-flow-control";
+pub mod listen;

@@ -377,3 +377,37 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     }
     let _ = writer.shutdown().await;
 }
+
+/// A local byte stream that splits into a chunk reader and a writer for [`Relay::run`].
+pub trait SplitIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    type Reader: ChunkRead + 'static;
+    type Writer: AsyncWrite + Unpin + Send + 'static;
+    fn split_io(self) -> (Self::Reader, Self::Writer);
+}
+
+impl SplitIo for tokio::net::TcpStream {
+    type Reader = tokio::net::tcp::OwnedReadHalf;
+    type Writer = tokio::net::tcp::OwnedWriteHalf;
+    fn split_io(self) -> (Self::Reader, Self::Writer) {
+        self.into_split()
+    }
+}
+
+impl SplitIo for tokio::net::UnixStream {
+    type Reader = tokio::net::unix::OwnedReadHalf;
+    type Writer = tokio::net::unix::OwnedWriteHalf;
+    fn split_io(self) -> (Self::Reader, Self::Writer) {
+        self.into_split()
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static> SplitIo
+    for tokio_rustls::server::TlsStream<IO>
+{
+    type Reader = BufferedRead<tokio::io::ReadHalf<Self>>;
+    type Writer = tokio::io::WriteHalf<Self>;
+    fn split_io(self) -> (Self::Reader, Self::Writer) {
+        let (r, w) = tokio::io::split(self);
+        (BufferedRead(r), w)
+    }
+}

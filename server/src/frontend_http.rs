@@ -1,0 +1,168 @@
+//! HTTP CONNECT frontend, as kube-apiserver's HTTPConnect egress uses it:
+//! `CONNECT host:port HTTP/1.1` → `200 Connection Established` (nothing after the header),
+//! then raw bytes both ways until either side closes.
+use crate::state::{DialError, State};
+use bytes::BytesMut;
+use rand::Rng;
+use spoke_tunnel::packet;
+use spoke_tunnel::relay::{Relay, SplitIo};
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Largest request head accepted (kube-apiserver sends a few dozen bytes).
+const MAX_HEAD: usize = 16 * 1024;
+
+enum Head {
+    Connect { address: String, rest: BytesMut },
+    Refuse(u16, &'static str),
+}
+
+async fn read_head<S: AsyncReadExt + Unpin>(io: &mut S) -> std::io::Result<Option<Head>> {
+    let mut buf = BytesMut::with_capacity(1024);
+    loop {
+        if io.read_buf(&mut buf).await? == 0 {
+            return Ok(None);
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf) {
+            Ok(httparse::Status::Complete(len)) => {
+                if req.method != Some("CONNECT") {
+                    return Ok(Some(Head::Refuse(
+                        405,
+                        "this proxy only supports CONNECT passthrough",
+                    )));
+                }
+                let target = req.path.unwrap_or_default();
+                let host = req
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("host"))
+                    .and_then(|h| std::str::from_utf8(h.value).ok())
+                    .unwrap_or_default();
+                // The request target is the dial address; Host only if the target is empty.
+                let address = if target.is_empty() { host } else { target }.to_string();
+                if address.is_empty() || !address.contains(':') {
+                    return Ok(Some(Head::Refuse(400, "CONNECT needs a host:port target")));
+                }
+                let rest = buf.split_off(len);
+                return Ok(Some(Head::Connect { address, rest }));
+            }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => continue,
+            Ok(httparse::Status::Partial) => {
+                return Ok(Some(Head::Refuse(431, "request header too large")))
+            }
+            Err(_) => return Ok(Some(Head::Refuse(400, "malformed HTTP request"))),
+        }
+    }
+}
+
+fn reason(code: u16) -> &'static str {
+    match code {
+        400 => "Bad Request",
+        405 => "Method Not Allowed",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Error",
+    }
+}
+
+async fn respond<S: AsyncWriteExt + Unpin>(io: &mut S, code: u16, body: &str) {
+    let msg = format!(
+        "HTTP/1.1 {code} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        reason(code),
+        body.len()
+    );
+    let _ = io.write_all(msg.as_bytes()).await;
+    let _ = io.shutdown().await;
+}
+
+struct Gauge<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Serves one accepted frontend connection (Unix socket or TLS).
+pub async fn serve<S: SplitIo>(state: Arc<State>, mut io: S) {
+    state.metrics.http_connections.inc();
+    let _live = Gauge(&state.metrics.http_connections);
+    let head =
+        match tokio::time::timeout(state.opts.frontend_header_timeout, read_head(&mut io)).await {
+            Ok(Ok(Some(h))) => h,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "frontend read failed before the request head");
+                return;
+            }
+            Err(_) => {
+                state.metrics.reject("header_timeout");
+                tracing::info!("frontend sent no complete request head in time; closing");
+                return;
+            }
+        };
+    let (address, rest) = match head {
+        Head::Connect { address, rest } => (address, rest),
+        Head::Refuse(code, why) => {
+            state.metrics.reject("bad_request");
+            tracing::info!(code, why, "refused frontend request");
+            respond(&mut io, code, why).await;
+            return;
+        }
+    };
+    let random = rand::rng().random_range(1..i64::MAX);
+    let outcome = match state.start_dial(&address, random) {
+        Ok(mut dial) => dial.outcome().await.map(|c| (dial.backend.clone(), c)),
+        Err(e) => Err(e),
+    };
+    let (backend, (connect_id, parts)) = match outcome {
+        Ok(ok) => ok,
+        Err(e) => {
+            let body = match &e {
+                DialError::NoAgent => format!("currently no tunnels available: {}", e.message()),
+                _ => e.message(),
+            };
+            tracing::info!(address, error = %body, "dial failed");
+            respond(&mut io, e.http_status(), &body).await;
+            return;
+        }
+    };
+    tracing::debug!(address, connection_id = connect_id, agent_id = %backend.agent_id, "tunnel established");
+    if io
+        .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+        .await
+        .is_err()
+    {
+        if backend.conns.close(connect_id, None) {
+            let _ = backend.outbound.data(packet::close_req(connect_id)).await;
+        }
+        return;
+    }
+    // Bytes the client sent right behind its request head belong to the tunnel.
+    if !rest.is_empty() {
+        parts.window.spend(rest.len());
+        let _ = backend
+            .outbound
+            .data(packet::data(connect_id, rest.freeze()))
+            .await;
+    }
+    state.metrics.established_connections.inc();
+    let (reader, writer) = io.split_io();
+    Relay {
+        id: connect_id,
+        table: backend.conns.clone(),
+        outbound: backend.outbound.clone(),
+        parts,
+        flow: backend.flow,
+        local_close: packet::close_req(connect_id),
+        metrics: state.metrics.relay.clone(),
+    }
+    .run(reader, writer)
+    .await;
+    state.metrics.established_connections.dec();
+    tracing::debug!(connection_id = connect_id, "tunnel closed");
+}

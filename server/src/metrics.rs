@@ -1,0 +1,128 @@
+//! Server metrics with upstream's names (`konnectivity_network_proxy_server_*`) plus
+//! Spoke's data-path metrics (`spoke_*`).
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use spoke_tunnel::metrics::{RelayMetrics, StreamMetrics};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabel {
+    pub service_method: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StrategyLabel {
+    pub proxy_strategy: &'static str,
+}
+
+const DIAL_BUCKETS: [f64; 9] = [1e-6, 1e-5, 1e-4, 0.005, 0.025, 0.1, 0.5, 2.5, 12.5];
+
+#[derive(Clone, Debug)]
+pub struct ServerMetrics {
+    pub stream: StreamMetrics,
+    pub relay: RelayMetrics,
+    pub dial_duration: Histogram,
+    pub dial_failures: Family<ReasonLabel, Counter>,
+    pub grpc_connections: Family<MethodLabel, Gauge>,
+    pub http_connections: Gauge,
+    pub ready_backend_connections: Gauge,
+    pub ready_backends: Family<StrategyLabel, Gauge>,
+    pub pending_backend_dials: Gauge,
+    pub established_connections: Gauge,
+    pub full_receive_channels: Family<MethodLabel, Gauge>,
+    /// Spoke: connections refused or closed because of bad input, by reason.
+    pub rejected: Family<ReasonLabel, Counter>,
+}
+
+impl ServerMetrics {
+    pub fn new() -> Self {
+        Self {
+            stream: StreamMetrics::default(),
+            relay: RelayMetrics::default(),
+            dial_duration: Histogram::new(DIAL_BUCKETS),
+            dial_failures: Family::default(),
+            grpc_connections: Family::default(),
+            http_connections: Gauge::default(),
+            ready_backend_connections: Gauge::default(),
+            ready_backends: Family::default(),
+            pending_backend_dials: Gauge::default(),
+            established_connections: Gauge::default(),
+            full_receive_channels: Family::default(),
+            rejected: Family::default(),
+        }
+    }
+
+    pub fn dial_failure(&self, reason: &'static str) {
+        self.dial_failures
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    pub fn reject(&self, reason: &'static str) {
+        self.rejected.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    pub fn registry(&self) -> Registry {
+        let mut root = Registry::default();
+        {
+            let r = root.sub_registry_with_prefix("konnectivity_network_proxy_server");
+            r.register(
+                "dial_duration_seconds",
+                "Latency of dial to the remote endpoint in seconds",
+                self.dial_duration.clone(),
+            );
+            // Upstream's name has no _total; the text encoder appends it to counters.
+            r.register("dial_failure_count", "Number of dial failures observed. Multiple failures can occur for a single dial request.", self.dial_failures.clone());
+            r.register(
+                "grpc_connections",
+                "Number of current grpc connections, partitioned by service method.",
+                self.grpc_connections.clone(),
+            );
+            r.register(
+                "http_connections",
+                "Number of current HTTP CONNECT connections",
+                self.http_connections.clone(),
+            );
+            r.register(
+                "ready_backend_connections",
+                "Number of konnectivity agent connected to the proxy server",
+                self.ready_backend_connections.clone(),
+            );
+            r.register(
+                "ready_backends",
+                "Number of konnectivity agents connected to the proxy server, by proxy strategy",
+                self.ready_backends.clone(),
+            );
+            r.register(
+                "pending_backend_dials",
+                "Current number of pending backend dial requests",
+                self.pending_backend_dials.clone(),
+            );
+            r.register(
+                "established_connections",
+                "Current number of established end-to-end connections (post-dial).",
+                self.established_connections.clone(),
+            );
+            r.register("full_receive_channels", "Number of current connections blocked by a full receive channel, partitioned by service method.", self.full_receive_channels.clone());
+            self.stream.register(r);
+        }
+        {
+            let s = root.sub_registry_with_prefix("spoke_server");
+            self.relay.register(s);
+            s.register(
+                "rejected_connections",
+                "Connections refused or closed for bad input or limits, by reason",
+                self.rejected.clone(),
+            );
+        }
+        root
+    }
+}
