@@ -1,0 +1,130 @@
+//! Dialing local endpoints, with error texts as Go's net package words them: upstream
+//! servers map them to HTTP statuses and clients match phrases like "connection refused".
+use crate::ebpf::Ebpf;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::time::Duration;
+use tokio::net::{TcpSocket, TcpStream};
+
+/// A failed dial: Go-style text and the metric reason (`timeout` or `unknown`).
+#[derive(Debug)]
+pub struct DialFailure {
+    pub text: String,
+    pub reason: &'static str,
+}
+
+fn io_phrase(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::ECONNREFUSED) => "connect: connection refused".into(),
+        Some(libc::ENETUNREACH) => "connect: network is unreachable".into(),
+        Some(libc::EHOSTUNREACH) => "connect: no route to host".into(),
+        Some(libc::ECONNRESET) => "connect: connection reset by peer".into(),
+        Some(libc::EMFILE) | Some(libc::ENFILE) => "socket: too many open files".into(),
+        Some(libc::EADDRNOTAVAIL) => "connect: cannot assign requested address".into(),
+        Some(libc::ETIMEDOUT) => "i/o timeout".into(),
+        _ => {
+            // Rust appends " (os error N)"; Go does not.
+            let s = e.to_string();
+            let s = s.split(" (os error").next().unwrap_or(&s);
+            format!("connect: {}", s.to_lowercase())
+        }
+    }
+}
+
+async fn connect_one(addr: SocketAddr, ebpf: &Ebpf) -> io::Result<TcpStream> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_nodelay(true)?;
+    // The fast path must know this socket before connect() fires its sock_ops callback.
+    if let Err(e) = ebpf.prepare_socket(socket.as_fd()) {
+        tracing::debug!(error = %e, "could not mark socket for the eBPF fast path");
+    }
+    socket.connect(addr).await
+}
+
+/// Dials `address` (`host:port`) over TCP within `timeout`, trying each resolved address.
+pub async fn dial(address: &str, timeout: Duration, ebpf: &Ebpf) -> Result<TcpStream, DialFailure> {
+    let attempt = async {
+        let addrs: Vec<SocketAddr> = match tokio::net::lookup_host(address).await {
+            Ok(a) => a.collect(),
+            Err(_) => {
+                let host = spoke_tunnel::identifiers::dial_host(address);
+                return Err(DialFailure {
+                    text: format!("dial tcp: lookup {host}: no such host"),
+                    reason: "unknown",
+                });
+            }
+        };
+        let mut last = None;
+        for addr in addrs {
+            match connect_one(addr, ebpf).await {
+                Ok(s) => return Ok(s),
+                Err(e) => last = Some((addr, e)),
+            }
+        }
+        Err(match last {
+            Some((addr, e)) => DialFailure {
+                text: format!("dial tcp {addr}: {}", io_phrase(&e)),
+                reason: if e.raw_os_error() == Some(libc::ETIMEDOUT) {
+                    "timeout"
+                } else {
+                    "unknown"
+                },
+            },
+            None => DialFailure {
+                text: format!("dial tcp: lookup {address}: no such host"),
+                reason: "unknown",
+            },
+        })
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(DialFailure {
+            text: format!("dial tcp {address}: i/o timeout"),
+            reason: "timeout",
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_phrases() {
+        let refused = io::Error::from_raw_os_error(libc::ECONNREFUSED);
+        assert_eq!(io_phrase(&refused), "connect: connection refused");
+        let other = io::Error::from_raw_os_error(libc::EPERM);
+        assert!(!io_phrase(&other).contains("os error"));
+    }
+
+    #[tokio::test]
+    async fn refused_and_unresolvable() {
+        let ebpf = Ebpf::load(&crate::ebpf::EbpfConfig {
+            mode: crate::ebpf::EbpfMode::Off,
+            ..Default::default()
+        })
+        .unwrap();
+        // Bind then drop a listener to get a port nobody listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let e = dial(&format!("127.0.0.1:{port}"), Duration::from_secs(2), &ebpf)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.text,
+            format!("dial tcp 127.0.0.1:{port}: connect: connection refused")
+        );
+        let e = dial("no-such-host.invalid:80", Duration::from_secs(5), &ebpf)
+            .await
+            .unwrap_err();
+        assert!(e.text.contains("no such host"), "{}", e.text);
+    }
+}

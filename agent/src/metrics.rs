@@ -1,0 +1,104 @@
+//! Agent metrics with upstream's names (`konnectivity_network_proxy_agent_*`) plus
+//! Spoke's data-path metrics (`spoke_agent_*`).
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use spoke_tunnel::metrics::{RelayMetrics, StreamMetrics};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabel {
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug)]
+pub struct AgentMetrics {
+    pub stream: StreamMetrics,
+    pub relay: RelayMetrics,
+    pub dial_duration: Histogram,
+    pub endpoint_dial_failures: Family<ReasonLabel, Counter>,
+    pub server_connection_failures: Family<DirectionLabel, Counter>,
+    pub open_server_connections: Gauge,
+    pub known_server_count: Gauge,
+    pub open_endpoint_connections: Gauge,
+    /// Spoke: packets from a server refused as bad input, by reason.
+    pub rejected: Family<ReasonLabel, Counter>,
+}
+
+impl AgentMetrics {
+    pub fn new() -> Self {
+        Self {
+            stream: StreamMetrics::default(),
+            relay: RelayMetrics::default(),
+            dial_duration: Histogram::new([0.005, 0.025, 0.1, 0.5, 2.5, 10.0, 30.0]),
+            endpoint_dial_failures: Family::default(),
+            server_connection_failures: Family::default(),
+            open_server_connections: Gauge::default(),
+            known_server_count: Gauge::default(),
+            open_endpoint_connections: Gauge::default(),
+            rejected: Family::default(),
+        }
+    }
+
+    pub fn dial_failure(&self, reason: &'static str) {
+        self.endpoint_dial_failures
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    pub fn reject(&self, reason: &'static str) {
+        self.rejected.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    pub fn registry(&self) -> Registry {
+        let mut root = Registry::default();
+        {
+            let r = root.sub_registry_with_prefix("konnectivity_network_proxy_agent");
+            r.register(
+                "dial_duration_seconds",
+                "Latency of dial to the remote endpoint in seconds",
+                self.dial_duration.clone(),
+            );
+            r.register(
+                "endpoint_dial_failure",
+                "Number of failures dialing the remote endpoint, by reason (example: timeout).",
+                self.endpoint_dial_failures.clone(),
+            );
+            r.register("server_connection_failure_count", "Count of failures to send to or receive from the proxy server, labeled by the direction (from_server or to_server). DEPRECATED, please use stream_packets_total and stream_errors_total", self.server_connection_failures.clone());
+            // Exported from start-up (as 0) so scrapers never race the first tunnel.
+            r.register(
+                "open_server_connections",
+                "Current number of open server connections.",
+                self.open_server_connections.clone(),
+            );
+            r.register(
+                "known_server_count",
+                "Current number of servers agent is trying to connect to.",
+                self.known_server_count.clone(),
+            );
+            r.register(
+                "open_endpoint_connections",
+                "Current number of open endpoint connections.",
+                self.open_endpoint_connections.clone(),
+            );
+            self.stream.register(r);
+        }
+        {
+            let s = root.sub_registry_with_prefix("spoke_agent");
+            self.relay.register(s);
+            s.register(
+                "rejected_packets",
+                "Packets from a server refused as bad input, by reason",
+                self.rejected.clone(),
+            );
+        }
+        root
+    }
+}

@@ -1,0 +1,206 @@
+//! spoke-agent flags: upstream proxy-agent's names and defaults, plus Spoke's own.
+use crate::ebpf::EbpfArgs;
+use anyhow::{bail, Result};
+use clap::ArgAction::Set;
+use clap::Parser;
+use spoke_tunnel::flags::{byte_size, go_duration, string_list};
+use spoke_tunnel::identifiers::AgentIdentifiers;
+use spoke_tunnel::klog::KlogFlags;
+use std::time::Duration;
+
+fn list(s: &str) -> Result<Vec<String>, String> {
+    Ok(string_list(s))
+}
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "spoke-agent",
+    version,
+    about = "Konnectivity-compatible node agent: keeps mTLS tunnels to the proxy servers and dials local endpoints for them"
+)]
+pub struct Options {
+    /// Client certificate for mTLS to the server (with --agent-key).
+    #[arg(long, default_value = "")]
+    pub agent_cert: String,
+    #[arg(long, default_value = "")]
+    pub agent_key: String,
+    /// CA that signed the server's certificate.
+    #[arg(long, default_value = "")]
+    pub ca_cert: String,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub proxy_server_host: String,
+    #[arg(long, default_value_t = 8091)]
+    pub proxy_server_port: u16,
+    /// Extra ALPN protocols offered besides h2 (for ALPN-routing load balancers).
+    #[arg(long, value_parser = list, default_value = "")]
+    pub alpn_proto: std::vec::Vec<String>,
+
+    #[arg(long, default_value = "")]
+    pub health_server_host: String,
+    /// /healthz, /readyz, /ready and /metrics.
+    #[arg(long, default_value_t = 8093)]
+    pub health_server_port: u16,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub admin_bind_address: String,
+    #[arg(long, default_value_t = 8094)]
+    pub admin_server_port: u16,
+    #[arg(long, action = Set, num_args = 0..=1, default_value = "false", default_missing_value = "true")]
+    pub enable_profiling: bool,
+    #[arg(long, action = Set, num_args = 0..=1, default_value = "false", default_missing_value = "true")]
+    pub enable_contention_profiling: bool,
+
+    /// Agent identity; default: $PROXY_AGENT_ID or a random UUID.
+    #[arg(long, env = "PROXY_AGENT_ID", default_value = "")]
+    pub agent_id: String,
+    /// URL-encoded identifiers, e.g. `host=node1&ipv4=10.0.0.5&default-route=true`.
+    #[arg(long, default_value = "")]
+    pub agent_identifiers: String,
+
+    #[arg(long, value_parser = go_duration, default_value = "1s")]
+    pub sync_interval: Duration,
+    #[arg(long, value_parser = go_duration, default_value = "1s")]
+    pub probe_interval: Duration,
+    #[arg(long, value_parser = go_duration, default_value = "10s")]
+    pub sync_interval_cap: Duration,
+    #[arg(long, value_parser = go_duration, default_value = "1h")]
+    pub keepalive_time: Duration,
+    /// Token sent as `Bearer` to the server; re-read on every connect.
+    #[arg(long, default_value = "")]
+    pub service_account_token_path: String,
+    #[arg(long, action = Set, num_args = 0..=1, default_value = "false", default_missing_value = "true")]
+    pub warn_on_channel_limit: bool,
+    #[arg(long, action = Set, num_args = 0..=1, default_value = "false", default_missing_value = "true")]
+    pub sync_forever: bool,
+    /// Accepted for compatibility; Spoke bounds buffers in bytes (--max-connection-buffer-bytes).
+    #[arg(long, default_value_t = 150)]
+    pub xfr_channel_size: u32,
+    #[arg(long, action = Set, num_args = 0..=1, default_value = "false", default_missing_value = "true")]
+    pub count_server_leases: bool,
+    #[arg(long, default_value = "kube-system")]
+    pub lease_namespace: String,
+    #[arg(long, default_value = "k8s-app=konnectivity-server")]
+    pub lease_label_selector: String,
+    #[arg(long, default_value = "", hide = true)]
+    pub lease_label: String,
+    #[arg(long, default_value = "default")]
+    pub server_count_source: String,
+    #[arg(long, default_value = "")]
+    pub kubeconfig: String,
+    #[arg(long, default_value = "application/vnd.kubernetes.protobuf")]
+    pub kube_api_content_type: String,
+
+    /// Spoke: how long a dial to a local endpoint may take (upstream: fixed 5s).
+    #[arg(long, value_parser = go_duration, default_value = "5s")]
+    pub dial_timeout: Duration,
+    /// Spoke: bytes buffered per tunnelled connection before flow control or overflow.
+    #[arg(long, value_parser = byte_size, default_value = "4Mi")]
+    pub max_connection_buffer_bytes: usize,
+    /// Spoke: largest gRPC message accepted or sent.
+    #[arg(long, value_parser = byte_size, default_value = "32Mi")]
+    pub max_grpc_message_size: usize,
+
+    #[command(flatten)]
+    pub ebpf: EbpfArgs,
+    #[command(flatten)]
+    pub klog: KlogFlags,
+}
+
+impl Options {
+    /// Checks flag combinations as upstream does; each error is one actionable line.
+    pub fn validate(&mut self) -> Result<AgentIdentifiers> {
+        if self.agent_id.is_empty() {
+            self.agent_id = uuid::Uuid::new_v4().to_string();
+        }
+        if self.agent_cert.is_empty() != self.agent_key.is_empty() {
+            bail!("--agent-cert and --agent-key must be given together");
+        }
+        if self.ca_cert.is_empty() {
+            bail!("--ca-cert is required to verify the proxy server");
+        }
+        if self.agent_cert.is_empty() && self.service_account_token_path.is_empty() {
+            bail!("either --agent-cert/--agent-key or --service-account-token-path is required to authenticate to the server");
+        }
+        if self.proxy_server_port == 0 {
+            bail!("--proxy-server-port must be non-zero");
+        }
+        if self.sync_interval.is_zero() {
+            bail!("--sync-interval must be positive");
+        }
+        if self.sync_interval_cap < self.sync_interval {
+            bail!(
+                "--sync-interval-cap ({:?}) must be at least --sync-interval ({:?})",
+                self.sync_interval_cap,
+                self.sync_interval
+            );
+        }
+        if self.probe_interval.is_zero() || self.dial_timeout.is_zero() {
+            bail!("--probe-interval and --dial-timeout must be positive");
+        }
+        if self.enable_contention_profiling && !self.enable_profiling {
+            bail!("--enable-contention-profiling requires --enable-profiling");
+        }
+        if !["default", "max"].contains(&self.server_count_source.as_str()) {
+            bail!("--server-count-source must be default or max");
+        }
+        if self.count_server_leases {
+            bail!("--count-server-leases is not supported by this build; the agent uses the servers' serverCount header");
+        }
+        AgentIdentifiers::parse(&self.agent_identifiers, true)
+            .map_err(|e| anyhow::anyhow!("--agent-identifiers: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Options> {
+        let mut o =
+            Options::try_parse_from(std::iter::once("spoke-agent").chain(args.iter().copied()))?;
+        o.validate()?;
+        Ok(o)
+    }
+
+    #[test]
+    fn upstream_harness_spellings() {
+        let o = parse(&[
+            "--ca-cert=ca.pem",
+            "--agent-cert=a.pem",
+            "--agent-key=a.key",
+            "--alpn-proto=[]",
+            "--keepalive-time=1h0m0s",
+            "--sync-interval=100ms",
+            "--sync-interval-cap=1s",
+            "--probe-interval=100ms",
+            "--lease-label=k8s-app=konnectivity-server",
+            "--kubeconfig=",
+            "--agent-identifiers=",
+            "--sync-forever=false",
+            "--warn-on-channel-limit",
+            "--v=4",
+            "--logtostderr=true",
+        ])
+        .unwrap();
+        assert_eq!(o.sync_interval, Duration::from_millis(100));
+        assert!(o.alpn_proto.is_empty());
+        assert!(o.warn_on_channel_limit);
+        assert!(!o.agent_id.is_empty());
+    }
+
+    #[test]
+    fn bad_combinations() {
+        let base = ["--ca-cert=c", "--agent-cert=a", "--agent-key=k"];
+        let with = |extra: &str| {
+            let mut v = base.to_vec();
+            v.push(extra);
+            parse(&v)
+        };
+        assert!(parse(&["--ca-cert=c", "--agent-cert=a"]).is_err());
+        assert!(parse(&["--agent-cert=a", "--agent-key=k"]).is_err());
+        assert!(with("--sync-interval-cap=100ms").is_err());
+        assert!(with("--agent-identifiers=zone=a").is_err());
+        assert!(with("--sync-interval=10").is_err());
+        assert!(with("--unknown-flag=1").is_err());
+        assert!(with("--agent-identifiers=host=n1&default-route=true").is_ok());
+    }
+}
