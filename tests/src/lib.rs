@@ -1,1 +1,30 @@
-//! Test harness.
+//! Harness for Spoke's end-to-end tests: real `spoke-server` / `spoke-agent` processes, real TLS,
+//! real sockets. Every wait has a timeout; every spawned process and namespace is cleaned up by a
+//! Drop guard, and process logs are printed when a test fails.
+
+pub mod backends;
+pub mod bins;
+pub mod certs;
+pub mod cluster;
+pub mod connect;
+pub mod curl;
+pub mod data;
+pub mod forwarder;
+pub mod garbage;
+pub mod grpc;
+pub mod http;
+pub mod metrics;
+pub mod nsguard;
+pub mod ports;
+pub mod process;
+pub mod procfs;
+pub mod testdir;
+pub mod tls;
+pub mod wait;
+
+/// A bidirectional byte stream (TCP, TLS over TCP or a Unix socket) behind one type.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// Boxed [`Io`].
+pub type BoxIo = Box<dyn Io>;

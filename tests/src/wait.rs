@@ -1,0 +1,51 @@
+//! Polling with deadlines: every wait in the suite goes through here and fails loudly on timeout.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+/// Polls `probe` every 50 ms until it returns `Ok(value)`; panics after `timeout` with `what` and
+/// the last `Err` observation.
+pub async fn poll_until<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        let attempt =
+            tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), probe()).await;
+        let last = match attempt {
+            Ok(Ok(v)) => return v,
+            Ok(Err(e)) => e,
+            Err(_) => "probe itself did not finish".to_string(),
+        };
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}; last observation: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Checks `probe` repeatedly for the whole of `duration`; panics on the first `Err` (used for
+/// "this must stay so" assertions, e.g. readiness that must never come).
+pub async fn holds_for<F, Fut>(what: &str, duration: Duration, mut probe: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    let deadline = Instant::now() + duration;
+    while Instant::now() < deadline {
+        if let Err(e) = probe().await {
+            panic!("expected {what} to hold for {duration:?}, but: {e}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Awaits `fut`, panicking with `what` if it takes longer than `timeout`.
+pub async fn within<T>(what: &str, timeout: Duration, fut: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what} did not finish within {timeout:?}"),
+    }
+}
