@@ -1,6 +1,7 @@
 //! Dialing local endpoints, with error texts as Go's net package words them: upstream
 //! servers map them to HTTP statuses and clients match phrases like "connection refused".
 use crate::ebpf::Ebpf;
+use crate::policy::Destinations;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
@@ -47,7 +48,12 @@ async fn connect_one(addr: SocketAddr, ebpf: &Ebpf) -> io::Result<TcpStream> {
 }
 
 /// Dials `address` (`host:port`) over TCP within `timeout`, trying each resolved address.
-pub async fn dial(address: &str, timeout: Duration, ebpf: &Ebpf) -> Result<TcpStream, DialFailure> {
+pub async fn dial(
+    address: &str,
+    timeout: Duration,
+    ebpf: &Ebpf,
+    policy: &Destinations,
+) -> Result<TcpStream, DialFailure> {
     let attempt = async {
         let addrs: Vec<SocketAddr> = match tokio::net::lookup_host(address).await {
             Ok(a) => a.collect(),
@@ -59,6 +65,15 @@ pub async fn dial(address: &str, timeout: Duration, ebpf: &Ebpf) -> Result<TcpSt
                 });
             }
         };
+        // Every resolved address must be allowed: DNS must not widen the policy.
+        if let Some(denied) = addrs.iter().find(|a| !policy.allows(**a)) {
+            return Err(DialFailure {
+                text: format!(
+                    "dial tcp {denied}: destination not allowed by --allowed-destinations"
+                ),
+                reason: "denied",
+            });
+        }
         let mut last = None;
         for addr in addrs {
             match connect_one(addr, ebpf).await {

@@ -5,6 +5,7 @@ mod dial;
 pub mod ebpf;
 mod metrics;
 mod options;
+mod policy;
 mod server_stream;
 
 use anyhow::{Context, Result};
@@ -38,6 +39,7 @@ pub struct Agent {
     pub tls: Arc<Reloading<ClientTlsFiles>>,
     pub metrics: AgentMetrics,
     pub ebpf: Ebpf,
+    pub destinations: policy::Destinations,
     servers: Mutex<HashMap<String, Arc<ServerStream>>>,
     server_count: AtomicU32,
     draining: AtomicBool,
@@ -51,6 +53,26 @@ impl Agent {
 
     fn connected(&self) -> usize {
         self.servers().len()
+    }
+
+    /// The flag of the limit a new dial would pass, if any (existing connections go on).
+    pub fn over_limit(&self) -> Option<&'static str> {
+        let m = &self.metrics;
+        let o = &self.opts;
+        let (reason, flag) = if m.open_endpoint_connections.get() as usize >= o.max_connections {
+            ("limit_connections", "--max-connections")
+        } else if m.pending_dials.get() as usize >= o.max_pending_dials {
+            ("limit_pending_dials", "--max-pending-dials")
+        } else if m.relay.buffered_bytes.get() as usize >= o.max_buffered_bytes {
+            ("limit_buffered_bytes", "--max-buffered-bytes")
+        } else {
+            return None;
+        };
+        m.refused_dials
+            .get_or_create(&metrics::ReasonLabel { reason })
+            .inc();
+        tracing::warn!(limit = flag, "refusing a dial: limit reached");
+        Some(flag)
     }
 }
 
@@ -88,6 +110,7 @@ fn run(opts: Options) -> Result<()> {
         alpn,
     };
     let tls = Reloading::new(tls_files)?;
+    let destinations = policy::Destinations::parse(&opts.allowed_destinations)?;
     let ebpf = Ebpf::load(&opts.ebpf.config()?)?;
     let metrics = AgentMetrics::new();
     let mut registry = metrics.registry();
@@ -97,6 +120,7 @@ fn run(opts: Options) -> Result<()> {
         tls,
         metrics,
         ebpf,
+        destinations,
         servers: Mutex::new(HashMap::new()),
         server_count: AtomicU32::new(1),
         draining: AtomicBool::new(false),
@@ -206,9 +230,16 @@ async fn signals(agent: Arc<Agent>) {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     };
+    let deadline = async {
+        match agent.opts.drain_timeout {
+            d if d.is_zero() => std::future::pending().await,
+            d => tokio::time::sleep(d).await,
+        }
+    };
     tokio::select! {
         _ = async { tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} } } => tracing::info!("second signal: exiting"),
         _ = idle => tracing::info!("drained: no open connections left"),
+        _ = deadline => tracing::info!(open = agent.metrics.open_endpoint_connections.get(), "drain timeout reached: exiting"),
     }
 }
 

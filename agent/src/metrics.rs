@@ -30,6 +30,10 @@ pub struct AgentMetrics {
     pub open_endpoint_connections: Gauge,
     /// Spoke: packets from a server refused as bad input, by reason.
     pub rejected: Family<ReasonLabel, Counter>,
+    /// Spoke: dials in progress.
+    pub pending_dials: Gauge,
+    /// Spoke: dials refused by a limit or by --allowed-destinations, by reason.
+    pub refused_dials: Family<ReasonLabel, Counter>,
 }
 
 impl AgentMetrics {
@@ -44,6 +48,8 @@ impl AgentMetrics {
             known_server_count: Gauge::default(),
             open_endpoint_connections: Gauge::default(),
             rejected: Family::default(),
+            pending_dials: Gauge::default(),
+            refused_dials: Family::default(),
         }
     }
 

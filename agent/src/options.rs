@@ -89,6 +89,23 @@ pub struct Options {
     #[arg(long, default_value = "application/vnd.kubernetes.protobuf")]
     pub kube_api_content_type: String,
 
+    /// Spoke: where the agent may dial: CIDRs or `node`, each with an optional port or
+    /// range (`node:10250,10.0.0.0/8,[fd00::/64]:443`). Empty: anywhere, as upstream.
+    #[arg(long, value_parser = list, default_value = "")]
+    pub allowed_destinations: std::vec::Vec<String>,
+    /// Spoke: after the first SIGTERM, how long open connections may run before the agent
+    /// exits (0: until they end).
+    #[arg(long, value_parser = go_duration, default_value = "0")]
+    pub drain_timeout: Duration,
+    /// Spoke: most open endpoint connections; dials past it are refused.
+    #[arg(long, default_value_t = 50_000)]
+    pub max_connections: usize,
+    /// Spoke: most dials in progress; dials past it are refused.
+    #[arg(long, default_value_t = 1_000)]
+    pub max_pending_dials: usize,
+    /// Spoke: bytes buffered across all connections before new dials are refused.
+    #[arg(long, value_parser = byte_size, default_value = "512Mi")]
+    pub max_buffered_bytes: usize,
     /// Spoke: how long a dial to a local endpoint may take (upstream: fixed 5s).
     #[arg(long, value_parser = go_duration, default_value = "5s")]
     pub dial_timeout: Duration,

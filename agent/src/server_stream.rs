@@ -265,6 +265,13 @@ impl ServerStream {
             ));
             return;
         }
+        if let Some(limit) = agent.over_limit() {
+            let _ = self.outbound.control(packet::dial_err(
+                random,
+                format!("agent limit reached: {limit}"),
+            ));
+            return;
+        }
         let cancel = CancellationToken::new();
         {
             let mut pending = self.lock_pending();
@@ -279,12 +286,15 @@ impl ServerStream {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (me, agent) = (self.clone(), agent.clone());
+        agent.metrics.pending_dials.inc();
         tokio::spawn(async move {
             let started = Instant::now();
             let result = tokio::select! {
-                r = dial(&req.address, agent.opts.dial_timeout, &agent.ebpf) => r,
-                _ = cancel.cancelled() => return,
+                r = dial(&req.address, agent.opts.dial_timeout, &agent.ebpf, &agent.destinations) => Some(r),
+                _ = cancel.cancelled() => None,
             };
+            agent.metrics.pending_dials.dec();
+            let Some(result) = result else { return };
             if me.lock_pending().remove(&random).is_none() {
                 return; // cancelled while finishing; the socket is dropped
             }

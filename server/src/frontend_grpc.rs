@@ -225,11 +225,10 @@ async fn relay(
                     return;
                 }
                 Some(p) => match (PacketType::try_from(p.r#type), p.payload) {
-                    (Ok(PacketType::Data), Some(Payload::Data(d))) if d.connect_id == id => {
-                        if !d.data.is_empty() {
-                            to_agent = Some(d.data);
-                        }
+                    (Ok(PacketType::Data), Some(Payload::Data(d))) if d.connect_id == id && !d.data.is_empty() => {
+                        to_agent = Some(d.data);
                     }
+                    (Ok(PacketType::Data), Some(Payload::Data(d))) if d.connect_id == id => {}
                     (Ok(PacketType::Data), Some(Payload::Data(d))) => {
                         state.metrics.reject("connection_id_mismatch");
                         tracing::warn!(expected = id, got = d.connect_id, "frontend sent DATA for another connection; closing both");

@@ -64,6 +64,7 @@ fn run(opts: Options) -> Result<()> {
         backends: backends::Backends::new(opts.proxy_strategies.clone(), metrics.clone()),
         metrics,
         opts,
+        shutting_down: Default::default(),
     });
     let registry = Arc::new(state.metrics.registry());
     start_health(&state, registry.clone())?;
@@ -71,7 +72,7 @@ fn run(opts: Options) -> Result<()> {
     admin::serve(
         "admin",
         bind_addr(&o.admin_bind_address, o.admin_port)?,
-        admin::metrics_route(registry),
+        admin::metrics_route(registry).route("/status", get(status_page(state.clone()))),
     )?;
 
     // One single-threaded runtime for the data path: on a 2-vCPU node it beats a work-
@@ -83,6 +84,43 @@ fn run(opts: Options) -> Result<()> {
     rt.block_on(serve(state))
 }
 
+/// `/status` on the admin port: agents, their streams and connections, as JSON.
+fn status_page(state: Arc<State>) -> impl Fn() -> std::future::Ready<axum::response::Response> + Clone {
+    move || {
+        let agents: Vec<_> = state
+            .backends
+            .snapshot()
+            .iter()
+            .map(|b| {
+                serde_json::json!({
+                    "agent_id": b.agent_id,
+                    "stream": b.stream_id,
+                    "identifiers": {
+                        "host": b.identifiers.host, "ipv4": b.identifiers.ipv4,
+                        "ipv6": b.identifiers.ipv6, "default_route": b.identifiers.default_route,
+                    },
+                    "draining": b.is_draining(),
+                    "credit_flow_control": b.flow.credits(),
+                    "connections": b.conns.len(),
+                })
+            })
+            .collect();
+        let body = serde_json::json!({
+            "server_id": state.opts.server_id,
+            "server_count": state.opts.server_count,
+            "mode": format!("{:?}", state.opts.mode),
+            "shutting_down": state.shutting_down.load(std::sync::atomic::Ordering::Relaxed),
+            "established_connections": state.metrics.established_connections.get(),
+            "pending_dials": state.metrics.pending_backend_dials.get(),
+            "agents": agents,
+        });
+        std::future::ready(axum::response::IntoResponse::into_response((
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            body.to_string(),
+        )))
+    }
+}
+
 fn start_health(
     state: &Arc<State>,
     registry: Arc<prometheus_client::registry::Registry>,
@@ -92,7 +130,12 @@ fn start_health(
         move || {
             let state = state.clone();
             async move {
-                if state.backends.ready() {
+                if state
+                    .shutting_down
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                {
+                    admin::text(StatusCode::INTERNAL_SERVER_ERROR, "shutting down")
+                } else if state.backends.ready() {
                     admin::text(StatusCode::OK, "ok")
                 } else {
                     admin::text(
@@ -182,10 +225,28 @@ async fn serve(state: Arc<State>) -> Result<()> {
         .serve_with_incoming(agents);
 
     let frontend = serve_frontend(state.clone());
+    let serving = async {
+        tokio::select! {
+            r = agent_server => r.context("agent server failed"),
+            r = frontend => r,
+        }
+    };
+    tokio::pin!(serving);
     tokio::select! {
-        r = agent_server => r.context("agent server failed")?,
-        r = frontend => r?,
-        _ = shutdown_signal() => tracing::info!("shutting down"),
+        r = &mut serving => r?,
+        _ = shutdown_signal() => {
+            let grace = state.opts.graceful_shutdown_timeout;
+            state.shutting_down.store(true, std::sync::atomic::Ordering::Relaxed);
+            if !grace.is_zero() {
+                tracing::info!(?grace, "SIGTERM: refusing new dials, letting open connections finish");
+                tokio::select! {
+                    r = &mut serving => r?,
+                    _ = drained(&state, grace) => {}
+                    _ = shutdown_signal() => tracing::info!("second signal: stopping now"),
+                }
+            }
+            tracing::info!(open = state.metrics.established_connections.get(), "shutting down");
+        }
     }
     if !state.opts.uds_name.is_empty() {
         let _ = std::fs::remove_file(&state.opts.uds_name);
@@ -263,6 +324,23 @@ async fn serve_frontend(state: Arc<State>) -> Result<()> {
                 Ok(())
             }
         }
+    }
+}
+
+/// Resolves when no connection or dial is left, or after `grace`.
+async fn drained(state: &State, grace: Duration) {
+    let idle = async {
+        while state.metrics.established_connections.get() > 0
+            || state.metrics.pending_backend_dials.get() > 0
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    if tokio::time::timeout(grace, idle).await.is_err() {
+        tracing::warn!(
+            open = state.metrics.established_connections.get(),
+            "graceful shutdown timeout reached"
+        );
     }
 }
 

@@ -167,6 +167,15 @@ pub struct Options {
     /// Spoke: largest gRPC message accepted or sent.
     #[arg(long, value_parser = byte_size, default_value = "32Mi")]
     pub max_grpc_message_size: usize,
+    /// Spoke: most established tunnelled connections; new dials past it get 503.
+    #[arg(long, default_value_t = 100_000)]
+    pub max_connections: usize,
+    /// Spoke: most dials waiting for an agent's answer; new dials past it get 503.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_pending_dials: usize,
+    /// Spoke: bytes buffered across all connections before new dials are refused.
+    #[arg(long, value_parser = byte_size, default_value = "1Gi")]
+    pub max_buffered_bytes: usize,
 
     #[command(flatten)]
     pub klog: KlogFlags,

@@ -11,6 +11,8 @@ pub struct State {
     pub opts: Options,
     pub backends: Backends,
     pub metrics: ServerMetrics,
+    /// Set on SIGTERM: no new dials, not ready, open connections may finish.
+    pub shutting_down: std::sync::atomic::AtomicBool,
 }
 
 /// Why a dial did not produce a connection, with upstream's HTTP CONNECT status.
@@ -20,6 +22,9 @@ pub enum DialError {
     Agent(String),
     Timeout,
     BackendGone,
+    /// A limit of this server; the text names it.
+    Limit(&'static str),
+    ShuttingDown,
 }
 
 impl DialError {
@@ -29,6 +34,8 @@ impl DialError {
             DialError::Agent(e) => e.clone(),
             DialError::Timeout => "timed out waiting for backend dial".into(),
             DialError::BackendGone => "Backend context error".into(),
+            DialError::Limit(what) => format!("server limit reached: {what}"),
+            DialError::ShuttingDown => "server is shutting down".into(),
         }
     }
 
@@ -38,6 +45,7 @@ impl DialError {
             DialError::NoAgent => 500,
             DialError::Timeout => 504,
             DialError::BackendGone => 502,
+            DialError::Limit(_) | DialError::ShuttingDown => 503,
             DialError::Agent(e) => {
                 let e = e.to_ascii_lowercase();
                 if e.contains("timeout")
@@ -45,7 +53,7 @@ impl DialError {
                     || e.contains("deadline exceeded")
                 {
                     504
-                } else if e.contains("too many open files") {
+                } else if e.contains("too many open files") || e.contains("limit reached") {
                     503
                 } else {
                     502
@@ -66,6 +74,7 @@ pub struct Dial {
 impl State {
     /// Picks an agent and sends it the DIAL_REQ.
     pub fn start_dial(self: &Arc<Self>, address: &str, random: i64) -> Result<Dial, DialError> {
+        self.admit()?;
         let Some(backend) = self.backends.pick(address) else {
             self.metrics.dial_failure("no_agent");
             return Err(DialError::NoAgent);
@@ -83,6 +92,36 @@ impl State {
             rx: Some(rx),
             state: self.clone(),
         })
+    }
+}
+
+impl State {
+    /// Refuses new work past a limit (existing connections are unaffected).
+    fn admit(&self) -> Result<(), DialError> {
+        let m = &self.metrics;
+        let o = &self.opts;
+        let refused = if self
+            .shutting_down
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Err(DialError::ShuttingDown);
+        } else if m.established_connections.get() as usize >= o.max_connections {
+            Some(("limit_connections", "--max-connections"))
+        } else if m.pending_backend_dials.get() as usize >= o.max_pending_dials {
+            Some(("limit_pending_dials", "--max-pending-dials"))
+        } else if m.relay.buffered_bytes.get() as usize >= o.max_buffered_bytes {
+            Some(("limit_buffered_bytes", "--max-buffered-bytes"))
+        } else {
+            None
+        };
+        match refused {
+            Some((reason, flag)) => {
+                m.reject(reason);
+                tracing::warn!(limit = flag, "refusing a new dial: limit reached");
+                Err(DialError::Limit(flag))
+            }
+            None => Ok(()),
+        }
     }
 }
 

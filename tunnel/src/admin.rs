@@ -54,7 +54,7 @@ pub fn metrics_route(registry: Arc<Registry>) -> Router {
                 (
                     [(
                         header::CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        "text/plain; version=0.0.4; charset=utf-8",
                     )],
                     crate::metrics::encode(&registry),
                 )

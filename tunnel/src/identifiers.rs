@@ -35,13 +35,12 @@ impl AgentIdentifiers {
                 "ipv6" => ids.ipv6.push(v.into_owned()),
                 "host" => ids.host.push(v.into_owned()),
                 "cidr" => ids.cidr.push(v.into_owned()),
-                "default-route" => {
-                    // Upstream reads the first value only.
-                    if !route_seen {
-                        ids.default_route = v.eq_ignore_ascii_case("true");
-                        route_seen = true;
-                    }
+                // Upstream reads the first value only.
+                "default-route" if !route_seen => {
+                    ids.default_route = v.eq_ignore_ascii_case("true");
+                    route_seen = true;
                 }
+                "default-route" => {}
                 other if strict => return Err(UnknownKey(other.to_string())),
                 _ => {}
             }
