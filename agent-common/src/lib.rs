@@ -1,2 +1,80 @@
 //! Types shared between the kernel programs (agent-ebpf) and the agent.
+//!
+//! Every map key and value is `#[repr(C)]`, `Copy` and laid out without implicit padding, so
+//! the kernel and userspace agree on the bytes.
 #![no_std]
+
+/// Identifies one TCP socket: its network namespace plus its own view of the 4-tuple.
+///
+/// Addresses are kept exactly as the BPF contexts expose them (network byte order words);
+/// IPv4 uses `ip[0]` with the other words zero, and IPv4-mapped IPv6 sockets are folded into
+/// that IPv4 form so a dual-stack listener pairs with an IPv4 client. Ports are host order.
+/// `netns` is the network namespace cookie: equal tuples in different namespaces never
+/// collide. The pairing table (`PENDING`) uses `netns == 0` because the peer's namespace is
+/// not known until it shows up.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockKey {
+    pub netns: u64,
+    pub local_ip: [u32; 4],
+    pub remote_ip: [u32; 4],
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub family: u32,
+}
+
+impl SockKey {
+    /// The same connection seen from the other end (namespace left to the caller).
+    pub const fn reversed(&self, netns: u64) -> SockKey {
+        SockKey {
+            netns,
+            local_ip: self.remote_ip,
+            remote_ip: self.local_ip,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+            family: self.family,
+        }
+    }
+}
+
+/// Value of `AGENT_SOCKS` (keyed by socket cookie): the socket belongs to the agent.
+pub const AGENT_SOCK_MARK: u8 = 1;
+
+/// Indices into the `COUNTERS` per-CPU array (u64 each). Keep `COUNTER_NAMES` in sync.
+pub mod counter {
+    /// Sockets put into the SockHash (agent sockets and their local peers).
+    pub const SOCKETS_TRACKED: u32 = 0;
+    /// Agent socket / endpoint socket pairs whose payload is redirected.
+    pub const PAIRS: u32 = 1;
+    /// sk_msg: messages redirected straight into the peer socket.
+    pub const MSG_REDIRECTED: u32 = 2;
+    /// sk_msg: bytes redirected.
+    pub const BYTES_REDIRECTED: u32 = 3;
+    /// sk_msg: messages left on the normal TCP path (peer not paired, or redirect refused).
+    pub const MSG_PASSED: u32 = 4;
+    /// sock_ops: SockHash insert failures.
+    pub const SOCKHASH_ERRORS: u32 = 5;
+    /// sock_ops: tracked sockets that closed (their entries were removed).
+    pub const SOCKETS_CLOSED: u32 = 6;
+    /// XDP: passed, not TCP to a protected port.
+    pub const XDP_PASS_UNPROTECTED: u32 = 7;
+    /// XDP: passed, source in an allowed CIDR.
+    pub const XDP_PASS_ALLOWED: u32 = 8;
+    /// XDP: passed, non-first IP fragment (no ports to judge; the kernel reassembles).
+    pub const XDP_PASS_FRAGMENT: u32 = 9;
+    /// XDP: dropped, TCP to a protected port from a source outside the allowed CIDRs.
+    pub const XDP_DROP_DENIED: u32 = 10;
+    /// XDP: dropped, TCP header truncated or too many IPv6 extension headers to judge.
+    pub const XDP_DROP_MALFORMED: u32 = 11;
+    /// Number of slots in the array.
+    pub const COUNT: u32 = 12;
+}
+
+/// Value stored in the protected-port and allow-CIDR maps.
+pub const PRESENT: u8 = 1;
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain `#[repr(C)]` integers without padding; every bit pattern is valid.
+    unsafe impl aya::Pod for super::SockKey {}
+}

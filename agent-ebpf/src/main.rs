@@ -1,3 +1,417 @@
-//! Placeholder: the eBPF programs land with the eBPF data-plane work.
+//! Spoke agent kernel programs.
+//!
+//! * `spoke_sockops` (sock_ops, cgroup v2): puts the agent's backend sockets (marked by
+//!   userspace through their socket cookie) and the local endpoint socket they connect to into
+//!   `SOCKS`, and records each side's peer in `PEERS`.
+//! * `spoke_msg` (sk_msg, attached to `SOCKS`): redirects each side's payload straight into
+//!   the peer socket's receive queue, skipping the TCP/IP stack.
+//! * `spoke_xdp_guard` (XDP): drops TCP to protected local ports unless the source is allowed.
 #![no_std]
 #![no_main]
+
+use core::{ffi::c_void, mem};
+
+use aya_ebpf::{
+    bindings::{
+        sk_action::SK_PASS, xdp_action, BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+    },
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::{map, sk_msg, sock_ops, xdp},
+    maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
+    programs::{SkMsgContext, SockOpsContext, XdpContext},
+};
+use aya_log_ebpf::warn;
+use spoke_agent_common::{counter, SockKey};
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+const TCP_CLOSE: u32 = 7;
+
+/// Tracked sockets: the agent's backend sockets and their local endpoint peers.
+#[map]
+static SOCKS: SockHash<SockKey> = SockHash::with_max_entries(65536, 0);
+
+/// Socket key -> key of the socket its payload is redirected to.
+#[map]
+static PEERS: LruHashMap<SockKey, SockKey> = LruHashMap::with_max_entries(65536, 0);
+
+/// Tuple the endpoint's socket will have (netns 0) -> key of the agent socket waiting for it.
+/// The agent's side is established first, so the endpoint's passive callback finds it here.
+#[map]
+static PENDING: LruHashMap<SockKey, SockKey> = LruHashMap::with_max_entries(16384, 0);
+
+/// Socket cookies of agent sockets, written by userspace before connect().
+#[map]
+static AGENT_SOCKS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(65536, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// Protected local TCP ports (host order).
+#[map]
+static PROTECTED_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(64, 0);
+
+#[map]
+static ALLOW_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(1024, 0);
+
+#[map]
+static ALLOW_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(1024, 0);
+
+#[inline(always)]
+fn count(index: u32, by: u64) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
+        // Per-CPU slot: no other writer can race with this one.
+        unsafe { *slot += by };
+    }
+}
+
+/// sock_ops/sk_msg expose the remote port in network order in the upper 16 bits; accept the
+/// unshifted form too so a kernel that changes this does not silently break pairing.
+#[inline(always)]
+fn remote_port(raw: u32) -> u16 {
+    let port = if raw > 0xffff { raw >> 16 } else { raw };
+    u16::from_be(port as u16)
+}
+
+#[inline(always)]
+fn v4_mapped(a: &[u32; 4]) -> bool {
+    a[0] == 0 && a[1] == 0 && a[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff])
+}
+
+/// Builds the key from the context's raw fields (identical layout in sock_ops and sk_msg).
+#[inline(always)]
+fn make_key(
+    netns: u64,
+    family: u32,
+    ip4: (u32, u32),
+    ip6: ([u32; 4], [u32; 4]),
+    ports: (u32, u32),
+) -> Option<SockKey> {
+    let (family, local_ip, remote_ip) = match family {
+        AF_INET => (AF_INET, [ip4.0, 0, 0, 0], [ip4.1, 0, 0, 0]),
+        AF_INET6 if v4_mapped(&ip6.0) && v4_mapped(&ip6.1) => {
+            (AF_INET, [ip6.0[3], 0, 0, 0], [ip6.1[3], 0, 0, 0])
+        }
+        AF_INET6 => (AF_INET6, ip6.0, ip6.1),
+        _ => return None,
+    };
+    Some(SockKey {
+        netns,
+        local_ip,
+        remote_ip,
+        local_port: ports.0 as u16,
+        remote_port: remote_port(ports.1),
+        family,
+    })
+}
+
+#[inline(always)]
+fn sockops_key(ctx: &SockOpsContext) -> Option<SockKey> {
+    let netns = unsafe { bpf_get_netns_cookie(ctx.ops as *mut c_void) };
+    let family = ctx.family();
+    // Only read the fields of the socket's family: the verifier is fine either way, but this
+    // keeps the IPv4 path short.
+    let (ip4, ip6) = if family == AF_INET {
+        ((ctx.local_ip4(), ctx.remote_ip4()), ([0; 4], [0; 4]))
+    } else {
+        ((0, 0), (ctx.local_ip6(), ctx.remote_ip6()))
+    };
+    make_key(
+        netns,
+        family,
+        ip4,
+        ip6,
+        (ctx.local_port(), ctx.remote_port()),
+    )
+}
+
+#[sock_ops]
+pub fn spoke_sockops(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_active_established(&ctx),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_passive_established(&ctx),
+        BPF_SOCK_OPS_STATE_CB => on_state_change(&ctx),
+        _ => {}
+    }
+    1
+}
+
+/// An agent socket finished its handshake: track it and wait for the endpoint's side.
+#[inline(always)]
+fn on_active_established(ctx: &SockOpsContext) {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
+    if AGENT_SOCKS.get_ptr(cookie).is_none() {
+        return;
+    }
+    // One-shot mark: the cookie is never reused, so drop it now to keep the map small.
+    let _ = AGENT_SOCKS.remove(cookie);
+    let Some(mut key) = sockops_key(ctx) else {
+        return;
+    };
+    if let Err(e) = SOCKS.update(&mut key, unsafe { &mut *ctx.ops }, BPF_ANY as u64) {
+        count(counter::SOCKHASH_ERRORS, 1);
+        warn!(ctx, "sockhash insert (agent side) failed: {}", e);
+        return;
+    }
+    count(counter::SOCKETS_TRACKED, 1);
+    let _ = PENDING.insert(key.reversed(0), key, BPF_ANY as u64);
+    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+}
+
+/// Any accepted socket under the cgroup: pair it if an agent socket is waiting for it.
+#[inline(always)]
+fn on_passive_established(ctx: &SockOpsContext) {
+    let Some(mut key) = sockops_key(ctx) else {
+        return;
+    };
+    let tuple = SockKey { netns: 0, ..key };
+    let Some(agent) = PENDING.get_ptr(tuple) else {
+        return;
+    };
+    let agent = unsafe { *agent };
+    let _ = PENDING.remove(tuple);
+    if let Err(e) = SOCKS.update(&mut key, unsafe { &mut *ctx.ops }, BPF_ANY as u64) {
+        count(counter::SOCKHASH_ERRORS, 1);
+        warn!(ctx, "sockhash insert (endpoint side) failed: {}", e);
+        return;
+    }
+    count(counter::SOCKETS_TRACKED, 1);
+    if PEERS.insert(key, agent, BPF_ANY as u64).is_ok()
+        && PEERS.insert(agent, key, BPF_ANY as u64).is_ok()
+    {
+        count(counter::PAIRS, 1);
+    }
+    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+}
+
+/// Tracked socket closing: the kernel drops it from `SOCKS` by itself; clear our tables.
+#[inline(always)]
+fn on_state_change(ctx: &SockOpsContext) {
+    if ctx.arg(1) != TCP_CLOSE {
+        return;
+    }
+    let Some(key) = sockops_key(ctx) else {
+        return;
+    };
+    let _ = PEERS.remove(key);
+    let _ = PENDING.remove(key.reversed(0));
+    count(counter::SOCKETS_CLOSED, 1);
+}
+
+#[sk_msg]
+pub fn spoke_msg(ctx: SkMsgContext) -> u32 {
+    let md = ctx.msg;
+    let netns = unsafe { bpf_get_netns_cookie(md as *mut c_void) };
+    let key = unsafe {
+        let family = (*md).family;
+        let (ip4, ip6) = if family == AF_INET {
+            (((*md).local_ip4, (*md).remote_ip4), ([0; 4], [0; 4]))
+        } else {
+            ((0, 0), ((*md).local_ip6, (*md).remote_ip6))
+        };
+        make_key(
+            netns,
+            family,
+            ip4,
+            ip6,
+            ((*md).local_port, (*md).remote_port),
+        )
+    };
+    let Some(key) = key else {
+        return SK_PASS;
+    };
+    let Some(peer) = PEERS.get_ptr(key) else {
+        count(counter::MSG_PASSED, 1);
+        return SK_PASS;
+    };
+    let mut peer = unsafe { *peer };
+    let size = ctx.size();
+    // SK_PASS here means "redirect queued"; anything else means the peer is gone from
+    // SOCKS (closing), in which case the message takes the normal TCP path.
+    if SOCKS.redirect_msg(&ctx, &mut peer, BPF_F_INGRESS as u64) == SK_PASS as i64 {
+        count(counter::MSG_REDIRECTED, 1);
+        count(counter::BYTES_REDIRECTED, u64::from(size));
+    } else {
+        count(counter::MSG_PASSED, 1);
+    }
+    SK_PASS
+}
+
+// ---------------------------------------------------------------------------------------
+// XDP guard
+// ---------------------------------------------------------------------------------------
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const IPPROTO_TCP: u8 = 6;
+const IPV6_HOPOPTS: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_AH: u8 = 51;
+const IPV6_DSTOPTS: u8 = 60;
+
+enum Verdict {
+    Pass(u32),
+    Drop(u32),
+}
+
+/// Pointer to a `T` at `offset` from the packet start, bounds-checked for the verifier.
+#[inline(always)]
+fn at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
+    let start = ctx.data();
+    if start + offset + mem::size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    Some((start + offset) as *const T)
+}
+
+#[inline(always)]
+fn be16(ctx: &XdpContext, offset: usize) -> Option<u16> {
+    at::<[u8; 2]>(ctx, offset).map(|p| u16::from_be_bytes(unsafe { *p }))
+}
+
+#[xdp]
+pub fn spoke_xdp_guard(ctx: XdpContext) -> u32 {
+    match judge(&ctx) {
+        Verdict::Pass(reason) => {
+            count(reason, 1);
+            xdp_action::XDP_PASS
+        }
+        Verdict::Drop(reason) => {
+            count(reason, 1);
+            xdp_action::XDP_DROP
+        }
+    }
+}
+
+#[inline(always)]
+fn judge(ctx: &XdpContext) -> Verdict {
+    let unprotected = Verdict::Pass(counter::XDP_PASS_UNPROTECTED);
+    let Some(mut proto) = be16(ctx, 12) else {
+        return unprotected;
+    };
+    let mut l3 = ETH_HLEN;
+    // Up to two VLAN tags (QinQ).
+    for _ in 0..2 {
+        if proto != ETH_P_8021Q && proto != ETH_P_8021AD {
+            break;
+        }
+        let Some(inner) = be16(ctx, l3 + 2) else {
+            return unprotected;
+        };
+        proto = inner;
+        l3 += 4;
+    }
+    match proto {
+        ETH_P_IP => judge_v4(ctx, l3),
+        ETH_P_IPV6 => judge_v6(ctx, l3),
+        _ => unprotected,
+    }
+}
+
+#[inline(always)]
+fn judge_v4(ctx: &XdpContext, l3: usize) -> Verdict {
+    let Some(hdr) = at::<[u8; 20]>(ctx, l3) else {
+        return Verdict::Pass(counter::XDP_PASS_UNPROTECTED);
+    };
+    let hdr = unsafe { &*hdr };
+    if hdr[9] != IPPROTO_TCP {
+        return Verdict::Pass(counter::XDP_PASS_UNPROTECTED);
+    }
+    if u16::from_be_bytes([hdr[6], hdr[7]]) & 0x1fff != 0 {
+        return Verdict::Pass(counter::XDP_PASS_FRAGMENT);
+    }
+    let ihl = usize::from(hdr[0] & 0x0f) * 4;
+    if ihl < 20 {
+        return Verdict::Drop(counter::XDP_DROP_MALFORMED);
+    }
+    let src = [hdr[12], hdr[13], hdr[14], hdr[15]];
+    judge_tcp(ctx, l3 + ihl, || ALLOW_V4.get(Key::new(32, src)).is_some())
+}
+
+#[inline(always)]
+fn judge_v6(ctx: &XdpContext, l3: usize) -> Verdict {
+    let Some(hdr) = at::<[u8; 40]>(ctx, l3) else {
+        return Verdict::Pass(counter::XDP_PASS_UNPROTECTED);
+    };
+    let hdr = unsafe { &*hdr };
+    let mut next = hdr[6];
+    let mut src = [0u8; 16];
+    src.copy_from_slice(&hdr[8..24]);
+    let mut off = l3 + 40;
+    // Walk a bounded number of extension headers so they cannot hide a protected port.
+    for _ in 0..6 {
+        match next {
+            IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
+                let Some(ext) = at::<[u8; 2]>(ctx, off) else {
+                    return Verdict::Drop(counter::XDP_DROP_MALFORMED);
+                };
+                let ext = unsafe { *ext };
+                next = ext[0];
+                off += (usize::from(ext[1]) + 1) * 8;
+            }
+            IPV6_AH => {
+                let Some(ext) = at::<[u8; 2]>(ctx, off) else {
+                    return Verdict::Drop(counter::XDP_DROP_MALFORMED);
+                };
+                let ext = unsafe { *ext };
+                next = ext[0];
+                off += (usize::from(ext[1]) + 2) * 4;
+            }
+            IPV6_FRAGMENT => {
+                let Some(ext) = at::<[u8; 4]>(ctx, off) else {
+                    return Verdict::Drop(counter::XDP_DROP_MALFORMED);
+                };
+                let ext = unsafe { *ext };
+                if u16::from_be_bytes([ext[2], ext[3]]) & 0xfff8 != 0 {
+                    return Verdict::Pass(counter::XDP_PASS_FRAGMENT);
+                }
+                next = ext[0];
+                off += 8;
+            }
+            _ => break,
+        }
+    }
+    match next {
+        IPPROTO_TCP => judge_tcp(ctx, off, || ALLOW_V6.get(Key::new(128, src)).is_some()),
+        IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_AH | IPV6_FRAGMENT => {
+            Verdict::Drop(counter::XDP_DROP_MALFORMED)
+        }
+        _ => Verdict::Pass(counter::XDP_PASS_UNPROTECTED),
+    }
+}
+
+/// Only packets *to* a protected local port are judged: the agent's own outbound tunnel
+/// (replies come from the server's port to an ephemeral local port) is never touched.
+#[inline(always)]
+fn judge_tcp(ctx: &XdpContext, l4: usize, allowed: impl Fn() -> bool) -> Verdict {
+    // Offset bounded so the verifier can track it (IPv4 ihl <= 60, IPv6 ext headers).
+    if l4 > 512 {
+        return Verdict::Drop(counter::XDP_DROP_MALFORMED);
+    }
+    let Some(dport) = be16(ctx, l4 + 2) else {
+        return Verdict::Drop(counter::XDP_DROP_MALFORMED);
+    };
+    if unsafe { PROTECTED_PORTS.get(dport) }.is_none() {
+        return Verdict::Pass(counter::XDP_PASS_UNPROTECTED);
+    }
+    if allowed() {
+        Verdict::Pass(counter::XDP_PASS_ALLOWED)
+    } else {
+        Verdict::Drop(counter::XDP_DROP_DENIED)
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,42 @@
+//! Embeds the eBPF object built by `cargo xtask build-ebpf`, when there is one.
+//!
+//! The kernel programs need a separate toolchain (see shared/ebpf-toolchain.md), so this script
+//! does not build them: it copies the object into OUT_DIR, or writes an empty file so that a
+//! plain `cargo build` on a machine without the toolchain still works and the agent reports
+//! eBPF as unavailable. Set SPOKE_EBPF_OBJECT to embed an object from elsewhere.
+use std::{
+    env, fs,
+    path::{Path, PathBuf},
+};
+
+fn main() {
+    println!("cargo:rerun-if-env-changed=SPOKE_EBPF_OBJECT");
+    let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
+    let object = env::var_os("SPOKE_EBPF_OBJECT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            manifest.join("../agent-ebpf/target/bpfel-unknown-none/release/spoke-agent-ebpf")
+        });
+    let out =
+        PathBuf::from(env::var_os("OUT_DIR").expect("set by cargo")).join("spoke-agent-ebpf.o");
+
+    if object.is_file() {
+        println!("cargo:rerun-if-changed={}", object.display());
+        fs::copy(&object, &out).expect("copy the eBPF object into OUT_DIR");
+    } else {
+        // Watch the nearest existing ancestor so a later build-ebpf is picked up without
+        // re-running this script on every build.
+        let watch = object
+            .ancestors()
+            .skip(1)
+            .find(|p| p.exists())
+            .unwrap_or(Path::new("."));
+        println!("cargo:rerun-if-changed={}", watch.display());
+        println!(
+            "cargo:warning=eBPF object {} not found: building spoke-agent without eBPF \
+             (run `cargo xtask setup && cargo xtask build-ebpf` to include it)",
+            object.display()
+        );
+        fs::write(&out, []).expect("write the empty eBPF placeholder");
+    }
+}

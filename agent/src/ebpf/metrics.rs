@@ -1,0 +1,120 @@
+//! `spoke_ebpf_*` metrics, read from the kernel's per-CPU counters at scrape time.
+use std::sync::Arc;
+
+use aya::maps::{MapData, PerCpuArray};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
+};
+use spoke_agent_common::counter;
+
+/// Plain counters: (metric name without `_total`, help, counter index).
+const COUNTERS: &[(&str, &str, u32)] = &[
+    (
+        "spoke_ebpf_sockets_tracked",
+        "Sockets put into the fast-path SockHash (agent backend sockets and their local peers)",
+        counter::SOCKETS_TRACKED,
+    ),
+    (
+        "spoke_ebpf_socket_pairs",
+        "Agent-local legs whose payload is redirected socket to socket",
+        counter::PAIRS,
+    ),
+    (
+        "spoke_ebpf_sockets_closed",
+        "Tracked sockets that closed",
+        counter::SOCKETS_CLOSED,
+    ),
+    (
+        "spoke_ebpf_redirected_messages",
+        "Messages redirected straight into the peer socket by sk_msg",
+        counter::MSG_REDIRECTED,
+    ),
+    (
+        "spoke_ebpf_redirected_bytes",
+        "Bytes redirected straight into the peer socket by sk_msg",
+        counter::BYTES_REDIRECTED,
+    ),
+    (
+        "spoke_ebpf_passed_messages",
+        "Messages of tracked sockets left on the normal TCP path (peer not paired or closing)",
+        counter::MSG_PASSED,
+    ),
+    (
+        "spoke_ebpf_sockhash_errors",
+        "Failures to insert a socket into the SockHash",
+        counter::SOCKHASH_ERRORS,
+    ),
+];
+
+/// XDP verdicts: (action, reason, counter index).
+const XDP: &[(&str, &str, u32)] = &[
+    ("pass", "unprotected", counter::XDP_PASS_UNPROTECTED),
+    ("pass", "allowed_source", counter::XDP_PASS_ALLOWED),
+    ("pass", "fragment", counter::XDP_PASS_FRAGMENT),
+    ("drop", "denied_source", counter::XDP_DROP_DENIED),
+    ("drop", "malformed", counter::XDP_DROP_MALFORMED),
+];
+
+/// Scrape-time view of the eBPF data plane. Holds the counter map's fd only, so it never
+/// keeps programs attached.
+pub struct EbpfCollector {
+    pub(super) counters: Option<Arc<PerCpuArray<MapData, u64>>>,
+    /// (program label, attached).
+    pub(super) programs: Vec<(&'static str, bool)>,
+}
+
+impl std::fmt::Debug for EbpfCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EbpfCollector")
+            .field("counters", &self.counters.is_some())
+            .field("programs", &self.programs)
+            .finish()
+    }
+}
+
+impl EbpfCollector {
+    fn read(&self, index: u32) -> Option<u64> {
+        let values = self.counters.as_ref()?.get(&index, 0).ok()?;
+        Some(values.iter().fold(0u64, |sum, v| sum.wrapping_add(*v)))
+    }
+}
+
+impl Collector for EbpfCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let attached = encoder.encode_descriptor(
+            "spoke_ebpf_program_attached",
+            "1 if the eBPF program is attached, 0 if it is off (see the status page for why)",
+            None,
+            MetricType::Gauge,
+        )?;
+        let mut attached = attached;
+        for (program, on) in &self.programs {
+            let labels = [("program", *program)];
+            ConstGauge::new(i64::from(*on)).encode(attached.encode_family(&labels)?)?;
+        }
+
+        // Counters only exist while the programs are loaded; absent rather than zero otherwise.
+        if self.counters.is_none() {
+            return Ok(());
+        }
+        for (name, help, index) in COUNTERS {
+            let value = self.read(*index).unwrap_or(0);
+            let metric = ConstCounter::new(value);
+            metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "spoke_ebpf_xdp_packets",
+            "Packets judged by the XDP guard, by action and reason",
+            None,
+            MetricType::Counter,
+        )?;
+        for (action, reason, index) in XDP {
+            let labels = [("action", *action), ("reason", *reason)];
+            let metric = ConstCounter::new(self.read(*index).unwrap_or(0));
+            metric.encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
