@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use tokio::net::{TcpStream, UnixStream};
+
 use crate::certs::{CertKey, Pki};
 use crate::connect::Frontend;
 use crate::metrics::{names, Metrics};
@@ -353,6 +355,8 @@ impl Env {
 
 impl Server {
     /// Waits for /healthz 200.
+    /// Waits for /healthz 200 and for the agent port and the frontend to accept connections
+    /// (/healthz alone does not promise the other listeners are bound yet).
     pub async fn wait_healthy(&mut self) {
         wait_status(
             &mut self.proc,
@@ -361,6 +365,22 @@ impl Server {
             200,
             STARTUP_TIMEOUT,
         )
+        .await;
+        let (agent_addr, tcp, uds) = (self.agent_addr, self.tcp, self.uds.clone());
+        crate::wait::poll_until("agent port and frontend to accept", STARTUP_TIMEOUT, || {
+            let uds = uds.clone();
+            async move {
+                let err = |e: std::io::Error| e.to_string();
+                TcpStream::connect(agent_addr).await.map_err(err)?;
+                if let Some(addr) = tcp {
+                    TcpStream::connect(addr).await.map_err(err)?;
+                }
+                if let Some(path) = uds {
+                    UnixStream::connect(path).await.map_err(err)?;
+                }
+                Ok(())
+            }
+        })
         .await;
     }
     /// Waits for /readyz 200 (≥1 agent connected).

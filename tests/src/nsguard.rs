@@ -40,6 +40,23 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Deletes `spoke-e2e-<pid>-*` namespaces whose test process no longer exists.
+fn remove_stale() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        let pid = name
+            .strip_prefix("spoke-e2e-")
+            .and_then(|rest| rest.split('-').next());
+        if let Some(pid) = pid.filter(|p| !std::path::Path::new(&format!("/proc/{p}")).exists()) {
+            eprintln!("removing stale network namespace {name} (pid {pid} is gone)");
+            let _ = ip(&["netns", "del", name]);
+        }
+    }
+}
+
 /// A network namespace with `lo` up.
 #[derive(Debug)]
 pub struct NetNs {
@@ -47,8 +64,10 @@ pub struct NetNs {
 }
 
 impl NetNs {
-    /// Creates `spoke-e2e-<pid>-<n>` and brings its loopback up.
+    /// Creates `spoke-e2e-<pid>-<n>` and brings its loopback up (after deleting leftovers of
+    /// killed test processes).
     pub fn create() -> anyhow::Result<Self> {
+        remove_stale();
         let name = format!(
             "spoke-e2e-{}-{}",
             std::process::id(),

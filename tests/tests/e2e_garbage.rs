@@ -50,7 +50,7 @@ fn assert_alive(server: &mut Server, agent: &mut Agent) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn junk_on_agent_and_health_ports_is_dropped() {
+async fn junk_on_agent_health_and_admin_ports_is_dropped() {
     let env = Env::new("junk_agent_port");
     let (mut server, mut agent) = env
         .pair(ServerOpts::new(Mode::Grpc, Transport::Uds), |a| a)
@@ -70,6 +70,8 @@ async fn junk_on_agent_and_health_ports_is_dropped() {
         .unwrap();
     let conns = vec![
         ("agent port, raw TCP", tcp(server.agent_addr).await),
+        ("server admin port", tcp(server.admin_addr).await),
+        ("agent admin port", tcp(agent.admin_addr).await),
         (
             "agent port, after a valid mTLS handshake",
             Box::new(agent_tls) as BoxIo,
