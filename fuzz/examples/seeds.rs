@@ -1,0 +1,105 @@
+//! Writes the seed corpus (`fuzz/seeds/<target>/`): well-formed conversations that take
+//! the fuzzer straight into established connections. `cargo run --example seeds`.
+use bytes::Bytes;
+use spoke_tunnel::packet;
+use std::path::Path;
+use tonic_prost::prost::Message;
+
+/// Operation 0 of the packet targets: a wire packet.
+fn wire(p: spoke_proto::Packet) -> Vec<u8> {
+    let b = p.encode_to_vec();
+    let mut v = vec![0];
+    v.extend_from_slice(&(b.len() as u16).to_le_bytes());
+    v.extend(b);
+    v
+}
+
+fn write(target: &str, name: &str, data: &[u8]) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("seeds")
+        .join(target);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(name), data).unwrap();
+}
+
+fn main() {
+    // Server: cap 36, credits with a peer window of 1; dial, answer, data, credit, close.
+    for (name, cfg) in [("server-credits", 0x25u8), ("server-plain", 0x03)] {
+        let mut s = vec![cfg];
+        s.extend([3, 5]); // frontend dials random 5
+        s.extend([10, 4]); // agent reads the DIAL_REQ
+        s.extend(wire(packet::dial_ok(5, 7)));
+        s.extend([5, 0]); // frontend picks up the connection
+        s.extend(wire(packet::data(7, Bytes::from_static(b"hello"))));
+        s.extend(wire(packet::data(7, Bytes::from(vec![b'x'; 40]))));
+        s.extend([6, 0, 0, 3]); // relay drains 3 chunks
+        s.extend(wire(packet::credit(7, 100)));
+        s.extend([6, 1, 0, 50, 0]); // relay reads 50 bytes from its endpoint
+        s.extend([10, 8]);
+        s.extend(wire(packet::close_rsp(7, "")));
+        s.extend([6, 3, 0]); // relay notices the close
+        s.extend([3, 6]);
+        s.extend(wire(packet::dial_err(6, "dial tcp: refused".into())));
+        s.extend([5, 0]);
+        s.extend(wire(packet::drain()));
+        write("packets_server", name, &s);
+    }
+    // Agent: dial request, dial completes, data both ways, close from the server.
+    for (name, cfg) in [("agent-credits", 0x65u8), ("agent-plain", 0x02)] {
+        let mut a = vec![cfg];
+        a.extend(wire(packet::dial_req("10.0.0.1:10250".into(), 9)));
+        a.extend(wire(packet::dial_req("10.0.0.1:10250".into(), 9)));
+        a.extend([3, 0, 1]); // dial 9 succeeds: connection 1
+        a.extend(wire(packet::data(
+            1,
+            Bytes::from_static(b"GET / HTTP/1.1\r\n\r\n"),
+        )));
+        a.extend([4, 0, 0, 2]);
+        a.extend(wire(packet::credit(1, 64)));
+        a.extend([4, 1, 0, 20, 0]);
+        a.extend([9, 8]);
+        a.extend(wire(packet::close_req(1)));
+        a.extend([4, 3, 0]);
+        a.extend(wire(packet::dial_req("10.0.0.2:22".into(), 10)));
+        a.extend(wire(packet::dial_cls(10)));
+        a.extend(wire(packet::data(99, Bytes::new())));
+        write("packets_agent", name, &a);
+    }
+    let heads: [&[u8]; 5] = [
+        b"CONNECT 10.0.0.1:10250 HTTP/1.1\r\nHost: 10.0.0.1:10250\r\nUser-Agent: kube-apiserver\r\n\r\n",
+        b"CONNECT [fd00::5]:443 HTTP/1.1\r\n\r\nearly bytes",
+        b"CONNECT  HTTP/1.1\r\nHost: node1:80\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"CONNECT node1 HTTP/1.0\r\n\r\n",
+    ];
+    for (i, h) in heads.iter().enumerate() {
+        let mut v = vec![7];
+        v.extend_from_slice(h);
+        write("http_connect", &format!("head-{i}"), &v);
+    }
+    for (i, s) in [
+        "host=node1&host=node1.example.com&ipv4=10.0.0.5&ipv6=fd00::5&cidr=10.0.0.0/16&default-route=true",
+        "zone=a&host=x",
+        "[fd00::5]:443",
+        "10.0.0.1:10250",
+    ]
+    .iter()
+    .enumerate()
+    {
+        write("identifiers", &format!("ids-{i}"), format!("\x01{s}").as_bytes());
+    }
+    for (i, s) in [
+        "\x001h0m0s",
+        "\x00100ms",
+        "\x001.5µs",
+        "\x01[h2,http/1.1]",
+        "\x01a, b",
+        "\x024Mi",
+        "\x02512Ki",
+    ]
+    .iter()
+    .enumerate()
+    {
+        write("flags", &format!("flag-{i}"), s.as_bytes());
+    }
+}
