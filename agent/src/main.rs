@@ -109,10 +109,10 @@ fn run(opts: Options) -> Result<()> {
         }),
         alpn,
     };
-    let tls = Reloading::new(tls_files)?;
+    let metrics = AgentMetrics::new();
+    let tls = Reloading::new(tls_files, metrics.tls.clone())?;
     let destinations = policy::Destinations::parse(&opts.allowed_destinations)?;
     let ebpf = Ebpf::load(&opts.ebpf.config()?)?;
-    let metrics = AgentMetrics::new();
     let mut registry = metrics.registry();
     ebpf.register_metrics(&mut registry);
     let agent = Arc::new(Agent {

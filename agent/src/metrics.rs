@@ -6,7 +6,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use spoke_tunnel::metrics::{RelayMetrics, StreamMetrics};
+use spoke_tunnel::metrics::{RelayMetrics, StreamMetrics, TlsMetrics};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
@@ -22,6 +22,7 @@ pub struct DirectionLabel {
 pub struct AgentMetrics {
     pub stream: StreamMetrics,
     pub relay: RelayMetrics,
+    pub tls: TlsMetrics,
     pub dial_duration: Histogram,
     pub endpoint_dial_failures: Family<ReasonLabel, Counter>,
     pub server_connection_failures: Family<DirectionLabel, Counter>,
@@ -41,6 +42,7 @@ impl AgentMetrics {
         Self {
             stream: StreamMetrics::default(),
             relay: RelayMetrics::default(),
+            tls: TlsMetrics::default(),
             dial_duration: Histogram::new([0.005, 0.025, 0.1, 0.5, 2.5, 10.0, 30.0]),
             endpoint_dial_failures: Family::default(),
             server_connection_failures: Family::default(),
@@ -99,6 +101,7 @@ impl AgentMetrics {
         {
             let s = root.sub_registry_with_prefix("spoke_agent");
             self.relay.register(s);
+            self.tls.register(s);
             s.register(
                 "rejected_packets",
                 "Packets from a server refused as bad input, by reason",

@@ -121,7 +121,7 @@ pub async fn connect(agent: &Arc<Agent>) -> Result<Connected> {
                 o.service_account_token_path
             )
         })?;
-        meta(md, "authorization", &format!("Bearer {token}"))?;
+        meta(md, "authorization", &format!("Bearer {}", token.trim_end()))?;
     }
     let rsp = client
         .connect(req)

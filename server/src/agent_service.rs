@@ -48,6 +48,9 @@ impl AgentService for AgentSvc {
         &self,
         req: Request<Streaming<Packet>>,
     ) -> Result<Response<PacketStream>, Status> {
+        if let Some(auth) = &self.state.auth {
+            auth.authenticate(req.metadata()).await?;
+        }
         let state = self.state.clone();
         let md = req.metadata();
         let agent_id = one_value(md, "agentid", true)?.unwrap_or_default();

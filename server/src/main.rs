@@ -2,6 +2,7 @@
 //! kube-apiserver's egress frontends (gRPC or HTTP CONNECT, over a Unix socket or mTLS
 //! TCP) are routed through them.
 mod agent_service;
+mod auth;
 mod backends;
 mod frontend_grpc;
 mod frontend_http;
@@ -9,7 +10,7 @@ mod metrics;
 mod options;
 mod state;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
@@ -20,7 +21,7 @@ use spoke_proto::agent_service_server::AgentServiceServer;
 use spoke_proto::proxy_service_server::ProxyServiceServer;
 use spoke_tunnel::admin;
 use spoke_tunnel::listen::{tls_incoming, TlsIo};
-use spoke_tunnel::tls::{CertFiles, Reloading, ServerTlsFiles};
+use spoke_tunnel::tls::{CertFiles, Reloading, ServerTlsFiles, TlsPolicy};
 use state::State;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
@@ -56,25 +57,27 @@ fn bind_addr(host: &str, port: u16) -> Result<SocketAddr> {
 }
 
 fn run(opts: Options) -> Result<()> {
-    if opts.token_auth() {
-        bail!("token authentication (--agent-namespace/--agent-service-account/--authentication-audience) is not supported by this build yet; use --cluster-ca-cert (mTLS)");
-    }
+    let auth = if opts.token_auth() {
+        Some(
+            auth::TokenAuth::new(
+                &opts.kubeconfig,
+                &opts.agent_namespace,
+                &opts.agent_service_account,
+                &opts.authentication_audience,
+            )?
+            .with_rate_limit(opts.kubeconfig_qps, opts.kubeconfig_burst),
+        )
+    } else {
+        None
+    };
     let metrics = metrics::ServerMetrics::new();
     let state = Arc::new(State {
         backends: backends::Backends::new(opts.proxy_strategies.clone(), metrics.clone()),
         metrics,
         opts,
         shutting_down: Default::default(),
+        auth,
     });
-    let registry = Arc::new(state.metrics.registry());
-    start_health(&state, registry.clone())?;
-    let o = &state.opts;
-    admin::serve(
-        "admin",
-        bind_addr(&o.admin_bind_address, o.admin_port)?,
-        admin::metrics_route(registry).route("/status", get(status_page(state.clone()))),
-    )?;
-
     // One single-threaded runtime for the data path: on a 2-vCPU node it beats a work-
     // stealing pool (fewer cross-thread wakeups per packet) and leaves a core for the agent.
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -84,8 +87,23 @@ fn run(opts: Options) -> Result<()> {
     rt.block_on(serve(state))
 }
 
+/// The health and admin HTTP servers (their own thread; see `admin::serve`).
+fn start_http(state: &Arc<State>) -> Result<()> {
+    let registry = Arc::new(state.metrics.registry());
+    start_health(state, registry.clone())?;
+    let o = &state.opts;
+    admin::serve(
+        "admin",
+        bind_addr(&o.admin_bind_address, o.admin_port)?,
+        admin::metrics_route(registry).route("/status", get(status_page(state.clone()))),
+    )?;
+    Ok(())
+}
+
 /// `/status` on the admin port: agents, their streams and connections, as JSON.
-fn status_page(state: Arc<State>) -> impl Fn() -> std::future::Ready<axum::response::Response> + Clone {
+fn status_page(
+    state: Arc<State>,
+) -> impl Fn() -> std::future::Ready<axum::response::Response> + Clone {
     move || {
         let agents: Vec<_> = state
             .backends
@@ -161,6 +179,7 @@ fn start_health(
 }
 
 fn server_tls(
+    state: &State,
     cert_flag: &'static str,
     cert: &str,
     key_flag: &'static str,
@@ -168,18 +187,22 @@ fn server_tls(
     ca: Option<(&'static str, &str)>,
     alpn: &[&[u8]],
 ) -> Result<Arc<Reloading<ServerTlsFiles>>> {
-    let tls = Reloading::new(ServerTlsFiles {
-        identity: CertFiles {
-            cert_flag,
-            cert: PathBuf::from(cert),
-            key_flag,
-            key: PathBuf::from(key),
+    let tls = Reloading::new(
+        ServerTlsFiles {
+            identity: CertFiles {
+                cert_flag,
+                cert: PathBuf::from(cert),
+                key_flag,
+                key: PathBuf::from(key),
+            },
+            client_ca: ca
+                .filter(|(_, p)| !p.is_empty())
+                .map(|(f, p)| (f, PathBuf::from(p))),
+            alpn: alpn.iter().map(|a| a.to_vec()).collect(),
+            policy: TlsPolicy::new(&state.opts.tls_min_version, &state.opts.cipher_suites)?,
         },
-        client_ca: ca
-            .filter(|(_, p)| !p.is_empty())
-            .map(|(f, p)| (f, PathBuf::from(p))),
-        alpn: alpn.iter().map(|a| a.to_vec()).collect(),
-    })?;
+        state.metrics.tls.clone(),
+    )?;
     tls.watch(TLS_RELOAD_EVERY);
     Ok(tls)
 }
@@ -200,6 +223,7 @@ async fn serve(state: Arc<State>) -> Result<()> {
 
     // Agent listener: always TLS, mutual when --cluster-ca-cert is given.
     let agent_tls = server_tls(
+        &state,
         "--cluster-cert",
         &o.cluster_cert,
         "--cluster-key",
@@ -212,9 +236,13 @@ async fn serve(state: Arc<State>) -> Result<()> {
         .await
         .with_context(|| format!("agent listener: cannot listen on {agent_addr}"))?;
     tracing::info!(%agent_addr, server_id = %o.server_id, server_count = o.server_count, "listening for agents");
-    let m = state.metrics.clone();
-    let agents = tls_incoming("agent", agent_listener, agent_tls, move |r| m.reject(r))
-        .map(|r| r.map(TlsIo));
+    let agents = tls_incoming(
+        "agent",
+        agent_listener,
+        agent_tls,
+        state.metrics.tls.clone(),
+    )
+    .map(|r| r.map(TlsIo));
     let agent_svc = AgentServiceServer::new(agent_service::AgentSvc {
         state: state.clone(),
     })
@@ -224,7 +252,10 @@ async fn serve(state: Arc<State>) -> Result<()> {
         .add_service(agent_svc)
         .serve_with_incoming(agents);
 
-    let frontend = serve_frontend(state.clone());
+    let frontend_listener = bind_frontend(&state).await?;
+    // Every listener is bound: now the health port may say so.
+    start_http(&state)?;
+    let frontend = serve_frontend(state.clone(), frontend_listener);
     let serving = async {
         tokio::select! {
             r = agent_server => r.context("agent server failed"),
@@ -254,7 +285,42 @@ async fn serve(state: Arc<State>) -> Result<()> {
     Ok(())
 }
 
-async fn serve_frontend(state: Arc<State>) -> Result<()> {
+/// The frontend's listener, bound before anything reports healthy.
+enum FrontendListener {
+    Uds(UnixListener),
+    Tls(TcpListener, Arc<Reloading<ServerTlsFiles>>),
+}
+
+async fn bind_frontend(state: &State) -> Result<FrontendListener> {
+    let o = &state.opts;
+    if !o.uds_name.is_empty() {
+        let listener = bind_uds(&o.uds_name, o.delete_existing_uds_file)?;
+        tracing::info!(path = %o.uds_name, mode = ?o.mode, "frontend listening on Unix socket");
+        return Ok(FrontendListener::Uds(listener));
+    }
+    let alpn: &[&[u8]] = match o.mode {
+        Mode::Grpc => &[b"h2"],
+        // kube-apiserver speaks HTTP/1.1 CONNECT over TLS; HTTP/2 is not offered.
+        Mode::HttpConnect => &[b"http/1.1"],
+    };
+    let tls = server_tls(
+        state,
+        "--server-cert",
+        &o.server_cert,
+        "--server-key",
+        &o.server_key,
+        Some(("--server-ca-cert", &o.server_ca_cert)),
+        alpn,
+    )?;
+    let addr = bind_addr(&o.server_bind_address, o.server_port)?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("frontend: cannot listen on {addr}"))?;
+    tracing::info!(%addr, mode = ?o.mode, "frontend listening (mTLS)");
+    Ok(FrontendListener::Tls(listener, tls))
+}
+
+async fn serve_frontend(state: Arc<State>, listener: FrontendListener) -> Result<()> {
     let o = &state.opts;
     let max_msg = o.max_grpc_message_size;
     let proxy_svc = || {
@@ -264,64 +330,39 @@ async fn serve_frontend(state: Arc<State>) -> Result<()> {
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(max_msg)
     };
-    if !o.uds_name.is_empty() {
-        let listener = bind_uds(&o.uds_name, o.delete_existing_uds_file)?;
-        tracing::info!(path = %o.uds_name, mode = ?o.mode, "frontend listening on Unix socket");
-        match o.mode {
-            Mode::Grpc => {
-                let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-                grpc_server(o.frontend_keepalive_time)
-                    .add_service(proxy_svc())
-                    .serve_with_incoming(incoming)
-                    .await
-                    .context("frontend server failed")
-            }
-            Mode::HttpConnect => loop {
-                match listener.accept().await {
-                    Ok((s, _)) => {
-                        tokio::spawn(frontend_http::serve(state.clone(), s));
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "frontend accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-            },
-        }
-    } else {
-        let alpn: &[&[u8]] = match o.mode {
-            Mode::Grpc => &[b"h2"],
-            // kube-apiserver speaks HTTP/1.1 CONNECT over TLS; HTTP/2 is not offered.
-            Mode::HttpConnect => &[b"http/1.1"],
-        };
-        let tls = server_tls(
-            "--server-cert",
-            &o.server_cert,
-            "--server-key",
-            &o.server_key,
-            Some(("--server-ca-cert", &o.server_ca_cert)),
-            alpn,
-        )?;
-        let addr = bind_addr(&o.server_bind_address, o.server_port)?;
-        let listener = TcpListener::bind(addr)
+    match (listener, o.mode) {
+        (FrontendListener::Uds(l), Mode::Grpc) => grpc_server(o.frontend_keepalive_time)
+            .add_service(proxy_svc())
+            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(l))
             .await
-            .with_context(|| format!("frontend: cannot listen on {addr}"))?;
-        tracing::info!(%addr, mode = ?o.mode, "frontend listening (mTLS)");
-        let m = state.metrics.clone();
-        let mut incoming = tls_incoming("frontend", listener, tls, move |r| m.reject(r));
-        match o.mode {
-            Mode::Grpc => grpc_server(o.frontend_keepalive_time)
-                .add_service(proxy_svc())
-                .serve_with_incoming(incoming.map(|r| r.map(TlsIo)))
-                .await
-                .context("frontend server failed"),
-            Mode::HttpConnect => {
-                while let Some(s) = incoming.next().await {
-                    if let Ok(s) = s {
-                        tokio::spawn(frontend_http::serve(state.clone(), s));
-                    }
+            .context("frontend server failed"),
+        (FrontendListener::Uds(l), Mode::HttpConnect) => loop {
+            match l.accept().await {
+                Ok((s, _)) => {
+                    tokio::spawn(frontend_http::serve(state.clone(), s));
                 }
-                Ok(())
+                Err(e) => {
+                    tracing::warn!(error = %e, "frontend accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        },
+        (FrontendListener::Tls(l, tls), mode) => {
+            let mut incoming = tls_incoming("frontend", l, tls, state.metrics.tls.clone());
+            match mode {
+                Mode::Grpc => grpc_server(o.frontend_keepalive_time)
+                    .add_service(proxy_svc())
+                    .serve_with_incoming(incoming.map(|r| r.map(TlsIo)))
+                    .await
+                    .context("frontend server failed"),
+                Mode::HttpConnect => {
+                    while let Some(s) = incoming.next().await {
+                        if let Ok(s) = s {
+                            tokio::spawn(frontend_http::serve(state.clone(), s));
+                        }
+                    }
+                    Ok(())
+                }
             }
         }
     }

@@ -6,7 +6,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use spoke_tunnel::metrics::{RelayMetrics, StreamMetrics};
+use spoke_tunnel::metrics::{RelayMetrics, StreamMetrics, TlsMetrics};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
@@ -29,6 +29,7 @@ const DIAL_BUCKETS: [f64; 9] = [1e-6, 1e-5, 1e-4, 0.005, 0.025, 0.1, 0.5, 2.5, 1
 pub struct ServerMetrics {
     pub stream: StreamMetrics,
     pub relay: RelayMetrics,
+    pub tls: TlsMetrics,
     pub dial_duration: Histogram,
     pub dial_failures: Family<ReasonLabel, Counter>,
     pub grpc_connections: Family<MethodLabel, Gauge>,
@@ -47,6 +48,7 @@ impl ServerMetrics {
         Self {
             stream: StreamMetrics::default(),
             relay: RelayMetrics::default(),
+            tls: TlsMetrics::default(),
             dial_duration: Histogram::new(DIAL_BUCKETS),
             dial_failures: Family::default(),
             grpc_connections: Family::default(),
@@ -117,6 +119,7 @@ impl ServerMetrics {
         {
             let s = root.sub_registry_with_prefix("spoke_server");
             self.relay.register(s);
+            self.tls.register(s);
             s.register(
                 "rejected_connections",
                 "Connections refused or closed for bad input or limits, by reason",

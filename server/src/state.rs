@@ -13,6 +13,8 @@ pub struct State {
     pub metrics: ServerMetrics,
     /// Set on SIGTERM: no new dials, not ready, open connections may finish.
     pub shutting_down: std::sync::atomic::AtomicBool,
+    /// Agent token authentication (TokenReview), when configured.
+    pub auth: Option<crate::auth::TokenAuth>,
 }
 
 /// Why a dial did not produce a connection, with upstream's HTTP CONNECT status.

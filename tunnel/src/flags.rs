@@ -40,7 +40,7 @@ pub fn go_duration(s: &str) -> Result<Duration, String> {
         total += value * seconds;
         rest = tail;
     }
-    Ok(Duration::from_secs_f64(total))
+    Duration::try_from_secs_f64(total).map_err(|_| format!("invalid duration {s:?}: out of range"))
 }
 
 /// Go pflag string slices: `a,b`, `[a,b]`, `[]` and the empty string.
@@ -96,6 +96,8 @@ mod tests {
         assert!(go_duration("-1s").is_err());
         assert!(go_duration("1x").is_err());
         assert!(go_duration("").is_err());
+        assert!(go_duration("99999999999999999999h").is_err());
+        assert!(go_duration("1e400s").is_err());
     }
 
     #[test]

@@ -64,6 +64,14 @@ impl Inbox {
     /// whole cap is still accepted into an empty inbox so a peer's large write cannot wedge.
     pub fn push(&self, data: Bytes) -> Result<(), PushError> {
         let len = data.len();
+        if len == 0 {
+            // Nothing to deliver; queueing it would let empty DATA grow the queue unbounded.
+            return if self.tx.is_closed() {
+                Err(PushError::Closed)
+            } else {
+                Ok(())
+            };
+        }
         let before = self.buffered.fetch_add(len, Ordering::AcqRel);
         if before > 0 && before + len > self.cap {
             self.buffered.fetch_sub(len, Ordering::AcqRel);
@@ -168,7 +176,12 @@ impl SendWindow {
 
     pub fn grant(&self, n: i64) {
         if self.limited && n > 0 {
-            self.avail.fetch_add(n, Ordering::AcqRel);
+            // A hostile peer may grant absurd amounts: saturate instead of wrapping negative.
+            let _ = self
+                .avail
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                    Some(v.saturating_add(n))
+                });
             self.notify.notify_one();
         }
     }
@@ -245,6 +258,20 @@ mod tests {
         assert!(!waiter.is_finished());
         w.grant(7);
         assert_eq!(waiter.await.unwrap(), 7);
+    }
+
+    #[tokio::test]
+    async fn empty_chunks_are_not_queued_and_grants_saturate() {
+        let (tx, mut rx) = inbox(10, Gauge::default());
+        for _ in 0..1000 {
+            tx.push(Bytes::new()).unwrap();
+        }
+        drop(tx);
+        assert!(rx.recv().await.is_none());
+        let w = SendWindow::with_credit(1);
+        w.grant(i64::MAX);
+        w.grant(i64::MAX);
+        assert!(!w.exhausted());
     }
 
     #[test]

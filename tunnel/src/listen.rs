@@ -59,15 +59,13 @@ impl AsyncWrite for TlsIo {
 }
 
 /// Accepts TCP connections and completes TLS handshakes with the current config.
-/// `on_refused` is told why each failed handshake failed (for a counter).
 pub fn tls_incoming(
     name: &'static str,
     listener: TcpListener,
     tls: Arc<Reloading<ServerTlsFiles>>,
-    on_refused: impl Fn(&'static str) + Send + Sync + 'static,
+    metrics: crate::metrics::TlsMetrics,
 ) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
     let (tx, rx) = mpsc::channel(64);
-    let on_refused = Arc::new(on_refused);
     tokio::spawn(async move {
         loop {
             let (tcp, peer) = match listener.accept().await {
@@ -85,18 +83,18 @@ pub fn tls_incoming(
                 return;
             }
             let tx = tx.clone();
-            let on_refused = on_refused.clone();
+            let metrics = metrics.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(s)) => {
                         let _ = tx.send(Ok(s)).await;
                     }
                     Ok(Err(e)) => {
-                        on_refused("tls_handshake");
+                        metrics.refused(crate::tls::handshake_failure_reason(&e));
                         tracing::info!(listener = name, %peer, error = %e, "TLS handshake refused");
                     }
                     Err(_) => {
-                        on_refused("tls_handshake_timeout");
+                        metrics.refused("timeout");
                         tracing::info!(listener = name, %peer, "TLS handshake timed out");
                     }
                 }

@@ -143,6 +143,49 @@ impl RelayMetrics {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CertLabels {
+    certificate: &'static str,
+}
+
+/// TLS health: when certificates expire, why handshakes were refused.
+#[derive(Clone, Debug, Default)]
+pub struct TlsMetrics {
+    expiry: Family<CertLabels, Gauge>,
+    refused: Family<ReasonLabels, Counter>,
+    pub reload_failures: Counter,
+}
+
+impl TlsMetrics {
+    pub fn register(&self, reg: &mut Registry) {
+        reg.register(
+            "tls_certificate_expiry_timestamp_seconds",
+            "notAfter of the certificate given by each flag, as Unix time",
+            self.expiry.clone(),
+        );
+        reg.register(
+            "tls_handshakes_refused",
+            "TLS handshakes refused on our listeners, by reason",
+            self.refused.clone(),
+        );
+        reg.register(
+            "tls_reload_failures",
+            "Certificate files that changed but could not be loaded (the old ones stay in use)",
+            self.reload_failures.clone(),
+        );
+    }
+
+    pub fn expiry(&self, certificate: &'static str, unix: i64) {
+        self.expiry
+            .get_or_create(&CertLabels { certificate })
+            .set(unix);
+    }
+
+    pub fn refused(&self, reason: &'static str) {
+        self.refused.get_or_create(&ReasonLabels { reason }).inc();
+    }
+}
+
 /// Renders a registry in the Prometheus text format (0.0.4), as upstream's Go binaries
 /// expose it, so dashboards and tools built for upstream see the same HELP and TYPE lines.
 ///

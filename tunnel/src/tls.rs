@@ -16,6 +16,89 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+static TLS13_ONLY: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+
+/// `--tls-min-version` and `--cipher-suites`, with Go's names mapped to rustls.
+#[derive(Clone, Debug)]
+pub struct TlsPolicy {
+    versions: &'static [&'static rustls::SupportedProtocolVersion],
+    suites: Vec<rustls::SupportedCipherSuite>,
+}
+
+impl Default for TlsPolicy {
+    /// TLS 1.2 and 1.3 with rustls' suites (all AEAD, forward secret), TLS 1.3 preferred.
+    fn default() -> Self {
+        Self {
+            versions: rustls::ALL_VERSIONS,
+            suites: rustls::crypto::ring::default_provider().cipher_suites,
+        }
+    }
+}
+
+impl TlsPolicy {
+    /// `min_version`: "" (TLS 1.2), `VersionTLS12`, `VersionTLS13`. `cipher_suites`: Go names;
+    /// as in Go they select TLS 1.2 suites, while TLS 1.3 suites stay on.
+    pub fn new(min_version: &str, cipher_suites: &[String]) -> Result<Self> {
+        use rustls::crypto::ring::cipher_suite as cs;
+        let versions: &'static [&'static rustls::SupportedProtocolVersion] = match min_version {
+            "" | "VersionTLS12" => rustls::ALL_VERSIONS,
+            "VersionTLS13" => TLS13_ONLY,
+            "VersionTLS10" | "VersionTLS11" => {
+                return Err(anyhow!("--tls-min-version {min_version}: TLS 1.0 and 1.1 are not supported (insecure); use VersionTLS12 or VersionTLS13"))
+            }
+            other => return Err(anyhow!("--tls-min-version {other:?}: expected VersionTLS12 or VersionTLS13")),
+        };
+        if cipher_suites.is_empty() {
+            return Ok(Self {
+                versions,
+                ..Self::default()
+            });
+        }
+        let mut suites = vec![
+            cs::TLS13_AES_128_GCM_SHA256,
+            cs::TLS13_AES_256_GCM_SHA384,
+            cs::TLS13_CHACHA20_POLY1305_SHA256,
+        ];
+        for name in cipher_suites {
+            let suite = match name.as_str() {
+                "TLS_AES_128_GCM_SHA256" | "TLS_AES_256_GCM_SHA384" | "TLS_CHACHA20_POLY1305_SHA256" => continue,
+                "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256" => cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+                "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384" => cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+                "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305" | "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256" => {
+                    cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
+                }
+                "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256" => cs::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+                "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384" => cs::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+                "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305" | "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256" => {
+                    cs::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256
+                }
+                other if other.starts_with("TLS_") => {
+                    return Err(anyhow!("--cipher-suites {other}: not supported (only AEAD suites with forward secrecy are)"))
+                }
+                other => return Err(anyhow!("--cipher-suites {other:?}: unknown cipher suite name")),
+            };
+            if !suites.iter().any(|s| s.suite() == suite.suite()) {
+                suites.push(suite);
+            }
+        }
+        Ok(Self { versions, suites })
+    }
+
+    fn provider(&self) -> Arc<rustls::crypto::CryptoProvider> {
+        Arc::new(rustls::crypto::CryptoProvider {
+            cipher_suites: self.suites.clone(),
+            ..rustls::crypto::ring::default_provider()
+        })
+    }
+}
+
+/// The leaf certificate's notAfter, as Unix seconds.
+pub fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
+    x509_parser::parse_x509_certificate(cert.as_ref())
+        .ok()
+        .map(|(_, c)| c.validity().not_after.timestamp())
+}
+
 pub fn load_certs(flag: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
@@ -59,6 +142,7 @@ pub struct ServerTlsFiles {
     /// CA for client certificates; `Some` makes it mutual TLS.
     pub client_ca: Option<(&'static str, PathBuf)>,
     pub alpn: Vec<Vec<u8>>,
+    pub policy: TlsPolicy,
 }
 
 impl ServerTlsFiles {
@@ -66,9 +150,9 @@ impl ServerTlsFiles {
         let id = &self.identity;
         let certs = load_certs(id.cert_flag, &id.cert)?;
         let key = load_key(id.key_flag, &id.key)?;
-        let builder = ServerConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .context("TLS protocol versions")?;
+        let builder = ServerConfig::builder_with_provider(self.policy.provider())
+            .with_protocol_versions(self.policy.versions)
+            .context("TLS protocol versions and cipher suites do not fit together")?;
         let builder = match &self.client_ca {
             Some((flag, path)) => {
                 let verifier = WebPkiClientVerifier::builder_with_provider(
@@ -155,6 +239,8 @@ pub trait TlsFiles: Send + Sync + 'static {
     type Config: Send + Sync + 'static;
     fn build_config(&self) -> Result<Self::Config>;
     fn watched(&self) -> Vec<PathBuf>;
+    /// The identity certificate (flag, file), for the expiry metric.
+    fn identity(&self) -> Option<(&'static str, &Path)>;
 }
 
 impl TlsFiles for ServerTlsFiles {
@@ -164,6 +250,9 @@ impl TlsFiles for ServerTlsFiles {
     }
     fn watched(&self) -> Vec<PathBuf> {
         self.paths()
+    }
+    fn identity(&self) -> Option<(&'static str, &Path)> {
+        Some((self.identity.cert_flag, &self.identity.cert))
     }
 }
 
@@ -175,6 +264,11 @@ impl TlsFiles for ClientTlsFiles {
     fn watched(&self) -> Vec<PathBuf> {
         self.paths()
     }
+    fn identity(&self) -> Option<(&'static str, &Path)> {
+        self.identity
+            .as_ref()
+            .map(|id| (id.cert_flag, id.cert.as_path()))
+    }
 }
 
 /// The current config, rebuilt when its files change.
@@ -182,6 +276,7 @@ pub struct Reloading<F: TlsFiles> {
     files: F,
     current: RwLock<Arc<F::Config>>,
     stamp: RwLock<Vec<Option<SystemTime>>>,
+    metrics: crate::metrics::TlsMetrics,
 }
 
 fn stamps(paths: &[PathBuf]) -> Vec<Option<SystemTime>> {
@@ -193,14 +288,29 @@ fn stamps(paths: &[PathBuf]) -> Vec<Option<SystemTime>> {
 
 impl<F: TlsFiles> Reloading<F> {
     /// Builds the initial config; errors here are fatal at start-up.
-    pub fn new(files: F) -> Result<Arc<Self>> {
+    pub fn new(files: F, metrics: crate::metrics::TlsMetrics) -> Result<Arc<Self>> {
         let config = files.build_config()?;
         let stamp = stamps(&files.watched());
-        Ok(Arc::new(Self {
+        let me = Self {
             files,
             current: RwLock::new(Arc::new(config)),
             stamp: RwLock::new(stamp),
-        }))
+            metrics,
+        };
+        me.record_expiry();
+        Ok(Arc::new(me))
+    }
+
+    fn record_expiry(&self) {
+        let Some((flag, path)) = self.files.identity() else {
+            return;
+        };
+        let expiry = load_certs(flag, path)
+            .ok()
+            .and_then(|c| c.first().and_then(not_after));
+        if let Some(t) = expiry {
+            self.metrics.expiry(flag, t);
+        }
     }
 
     pub fn current(&self) -> Arc<F::Config> {
@@ -220,10 +330,12 @@ impl<F: TlsFiles> Reloading<F> {
         match self.files.build_config() {
             Ok(c) => {
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(c);
+                self.record_expiry();
                 tracing::info!("TLS certificates reloaded");
                 true
             }
             Err(e) => {
+                self.metrics.reload_failures.inc();
                 tracing::error!(error = %e, "TLS files changed but cannot be used; keeping the previous certificates");
                 false
             }
@@ -253,4 +365,49 @@ pub fn server_name(host: &str) -> Result<ServerName<'static>> {
     let host = host.trim_start_matches('[').trim_end_matches(']');
     ServerName::try_from(host.to_string())
         .map_err(|e| anyhow!("invalid TLS server name {host:?}: {e}"))
+}
+
+/// Why a TLS handshake was refused, as a metric label.
+pub fn handshake_failure_reason(e: &std::io::Error) -> &'static str {
+    use rustls::{CertificateError, Error};
+    match e.get_ref().and_then(|i| i.downcast_ref::<Error>()) {
+        Some(Error::NoCertificatesPresented) => "no_client_certificate",
+        Some(Error::InvalidCertificate(CertificateError::UnknownIssuer)) => "unknown_ca",
+        Some(Error::InvalidCertificate(CertificateError::Expired))
+        | Some(Error::InvalidCertificate(CertificateError::ExpiredContext { .. })) => {
+            "expired_certificate"
+        }
+        Some(Error::InvalidCertificate(_)) => "bad_certificate",
+        Some(Error::PeerIncompatible(_)) | Some(Error::NoApplicationProtocol) => "incompatible",
+        Some(Error::InvalidMessage(_)) => "malformed",
+        Some(Error::AlertReceived(_)) => "peer_alert",
+        Some(_) => "tls_error",
+        None if e.kind() == std::io::ErrorKind::UnexpectedEof => "eof",
+        None => "io_error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_cipher_names_and_versions() {
+        let p = TlsPolicy::new("VersionTLS13", &[]).unwrap();
+        assert_eq!(p.versions.len(), 1);
+        let p = TlsPolicy::new(
+            "",
+            &[
+                "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256".into(),
+                "TLS_AES_128_GCM_SHA256".into(),
+            ],
+        )
+        .unwrap();
+        // Three TLS 1.3 suites stay, plus the one TLS 1.2 suite asked for.
+        assert_eq!(p.suites.len(), 4);
+        assert!(TlsPolicy::new("VersionTLS10", &[]).is_err());
+        assert!(TlsPolicy::new("TLS12", &[]).is_err());
+        assert!(TlsPolicy::new("", &["TLS_RSA_WITH_AES_128_CBC_SHA".into()]).is_err());
+        assert!(TlsPolicy::new("", &["bogus".into()]).is_err());
+    }
 }
