@@ -1,0 +1,528 @@
+//! The bench's own endpoints: a backend with a tiny command protocol, and clients that reach
+//! it directly, through a forwarding port (ssh -L, stunnel), or through Spoke's frontends
+//! (HTTP CONNECT and gRPC `/ProxyService/Proxy`, over a Unix socket or mTLS TCP).
+//!
+//! Backend protocol: the client sends one command byte and a big-endian u64:
+//! `D n` the backend sends n bytes; `U n` the client sends n bytes and the backend
+//! answers `K`; `E 0` echo until EOF; `C n` the backend sends n bytes and closes (churn).
+//! Commands repeat on one connection until EOF, `E` or `C`.
+use super::pki::Pki;
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use hyper_util::rt::TokioIo;
+use rustls::ClientConfig;
+use spoke_proto::packet::Payload;
+use spoke_proto::proxy_service_client::ProxyServiceClient;
+use spoke_proto::{Packet, PacketType};
+use spoke_tests::BoxIo;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context as TaskCx, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, UnixStream};
+use tokio_stream::Stream;
+use tokio_util::sync::PollSender;
+use tonic::transport::{Channel, Endpoint};
+
+pub const CHUNK: usize = 256 << 10;
+static ZEROS: [u8; CHUNK] = [0u8; CHUNK];
+
+/// Aborts the backend's accept loop on drop.
+pub struct Backend {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Serves the backend protocol on `listener` (on the current runtime).
+pub fn backend(listener: TcpListener) -> Result<Backend> {
+    let addr = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = serve(s).await;
+            });
+        }
+    });
+    Ok(Backend { addr, task })
+}
+
+async fn serve(mut s: TcpStream) -> Result<()> {
+    s.set_nodelay(true)?;
+    loop {
+        let mut head = [0u8; 9];
+        match s.read_exact(&mut head).await {
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e.into()),
+            Ok(_) => {}
+        }
+        let mut n = u64::from_be_bytes(head[1..9].try_into()?);
+        match head[0] {
+            b'D' | b'C' => {
+                while n > 0 {
+                    let k = n.min(CHUNK as u64) as usize;
+                    s.write_all(&ZEROS[..k]).await?;
+                    n -= k as u64;
+                }
+                if head[0] == b'C' {
+                    s.shutdown().await?;
+                    return Ok(());
+                }
+            }
+            b'U' => {
+                let mut buf = vec![0u8; CHUNK];
+                while n > 0 {
+                    let k = s.read(&mut buf).await?;
+                    if k == 0 {
+                        bail!("upload ended early");
+                    }
+                    n = n.saturating_sub(k as u64);
+                }
+                s.write_all(b"K").await?;
+            }
+            b'E' => {
+                let mut buf = vec![0u8; 64 << 10];
+                loop {
+                    let k = s.read(&mut buf).await?;
+                    if k == 0 {
+                        return Ok(());
+                    }
+                    s.write_all(&buf[..k]).await?;
+                }
+            }
+            c => bail!("unknown command {c}"),
+        }
+    }
+}
+
+/// `xtask bench --serve-backend ADDR`: prints `LISTENING <addr>`, serves until stdin closes.
+pub fn serve_backend_process(addr: &str) -> Result<()> {
+    let _ = super::env::raise_nofile();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let b = backend(TcpListener::bind(addr).await?)?;
+        println!("LISTENING {}", b.addr);
+        std::thread::spawn(|| {
+            use std::io::Read;
+            let mut buf = [0u8; 64];
+            while std::io::stdin().read(&mut buf).unwrap_or(0) > 0 {}
+            std::process::exit(0);
+        });
+        std::future::pending::<Result<()>>().await
+    })
+}
+
+/// A backend in a child process (its own file-descriptor limit).
+pub struct ChildBackend {
+    pub addr: SocketAddr,
+    child: std::process::Child,
+}
+
+impl ChildBackend {
+    pub fn start() -> Result<ChildBackend> {
+        use std::io::BufRead;
+        let exe = std::env::current_exe()?;
+        let mut child = std::process::Command::new(exe)
+            .args(["bench", "--serve-backend", "127.0.0.1:0"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("start the backend process")?;
+        let out = child.stdout.take().context("backend stdout")?;
+        let mut line = String::new();
+        std::io::BufReader::new(out).read_line(&mut line)?;
+        let addr = line
+            .trim()
+            .strip_prefix("LISTENING ")
+            .with_context(|| format!("backend process said {line:?}"))?
+            .parse()?;
+        Ok(ChildBackend { addr, child })
+    }
+}
+
+impl Drop for ChildBackend {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn command(c: u8, n: u64) -> [u8; 9] {
+    let mut h = [0u8; 9];
+    h[0] = c;
+    h[1..].copy_from_slice(&n.to_be_bytes());
+    h
+}
+
+/// Downloads `n` bytes on an open connection; returns the seconds it took.
+pub async fn download(io: &mut BoxIo, n: u64) -> Result<f64> {
+    let t = Instant::now();
+    io.write_all(&command(b'D', n)).await?;
+    io.flush().await?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut got = 0u64;
+    while got < n {
+        let k = io.read(&mut buf).await?;
+        if k == 0 {
+            bail!("download ended after {got} of {n} bytes");
+        }
+        got += k as u64;
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// Uploads `n` bytes on an open connection and waits for the backend's `K`.
+pub async fn upload(io: &mut BoxIo, n: u64) -> Result<f64> {
+    let t = Instant::now();
+    io.write_all(&command(b'U', n)).await?;
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(CHUNK as u64) as usize;
+        io.write_all(&ZEROS[..k]).await?;
+        left -= k as u64;
+    }
+    io.flush().await?;
+    let mut k = [0u8; 1];
+    io.read_exact(&mut k)
+        .await
+        .context("waiting for the upload acknowledgement")?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// Reads a download for `dur`; returns bytes received.
+pub async fn timed_download(io: &mut BoxIo, dur: Duration) -> Result<u64> {
+    io.write_all(&command(b'D', u64::MAX / 2)).await?;
+    io.flush().await?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut got = 0u64;
+    let end = tokio::time::Instant::now() + dur;
+    loop {
+        match tokio::time::timeout_at(end, io.read(&mut buf)).await {
+            Err(_) => return Ok(got),
+            Ok(Ok(0)) => bail!("download ended after {got} bytes"),
+            Ok(Ok(k)) => got += k as u64,
+            Ok(Err(e)) => return Err(e.into()),
+        }
+    }
+}
+
+/// How a client reaches the backend.
+#[derive(Clone, Debug)]
+pub enum Route {
+    /// TCP straight to the backend.
+    Direct,
+    /// TCP to a local forwarding port (ssh -L, stunnel) that leads to the backend.
+    Forward(SocketAddr),
+    /// HTTP CONNECT through spoke-server.
+    Http(Front),
+    /// gRPC Proxy through spoke-server.
+    Grpc(Front),
+}
+
+#[derive(Clone, Debug)]
+pub enum Front {
+    Uds(PathBuf),
+    Tls(SocketAddr),
+}
+
+impl Front {
+    pub fn of(f: &super::procs::Frontend) -> Front {
+        match f {
+            super::procs::Frontend::Uds(p) => Front::Uds(p.clone()),
+            super::procs::Frontend::Tcp(a) => Front::Tls(*a),
+        }
+    }
+}
+
+impl Route {
+    pub fn through(c: &super::procs::Cluster) -> Route {
+        match c.mode {
+            super::procs::Mode::HttpConnect => Route::Http(Front::of(&c.frontend)),
+            super::procs::Mode::Grpc => Route::Grpc(Front::of(&c.frontend)),
+        }
+    }
+}
+
+/// Client TLS configs (kube-apiserver's role: the frontend client certificate).
+#[derive(Clone)]
+pub struct Tls {
+    pub http: Arc<ClientConfig>,
+    pub h2: Arc<ClientConfig>,
+}
+
+impl Tls {
+    pub fn new(pki: &Pki) -> Result<Tls> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(&pki.ca)? {
+            roots.add(c?)?;
+        }
+        let make = |alpn: &[&[u8]]| -> Result<Arc<ClientConfig>> {
+            let mut c = ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots.clone())
+            .with_client_auth_cert(
+                CertificateDer::pem_file_iter(&pki.frontend.cert)?.collect::<Result<_, _>>()?,
+                PrivateKeyDer::from_pem_file(&pki.frontend.key)?,
+            )?;
+            c.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+            Ok(Arc::new(c))
+        };
+        Ok(Tls {
+            http: make(&[])?,
+            h2: make(&[b"h2"])?,
+        })
+    }
+}
+
+async fn tls_connect(
+    addr: SocketAddr,
+    cfg: Arc<ClientConfig>,
+) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let name = rustls_pki_types::ServerName::try_from("localhost").map_err(io::Error::other)?;
+    tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
+}
+
+/// Opens a connection to `target` along `route`.
+pub async fn dial(route: &Route, tls: &Tls, target: SocketAddr) -> Result<BoxIo> {
+    match route {
+        Route::Direct => {
+            let s = TcpStream::connect(target).await?;
+            s.set_nodelay(true)?;
+            Ok(Box::new(s))
+        }
+        Route::Forward(a) => {
+            let s = TcpStream::connect(a).await?;
+            s.set_nodelay(true)?;
+            Ok(Box::new(s))
+        }
+        Route::Http(Front::Uds(p)) => {
+            let mut s = UnixStream::connect(p)
+                .await
+                .with_context(|| format!("connect {}", p.display()))?;
+            connect_head(&mut s, target).await?;
+            Ok(Box::new(s))
+        }
+        Route::Http(Front::Tls(a)) => {
+            let mut s = tls_connect(*a, tls.http.clone()).await?;
+            connect_head(&mut s, target).await?;
+            Ok(Box::new(s))
+        }
+        Route::Grpc(front) => Ok(Box::new(GrpcIo::dial(front, tls, target).await?)),
+    }
+}
+
+/// Sends CONNECT as kube-apiserver's HTTPConnect egress does and reads the 200 head.
+async fn connect_head<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    target: SocketAddr,
+) -> Result<()> {
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await?;
+    let mut head = Vec::with_capacity(128);
+    let mut buf = [0u8; 256];
+    // The server sends nothing after the head until we send, so reading chunks is safe.
+    while !head.ends_with(b"\r\n\r\n") {
+        let k = s.read(&mut buf).await?;
+        if k == 0 {
+            bail!("proxy closed: {}", String::from_utf8_lossy(&head));
+        }
+        head.extend_from_slice(&buf[..k]);
+        if head.len() > 4096 {
+            bail!("CONNECT answer head too long");
+        }
+    }
+    let line = String::from_utf8_lossy(&head)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string();
+    if !line.contains(" 200") {
+        bail!("proxy answered {line}");
+    }
+    if !head.ends_with(b"\r\n\r\n")
+        || head.windows(4).position(|w| w == b"\r\n\r\n") != Some(head.len() - 4)
+    {
+        bail!("bytes after the CONNECT answer head");
+    }
+    Ok(())
+}
+
+/// A gRPC channel like a frontend client: one per dial (single-use, as konnectivity-client's
+/// gRPC tunnel), windows as large as Spoke's own.
+pub async fn grpc_channel(front: &Front, tls: &Tls) -> Result<Channel> {
+    let ep = |uri: &'static str| {
+        Endpoint::from_static(uri)
+            .connect_timeout(Duration::from_secs(5))
+            .initial_stream_window_size(8 << 20)
+            .initial_connection_window_size(16 << 20)
+    };
+    match front {
+        Front::Uds(p) => {
+            let p = p.clone();
+            let c = tower::service_fn(move |_| {
+                let p = p.clone();
+                async move { Ok::<_, io::Error>(TokioIo::new(UnixStream::connect(p).await?)) }
+            });
+            Ok(ep("http://localhost")
+                .connect_with_connector(c)
+                .await
+                .context("gRPC connect over UDS")?)
+        }
+        Front::Tls(a) => {
+            let (a, cfg) = (*a, tls.h2.clone());
+            let c = tower::service_fn(move |_| {
+                let cfg = cfg.clone();
+                async move { Ok::<_, io::Error>(TokioIo::new(tls_connect(a, cfg).await?)) }
+            });
+            Ok(ep("https://localhost")
+                .connect_with_connector(c)
+                .await
+                .context("gRPC connect over mTLS")?)
+        }
+    }
+}
+
+/// One tunnelled connection over a `/ProxyService/Proxy` stream, as a byte stream.
+pub struct GrpcIo {
+    tx: PollSender<Packet>,
+    rx: tonic::Streaming<Packet>,
+    id: i64,
+    buf: Bytes,
+    eof: bool,
+    _channel: Channel,
+}
+
+impl GrpcIo {
+    pub async fn dial(front: &Front, tls: &Tls, target: SocketAddr) -> Result<GrpcIo> {
+        let channel = grpc_channel(front, tls).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(32);
+        let random = (rand_id() & i64::MAX) | 1;
+        tx.send(spoke_tests::grpc::dial_request(&target.to_string(), random))
+            .await
+            .map_err(|_| anyhow::anyhow!("request stream closed"))?;
+        let mut client =
+            ProxyServiceClient::new(channel.clone()).max_decoding_message_size(64 << 20);
+        let resp = tokio::time::timeout(
+            Duration::from_secs(10),
+            client.proxy(tokio_stream::wrappers::ReceiverStream::new(rx)),
+        )
+        .await
+        .context("Proxy call: no answer in 10 s")??;
+        let mut rx = resp.into_inner();
+        loop {
+            let p = tokio::time::timeout(Duration::from_secs(10), rx.message())
+                .await
+                .context("no DIAL_RSP in 10 s")??
+                .context("stream ended before DIAL_RSP")?;
+            if let Some(Payload::DialResponse(r)) = p.payload {
+                if !r.error.is_empty() {
+                    bail!("dial failed: {}", r.error);
+                }
+                return Ok(GrpcIo {
+                    tx: PollSender::new(tx),
+                    rx,
+                    id: r.connect_id,
+                    buf: Bytes::new(),
+                    eof: false,
+                    _channel: channel,
+                });
+            }
+        }
+    }
+}
+
+fn rand_id() -> i64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    h.finish() as i64
+}
+
+impl AsyncRead for GrpcIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskCx<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            if !self.buf.is_empty() {
+                let k = self.buf.len().min(out.remaining());
+                out.put_slice(&self.buf.split_to(k));
+                return Poll::Ready(Ok(()));
+            }
+            if self.eof {
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(Pin::new(&mut self.rx).poll_next(cx)) {
+                Some(Ok(p)) => match p.payload {
+                    Some(Payload::Data(d)) => self.buf = d.data,
+                    Some(Payload::CloseResponse(_)) => self.eof = true,
+                    _ if p.r#type == PacketType::CloseRsp as i32 => self.eof = true,
+                    _ => {}
+                },
+                Some(Err(s)) => {
+                    return Poll::Ready(Err(io::Error::other(format!(
+                        "gRPC status {:?}: {}",
+                        s.code(),
+                        s.message()
+                    ))))
+                }
+                None => self.eof = true,
+            }
+        }
+    }
+}
+
+impl AsyncWrite for GrpcIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskCx<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        ready!(self.tx.poll_reserve(cx)).map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
+        let k = buf.len().min(64 << 10);
+        let id = self.id;
+        self.tx
+            .send_item(spoke_tests::grpc::data(
+                id,
+                Bytes::copy_from_slice(&buf[..k]),
+            ))
+            .map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
+        Poll::Ready(Ok(k))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut TaskCx<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskCx<'_>) -> Poll<io::Result<()>> {
+        if self.tx.is_closed() {
+            return Poll::Ready(Ok(()));
+        }
+        ready!(self.tx.poll_reserve(cx)).map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
+        let id = self.id;
+        let _ = self.tx.send_item(spoke_tests::grpc::close_request(id));
+        self.tx.close();
+        Poll::Ready(Ok(()))
+    }
+}

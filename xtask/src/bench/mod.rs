@@ -1,0 +1,343 @@
+//! `cargo xtask bench`: builds the release binaries, starts everything on this machine
+//! (loopback and network namespaces it creates) and measures Spoke against baselines measured
+//! in the same run: direct TCP, `ssh -L`, a stunnel TLS hop, a direct TCP connection over the
+//! same emulated long fat link, `--ebpf=off`, an nftables rule. Scenarios run one after the
+//! other (never two timing-sensitive things at once). Results go to
+//! `bench/results/<date>-<commit>/` (`results.json`, `report.md`, SVG charts); a full run
+//! also refreshes `BENCHMARKS.md`.
+mod baselines;
+mod env;
+mod io;
+mod netns;
+mod pki;
+mod procs;
+mod report;
+mod scenarios;
+mod stats;
+mod svg;
+
+use anyhow::{bail, Context, Result};
+use report::Section;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+pub const ALL: &[&str] = &[
+    "bulk", "latency", "churn", "fanout", "longfat", "ebpf", "xdp",
+];
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Short run (256 MiB bulk, 1,000-connection fanout, shorter timed phases); under 10 minutes.
+    #[arg(long)]
+    pub quick: bool,
+    /// A few MiB and seconds per scenario: checks that the harness works (used by the tests).
+    #[arg(long)]
+    pub tiny: bool,
+    /// Scenario(s) to run (repeatable or comma-separated): bulk, latency, churn, fanout,
+    /// longfat, ebpf, xdp. Default: all.
+    #[arg(long = "scenario", value_delimiter = ',')]
+    pub scenarios: Vec<String>,
+    /// Use spoke-server/spoke-agent from this directory instead of building release binaries.
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
+    /// Results directory (default: bench/results/<date>-<commit>[-quick]).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Do not install missing apt packages (baselines whose tools are missing are not run).
+    #[arg(long)]
+    pub no_install: bool,
+    /// Internal: serve the bench backend on ADDR in this process until stdin closes (lets the
+    /// fanout scenario spread its file descriptors over two processes).
+    #[arg(long, hide = true)]
+    pub serve_backend: Option<String>,
+}
+
+/// Sizes of one run profile.
+pub struct Size {
+    pub bulk: u64,
+    pub pings: usize,
+    pub churn: Duration,
+    pub fanout: Vec<usize>,
+    pub trickle: Duration,
+    pub longfat: Duration,
+    pub longfat_trials: usize,
+    pub xdp: Duration,
+}
+
+impl Size {
+    fn of(a: &BenchArgs) -> Size {
+        if a.tiny {
+            Size {
+                bulk: 8 << 20,
+                pings: 300,
+                churn: Duration::from_millis(500),
+                fanout: vec![50],
+                trickle: Duration::from_millis(500),
+                longfat: Duration::from_secs(1),
+                longfat_trials: 1,
+                xdp: Duration::from_millis(500),
+            }
+        } else if a.quick {
+            Size {
+                bulk: 256 << 20,
+                pings: 5_000,
+                churn: Duration::from_secs(3),
+                fanout: vec![1_000],
+                trickle: Duration::from_secs(3),
+                longfat: Duration::from_secs(8),
+                longfat_trials: 1,
+                xdp: Duration::from_secs(3),
+            }
+        } else {
+            Size {
+                bulk: 1 << 30,
+                pings: 20_000,
+                churn: Duration::from_secs(8),
+                fanout: vec![1_000, 10_000],
+                trickle: Duration::from_secs(5),
+                longfat: Duration::from_secs(15),
+                longfat_trials: 2,
+                xdp: Duration::from_secs(5),
+            }
+        }
+    }
+}
+
+/// What every scenario gets.
+pub struct Ctx {
+    pub bin: PathBuf,
+    pub work: PathBuf,
+    pub pki: pki::Pki,
+    pub tls: io::Tls,
+    pub size: Size,
+    pub t0: Instant,
+    /// /24 prefixes (e.g. `10.213.0`) for the long fat link and the XDP flood.
+    pub nets: [String; 2],
+}
+
+impl Ctx {
+    pub fn say(&self, msg: &str) {
+        let t = self.t0.elapsed().as_secs();
+        println!("[bench {:02}:{:02}] {msg}", t / 60, t % 60);
+    }
+}
+
+fn say0(t0: Instant, msg: &str) {
+    let t = t0.elapsed().as_secs();
+    println!("[bench {:02}:{:02}] {msg}", t / 60, t % 60);
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    if let Some(addr) = &args.serve_backend {
+        return io::serve_backend_process(addr);
+    }
+    let t0 = Instant::now();
+    let root = crate::workspace_root();
+    let mut chosen: Vec<String> = args
+        .scenarios
+        .iter()
+        .map(|s| s.trim().to_lowercase())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if chosen.is_empty() {
+        chosen = ALL.iter().map(|s| s.to_string()).collect();
+    }
+    for s in &chosen {
+        if !ALL.contains(&s.as_str()) {
+            bail!("unknown scenario {s:?}; known: {}", ALL.join(", "));
+        }
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("cargo xtask bench needs root (network namespaces, nftables, sshd, eBPF)");
+    }
+    let profile = if args.tiny {
+        "tiny"
+    } else if args.quick {
+        "quick"
+    } else {
+        "full"
+    };
+    let mut cmdline = String::from("cargo xtask bench");
+    for a in std::env::args().skip(2) {
+        cmdline.push(' ');
+        cmdline.push_str(&a);
+    }
+    say0(t0, &format!("{profile} run of: {}", chosen.join(", ")));
+    netns::remove_stale();
+    if !args.no_install {
+        env::ensure_packages(&|m| say0(t0, m))?;
+    }
+    let nofile = env::raise_nofile()?;
+    say0(
+        t0,
+        &format!("RLIMIT_NOFILE raised to {nofile} (inherited by every process started)"),
+    );
+
+    let bin = match &args.bin_dir {
+        Some(d) => d.clone(),
+        None => {
+            if chosen.iter().any(|s| s == "ebpf" || s == "xdp") {
+                say0(t0, "building the eBPF object (cargo xtask build-ebpf)");
+                if let Err(e) = crate::ebpf::build_ebpf() {
+                    say0(t0, &format!("eBPF object not built ({e:#}); eBPF scenarios will report why they could not run"));
+                }
+            }
+            say0(t0, "building spoke-server and spoke-agent (release)");
+            let st = Command::new(env!("CARGO"))
+                .current_dir(&root)
+                .args([
+                    "build",
+                    "--release",
+                    "-p",
+                    "spoke-server",
+                    "-p",
+                    "spoke-agent",
+                ])
+                .status()?;
+            if !st.success() {
+                bail!("release build failed");
+            }
+            root.join("target/release")
+        }
+    };
+    for b in ["spoke-server", "spoke-agent"] {
+        if !bin.join(b).is_file() {
+            bail!("{} not found", bin.join(b).display());
+        }
+    }
+
+    let host = env::host(&root);
+    let work = std::env::temp_dir().join(format!("spoke-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    let _cleanup = RemoveDir(work.clone());
+    let net_a = netns::free_net(&[])?;
+    let net_b = netns::free_net(&[&net_a])?;
+    let sans = [
+        "localhost".to_string(),
+        "127.0.0.1".into(),
+        format!("{net_a}.1"),
+        format!("{net_b}.1"),
+    ];
+    let sans: Vec<&str> = sans.iter().map(String::as_str).collect();
+    let pki = pki::Pki::generate(&work, &sans)?;
+    let ctx = Ctx {
+        bin,
+        work: work.clone(),
+        tls: io::Tls::new(&pki)?,
+        pki,
+        size: Size::of(&args),
+        t0,
+        nets: [net_a, net_b],
+    };
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let mut sections: Vec<Section> = Vec::new();
+    for s in &chosen {
+        ctx.say(&format!("== scenario {s}"));
+        let sec = rt.block_on(scenarios::run(&ctx, s));
+        if let Some(why) = &sec.not_run {
+            ctx.say(&format!("   {s}: not run: {why}"));
+        }
+        for f in sec.floors.iter().filter(|f| !f.floor.starts_with('(')) {
+            ctx.say(&format!(
+                "   {s}: {} = {} (floor {}): {}",
+                f.what,
+                f.value,
+                f.floor,
+                match f.met {
+                    Some(true) => "met",
+                    Some(false) => "NOT MET",
+                    None => "not evaluated",
+                }
+            ));
+        }
+        sections.push(sec);
+        // Let sockets in TIME_WAIT and exiting processes settle before the next scenario.
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    drop(rt);
+
+    let out = match &args.out {
+        Some(o) => o.clone(),
+        None => {
+            let base = root.join("bench/results");
+            let name = format!(
+                "{}-{}{}",
+                host.date,
+                host.short_commit,
+                if args.quick {
+                    "-quick"
+                } else if args.tiny {
+                    "-tiny"
+                } else {
+                    ""
+                }
+            );
+            let mut dir = base.join(&name);
+            let mut i = 2;
+            while dir.exists() {
+                dir = base.join(format!("{name}-{i}"));
+                i += 1;
+            }
+            dir
+        }
+    };
+    std::fs::create_dir_all(&out).with_context(|| format!("create {}", out.display()))?;
+    let commands = procs::COMMANDS
+        .lock()
+        .map(|v| v.clone())
+        .unwrap_or_default();
+    let info = report::RunInfo {
+        host: &host,
+        profile,
+        command: &cmdline,
+        duration_s: t0.elapsed().as_secs_f64(),
+        nofile,
+        commands: &commands,
+    };
+    for sec in &sections {
+        for (file, _, svg) in &sec.charts {
+            std::fs::write(out.join(file), svg)?;
+        }
+    }
+    std::fs::write(
+        out.join("report.md"),
+        report::markdown(&info, &sections, ""),
+    )?;
+    std::fs::write(
+        out.join("results.json"),
+        serde_json::to_string_pretty(&report::json(&info, &sections))?,
+    )?;
+    if profile == "full" && args.out.is_none() {
+        let rel = out
+            .strip_prefix(&root)
+            .unwrap_or(&out)
+            .display()
+            .to_string();
+        let md = report::markdown(&info, &sections, &format!("{rel}/"));
+        std::fs::write(root.join("BENCHMARKS.md"), md)?;
+        say0(t0, "BENCHMARKS.md updated");
+    }
+    say0(
+        t0,
+        &format!(
+            "done in {:.0} s: {}",
+            t0.elapsed().as_secs_f64(),
+            out.join("report.md").display()
+        ),
+    );
+    Ok(())
+}
+
+struct RemoveDir(PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

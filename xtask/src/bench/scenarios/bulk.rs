@@ -1,0 +1,244 @@
+//! Bulk: one large transfer per route and direction, MiB/s and CPU seconds per GiB of every
+//! process on the path.
+use super::{start, FRONTENDS};
+use crate::bench::baselines;
+use crate::bench::io::{self, Route};
+use crate::bench::procs::{Cluster, ClusterCfg};
+use crate::bench::report::{num, Floor, Section};
+use crate::bench::stats::CpuProbe;
+use crate::bench::svg::{self, Bar};
+use crate::bench::Ctx;
+use anyhow::Result;
+use serde_json::json;
+use std::net::SocketAddr;
+use tokio::net::TcpListener;
+
+pub struct Row {
+    pub route: String,
+    pub dir: &'static str,
+    pub mibs: f64,
+    /// (process, CPU seconds per GiB)
+    pub cpu: Vec<(String, f64)>,
+    pub baseline: bool,
+}
+
+impl Row {
+    /// CPU s/GiB of the tunnel's own processes (all but the bench's client+backend).
+    pub fn tunnel_cpu(&self) -> f64 {
+        self.cpu
+            .iter()
+            .filter(|(n, _)| n != "bench client+backend")
+            .map(|(_, c)| c)
+            .sum()
+    }
+}
+
+/// Downloads then uploads `bytes` along `route`, measuring `procs` (label, pid, whole tree).
+pub async fn measure(
+    ctx: &Ctx,
+    label: &str,
+    route: &Route,
+    target: SocketAddr,
+    procs: &[(&str, u32, bool)],
+    baseline: bool,
+) -> Result<Vec<Row>> {
+    let n = ctx.size.bulk;
+    let gib = n as f64 / (1u64 << 30) as f64;
+    let me = std::process::id();
+    let mut all: Vec<(&str, u32, bool)> = procs.to_vec();
+    all.push(("bench client+backend", me, false));
+    let mut rows = Vec::new();
+    for dir in ["download", "upload"] {
+        let mut conn = io::dial(route, &ctx.tls, target).await?;
+        // Warm up the connection (windows, allocations) before measuring.
+        let warm = (n / 16).min(16 << 20);
+        io::download(&mut conn, warm).await?;
+        let probe = CpuProbe::start(&all);
+        let secs = if dir == "download" {
+            io::download(&mut conn, n).await?
+        } else {
+            io::upload(&mut conn, n).await?
+        };
+        let cpu = probe.stop();
+        drop(conn);
+        let mibs = n as f64 / (1 << 20) as f64 / secs;
+        ctx.say(&format!(
+            "   bulk {label:<24} {dir:<8} {:>5} MiB in {secs:>6.2} s = {:>7.0} MiB/s",
+            n >> 20,
+            mibs
+        ));
+        rows.push(Row {
+            route: label.to_string(),
+            dir,
+            mibs,
+            cpu: cpu.into_iter().map(|(p, c)| (p, c / gib)).collect(),
+            baseline,
+        });
+    }
+    Ok(rows)
+}
+
+pub async fn run(ctx: &Ctx) -> Result<Section> {
+    let mut sec = Section::new("bulk", "Bulk transfer");
+    let backend = io::backend(TcpListener::bind("127.0.0.1:0").await?)?;
+    let target = backend.addr;
+    let mut rows: Vec<Row> = Vec::new();
+    rows.extend(measure(ctx, "direct loopback", &Route::Direct, target, &[], true).await?);
+    match baselines::ssh(&ctx.work, target) {
+        Ok(t) => match measure(
+            ctx,
+            "ssh -L (aes128-gcm)",
+            &Route::Forward(t.port),
+            target,
+            &[("ssh", t.ssh.pid, false), ("sshd", t.sshd.pid, true)],
+            true,
+        )
+        .await
+        {
+            Ok(r) => rows.extend(r),
+            Err(e) => sec.skipped.push(format!("ssh -L: {e:#}")),
+        },
+        Err(e) => sec.skipped.push(format!("ssh -L: {e:#}")),
+    }
+    match baselines::stunnel(&ctx.work, &ctx.pki, target) {
+        Ok(t) => match measure(
+            ctx,
+            "stunnel TLS hop",
+            &Route::Forward(t.port),
+            target,
+            &[
+                ("stunnel client", t.client.pid, false),
+                ("stunnel server", t.server.pid, false),
+            ],
+            true,
+        )
+        .await
+        {
+            Ok(r) => rows.extend(r),
+            Err(e) => sec.skipped.push(format!("stunnel: {e:#}")),
+        },
+        Err(e) => sec.skipped.push(format!("stunnel: {e:#}")),
+    }
+    for (mode, t) in FRONTENDS {
+        let label = format!("spoke {}", Cluster::label(mode, t));
+        let r = async {
+            let c = start(ctx, &ClusterCfg::new(mode, t))?;
+            measure(
+                ctx,
+                &label,
+                &Route::through(&c),
+                target,
+                &[
+                    ("spoke-server", c.server.pid, false),
+                    ("spoke-agent", c.agent.pid, false),
+                ],
+                false,
+            )
+            .await
+        }
+        .await;
+        match r {
+            Ok(r) => rows.extend(r),
+            Err(e) => sec.skipped.push(format!("{label}: {e:#}")),
+        }
+    }
+
+    // Table, ratios, floors.
+    let find = |route: &str, dir: &str| {
+        rows.iter()
+            .find(|r| r.route.starts_with(route) && r.dir == dir)
+            .map(|r| r.mibs)
+    };
+    let mut md = format!(
+        "One {} MiB transfer per route and direction over an established connection (after a warm-up), backend and client in the bench \
+         process. Spoke routes: frontend → spoke-server → mTLS gRPC tunnel → spoke-agent → backend, all on loopback, `--ebpf=off`. \
+         CPU is utime+stime from /proc/PID/stat before/after, per GiB moved.\n\n\
+         | route | direction | MiB/s | × direct | × ssh -L | CPU s/GiB (per process) | tunnel CPU s/GiB |\n|---|---|---|---|---|---|---|\n",
+        ctx.size.bulk >> 20
+    );
+    for r in &rows {
+        let x = |b: Option<f64>| {
+            b.map(|b| format!("{:.2}", r.mibs / b))
+                .unwrap_or_else(|| "—".into())
+        };
+        let cpu: Vec<String> = r.cpu.iter().map(|(p, c)| format!("{p} {c:.2}")).collect();
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            r.route,
+            r.dir,
+            num(r.mibs),
+            x(find("direct", r.dir)),
+            x(find("ssh", r.dir)),
+            cpu.join(", "),
+            if r.route.starts_with("direct") {
+                "—".into()
+            } else {
+                format!("{:.2}", r.tunnel_cpu())
+            }
+        ));
+    }
+    for r in rows.iter().filter(|r| !r.baseline) {
+        let floor = if r.route.contains("uds") { 1.0 } else { 0.7 };
+        let ratio = find("ssh", r.dir).map(|s| r.mibs / s);
+        sec.floors.push(Floor::new(
+            format!("{} {} vs ssh -L", r.route, r.dir),
+            ratio
+                .map(|x| format!("{x:.2}× ({} vs {} MiB/s)", num(r.mibs), num(r.mibs / x)))
+                .unwrap_or_else(|| "ssh not run".into()),
+            format!("≥ {floor:.1}×"),
+            ratio.map(|x| x >= floor),
+        ));
+    }
+    for r in rows.iter().filter(|r| !r.baseline) {
+        let c = r.tunnel_cpu();
+        sec.floors.push(Floor::new(
+            format!("{} {} server+agent CPU", r.route, r.dir),
+            format!("{c:.2} s/GiB"),
+            "≤ 2.0 s/GiB",
+            Some(c <= 2.0),
+        ));
+    }
+    sec.md = md;
+    for dir in ["download", "upload"] {
+        let bars: Vec<Bar> = rows
+            .iter()
+            .filter(|r| r.dir == dir)
+            .map(|r| Bar::new(r.route.clone(), r.mibs, r.baseline))
+            .collect();
+        sec.chart(
+            &format!("bulk_{dir}.svg"),
+            &format!("bulk {dir}, MiB/s"),
+            svg::bars(
+                &format!("Bulk {dir} ({} MiB)", ctx.size.bulk >> 20),
+                "MiB/s (higher is better)",
+                &bars,
+                None,
+            ),
+        );
+    }
+    let bars: Vec<Bar> = rows
+        .iter()
+        .filter(|r| !r.route.starts_with("direct"))
+        .map(|r| Bar::new(format!("{} {}", r.route, r.dir), r.tunnel_cpu(), r.baseline))
+        .collect();
+    sec.chart(
+        "bulk_cpu.svg",
+        "tunnel CPU per GiB",
+        svg::bars(
+            "Tunnel processes' CPU per GiB",
+            "CPU seconds per GiB (lower is better)",
+            &bars,
+            Some((2.0, "floor 2.0 s/GiB")),
+        ),
+    );
+    sec.json = json!({
+        "bytes": ctx.size.bulk,
+        "rows": rows.iter().map(|r| json!({
+            "route": r.route, "direction": r.dir, "mib_per_s": r.mibs, "baseline": r.baseline,
+            "cpu_s_per_gib": r.cpu.iter().map(|(p, c)| (p.clone(), json!(c))).collect::<serde_json::Map<_, _>>(),
+            "tunnel_cpu_s_per_gib": r.tunnel_cpu(),
+        })).collect::<Vec<_>>(),
+        "skipped": sec.skipped,
+    });
+    Ok(sec)
+}

@@ -1,0 +1,150 @@
+//! Latency: 64-byte request/response ping-pong over an established connection (kubectl exec
+//! keystrokes); percentiles and what each route adds over direct TCP.
+use super::{pingpong, start, FRONTENDS};
+use crate::bench::baselines;
+use crate::bench::io::{self, Route};
+use crate::bench::procs::{Cluster, ClusterCfg};
+use crate::bench::report::{num, Floor, Section};
+use crate::bench::stats::pct;
+use crate::bench::svg::{self, Bar};
+use crate::bench::Ctx;
+use anyhow::Result;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+pub struct Lat {
+    pub route: String,
+    pub p50: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub baseline: bool,
+}
+
+pub fn summarize(route: &str, rtts: &[f64], baseline: bool) -> Lat {
+    Lat {
+        route: route.into(),
+        p50: pct(rtts, 50.0),
+        p99: pct(rtts, 99.0),
+        p999: pct(rtts, 99.9),
+        baseline,
+    }
+}
+
+pub async fn run(ctx: &Ctx) -> Result<Section> {
+    let mut sec = Section::new("latency", "Latency (64-byte ping-pong)");
+    let backend = io::backend(TcpListener::bind("127.0.0.1:0").await?)?;
+    let target = backend.addr;
+    let n = ctx.size.pings;
+    let mut lats = Vec::new();
+    let mut go = |l: Lat| {
+        ctx.say(&format!(
+            "   latency {:<26} p50 {:>7.1} µs  p99 {:>7.1} µs  p99.9 {:>7.1} µs",
+            l.route, l.p50, l.p99, l.p999
+        ));
+        lats.push(l);
+    };
+    go(summarize(
+        "direct loopback",
+        &pingpong(ctx, &Route::Direct, target, n).await?,
+        true,
+    ));
+    match baselines::ssh(&ctx.work, target) {
+        Ok(t) => match pingpong(ctx, &Route::Forward(t.port), target, n).await {
+            Ok(r) => go(summarize("ssh -L (aes128-gcm)", &r, true)),
+            Err(e) => sec.skipped.push(format!("ssh -L: {e:#}")),
+        },
+        Err(e) => sec.skipped.push(format!("ssh -L: {e:#}")),
+    }
+    match baselines::stunnel(&ctx.work, &ctx.pki, target) {
+        Ok(t) => match pingpong(ctx, &Route::Forward(t.port), target, n).await {
+            Ok(r) => go(summarize("stunnel TLS hop", &r, true)),
+            Err(e) => sec.skipped.push(format!("stunnel: {e:#}")),
+        },
+        Err(e) => sec.skipped.push(format!("stunnel: {e:#}")),
+    }
+    for (mode, t) in FRONTENDS {
+        let label = format!("spoke {}", Cluster::label(mode, t));
+        let r = async {
+            let c = start(ctx, &ClusterCfg::new(mode, t))?;
+            pingpong(ctx, &Route::through(&c), target, n).await
+        }
+        .await;
+        match r {
+            Ok(r) => go(summarize(&label, &r, false)),
+            Err(e) => sec.skipped.push(format!("{label}: {e:#}")),
+        }
+    }
+    let direct =
+        lats.first()
+            .map(|d| (d.p50, d.p99, d.p999))
+            .unwrap_or((f64::NAN, f64::NAN, f64::NAN));
+    let mut md = format!(
+        "{n} round trips of 64 bytes each way per route over one established connection (after a warm-up of {}), client and echo \
+         backend in the bench process; agent `--ebpf=off`. Added = route percentile − direct percentile.\n\n\
+         | route | p50 µs | p99 µs | p99.9 µs | added p50 µs | added p99 µs | added p99.9 µs |\n|---|---|---|---|---|---|---|\n",
+        n / 10 + 50
+    );
+    for l in &lats {
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            l.route,
+            num(l.p50),
+            num(l.p99),
+            num(l.p999),
+            num(l.p50 - direct.0),
+            num(l.p99 - direct.1),
+            num(l.p999 - direct.2)
+        ));
+    }
+    for l in lats.iter().filter(|l| !l.baseline) {
+        let (a50, a99) = (l.p50 - direct.0, l.p99 - direct.1);
+        sec.floors.push(Floor::new(
+            format!("{} added p50", l.route),
+            format!("{a50:.1} µs"),
+            "≤ 50 µs",
+            Some(a50 <= 50.0),
+        ));
+        sec.floors.push(Floor::new(
+            format!("{} added p99", l.route),
+            format!("{a99:.1} µs"),
+            "≤ 250 µs",
+            Some(a99 <= 250.0),
+        ));
+    }
+    sec.md = md;
+    let bars: Vec<Bar> = lats
+        .iter()
+        .map(|l| Bar::new(format!("{} p50", l.route), l.p50, l.baseline))
+        .collect();
+    sec.chart(
+        "latency_p50.svg",
+        "latency p50",
+        svg::bars(
+            "64-byte round trip, p50",
+            "µs (lower is better)",
+            &bars,
+            None,
+        ),
+    );
+    let bars: Vec<Bar> = lats
+        .iter()
+        .map(|l| Bar::new(format!("{} p99", l.route), l.p99, l.baseline))
+        .collect();
+    sec.chart(
+        "latency_p99.svg",
+        "latency p99",
+        svg::bars(
+            "64-byte round trip, p99",
+            "µs (lower is better)",
+            &bars,
+            None,
+        ),
+    );
+    sec.json = json!({
+        "round_trips": n,
+        "rows": lats.iter().map(|l| json!({"route": l.route, "p50_us": l.p50, "p99_us": l.p99, "p999_us": l.p999,
+            "added_p50_us": l.p50 - direct.0, "added_p99_us": l.p99 - direct.1, "added_p999_us": l.p999 - direct.2, "baseline": l.baseline})).collect::<Vec<_>>(),
+        "skipped": sec.skipped,
+    });
+    Ok(sec)
+}

@@ -1,0 +1,72 @@
+//! The scenarios. Each returns a [`Section`]; an error becomes a "not run" section with the
+//! reason, so one broken leg never hides the others.
+mod bulk;
+mod churn;
+mod ebpf;
+mod fanout;
+mod latency;
+mod longfat;
+mod xdp;
+
+use super::io::{self, Route};
+use super::procs::{Cluster, ClusterCfg, Mode, Transport};
+use super::report::Section;
+use super::stats;
+use super::Ctx;
+use anyhow::Result;
+use spoke_tests::BoxIo;
+use std::net::SocketAddr;
+use std::time::Instant;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+pub async fn run(ctx: &Ctx, name: &str) -> Section {
+    let r = match name {
+        "bulk" => bulk::run(ctx).await,
+        "latency" => latency::run(ctx).await,
+        "churn" => churn::run(ctx).await,
+        "fanout" => fanout::run(ctx).await,
+        "longfat" => longfat::run(ctx),
+        "ebpf" => ebpf::run(ctx).await,
+        "xdp" => xdp::run(ctx),
+        _ => Err(anyhow::anyhow!("unknown scenario")),
+    };
+    r.unwrap_or_else(|e| {
+        let key: &'static str = super::ALL
+            .iter()
+            .find(|k| **k == name)
+            .copied()
+            .unwrap_or("unknown");
+        Section::not_run(key, key, format!("failed: {e:#}"))
+    })
+}
+
+/// The four frontend combinations kube-apiserver can use.
+pub const FRONTENDS: [(Mode, Transport); 4] = [
+    (Mode::HttpConnect, Transport::Uds),
+    (Mode::HttpConnect, Transport::Tls),
+    (Mode::Grpc, Transport::Uds),
+    (Mode::Grpc, Transport::Tls),
+];
+
+pub fn start(ctx: &Ctx, cfg: &ClusterCfg) -> Result<Cluster> {
+    Cluster::start(&ctx.bin, &ctx.work, &ctx.pki, cfg)
+}
+
+/// 64-byte ping-pong over an echo connection: round-trip times in µs (after a warm-up).
+pub async fn pingpong(ctx: &Ctx, route: &Route, target: SocketAddr, n: usize) -> Result<Vec<f64>> {
+    let mut io: BoxIo = io::dial(route, &ctx.tls, target).await?;
+    io.write_all(&io::command(b'E', 0)).await?;
+    let msg = [7u8; 64];
+    let mut back = [0u8; 64];
+    let mut rtts = Vec::with_capacity(n);
+    for i in 0..(n + n / 10 + 50) {
+        let t = Instant::now();
+        io.write_all(&msg).await?;
+        io.read_exact(&mut back).await?;
+        if i >= n / 10 + 50 {
+            rtts.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    let _ = io.shutdown().await;
+    Ok(stats::sorted(rtts))
+}
