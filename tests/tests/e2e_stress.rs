@@ -206,28 +206,36 @@ async fn stalled_reader_does_not_block_others_and_agent_memory_stays_bounded() {
         .send_header(&mut stalled)
         .await
         .unwrap();
-    let stalled_at = poll_until("the stalled connection's backend to be back-pressured", Duration::from_secs(30), {
-        let mut last = (u64::MAX, Instant::now());
-        let stats = stalled_backend.stats.clone();
-        move || {
-            let sent = stats.sent();
-            let (prev, since) = last;
-            if sent != prev {
-                last = (sent, Instant::now());
-            }
-            async move {
-                if sent == prev && since.elapsed() >= Duration::from_secs(1) && sent > 0 {
-                    Ok(sent)
-                } else if sent >= STALLED_LEN {
-                    Err(format!("backend wrote all {sent} bytes although the client reads nothing (unbounded buffering)"))
-                } else {
-                    Err(format!("backend has written {sent} bytes and is still going"))
+    let stalled_at = poll_until(
+        "the stalled connection's backend to be back-pressured",
+        Duration::from_secs(30),
+        {
+            let mut last = (u64::MAX, Instant::now());
+            let stats = stalled_backend.stats.clone();
+            move || {
+                let sent = stats.sent();
+                let (prev, since) = last;
+                if sent != prev {
+                    last = (sent, Instant::now());
+                }
+                async move {
+                    if sent == prev && since.elapsed() >= Duration::from_secs(1) && sent > 0 {
+                        Ok(sent)
+                    } else {
+                        Err(format!(
+                            "backend has written {sent} bytes and is still going"
+                        ))
+                    }
                 }
             }
-        }
-    })
+        },
+    )
     .await;
     println!("stalled backend blocked after writing {stalled_at} bytes");
+    assert!(
+        stalled_at < STALLED_LEN,
+        "backend wrote all {stalled_at} bytes although the client reads nothing (unbounded buffering)"
+    );
 
     // 50 others on the same agent must complete meanwhile.
     let started = Instant::now();
