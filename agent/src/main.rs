@@ -80,7 +80,6 @@ fn main() {
     let mut opts = Options::parse();
     opts.klog.init_logging();
     if let Err(e) = opts.validate().and_then(|_| run(opts)) {
-        tracing::error!("{e:#}");
         eprintln!("spoke-agent: {e:#}");
         std::process::exit(1);
     }

@@ -40,7 +40,6 @@ fn main() {
     let mut opts = Options::parse();
     opts.klog.init_logging();
     if let Err(e) = opts.validate().and_then(|()| run(opts)) {
-        tracing::error!("{e:#}");
         eprintln!("spoke-server: {e:#}");
         std::process::exit(1);
     }

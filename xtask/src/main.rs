@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 mod bench;
 mod demo;
 mod ebpf;
+mod fuzz;
 mod test;
 
 #[derive(Parser)]
@@ -29,6 +30,12 @@ enum Cmd {
     },
     /// Install test dependencies and run every test.
     Test,
+    /// Run every fuzz target for a bounded time.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Run the benchmarks here and write bench/results/<date>-<commit>/.
     Bench(bench::BenchArgs),
 }
@@ -53,6 +60,7 @@ fn main() -> anyhow::Result<()> {
             demo::run(once)
         }
         Cmd::Test => test::run(),
+        Cmd::Fuzz { seconds } => fuzz::run(seconds),
         Cmd::Bench(a) => bench::run(a),
     }
 }
