@@ -10,7 +10,7 @@
 //! Input: one config byte, then operations. Operation 0 is a wire packet (two length
 //! bytes, then a protobuf `Packet`; bytes that do not decode end the stream like a gRPC
 //! decode error does); the others are local events. The end of the input ends the stream.
-use super::{Checks, Input, KnownBug};
+use super::{Checks, Input};
 use bytes::Bytes;
 use futures::Stream;
 use spoke_proto::packet::Payload;
@@ -59,30 +59,20 @@ fn decode(bytes: &[u8]) -> Option<Packet> {
 /// What the model knows about one connection's inbox.
 #[derive(Default)]
 struct Stats {
-    /// Chunks queued and not yet taken by the write loop.
+    /// Chunks queued and not yet taken by the write loop (empty DATA is not queued).
     queued: usize,
-    /// Non-empty chunks among them.
-    queued_nonempty: usize,
     /// Largest chunk ever queued (an oversize chunk may enter an empty inbox).
     largest: usize,
 }
 
 impl Stats {
-    fn check(&self, cap: usize, checks: Checks) {
-        // Every queued non-empty chunk holds a byte; past the cap the inbox refuses more.
+    fn check(&self, cap: usize, _checks: Checks) {
+        // Every queued chunk holds a byte; past the cap the inbox refuses more.
         assert!(
-            self.queued_nonempty <= cap + 1,
+            self.queued <= cap + 1,
             "{} chunks queued, cap {cap}",
-            self.queued_nonempty
+            self.queued
         );
-        if checks.check(KnownBug::EmptyChunksUnbounded) {
-            assert!(
-                self.queued <= cap + 1,
-                "{} chunks ({} empty) queued under a {cap}-byte cap: unbounded growth",
-                self.queued,
-                self.queued - self.queued_nonempty
-            );
-        }
     }
 }
 
@@ -127,14 +117,12 @@ impl RelayModel {
         );
         self.stats.check(cap, checks);
         if self.limited {
-            if checks.check(KnownBug::GrantOverflowWraps) || self.credit <= i64::MAX as i128 {
-                assert_eq!(
-                    self.parts.window.exhausted(),
-                    self.credit <= 0,
-                    "send window disagrees with credit {}",
-                    self.credit
-                );
-            }
+            assert_eq!(
+                self.parts.window.exhausted(),
+                self.credit <= 0,
+                "send window disagrees with credit {}",
+                self.credit
+            );
         } else {
             assert!(!self.parts.window.exhausted(), "unlimited window exhausted");
         }
@@ -154,9 +142,7 @@ impl RelayModel {
                 Some(chunk) => {
                     assert!(self.stats.queued > 0, "inbox yielded a chunk never queued");
                     self.stats.queued -= 1;
-                    if !chunk.is_empty() {
-                        self.stats.queued_nonempty -= 1;
-                    }
+                    assert!(!chunk.is_empty(), "empty chunk queued");
                     self.writing = Some(chunk.len());
                 }
                 None => {
@@ -265,11 +251,8 @@ impl Tunnel {
         };
         match result {
             Delivery::Queued => {
-                if let Some(st) = stats {
+                if let (Some(st), true) = (stats, len > 0) {
                     st.queued += 1;
-                    if len > 0 {
-                        st.queued_nonempty += 1;
-                    }
                     st.largest = st.largest.max(len);
                 }
             }
