@@ -9,9 +9,9 @@
 //!
 //! The agent is played by `agent/examples/ebpf_relay.rs`, which loads `Ebpf` exactly like
 //! spoke-agent and relays `--route LISTEN=BACKEND`, marking its backend socket before
-//! connect(). To move these tests to the real agent, replace [`Agent::start`] (spawn server
-//! + agent, dial through the tunnel) and keep the assertions: they only use `/metrics`,
-//! the status JSON and bpftool.
+//! connect(). To move these tests to the real agent, replace [`Agent::start`] (spawn the
+//! server and the agent, dial through the tunnel) and keep the assertions: they only use
+//! `/metrics`, the status JSON and bpftool.
 //!
 //! Tests run one at a time (they share bpftool views and measure CPU).
 #[path = "../src/netns.rs"]
@@ -795,8 +795,8 @@ fn measure(n: &Node, mode: &str, sink: &str, echo: &str) -> Figures {
             &format!("--route=127.0.0.1:9102={echo}"),
         ],
     );
-    // Bulk: 2 GiB client -> relay -> sink.
-    const BULK: usize = 2 << 30;
+    // Bulk: 1 GiB client -> relay -> sink.
+    const BULK: usize = 1 << 30;
     let (cpu0, self0) = (agent.cpu_seconds(), self_cpu_seconds());
     let t = n
         .node
@@ -870,34 +870,71 @@ fn bench_fast_path_ab() {
     let _echo_local = Server::start(&n.node, "127.0.0.1:7200", Behaviour::Echo);
     let _sink_pod = Server::start(&n.pod, "10.211.0.2:7100", Behaviour::Sink);
     let _echo_pod = Server::start(&n.pod, "10.211.0.2:7200", Behaviour::Echo);
-    println!(
-        "\n{:<28} {:>10} {:>14} {:>14} {:>9} {:>9} {:>14}",
-        "leg / mode",
-        "Gbit/s",
-        "relay CPU s/GiB",
-        "total CPU s/GiB",
-        "p50 us",
-        "p99 us",
-        "relay CPU us/RR"
-    );
+    let header = || {
+        println!(
+            "{:<26} {:>8} {:>16} {:>16} {:>8} {:>8} {:>16}",
+            "leg / mode",
+            "Gbit/s",
+            "relay CPU s/GiB",
+            "total CPU s/GiB",
+            "p50 us",
+            "p99 us",
+            "relay CPU us/RR"
+        )
+    };
+    let row = |label: &str, f: &Figures| {
+        println!(
+            "{:<26} {:>8.2} {:>16.3} {:>16.3} {:>8.1} {:>8.1} {:>16.1}",
+            label,
+            f.gbit,
+            f.relay_cpu_per_gib,
+            f.total_cpu_per_gib,
+            f.p50_us,
+            f.p99_us,
+            f.rr_relay_cpu_us
+        )
+    };
+    let median = |runs: &[Figures], get: fn(&Figures) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(get).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let rounds: usize = std::env::var("SPOKE_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let mut summary = Vec::new();
+    println!();
+    header();
     for (leg, sink, echo) in [
         ("node-local", "127.0.0.1:7100", "127.0.0.1:7200"),
         ("pod netns (veth)", "10.211.0.2:7100", "10.211.0.2:7200"),
     ] {
-        for round in 0..2 {
+        let mut runs: HashMap<&str, Vec<Figures>> = HashMap::new();
+        // Interleave off/on so background load hits both alike.
+        for round in 0..rounds {
             for mode in ["off", "on"] {
                 let f = measure(&n, mode, sink, echo);
-                println!(
-                    "{:<28} {:>10.2} {:>14.3} {:>14.3} {:>9.1} {:>9.1} {:>14.1}",
-                    format!("{leg} {mode} #{round}"),
-                    f.gbit,
-                    f.relay_cpu_per_gib,
-                    f.total_cpu_per_gib,
-                    f.p50_us,
-                    f.p99_us,
-                    f.rr_relay_cpu_us
-                );
+                row(&format!("{leg} {mode} #{round}"), &f);
+                runs.entry(mode).or_default().push(f);
             }
         }
+        for mode in ["off", "on"] {
+            let r = &runs[mode];
+            let m = Figures {
+                gbit: median(r, |f| f.gbit),
+                relay_cpu_per_gib: median(r, |f| f.relay_cpu_per_gib),
+                total_cpu_per_gib: median(r, |f| f.total_cpu_per_gib),
+                p50_us: median(r, |f| f.p50_us),
+                p99_us: median(r, |f| f.p99_us),
+                rr_relay_cpu_us: median(r, |f| f.rr_relay_cpu_us),
+            };
+            summary.push((format!("{leg} {mode} (median)"), m));
+        }
+    }
+    println!("\nmedians of {rounds} interleaved rounds:");
+    header();
+    for (label, f) in &summary {
+        row(label, f);
     }
 }

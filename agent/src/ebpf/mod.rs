@@ -147,6 +147,7 @@ impl Ebpf {
             EbpfMode::On if !ebpf.status.complete() => {
                 anyhow::bail!("--ebpf=on but the eBPF data plane could not be set up: {summary}")
             }
+            EbpfMode::Off => tracing::info!("{summary}"),
             _ if ebpf.status.complete() => tracing::info!("{summary}"),
             _ => tracing::warn!("{summary}; the userspace relay handles the rest"),
         }
@@ -552,7 +553,7 @@ fn explain(what: &str, err: &(dyn std::error::Error + 'static)) -> String {
 enum LogForwarder {
     Task(tokio::task::JoinHandle<()>),
     /// No tokio runtime at load time: keep the ring buffer open (the programs need it), unread.
-    Idle(#[allow(dead_code)] aya_log::EbpfLogger<&'static dyn log::Log>),
+    Idle(#[allow(dead_code)] Box<aya_log::EbpfLogger<&'static dyn log::Log>>),
 }
 
 impl LogForwarder {
@@ -565,7 +566,7 @@ impl LogForwarder {
             }
         };
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return Some(LogForwarder::Idle(logger));
+            return Some(LogForwarder::Idle(Box::new(logger)));
         };
         Some(LogForwarder::Task(rt.spawn(async move {
             // SAFETY: the logger owns its ring-buffer fd, which stays open and unchanged for
