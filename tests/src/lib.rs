@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod connect;
 pub mod curl;
 pub mod data;
+pub mod faultnet;
 pub mod forwarder;
 pub mod garbage;
 pub mod grpc;
