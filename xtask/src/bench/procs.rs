@@ -192,7 +192,8 @@ pub fn metric_sum(body: &str, name: &str, label_filter: &str) -> f64 {
                 && l.contains(label_filter)
         })
         .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-        .sum()
+        .sum::<f64>()
+        + 0.0 // an empty f64 sum is -0.0
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

@@ -195,12 +195,14 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
     let mut guard_error = None;
     match start(ctx, &cfg) {
         Ok(c) => {
+            // A failed scrape (agent busy under the flood) must not read as zero drops.
             let drops = || {
-                metric_sum(
-                    &c.agent_metrics(),
-                    "spoke_ebpf_xdp_packets",
-                    "action=\"drop\"",
-                )
+                let m = c.agent_metrics();
+                if m.contains("spoke_ebpf_xdp_packets") {
+                    metric_sum(&m, "spoke_ebpf_xdp_packets", "action=\"drop\"")
+                } else {
+                    f64::NAN
+                }
             };
             let r = measure(ctx, "spoke XDP guard", &atk, atk_ip, node_ip, &drops)?;
             let mode = c
