@@ -1,0 +1,788 @@
+//! Operations (issue #5): upstream metric names/types/labels/HELP, readiness transitions, agent
+//! SIGTERM drain, cluster certificate rotation, and server graceful shutdown.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+use spoke_tests::backends;
+use spoke_tests::certs::CertKey;
+use spoke_tests::cluster::{
+    gauge, status, wait_tables_empty, Agent, AgentOpts, Env, Mode, Server, ServerOpts, Transport,
+};
+use spoke_tests::connect;
+use spoke_tests::faultnet::signal;
+use spoke_tests::http;
+use spoke_tests::metrics::names;
+use spoke_tests::wait::{holds_for, poll_until, within};
+use spoke_tests::BoxIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn uds() -> ServerOpts {
+    ServerOpts::new(Mode::HttpConnect, Transport::Uds)
+}
+
+async fn echo_once(io: &mut BoxIo, msg: &[u8]) -> anyhow::Result<()> {
+    io.write_all(msg).await?;
+    let mut back = vec![0u8; msg.len()];
+    tokio::time::timeout(Duration::from_secs(5), io.read_exact(&mut back)).await??;
+    anyhow::ensure!(back == msg, "echo mismatch");
+    Ok(())
+}
+
+async fn agent_gauge(agent: &Agent, name: &str) -> Result<f64, String> {
+    gauge(&agent.metrics().await.map_err(|e| format!("{e:#}"))?, name)
+}
+
+async fn server_gauge(server: &Server, name: &str) -> Result<f64, String> {
+    gauge(&server.metrics().await.map_err(|e| format!("{e:#}"))?, name)
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. metrics
+
+fn type_of(text: &str, name: &str) -> Option<String> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("# TYPE {name} ")))
+        .map(|t| t.trim().to_string())
+}
+
+fn help_of(text: &str, name: &str) -> Option<String> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("# HELP {name} ")))
+        .map(|t| t.trim().to_string())
+}
+
+/// Samples of exactly `name`: (labels, value).
+fn samples(text: &str, name: &str) -> Vec<(Vec<(String, String)>, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let (labels, value) = if let Some(r) = rest.strip_prefix('{') {
+                let (inner, v) = r.rsplit_once('}')?;
+                let labels = inner
+                    .split("\",")
+                    .filter(|kv| !kv.is_empty())
+                    .filter_map(|kv| {
+                        let (k, v) = kv.split_once('=')?;
+                        Some((
+                            k.trim().to_string(),
+                            v.trim_matches(|c| c == '"' || c == ',').to_string(),
+                        ))
+                    })
+                    .collect();
+                (labels, v)
+            } else if rest.starts_with(' ') {
+                (Vec::new(), rest)
+            } else {
+                return None;
+            };
+            let v = value.split_whitespace().next()?;
+            let v = match v {
+                "+Inf" => f64::INFINITY,
+                v => v.parse().ok()?,
+            };
+            Some((labels, v))
+        })
+        .collect()
+}
+
+fn label<'a>(labels: &'a [(String, String)], k: &str) -> Option<&'a str> {
+    labels
+        .iter()
+        .find(|(key, _)| key == k)
+        .map(|(_, v)| v.as_str())
+}
+
+struct Checker {
+    problems: Vec<String>,
+}
+
+impl Checker {
+    fn ty(&mut self, text: &str, name: &str, want: &str) {
+        match type_of(text, name) {
+            Some(t) if t == want => {}
+            other => self
+                .problems
+                .push(format!("# TYPE {name}: want {want}, got {other:?}")),
+        }
+    }
+    /// Every sample carries exactly these label keys; at least one sample exists.
+    fn labels(&mut self, text: &str, name: &str, keys: &[&str]) {
+        let s = samples(text, name);
+        if s.is_empty() {
+            self.problems.push(format!("{name}: no samples"));
+        }
+        let want: BTreeSet<&str> = keys.iter().copied().collect();
+        for (labels, _) in &s {
+            let got: BTreeSet<&str> = labels.iter().map(|(k, _)| k.as_str()).collect();
+            if got != want {
+                self.problems
+                    .push(format!("{name}: label keys {got:?}, want {want:?}"));
+                break;
+            }
+        }
+    }
+    fn value(
+        &mut self,
+        text: &str,
+        name: &str,
+        want: &[(&str, &str)],
+        check: impl Fn(f64) -> bool,
+        what: &str,
+    ) {
+        let sum: Option<f64> = {
+            let m: Vec<f64> = samples(text, name)
+                .into_iter()
+                .filter(|(l, _)| want.iter().all(|(k, v)| label(l, k) == Some(*v)))
+                .map(|(_, v)| v)
+                .collect();
+            (!m.is_empty()).then(|| m.iter().sum())
+        };
+        match sum {
+            Some(v) if check(v) => {}
+            other => self
+                .problems
+                .push(format!("{name}{want:?}: want {what}, got {other:?}")),
+        }
+    }
+    fn buckets(&mut self, text: &str, name: &str, want: &[f64]) {
+        self.ty(text, name, "histogram");
+        let les: Vec<f64> = samples(text, &format!("{name}_bucket"))
+            .iter()
+            .filter_map(|(l, _)| {
+                label(l, "le").and_then(|v| {
+                    if v == "+Inf" {
+                        Some(f64::INFINITY)
+                    } else {
+                        v.parse().ok()
+                    }
+                })
+            })
+            .collect();
+        let mut want = want.to_vec();
+        want.push(f64::INFINITY);
+        let same = les.len() == want.len()
+            && les
+                .iter()
+                .zip(&want)
+                .all(|(a, b)| a == b || (a - b).abs() <= b.abs() * 1e-9);
+        if !same {
+            self.problems
+                .push(format!("{name}_bucket le values {les:?}, want {want:?}"));
+        }
+        self.value(
+            text,
+            &format!("{name}_count"),
+            &[],
+            |v| v >= 1.0,
+            ">= 1 observation",
+        );
+    }
+    fn help(&mut self, text: &str, name: &str, want: &str) {
+        match help_of(text, name) {
+            Some(h) if h == want => {}
+            other => self
+                .problems
+                .push(format!("# HELP {name}: want {want:?}, got {other:?}")),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_have_upstream_names_types_labels_and_help() {
+    let env = Env::new("o_metrics");
+    let (server, agent) = env.pair(uds(), |a| a).await;
+    let echo = backends::echo().await;
+    for _ in 0..3 {
+        connect::echo_roundtrip(&server.frontend, &echo.target())
+            .await
+            .unwrap();
+    }
+    let (_guard, closed) = backends::refusing_port();
+    let (reply, _) = connect::connect(&server.frontend, &closed.to_string())
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 502, "CONNECT to a refused port: {reply:?}");
+    wait_tables_empty(&server, &[&agent]).await;
+    let at = http::get(agent.health_addr, "/metrics").await.unwrap().body;
+    let st = http::get(server.health_addr, "/metrics")
+        .await
+        .unwrap()
+        .body;
+    let mut c = Checker {
+        problems: Vec::new(),
+    };
+
+    let a = |n: &str| format!("konnectivity_network_proxy_agent_{n}");
+    let packets = a("stream_packets_total");
+    c.ty(&at, &packets, "counter");
+    c.labels(&at, &packets, &["segment", "packet_type"]);
+    c.value(
+        &at,
+        &packets,
+        &[("segment", "from_agent"), ("packet_type", "DIAL_RSP")],
+        |v| v >= 4.0,
+        ">= 4",
+    );
+    c.value(
+        &at,
+        &packets,
+        &[("segment", "to_agent"), ("packet_type", "DIAL_REQ")],
+        |v| v >= 4.0,
+        ">= 4",
+    );
+    c.buckets(
+        &at,
+        &a("dial_duration_seconds"),
+        &[0.005, 0.025, 0.1, 0.5, 2.5, 10.0, 30.0],
+    );
+    let fail = a("endpoint_dial_failure_total");
+    c.ty(&at, &fail, "counter");
+    c.labels(&at, &fail, &["reason"]);
+    c.value(&at, &fail, &[], |v| v >= 1.0, ">= 1 (one refused dial)");
+    c.help(
+        &at,
+        &fail,
+        "Number of failures dialing the remote endpoint, by reason (example: timeout).",
+    );
+    for (n, want) in [
+        ("open_server_connections", 1.0),
+        ("known_server_count", 1.0),
+        ("open_endpoint_connections", 0.0),
+    ] {
+        c.ty(&at, &a(n), "gauge");
+        c.labels(&at, &a(n), &[]);
+        c.value(&at, &a(n), &[], |v| v == want, &format!("{want}"));
+    }
+    c.help(
+        &at,
+        &a("open_endpoint_connections"),
+        "Current number of open endpoint connections.",
+    );
+
+    let s = |n: &str| format!("konnectivity_network_proxy_server_{n}");
+    let packets = s("stream_packets_total");
+    c.ty(&st, &packets, "counter");
+    c.labels(&st, &packets, &["segment", "packet_type"]);
+    c.value(
+        &st,
+        &packets,
+        &[("segment", "to_agent"), ("packet_type", "DIAL_REQ")],
+        |v| v >= 4.0,
+        ">= 4",
+    );
+    c.value(
+        &st,
+        &packets,
+        &[("segment", "from_agent"), ("packet_type", "DIAL_RSP")],
+        |v| v >= 4.0,
+        ">= 4",
+    );
+    c.buckets(
+        &st,
+        &s("dial_duration_seconds"),
+        &[1e-6, 1e-5, 1e-4, 0.005, 0.025, 0.1, 0.5, 2.5, 12.5],
+    );
+    let fail = s("dial_failure_count");
+    c.ty(&st, &fail, "counter");
+    c.labels(&st, &fail, &["reason"]);
+    c.value(
+        &st,
+        &fail,
+        &[("reason", "error_response")],
+        |v| v >= 1.0,
+        ">= 1",
+    );
+    c.ty(&st, &s("grpc_connections"), "gauge");
+    c.labels(&st, &s("grpc_connections"), &["service_method"]);
+    c.value(
+        &st,
+        &s("grpc_connections"),
+        &[("service_method", "Connect")],
+        |v| v == 1.0,
+        "1",
+    );
+    c.ty(&st, &s("ready_backends"), "gauge");
+    c.labels(&st, &s("ready_backends"), &["proxy_strategy"]);
+    c.value(
+        &st,
+        &s("ready_backends"),
+        &[("proxy_strategy", "default")],
+        |v| v == 1.0,
+        "1",
+    );
+    for (n, want) in [
+        ("ready_backend_connections", 1.0),
+        ("pending_backend_dials", 0.0),
+        ("established_connections", 0.0),
+    ] {
+        c.ty(&st, &s(n), "gauge");
+        c.labels(&st, &s(n), &[]);
+        c.value(&st, &s(n), &[], |v| v == want, &format!("{want}"));
+    }
+    assert!(
+        c.problems.is_empty(),
+        "{} metric problems:\n  {}",
+        c.problems.len(),
+        c.problems.join("\n  ")
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. readiness transitions
+
+async fn wait_code(addr: std::net::SocketAddr, path: &str, want: u16, within_: Duration) -> String {
+    poll_until(&format!("GET {path} -> {want}"), within_, || async {
+        let r = http::get(addr, path).await.map_err(|e| format!("{e:#}"))?;
+        if r.status == want {
+            Ok(r.body)
+        } else {
+            Err(format!("status {} body {:?}", r.status, r.body))
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_agents_servers_and_drain() {
+    let env = Env::new("o_ready");
+    let mut server = env.server(uds()).await;
+    let body = wait_code(server.health_addr, "/readyz", 500, Duration::from_secs(2)).await;
+    println!("server without agents: 500 {body:?}");
+    let mut agent = env
+        .agent(AgentOpts::new(server.agent_addr).arg("--drain-timeout=30s"))
+        .await;
+    agent.wait_ready().await;
+    server.wait_ready().await;
+    let verbose = wait_code(
+        agent.health_addr,
+        "/readyz?verbose",
+        200,
+        Duration::from_secs(2),
+    )
+    .await;
+    println!("agent /readyz?verbose: {verbose:?}");
+    assert!(
+        verbose.contains("ping") && verbose.contains("server-connected"),
+        "verbose readyz must list the checks: {verbose:?}"
+    );
+
+    server.proc.kill();
+    let body = wait_code(agent.health_addr, "/readyz", 503, Duration::from_secs(10)).await;
+    assert!(
+        body.contains("server-connected"),
+        "503 body names the failed check: {body:?}"
+    );
+    let verbose = wait_code(
+        agent.health_addr,
+        "/readyz?verbose",
+        503,
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(
+        verbose.contains("[-]server-connected"),
+        "verbose 503 body: {verbose:?}"
+    );
+    server.proc.restart();
+    server.wait_healthy().await;
+    wait_code(agent.health_addr, "/readyz", 200, Duration::from_secs(10)).await;
+    server.wait_ready().await;
+
+    // Drain of the only agent: the server still counts it and still uses it as a fallback.
+    let echo = backends::echo().await;
+    let mut held = connect::tunnel(&server.frontend, &echo.target())
+        .await
+        .unwrap();
+    signal(agent.proc.pid(), libc::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    holds_for(
+        "server to keep counting the draining agent",
+        Duration::from_secs(1),
+        || async {
+            let r = status(server.health_addr, "/readyz").await?;
+            let n = server_gauge(&server, names::SERVER_READY_BACKENDS).await?;
+            if r == 200 && n == 1.0 {
+                Ok(())
+            } else {
+                Err(format!("readyz {r}, ready_backend_connections {n}"))
+            }
+        },
+    )
+    .await;
+    connect::echo_roundtrip(&server.frontend, &echo.target())
+        .await
+        .expect("a draining agent is still the fallback when it is the only one");
+    echo_once(&mut held, b"held").await.unwrap();
+    agent.proc.assert_running();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. SIGTERM drain with two agents
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drain_keeps_the_open_connection_and_new_dials_go_to_the_other_agent() {
+    const NEW: usize = 8;
+    let env = Env::new("o_drain");
+    let (server, mut a) = env
+        .pair(uds(), |o| o.id("agent-a").arg("--drain-timeout=60s"))
+        .await;
+    let echo = backends::echo().await;
+    let mut long = connect::tunnel(&server.frontend, &echo.target())
+        .await
+        .unwrap();
+    echo_once(&mut long, b"before drain").await.unwrap();
+    let mut b = env
+        .agent(AgentOpts::new(server.agent_addr).id("agent-b"))
+        .await;
+    b.wait_ready().await;
+    poll_until(
+        "server to count 2 agents",
+        Duration::from_secs(10),
+        || async {
+            match server_gauge(&server, names::SERVER_READY_BACKENDS).await? {
+                v if v == 2.0 => Ok(()),
+                v => Err(format!("ready_backend_connections={v}")),
+            }
+        },
+    )
+    .await;
+
+    signal(a.proc.pid(), libc::SIGTERM);
+    let termed = Instant::now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut fresh = Vec::new();
+    for _ in 0..NEW {
+        let mut io = connect::tunnel(&server.frontend, &echo.target())
+            .await
+            .unwrap();
+        echo_once(&mut io, b"new").await.unwrap();
+        fresh.push(io);
+    }
+    let on_a = agent_gauge(&a, names::AGENT_OPEN_ENDPOINTS).await;
+    let on_b = agent_gauge(&b, names::AGENT_OPEN_ENDPOINTS).await;
+    println!("after SIGTERM of agent-a: open endpoints a={on_a:?} b={on_b:?}");
+    assert_eq!(
+        (on_a, on_b),
+        (Ok(1.0), Ok(NEW as f64)),
+        "new dials must go to the non-draining agent-b; agent-a keeps only the old connection"
+    );
+    for i in 0..10 {
+        echo_once(&mut long, format!("during drain {i}").as_bytes())
+            .await
+            .expect("the connection through the draining agent keeps working");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        a.proc.is_running(),
+        "agent-a exited while it still had a connection"
+    );
+    drop(long);
+    let closed = Instant::now();
+    within(
+        "agent-a to exit after its last connection",
+        Duration::from_secs(5),
+        async {
+            while a.proc.is_running() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        },
+    )
+    .await;
+    println!(
+        "agent-a exited {:?} after its last connection closed ({:?} after SIGTERM)",
+        closed.elapsed(),
+        termed.elapsed()
+    );
+    drop(fresh);
+    wait_tables_empty(&server, &[&b]).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. certificate rotation
+
+struct RotCa {
+    ca_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl RotCa {
+    fn new() -> Self {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "spoke e2e rotation CA");
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = KeyPair::generate().unwrap();
+        let ca_pem = params.self_signed(&key).unwrap().pem();
+        Self {
+            ca_pem,
+            issuer: Issuer::new(params, key),
+        }
+    }
+    fn server_leaf(&self, cn: &str) -> (String, String) {
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap().pem();
+        (cert, key.serialize_pem())
+    }
+}
+
+fn write_atomically(path: &Path, content: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, content).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn der(pem: &str) -> Vec<u8> {
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .unwrap()
+        .to_vec()
+}
+
+async fn served_cert(server: &Server, ca_pem: &str, client: &CertKey) -> Result<Vec<u8>, String> {
+    let cfg = spoke_tests::tls::client_config(ca_pem, Some(client), &[b"h2"]);
+    let tls = spoke_tests::tls::connect(server.agent_addr, cfg)
+        .await
+        .map_err(|e| e.to_string())?;
+    tls.get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.to_vec())
+        .ok_or_else(|| "no peer certificate".to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_cert_rotation_applies_to_new_handshakes_and_a_broken_file_is_refused() {
+    let env = Env::new("o_rotate");
+    let rot = RotCa::new();
+    let ca_path = env.dir.join("rot-ca.crt");
+    std::fs::write(&ca_path, &rot.ca_pem).unwrap();
+    let (c1, k1) = rot.server_leaf("spoke cluster one");
+    let (c2, k2) = rot.server_leaf("spoke cluster two");
+    let (cert, key) = (env.dir.join("cluster.crt"), env.dir.join("cluster.key"));
+    std::fs::write(&cert, &c1).unwrap();
+    std::fs::write(&key, &k1).unwrap();
+    let ck = CertKey {
+        cert: cert.clone(),
+        key: key.clone(),
+        cert_pem: c1.clone(),
+        key_pem: k1.clone(),
+    };
+    let mut server = env.server(uds().cluster_cert(ck)).await;
+    let mut a = env
+        .agent(
+            AgentOpts::new(server.agent_addr)
+                .id("agent-a")
+                .ca(ca_path.clone()),
+        )
+        .await;
+    a.wait_ready().await;
+    server.wait_ready().await;
+    let client = env.pki.main.agent.clone();
+    assert_eq!(
+        served_cert(&server, &rot.ca_pem, &client).await,
+        Ok(der(&c1))
+    );
+    let echo = backends::echo().await;
+    let mut held = connect::tunnel(&server.frontend, &echo.target())
+        .await
+        .unwrap();
+    echo_once(&mut held, b"before rotation").await.unwrap();
+
+    write_atomically(&key, &k2);
+    write_atomically(&cert, &c2);
+    let written = Instant::now();
+    poll_until(
+        "new handshakes to present the rotated certificate",
+        Duration::from_secs(15),
+        || async {
+            let got = served_cert(&server, &rot.ca_pem, &client).await?;
+            if got == der(&c2) {
+                Ok(())
+            } else {
+                Err("still the old certificate".to_string())
+            }
+        },
+    )
+    .await;
+    println!(
+        "rotated certificate served {:?} after the write",
+        written.elapsed()
+    );
+    echo_once(&mut held, b"after rotation")
+        .await
+        .expect("open tunnel survives rotation");
+    assert_eq!(agent_gauge(&a, names::AGENT_OPEN_SERVERS).await, Ok(1.0));
+    let mut b = env
+        .agent(
+            AgentOpts::new(server.agent_addr)
+                .id("agent-b")
+                .ca(ca_path.clone()),
+        )
+        .await;
+    b.wait_ready().await;
+    poll_until(
+        "server to count both agents",
+        Duration::from_secs(10),
+        || async {
+            match server_gauge(&server, names::SERVER_READY_BACKENDS).await? {
+                v if v == 2.0 => Ok(()),
+                v => Err(format!("ready_backend_connections={v}")),
+            }
+        },
+    )
+    .await;
+
+    const FAILURES: &str = "spoke_server_tls_reload_failures_total";
+    let before = server.metrics().await.unwrap().counter(FAILURES, &[]);
+    write_atomically(
+        &cert,
+        "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n",
+    );
+    poll_until(
+        "the broken certificate file to be counted as a reload failure",
+        Duration::from_secs(15),
+        || async {
+            let m = server.metrics().await.map_err(|e| format!("{e:#}"))?;
+            let now = m.counter(FAILURES, &[]);
+            if now > before {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{FAILURES} = {now} (before {before}); present: {:?}",
+                    m.names()
+                ))
+            }
+        },
+    )
+    .await;
+    assert!(
+        server.proc.log().contains("cannot be used"),
+        "server log must say the new file cannot be used"
+    );
+    assert_eq!(
+        served_cert(&server, &rot.ca_pem, &client).await,
+        Ok(der(&c2)),
+        "after a broken file the last good certificate stays"
+    );
+    echo_once(&mut held, b"after broken file").await.unwrap();
+    connect::echo_roundtrip(&server.frontend, &echo.target())
+        .await
+        .unwrap();
+    server.proc.assert_running();
+    drop(held);
+    wait_tables_empty(&server, &[&a, &b]).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. graceful shutdown
+
+async fn wait_exit(server: &mut Server, limit: Duration) -> Duration {
+    let t = Instant::now();
+    while server.proc.is_running() {
+        assert!(t.elapsed() < limit, "server still running {limit:?} later");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    t.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_refuses_new_dials_and_lets_the_open_connection_finish() {
+    let env = Env::new("o_graceful");
+    let (mut server, _agent) = env
+        .pair(uds().arg("--graceful-shutdown-timeout=5s"), |a| a)
+        .await;
+    let echo = backends::echo().await;
+    let mut held = connect::tunnel(&server.frontend, &echo.target())
+        .await
+        .unwrap();
+    echo_once(&mut held, b"before").await.unwrap();
+    signal(server.proc.pid(), libc::SIGTERM);
+    let termed = Instant::now();
+    let reply = poll_until(
+        "new CONNECT to get 503 during shutdown",
+        Duration::from_secs(2),
+        || async {
+            match connect::connect(&server.frontend, &echo.target()).await {
+                Ok((r, _)) if r.status == 503 => Ok(r),
+                Ok((r, _)) => Err(format!("{} {}", r.head, r.body)),
+                Err(e) => Err(format!("{e:#}")),
+            }
+        },
+    )
+    .await;
+    println!("CONNECT during shutdown: {} / {}", reply.head, reply.body);
+    let body = wait_code(server.health_addr, "/readyz", 500, Duration::from_secs(2)).await;
+    assert!(
+        body.contains("shutting down"),
+        "readyz body during shutdown: {body:?}"
+    );
+    for i in 0..5 {
+        echo_once(&mut held, format!("during shutdown {i}").as_bytes())
+            .await
+            .expect("the open connection keeps working during graceful shutdown");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        server.proc.is_running(),
+        "server exited while a connection was open"
+    );
+    drop(held);
+    let after_close = wait_exit(&mut server, Duration::from_secs(3)).await;
+    println!(
+        "server exited {after_close:?} after the last connection closed ({:?} after SIGTERM)",
+        termed.elapsed()
+    );
+    assert!(
+        termed.elapsed() < Duration::from_millis(4900),
+        "exit came from the timeout, not the close"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_timeout_bounds_the_wait_for_a_connection_that_never_ends() {
+    let env = Env::new("o_gracefultm");
+    let (mut server, _agent) = env
+        .pair(uds().arg("--graceful-shutdown-timeout=5s"), |a| a)
+        .await;
+    let echo = backends::echo().await;
+    let mut held = connect::tunnel(&server.frontend, &echo.target())
+        .await
+        .unwrap();
+    echo_once(&mut held, b"x").await.unwrap();
+    signal(server.proc.pid(), libc::SIGTERM);
+    let took = wait_exit(&mut server, Duration::from_secs(9)).await;
+    println!("server with a never-ending connection exited {took:?} after SIGTERM");
+    assert!(
+        took >= Duration::from_millis(4500),
+        "exited after {took:?}, before the 5 s timeout"
+    );
+    let mut buf = [0u8; 1];
+    let n = within(
+        "held tunnel to close",
+        Duration::from_secs(2),
+        held.read(&mut buf),
+    )
+    .await;
+    assert!(
+        matches!(n, Ok(0) | Err(_)),
+        "tunnel still open after the server exited: {n:?}"
+    );
+}
