@@ -118,7 +118,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn refused_and_unresolvable() {
+    async fn refused_and_denied() {
         let ebpf = Ebpf::load(&crate::ebpf::EbpfConfig {
             mode: crate::ebpf::EbpfMode::Off,
             ..Default::default()
@@ -130,16 +130,30 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let e = dial(&format!("127.0.0.1:{port}"), Duration::from_secs(2), &ebpf)
-            .await
-            .unwrap_err();
+        let all = Destinations::default();
+        let e = dial(
+            &format!("127.0.0.1:{port}"),
+            Duration::from_secs(2),
+            &ebpf,
+            &all,
+        )
+        .await
+        .unwrap_err();
         assert_eq!(
             e.text,
             format!("dial tcp 127.0.0.1:{port}: connect: connection refused")
         );
-        let e = dial("no-such-host.invalid:80", Duration::from_secs(5), &ebpf)
-            .await
-            .unwrap_err();
-        assert!(e.text.contains("no such host"), "{}", e.text);
+        // Policy is checked before connecting (no DNS here: tests stay off the network).
+        let only_ten = Destinations::parse(&["10.0.0.0/8".to_string()]).unwrap();
+        let e = dial(
+            &format!("127.0.0.1:{port}"),
+            Duration::from_secs(2),
+            &ebpf,
+            &only_ten,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.reason, "denied");
+        assert!(e.text.contains("not allowed"), "{}", e.text);
     }
 }

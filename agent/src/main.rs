@@ -19,7 +19,7 @@ use ebpf::Ebpf;
 use metrics::AgentMetrics;
 use options::Options;
 use server_stream::ServerStream;
-use spoke_tunnel::admin;
+use spoke_tunnel::admin::{self, bind_addr};
 use spoke_tunnel::backoff::{jitter, Backoff};
 use spoke_tunnel::packet;
 use spoke_tunnel::tls::{CertFiles, ClientTlsFiles, Reloading};
@@ -68,9 +68,7 @@ impl Agent {
         } else {
             return None;
         };
-        m.refused_dials
-            .get_or_create(&metrics::ReasonLabel { reason })
-            .inc();
+        spoke_tunnel::metrics::count(&m.refused_dials, reason);
         tracing::warn!(limit = flag, "refusing a dial: limit reached");
         Some(flag)
     }
@@ -83,16 +81,6 @@ fn main() {
         eprintln!("spoke-agent: {e:#}");
         std::process::exit(1);
     }
-}
-
-fn bind_addr(host: &str, port: u16) -> Result<SocketAddr> {
-    let ip: IpAddr = if host.is_empty() {
-        IpAddr::V6(Ipv6Addr::UNSPECIFIED)
-    } else {
-        host.parse()
-            .with_context(|| format!("invalid bind address {host:?}"))?
-    };
-    Ok(SocketAddr::new(ip, port))
 }
 
 fn run(opts: Options) -> Result<()> {

@@ -6,12 +6,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use spoke_tunnel::metrics::{RelayMetrics, StreamMetrics, TlsMetrics};
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabel {
-    pub reason: &'static str,
-}
+use spoke_tunnel::metrics::{count, ReasonLabels, RelayMetrics, StreamMetrics, TlsMetrics};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabel {
@@ -24,17 +19,17 @@ pub struct AgentMetrics {
     pub relay: RelayMetrics,
     pub tls: TlsMetrics,
     pub dial_duration: Histogram,
-    pub endpoint_dial_failures: Family<ReasonLabel, Counter>,
+    pub endpoint_dial_failures: Family<ReasonLabels, Counter>,
     pub server_connection_failures: Family<DirectionLabel, Counter>,
     pub open_server_connections: Gauge,
     pub known_server_count: Gauge,
     pub open_endpoint_connections: Gauge,
     /// Spoke: packets from a server refused as bad input, by reason.
-    pub rejected: Family<ReasonLabel, Counter>,
+    pub rejected: Family<ReasonLabels, Counter>,
     /// Spoke: dials in progress.
     pub pending_dials: Gauge,
     /// Spoke: dials refused by a limit or by --allowed-destinations, by reason.
-    pub refused_dials: Family<ReasonLabel, Counter>,
+    pub refused_dials: Family<ReasonLabels, Counter>,
 }
 
 impl AgentMetrics {
@@ -55,14 +50,17 @@ impl AgentMetrics {
         }
     }
 
+    /// Counts a failed dial under upstream's reasons (`timeout`, `unknown`); policy denials
+    /// are Spoke's own `refused_dials{reason="denied"}`.
     pub fn dial_failure(&self, reason: &'static str) {
-        self.endpoint_dial_failures
-            .get_or_create(&ReasonLabel { reason })
-            .inc();
+        match reason {
+            "denied" => count(&self.refused_dials, reason),
+            _ => count(&self.endpoint_dial_failures, reason),
+        }
     }
 
     pub fn reject(&self, reason: &'static str) {
-        self.rejected.get_or_create(&ReasonLabel { reason }).inc();
+        count(&self.rejected, reason);
     }
 
     pub fn registry(&self) -> Registry {
@@ -106,6 +104,16 @@ impl AgentMetrics {
                 "rejected_packets",
                 "Packets from a server refused as bad input, by reason",
                 self.rejected.clone(),
+            );
+            s.register(
+                "pending_dials",
+                "Dials to local endpoints in progress",
+                self.pending_dials.clone(),
+            );
+            s.register(
+                "refused_dials",
+                "Dials refused by a limit or by --allowed-destinations, by reason",
+                self.refused_dials.clone(),
             );
         }
         root

@@ -170,6 +170,7 @@ async fn relay(
         mut inbox,
         window,
         mut closer,
+        ..
     } = parts;
     let mut credit = backend
         .flow
@@ -189,7 +190,11 @@ async fn relay(
             biased;
             peer = &mut closer => break peer.ok(),
             b = inbox.recv(), if to_client.is_none() && inbox_open => match b {
-                Some(b) => to_client = Some(b),
+                Some(b) => {
+                    // Out of the buffer now, whatever happens to the client.
+                    inbox.consumed(b.len());
+                    to_client = Some(b);
+                }
                 None => inbox_open = false,
             },
             permit = tx.reserve(), if to_client.is_some() => {
@@ -201,7 +206,6 @@ async fn relay(
                 let n = b.len();
                 state.metrics.stream.packet("to_client", PacketType::Data as i32);
                 permit.send(Ok(packet::data(id, b)));
-                inbox.consumed(n);
                 state.metrics.relay.relayed(spoke_tunnel::metrics::TO_ENDPOINT, n);
                 if let Some(grant) = credit.as_mut().and_then(|c| c.drained(n)) {
                     let _ = out.control(packet::credit(id, grant as i64));
@@ -258,7 +262,6 @@ async fn relay(
     // The agent closed (or went away): hand over what it sent, then CLOSE_RSP.
     let flush = async {
         if let Some(b) = to_client.take() {
-            inbox.consumed(b.len());
             if tx.send(Ok(packet::data(id, b))).await.is_err() {
                 return;
             }

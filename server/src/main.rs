@@ -19,7 +19,7 @@ use futures::StreamExt;
 use options::{Mode, Options};
 use spoke_proto::agent_service_server::AgentServiceServer;
 use spoke_proto::proxy_service_server::ProxyServiceServer;
-use spoke_tunnel::admin;
+use spoke_tunnel::admin::{self, bind_addr};
 use spoke_tunnel::listen::{tls_incoming, TlsIo};
 use spoke_tunnel::tls::{CertFiles, Reloading, ServerTlsFiles, TlsPolicy};
 use state::State;
@@ -43,16 +43,6 @@ fn main() {
         eprintln!("spoke-server: {e:#}");
         std::process::exit(1);
     }
-}
-
-fn bind_addr(host: &str, port: u16) -> Result<SocketAddr> {
-    let ip: IpAddr = if host.is_empty() {
-        IpAddr::V6(Ipv6Addr::UNSPECIFIED)
-    } else {
-        host.parse()
-            .with_context(|| format!("invalid bind address {host:?}"))?
-    };
-    Ok(SocketAddr::new(ip, port))
 }
 
 fn run(opts: Options) -> Result<()> {

@@ -6,12 +6,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use spoke_tunnel::metrics::{RelayMetrics, StreamMetrics, TlsMetrics};
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabel {
-    pub reason: &'static str,
-}
+use spoke_tunnel::metrics::{count, ReasonLabels, RelayMetrics, StreamMetrics, TlsMetrics};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MethodLabel {
@@ -31,7 +26,7 @@ pub struct ServerMetrics {
     pub relay: RelayMetrics,
     pub tls: TlsMetrics,
     pub dial_duration: Histogram,
-    pub dial_failures: Family<ReasonLabel, Counter>,
+    pub dial_failures: Family<ReasonLabels, Counter>,
     pub grpc_connections: Family<MethodLabel, Gauge>,
     pub http_connections: Gauge,
     pub ready_backend_connections: Gauge,
@@ -40,7 +35,7 @@ pub struct ServerMetrics {
     pub established_connections: Gauge,
     pub full_receive_channels: Family<MethodLabel, Gauge>,
     /// Spoke: connections refused or closed because of bad input, by reason.
-    pub rejected: Family<ReasonLabel, Counter>,
+    pub rejected: Family<ReasonLabels, Counter>,
 }
 
 impl ServerMetrics {
@@ -63,13 +58,11 @@ impl ServerMetrics {
     }
 
     pub fn dial_failure(&self, reason: &'static str) {
-        self.dial_failures
-            .get_or_create(&ReasonLabel { reason })
-            .inc();
+        count(&self.dial_failures, reason);
     }
 
     pub fn reject(&self, reason: &'static str) {
-        self.rejected.get_or_create(&ReasonLabel { reason }).inc();
+        count(&self.rejected, reason);
     }
 
     pub fn registry(&self) -> Registry {

@@ -10,6 +10,18 @@ use prometheus_client::registry::Registry;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+/// A listen address from upstream-style `--*-bind-address` and port flags: an empty host
+/// means every interface (IPv6 and IPv4).
+pub fn bind_addr(host: &str, port: u16) -> Result<SocketAddr> {
+    let ip: std::net::IpAddr = if host.is_empty() {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    } else {
+        host.parse()
+            .with_context(|| format!("invalid bind address {host:?}"))?
+    };
+    Ok(SocketAddr::new(ip, port))
+}
+
 /// Binds now (so a taken port fails start-up with a clear error), serves on a thread.
 pub fn serve(name: &'static str, addr: SocketAddr, router: Router) -> Result<SocketAddr> {
     let listener = std::net::TcpListener::bind(addr)

@@ -88,9 +88,15 @@ struct DirectionLabels {
     direction: &'static str,
 }
 
+/// A `reason` label, used by counters across the binaries.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ReasonLabels {
-    reason: &'static str,
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+/// Counts one event under `reason`.
+pub fn count(family: &Family<ReasonLabels, Counter>, reason: &'static str) {
+    family.get_or_create(&ReasonLabels { reason }).inc();
 }
 
 /// Spoke's own data-path metrics (prefix `spoke_`).

@@ -42,6 +42,8 @@ pub struct ConnEntry {
     inbox: Inbox,
     window: Arc<SendWindow>,
     closer: oneshot::Sender<PeerClose>,
+    /// Tells this connection apart from a later one a peer opens under the same id.
+    generation: u64,
 }
 
 /// What the connection's relay holds.
@@ -50,6 +52,7 @@ pub struct ConnParts {
     pub inbox: InboxRx,
     pub window: Arc<SendWindow>,
     pub closer: oneshot::Receiver<PeerClose>,
+    pub generation: u64,
 }
 
 /// Flow-control settings of one tunnel stream.
@@ -75,16 +78,20 @@ pub fn new_conn(flow: FlowConfig, metrics: &RelayMetrics) -> (ConnEntry, ConnPar
         None => SendWindow::unlimited(),
     };
     let (ctx, crx) = oneshot::channel();
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let generation = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     (
         ConnEntry {
             inbox: tx,
             window: window.clone(),
             closer: ctx,
+            generation,
         },
         ConnParts {
             inbox: rx,
             window,
             closer: crx,
+            generation,
         },
     )
 }
@@ -187,8 +194,15 @@ impl ConnTable {
         n
     }
 
-    fn remove(&self, id: i64) -> bool {
-        self.lock().remove(&id).is_some()
+    /// Removes the entry only if it is still this relay's own (same generation).
+    fn remove(&self, id: i64, generation: u64) -> bool {
+        let mut conns = self.lock();
+        if conns.get(&id).is_some_and(|e| e.generation == generation) {
+            conns.remove(&id);
+            true
+        } else {
+            false
+        }
     }
 }
 
@@ -270,10 +284,11 @@ impl Relay {
             inbox,
             window,
             closer,
+            generation,
         } = parts;
         let credit = flow.credits().then(|| CreditReturn::new(flow.buffer_cap));
         let read_side = read_loop(
-            id,
+            (id, generation),
             reader,
             &table,
             &outbound,
@@ -296,7 +311,7 @@ impl Relay {
 
 #[allow(clippy::too_many_arguments)]
 async fn read_loop<R: ChunkRead>(
-    id: i64,
+    (id, generation): (i64, u64),
     mut reader: R,
     table: &ConnTable,
     outbound: &Outbound,
@@ -345,7 +360,7 @@ async fn read_loop<R: ChunkRead>(
         }
     }
     // Our side ended first, unless the peer is closing at the same moment.
-    if table.remove(id) {
+    if table.remove(id, generation) {
         let _ = outbound.data(local_close).await;
     } else if let Ok(PeerClose { reply: Some(p) }) = closer.await {
         let _ = outbound.data(p).await;
@@ -363,13 +378,14 @@ async fn write_loop<W: AsyncWrite + Unpin>(
 ) {
     while let Some(bytes) = inbox.recv().await {
         let n = bytes.len();
+        // Out of the buffer from here on, even if the write fails or is cancelled.
+        inbox.consumed(n);
         if let Err(e) = writer.write_all(&bytes).await {
             tracing::debug!(connection_id = id, error = %e, "endpoint write failed");
             metrics.closed("endpoint_error");
             local_fail.cancel();
             return;
         }
-        inbox.consumed(n);
         metrics.relayed(TO_ENDPOINT, n);
         if let Some(grant) = credit.as_mut().and_then(|c| c.drained(n)) {
             let _ = outbound.control(packet::credit(id, grant as i64));
