@@ -183,7 +183,7 @@ async fn agent_sigkill_closes_its_frontends_readyz_follows_and_dials_go_to_the_o
         Duration::from_secs(10),
         || async {
             match server_gauge(&server, names::SERVER_READY_BACKENDS).await? {
-                v if v == 2.0 => Ok(()),
+                2.0 => Ok(()),
                 v => Err(format!("ready_backend_connections={v}")),
             }
         },
@@ -213,7 +213,7 @@ async fn agent_sigkill_closes_its_frontends_readyz_follows_and_dials_go_to_the_o
         Duration::from_secs(10),
         || async {
             match server_gauge(&server, names::SERVER_READY_BACKENDS).await? {
-                v if v == 1.0 => Ok(()),
+                1.0 => Ok(()),
                 v => Err(format!("ready_backend_connections={v}")),
             }
         },
@@ -522,7 +522,7 @@ async fn silent_path_loss_is_detected_by_keepalive_and_the_agent_reconnects() {
         Duration::from_secs(35).saturating_sub(cut.elapsed()) + Duration::from_secs(1),
         || async {
             match agent_gauge(&remote.agent, names::AGENT_OPEN_SERVERS).await? {
-                v if v == 0.0 => Ok(()),
+                0.0 => Ok(()),
                 v => Err(format!("open_server_connections={v}")),
             }
         },

@@ -449,7 +449,7 @@ async fn sigterm_drain_keeps_the_open_connection_and_new_dials_go_to_the_other_a
         Duration::from_secs(10),
         || async {
             match server_gauge(&server, names::SERVER_READY_BACKENDS).await? {
-                v if v == 2.0 => Ok(()),
+                2.0 => Ok(()),
                 v => Err(format!("ready_backend_connections={v}")),
             }
         },
@@ -643,7 +643,7 @@ async fn cluster_cert_rotation_applies_to_new_handshakes_and_a_broken_file_is_re
         Duration::from_secs(10),
         || async {
             match server_gauge(&server, names::SERVER_READY_BACKENDS).await? {
-                v if v == 2.0 => Ok(()),
+                2.0 => Ok(()),
                 v => Err(format!("ready_backend_connections={v}")),
             }
         },
