@@ -24,7 +24,7 @@ use spoke_tunnel::backoff::{jitter, Backoff};
 use spoke_tunnel::packet;
 use spoke_tunnel::tls::{CertFiles, ClientTlsFiles, Reloading};
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};

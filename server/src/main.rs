@@ -23,7 +23,6 @@ use spoke_tunnel::admin::{self, bind_addr};
 use spoke_tunnel::listen::{tls_incoming, TlsIo};
 use spoke_tunnel::tls::{CertFiles, Reloading, ServerTlsFiles, TlsPolicy};
 use state::State;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
