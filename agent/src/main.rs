@@ -311,7 +311,8 @@ fn start_admin(agent: &Arc<Agent>, health: SocketAddr) -> Result<()> {
                     .into_response()
             }),
         )
-        .route("/status", get(status));
+        .route("/status", get(status))
+        .merge(admin::log_level_route());
     let o = &agent.opts;
     admin::serve(
         "admin",

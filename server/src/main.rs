@@ -83,7 +83,9 @@ fn start_http(state: &Arc<State>) -> Result<()> {
     admin::serve(
         "admin",
         bind_addr(&o.admin_bind_address, o.admin_port)?,
-        admin::metrics_route(registry).route("/status", get(status_page(state.clone()))),
+        admin::metrics_route(registry)
+            .route("/status", get(status_page(state.clone())))
+            .merge(admin::log_level_route()),
     )?;
     Ok(())
 }

@@ -36,11 +36,39 @@ pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<Response> {
 }
 
 async fn get_inner(addr: SocketAddr, path: &str) -> anyhow::Result<Response> {
+    request_inner(addr, "GET", path, "").await
+}
+
+/// `method path` with `body` on `addr` with a 5 s overall timeout.
+pub async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> anyhow::Result<Response> {
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        request_inner(addr, method, path, body),
+    )
+    .await
+    .with_context(|| format!("{method} http://{addr}{path} timed out"))?
+}
+
+async fn request_inner(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> anyhow::Result<Response> {
     let mut s = TcpStream::connect(addr)
         .await
         .with_context(|| format!("connect {addr}"))?;
     s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
     )
     .await?;
     let mut raw = Vec::new();

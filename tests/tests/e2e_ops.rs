@@ -786,3 +786,98 @@ async fn graceful_shutdown_timeout_bounds_the_wait_for_a_connection_that_never_e
         "tunnel still open after the server exited: {n:?}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// 6. Runtime log level on the admin port
+
+async fn log_filter(addr: std::net::SocketAddr, method: &str, body: &str) -> (u16, String) {
+    let r = http::request(addr, method, "/debug/flags/v", body)
+        .await
+        .expect("admin port answers");
+    (r.status, r.body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_level_changes_at_run_time_through_the_admin_port() {
+    let env = Env::new("o_loglevel");
+    let mut server = env.server(uds()).await;
+    let mut agent = env.agent(AgentOpts::new(server.agent_addr)).await;
+    agent.wait_ready().await;
+    server.wait_ready().await;
+    let echo = backends::echo().await;
+
+    // Default --v=4: info, so per-connection lifecycle lines (debug) are not logged.
+    let (code, body) = log_filter(agent.admin_addr, "GET", "").await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.starts_with("info"), "default filter: {body:?}");
+    connect::echo_roundtrip(&server.frontend, &echo.target())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !agent.proc.log().contains("endpoint connected"),
+        "debug lines must be off at --v=4"
+    );
+
+    // klog style: a verbosity number, as `PUT /debug/flags/v` on Kubernetes components.
+    let (code, body) = log_filter(agent.admin_addr, "PUT", "5").await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("debug"), "{body:?}");
+    connect::echo_roundtrip(&server.frontend, &echo.target())
+        .await
+        .unwrap();
+    poll_until(
+        "agent to log the connection at debug",
+        Duration::from_secs(5),
+        || async {
+            agent
+                .proc
+                .log()
+                .contains("endpoint connected")
+                .then_some(())
+                .ok_or_else(|| "no 'endpoint connected' line yet".to_string())
+        },
+    )
+    .await;
+
+    // A tracing directive on the server; a bad one is refused and changes nothing.
+    let (code, body) = log_filter(server.admin_addr, "PUT", "info,spoke_server=debug").await;
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = log_filter(server.admin_addr, "PUT", "info,spoke_server=[[").await;
+    assert_eq!(code, 400, "a bad filter is refused: {body}");
+    assert!(body.contains("invalid log filter"), "{body:?}");
+    let (code, body) = log_filter(server.admin_addr, "GET", "").await;
+    assert_eq!((code, body.trim()), (200, "info,spoke_server=debug"));
+    connect::echo_roundtrip(&server.frontend, &echo.target())
+        .await
+        .unwrap();
+    poll_until(
+        "server to log the tunnel at debug",
+        Duration::from_secs(5),
+        || async {
+            server
+                .proc
+                .log()
+                .contains("tunnel established")
+                .then_some(())
+                .ok_or_else(|| "no 'tunnel established' line yet".to_string())
+        },
+    )
+    .await;
+
+    // Back to quiet: no new debug lines after `PUT 0`.
+    let (code, _) = log_filter(agent.admin_addr, "PUT", "0").await;
+    assert_eq!(code, 200);
+    let before = agent.proc.log().matches("endpoint connected").count();
+    connect::echo_roundtrip(&server.frontend, &echo.target())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        agent.proc.log().matches("endpoint connected").count(),
+        before,
+        "PUT 0 turns debug lines off again"
+    );
+    agent.proc.assert_running();
+    server.proc.assert_running();
+}

@@ -84,3 +84,25 @@ pub fn healthz() -> Router {
 pub fn text(status: StatusCode, body: impl Into<String>) -> Response {
     (status, body.into()).into_response()
 }
+
+/// `/debug/flags/v` on the admin port, as on Kubernetes components: `GET` shows the log
+/// filter in force, `PUT` with a klog verbosity (`5`) or a tracing filter
+/// (`info,spoke_tunnel=debug`) as the body changes it without a restart.
+pub fn log_level_route() -> Router {
+    use axum::routing::put;
+    Router::new().route(
+        "/debug/flags/v",
+        get(|| async {
+            match crate::logging::current() {
+                Some(d) => text(StatusCode::OK, format!("{d}\n")),
+                None => text(StatusCode::SERVICE_UNAVAILABLE, "logging not initialised\n"),
+            }
+        })
+        .merge(put(|body: String| async move {
+            match crate::logging::set(&body) {
+                Ok(d) => text(StatusCode::OK, format!("log filter set to {d}\n")),
+                Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+            }
+        })),
+    )
+}
