@@ -25,12 +25,17 @@ fn main() {
         fs::copy(&object, &out).expect("copy the eBPF object into OUT_DIR");
     } else {
         // Watch the nearest existing ancestor so a later build-ebpf is picked up without
-        // re-running this script on every build.
+        // re-running this script on every build, but only inside agent-ebpf/: cargo scans a
+        // watched directory recursively (following symlinks), and for an object path outside
+        // (SPOKE_EBPF_OBJECT=/nonexistent/...) the nearest ancestor can be `/`, which means
+        // the whole filesystem, /proc and /sys included: every later build hangs. Elsewhere
+        // only a change of SPOKE_EBPF_OBJECT (or of this script) reruns it.
+        let ebpf_crate = manifest.join("../agent-ebpf");
         let watch = object
             .ancestors()
             .skip(1)
-            .find(|p| p.exists())
-            .unwrap_or(Path::new("."));
+            .find(|p| p.starts_with(&ebpf_crate) && p.exists())
+            .unwrap_or(Path::new("build.rs"));
         println!("cargo:rerun-if-changed={}", watch.display());
         println!(
             "cargo:warning=eBPF object {} not found: building spoke-agent without eBPF \

@@ -28,7 +28,8 @@ pub struct CaSet {
     pub ca: PathBuf,
     /// CA certificate PEM.
     pub ca_pem: String,
-    /// Server certificate (SANs `localhost`, `127.0.0.1`), serverAuth + clientAuth.
+    /// Server certificate (SANs `localhost`, `127.0.0.1` and any extra ones asked for),
+    /// serverAuth + clientAuth.
     pub server: CertKey,
     /// Agent client certificate.
     pub agent: CertKey,
@@ -48,9 +49,15 @@ pub struct Pki {
 impl Pki {
     /// Generates both CA sets into `dir`.
     pub fn generate(dir: &Path) -> Self {
+        Self::generate_with_server_sans(dir, &[])
+    }
+
+    /// Like [`Pki::generate`], with `extra_sans` (names or IP addresses) added to the main
+    /// server certificate, e.g. the address a server listens on in another network namespace.
+    pub fn generate_with_server_sans(dir: &Path, extra_sans: &[&str]) -> Self {
         Self {
-            main: CaSet::generate(dir, "main"),
-            rogue: CaSet::generate(dir, "rogue"),
+            main: CaSet::generate(dir, "main", extra_sans),
+            rogue: CaSet::generate(dir, "rogue", &[]),
         }
     }
 }
@@ -62,7 +69,7 @@ fn write(dir: &Path, name: &str, pem: &str) -> PathBuf {
 }
 
 impl CaSet {
-    fn generate(dir: &Path, prefix: &str) -> Self {
+    fn generate(dir: &Path, prefix: &str, extra_server_sans: &[&str]) -> Self {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params
@@ -96,13 +103,11 @@ impl CaSet {
             }
         };
         use ExtendedKeyUsagePurpose::{ClientAuth, ServerAuth};
+        let mut server_sans = vec!["localhost", "127.0.0.1"];
+        server_sans.extend_from_slice(extra_server_sans);
         Self {
             ca: write(dir, &format!("{prefix}-ca.crt"), &ca_pem),
-            server: leaf(
-                "server",
-                &["localhost", "127.0.0.1"],
-                vec![ServerAuth, ClientAuth],
-            ),
+            server: leaf("server", &server_sans, vec![ServerAuth, ClientAuth]),
             agent: leaf("agent", &[], vec![ClientAuth]),
             frontend: leaf("frontend", &[], vec![ClientAuth]),
             ca_pem,

@@ -1,31 +1,38 @@
-//! eBPF data plane tests: real programs, real kernel, real namespaces. Need root.
+//! eBPF data plane tests: the real `spoke-server` and `spoke-agent`, real programs, real
+//! kernel, real namespaces. Need root.
 //!
 //! Topology (all namespaces created here, nothing touches the root namespace):
 //!
 //! ```text
 //!   pod ns  10.211.0.2 fdcc::2 ──veth── 10.211.0.1 fdcc::1  node ns  10.212.0.1 fdcd::1 ──veth── 10.212.0.2 fdcd::2  outside ns
-//!   (endpoint)                           (agent, endpoints, kubelet-like :10250)                       (clients of :10250)
+//!   (pod endpoints)                (spoke-agent, endpoints, kubelet-like :10250)   n-out: XDP guard   (spoke-server, clients of :10250)
 //! ```
 //!
-//! The agent is played by `agent/examples/ebpf_relay.rs`, which loads `Ebpf` exactly like
-//! spoke-agent and relays `--route LISTEN=BACKEND`, marking its backend socket before
-//! connect(). To move these tests to the real agent, replace [`Agent::start`] (spawn the
-//! server and the agent, dial through the tunnel) and keep the assertions: they only use
-//! `/metrics`, the status JSON and bpftool.
+//! spoke-server runs in the outside ("control plane") namespace with its agent port on
+//! 10.212.0.2:8091, so the agent's tunnel crosses the veth that carries the XDP guard. Its
+//! frontend is HTTP CONNECT over a Unix socket, which the test process reaches from any
+//! namespace: every "tunnelled" connection below is client → UDS CONNECT → spoke-server →
+//! mTLS tunnel → spoke-agent → endpoint, and the agent-local leg (agent → endpoint) is what
+//! the socket fast path redirects. Assertions use the agent's `/metrics` (health port), its
+//! `/status` JSON (admin port) and bpftool.
 //!
-//! Tests run one at a time (they share bpftool views and measure CPU).
+//! Both binaries come from `cargo build --workspace --bins` (same profile as the tests).
+//! Tests run one at a time (they share bpftool views, fixed ports and measure CPU).
 #[path = "../src/netns.rs"]
 #[allow(dead_code)]
 mod netns;
 
 use std::{
     collections::HashMap,
-    io::{BufRead, BufReader, Read, Write},
+    fs::File,
+    io::{Read, Write},
+    mem::ManuallyDrop,
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    os::unix::net::UnixStream,
     path::PathBuf,
-    process::{Child, Stdio},
+    process::{Child, Command, ExitStatus, Stdio},
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         mpsc, Arc, Mutex, MutexGuard,
     },
     thread,
@@ -33,6 +40,11 @@ use std::{
 };
 
 use netns::{require_root, veth, Cgroup, Netns};
+use spoke_tests::{
+    bins::{agent_bin, server_bin},
+    certs::{CaSet, Pki},
+    testdir::TestDir,
+};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -40,103 +52,387 @@ fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-// ---------------------------------------------------------------------------------------
-// The agent stand-in
-// ---------------------------------------------------------------------------------------
+/// spoke-server's agent port, in the outside namespace (the certificate names this address).
+const SERVER_ADDR: &str = "10.212.0.2";
+const SERVER_AGENT_PORT: u16 = 8091;
+/// Health and admin listeners, on loopback of their own namespace.
+const SERVER_HEALTH: &str = "127.0.0.1:8092";
+const AGENT_HEALTH: &str = "127.0.0.1:8093";
+const AGENT_ADMIN: &str = "127.0.0.1:8094";
+const SERVER_ADMIN: &str = "127.0.0.1:8095";
+const STARTUP: Duration = Duration::from_secs(30);
 
-/// The relay example next to the test executable (`target/<profile>/examples`). Not built
-/// from here: a nested cargo would wait on the shared target-dir lock.
-fn relay_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let bin = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("test executable lives in target/<profile>/deps")
-        .join("examples/ebpf_relay");
-    assert!(
-        bin.is_file(),
-        "{} missing: run `cargo build -p spoke-agent --example ebpf_relay` (same profile) first",
-        bin.display()
-    );
-    bin
+/// A handle for entering namespace `name` that does not delete it when dropped (the test's
+/// [`Node`] owns the namespaces).
+fn ns_ref(name: &str) -> ManuallyDrop<Netns> {
+    ManuallyDrop::new(Netns {
+        name: name.to_string(),
+    })
 }
 
-struct Agent {
+/// Runs `f` on a thread inside namespace `ns` and returns its result.
+fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    ns_ref(ns)
+        .spawn(f)
+        .join()
+        .expect("namespace thread panicked")
+        .expect("enter netns")
+}
+
+// ---------------------------------------------------------------------------------------
+// Processes under test
+// ---------------------------------------------------------------------------------------
+
+static NEXT_LOG: AtomicUsize = AtomicUsize::new(0);
+
+/// A child process with stdout+stderr in a log file; SIGKILLed on drop, log printed when the
+/// test fails.
+struct Proc {
+    name: String,
     child: Child,
-    ns: String,
-    admin: SocketAddr,
-    status: String,
-    stderr: PathBuf,
+    log: PathBuf,
 }
 
-impl Agent {
-    /// Starts the relay in `ns` and waits for READY.
-    fn start(ns: &Netns, args: &[&str]) -> Agent {
-        Self::try_start(ns, args).unwrap_or_else(|(status, err)| {
-            panic!("agent failed to start (status {status:?}):\n{err}")
-        })
-    }
-
-    fn try_start(ns: &Netns, args: &[&str]) -> Result<Agent, (Option<i32>, String)> {
-        let admin: SocketAddr = "127.0.0.1:9990".parse().expect("addr");
-        let stderr = std::env::temp_dir().join(format!(
-            "{}-{}-agent.log",
-            netns::PREFIX,
-            std::process::id()
-        ));
-        let log = std::fs::File::create(&stderr).expect("agent log");
-        let mut child = ns
-            .command(relay_bin())
-            .expect("netns command")
-            .args(["--admin", &admin.to_string()])
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(log)
+impl Proc {
+    fn spawn(name: &str, mut cmd: Command, dir: &TestDir) -> Proc {
+        let n = NEXT_LOG.fetch_add(1, Ordering::Relaxed);
+        let log = dir.join(&format!("{name}-{n}.log"));
+        let out = File::create(&log).expect("create process log");
+        let err = out.try_clone().expect("clone log handle");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
             .spawn()
-            .expect("spawn ebpf_relay");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let mut status = String::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(line) if line == "READY" => break,
-                Ok(line) => {
-                    if let Some(s) = line.strip_prefix("STATUS ") {
-                        status = s.to_string();
-                    }
-                }
-                Err(_) => {
-                    if let Ok(Some(exit)) = child.try_wait() {
-                        let err = std::fs::read_to_string(&stderr).unwrap_or_default();
-                        return Err((exit.code(), err));
-                    }
-                    assert!(Instant::now() < deadline, "agent not ready after 60 s");
-                }
-            }
-        }
-        Ok(Agent {
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        Proc {
+            name: name.to_string(),
             child,
-            ns: ns.name.clone(),
-            admin,
-            status,
-            stderr,
-        })
+            log,
+        }
     }
 
     fn pid(&self) -> u32 {
         self.child.id()
     }
 
-    /// Counters and gauges from /metrics, keyed by the sample's name with labels.
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Panics with the log if the process has exited.
+    fn assert_running(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!(
+                "{} exited unexpectedly ({status}); log:\n{}",
+                self.name,
+                self.log()
+            );
+        }
+    }
+
+    /// Waits for the process to exit by itself; SIGKILLs it and panics after `timeout`.
+    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                self.kill9();
+                panic!(
+                    "{} still running after {timeout:?}; log:\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+        if thread::panicking() {
+            eprintln!(
+                "----- {} log ({}) -----\n{}\n----- end of {} log -----",
+                self.name,
+                self.log.display(),
+                self.log(),
+                self.name
+            );
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 GET from inside namespace `ns`: (status, body).
+fn http_get(ns: &str, addr: &str, path: &str) -> Result<(u16, String), String> {
+    let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let path = path.to_string();
+    in_ns(ns, move || {
+        let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        c.set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| e.to_string())?;
+        let req = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
+        c.write_all(req.as_bytes())
+            .map_err(|e| format!("write {addr}: {e}"))?;
+        let mut raw = Vec::new();
+        c.read_to_end(&mut raw)
+            .map_err(|e| format!("read {addr}: {e}"))?;
+        let raw = String::from_utf8_lossy(&raw);
+        let (head, body) = raw
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| format!("incomplete answer from {addr}{path}: {raw:?}"))?;
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("bad status line from {addr}{path}: {head:?}"))?;
+        let chunked = head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked");
+        Ok((status, if chunked { dechunk(body) } else { body.into() }))
+    })
+}
+
+fn dechunk(mut rest: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, tail)) = rest.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if size == 0 || tail.len() < size {
+            break;
+        }
+        out.push_str(&tail[..size]);
+        rest = tail[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// Polls `GET path` until it answers `want` (or `proc` exits, or `timeout` passes).
+fn wait_status(proc: &mut Proc, ns: &str, addr: &str, path: &str, want: u16, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        proc.assert_running();
+        let last = match http_get(ns, addr, path) {
+            Ok((status, _)) if status == want => return,
+            Ok((status, body)) => format!("status {status} body {body:?}"),
+            Err(e) => e,
+        };
+        assert!(
+            Instant::now() < deadline,
+            "{}: GET {addr}{path} did not answer {want} within {timeout:?}; last: {last}",
+            proc.name
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// spoke-server in the outside namespace: `--mode=http-connect` over a Unix socket.
+struct SpokeServer {
+    proc: Proc,
+    ns: String,
+    uds: PathBuf,
+}
+
+impl SpokeServer {
+    fn start(n: &Node) -> SpokeServer {
+        let uds = n.dir.join("server.sock");
+        let main = &n.pki;
+        let flag = |name: &str, value: &dyn std::fmt::Display| format!("--{name}={value}");
+        let (health, admin): (SocketAddr, SocketAddr) = (
+            SERVER_HEALTH.parse().expect("addr"),
+            SERVER_ADMIN.parse().expect("addr"),
+        );
+        let mut cmd = n.outside.command(server_bin()).expect("netns command");
+        cmd.args([
+            flag("mode", &"http-connect"),
+            flag("uds-name", &uds.display()),
+            flag("server-port", &0),
+            flag("agent-bind-address", &SERVER_ADDR),
+            flag("agent-port", &SERVER_AGENT_PORT),
+            flag("cluster-cert", &main.server.cert.display()),
+            flag("cluster-key", &main.server.key.display()),
+            flag("cluster-ca-cert", &main.ca.display()),
+            flag("health-bind-address", &health.ip()),
+            flag("health-port", &health.port()),
+            flag("admin-bind-address", &admin.ip()),
+            flag("admin-port", &admin.port()),
+            flag("server-id", &"server-ebpf"),
+            flag("server-count", &1),
+        ]);
+        let mut server = SpokeServer {
+            proc: Proc::spawn("spoke-server", cmd, &n.dir),
+            ns: n.outside.name.clone(),
+            uds,
+        };
+        wait_status(
+            &mut server.proc,
+            &server.ns,
+            SERVER_HEALTH,
+            "/healthz",
+            200,
+            STARTUP,
+        );
+        let agent_port = SocketAddr::new(SERVER_ADDR.parse().expect("addr"), SERVER_AGENT_PORT);
+        wait_for("the server's agent port and Unix socket", || {
+            in_ns(&server.ns, move || {
+                TcpStream::connect_timeout(&agent_port, Duration::from_secs(1)).is_ok()
+            }) && UnixStream::connect(&server.uds).is_ok()
+        });
+        server
+    }
+
+    /// Starts an agent (with every capability) once the previous one is gone, and waits until
+    /// both ends see the tunnel.
+    fn start_agent(&mut self, n: &Node, extra: &[&str]) -> Agent {
+        self.start_agent_as(n, false, extra)
+    }
+
+    /// Like [`SpokeServer::start_agent`]; `unprivileged` drops every capability first.
+    fn start_agent_as(&mut self, n: &Node, unprivileged: bool, extra: &[&str]) -> Agent {
+        self.wait_no_agent();
+        let mut agent = Agent::spawn(n, unprivileged, extra);
+        agent.wait_ready();
+        wait_status(
+            &mut self.proc,
+            &self.ns,
+            SERVER_HEALTH,
+            "/readyz",
+            200,
+            STARTUP,
+        );
+        agent
+    }
+
+    /// Waits until the server has dropped every agent (readyz no longer 200), so the next
+    /// CONNECT cannot be routed to a dead tunnel.
+    fn wait_no_agent(&mut self) {
+        let deadline = Instant::now() + STARTUP;
+        loop {
+            self.proc.assert_running();
+            match http_get(&self.ns, SERVER_HEALTH, "/readyz") {
+                Ok((200, _)) => {}
+                Ok(_) => return,
+                Err(e) => panic!("server health: {e}"),
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server still reports a connected agent"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Opens a tunnel: `CONNECT target` on the Unix socket, `200` expected, then the stream
+    /// carries the connection's bytes.
+    fn tunnel(&self, target: &str) -> UnixStream {
+        let mut s = UnixStream::connect(&self.uds)
+            .unwrap_or_else(|e| panic!("connect {}: {e}", self.uds.display()));
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("read timeout");
+        s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+            .expect("write CONNECT");
+        // Byte by byte, so no tunnel byte is consumed with the head.
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            match s.read(&mut byte) {
+                Ok(1) => head.push(byte[0]),
+                other => panic!(
+                    "CONNECT {target}: answer cut short ({other:?}) after {:?}",
+                    String::from_utf8_lossy(&head)
+                ),
+            }
+            assert!(head.len() < 64 * 1024, "CONNECT {target}: header too long");
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        if !head.starts_with("HTTP/1.1 200") {
+            let mut body = String::new();
+            let _ = s.read_to_string(&mut body);
+            panic!("CONNECT {target} refused: {head}{body}");
+        }
+        s
+    }
+
+    fn cpu_seconds(&self) -> f64 {
+        proc_cpu_seconds(self.proc.pid())
+    }
+}
+
+/// The real spoke-agent in the node namespace, tunnelled to [`SpokeServer`].
+struct Agent {
+    proc: Proc,
+    ns: String,
+}
+
+impl Agent {
+    /// Spawns the agent; `unprivileged` runs it through `setpriv` without any capability.
+    fn spawn(n: &Node, unprivileged: bool, extra: &[&str]) -> Agent {
+        let main = &n.pki;
+        let (health, admin): (SocketAddr, SocketAddr) = (
+            AGENT_HEALTH.parse().expect("addr"),
+            AGENT_ADMIN.parse().expect("addr"),
+        );
+        let mut cmd = if unprivileged {
+            let mut c = n.node.command("setpriv").expect("netns command");
+            c.args(["--inh-caps=-all", "--bounding-set=-all", "--"])
+                .arg(agent_bin());
+            c
+        } else {
+            n.node.command(agent_bin()).expect("netns command")
+        };
+        cmd.args([
+            format!("--proxy-server-host={SERVER_ADDR}"),
+            format!("--proxy-server-port={SERVER_AGENT_PORT}"),
+            format!("--ca-cert={}", main.ca.display()),
+            format!("--agent-cert={}", main.agent.cert.display()),
+            format!("--agent-key={}", main.agent.key.display()),
+            "--agent-id=node-1".into(),
+            format!("--health-server-host={}", health.ip()),
+            format!("--health-server-port={}", health.port()),
+            format!("--admin-bind-address={}", admin.ip()),
+            format!("--admin-server-port={}", admin.port()),
+            "--sync-interval=100ms".into(),
+            "--sync-interval-cap=1s".into(),
+        ])
+        .args(extra);
+        Agent {
+            proc: Proc::spawn("spoke-agent", cmd, &n.dir),
+            ns: n.node.name.clone(),
+        }
+    }
+
+    /// Waits for /readyz 200: a tunnel to the server is up.
+    fn wait_ready(&mut self) {
+        wait_status(
+            &mut self.proc,
+            &self.ns,
+            AGENT_HEALTH,
+            "/readyz",
+            200,
+            STARTUP,
+        );
+    }
+
+    fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// Counters and gauges from the health port's /metrics, keyed by the sample's name with
+    /// labels.
     fn metrics(&self) -> HashMap<String, f64> {
-        let body = self.get("/metrics");
+        let (status, body) =
+            http_get(&self.ns, AGENT_HEALTH, "/metrics").expect("scrape agent /metrics");
+        assert_eq!(status, 200, "agent /metrics: {body}");
         body.lines()
             .filter(|l| !l.starts_with('#') && !l.is_empty())
             .filter_map(|l| {
@@ -146,29 +442,20 @@ impl Agent {
             .collect()
     }
 
-    fn get(&self, path: &str) -> String {
-        let (admin, path) = (self.admin, path.to_string());
-        let ns = Netns {
-            name: self.ns.clone(),
-        };
-        let h = ns.spawn(move || {
-            let mut c = TcpStream::connect(admin).expect("admin connect");
-            let req = format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n");
-            c.write_all(req.as_bytes()).expect("admin write");
-            let mut body = String::new();
-            c.read_to_string(&mut body).expect("admin read");
-            body.split_once("\r\n\r\n")
-                .map(|(_, b)| b.to_string())
-                .unwrap_or_default()
-        });
-        std::mem::forget(ns); // owned by the test, not by this handle
-        h.join().expect("admin thread").expect("enter netns")
+    /// The `ebpf` object of the admin port's /status JSON.
+    fn ebpf_status(&self) -> serde_json::Value {
+        let (status, body) =
+            http_get(&self.ns, AGENT_ADMIN, "/status").expect("agent admin /status");
+        assert_eq!(status, 200, "agent /status: {body}");
+        let json: serde_json::Value = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("agent /status is not JSON ({e}): {body}"));
+        let ebpf = json["ebpf"].clone();
+        assert!(ebpf.is_object(), "/status has no ebpf object: {body}");
+        ebpf
     }
 
     fn kill9(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.pid() as i32, libc::SIGKILL) };
-        let _ = self.child.wait();
+        self.proc.kill9();
     }
 
     fn cpu_seconds(&self) -> f64 {
@@ -176,18 +463,13 @@ impl Agent {
     }
 }
 
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if thread::panicking() {
-            let log = std::fs::read_to_string(&self.stderr).unwrap_or_default();
-            eprintln!(
-                "---- agent stderr ----\n{log}\n---- status ----\n{}",
-                self.status
-            );
-        }
-    }
+/// `ebpf[part]["state"]`, e.g. `state(&ebpf, "fast_path") == "on"`.
+fn state(ebpf: &serde_json::Value, part: &str) -> String {
+    ebpf[part]["state"].as_str().unwrap_or("").to_string()
+}
+
+fn detail(ebpf: &serde_json::Value, part: &str) -> String {
+    ebpf[part]["detail"].as_str().unwrap_or("").to_string()
 }
 
 fn counter(m: &HashMap<String, f64>, name: &str) -> f64 {
@@ -211,7 +493,7 @@ const XDP_ALLOWED: &str = "spoke_ebpf_xdp_packets_total{action=\"pass\",reason=\
 // ---------------------------------------------------------------------------------------
 
 /// A TCP server on a thread inside a namespace; stops on drop.
-struct Server {
+struct Backend {
     addr: SocketAddr,
     ns: String,
     stop: Arc<AtomicBool>,
@@ -220,15 +502,16 @@ struct Server {
 #[derive(Clone, Copy)]
 enum Behaviour {
     Echo,
-    /// Reads and discards; replies with one byte at EOF.
+    /// Reads an 8-byte little-endian length, then that many bytes; replies with one byte.
+    /// (A tunnel has no half-close, so the end of the transfer cannot be an EOF.)
     Sink,
     /// Accepts and holds.
     Hold,
 }
 
-impl Server {
-    fn start(ns: &Netns, addr: &str, behaviour: Behaviour) -> Server {
-        let addr: SocketAddr = addr.parse().expect("server addr");
+impl Backend {
+    fn start(ns: &Netns, addr: &str, behaviour: Behaviour) -> Backend {
+        let addr: SocketAddr = addr.parse().expect("backend addr");
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel();
         let flag = stop.clone();
@@ -252,9 +535,9 @@ impl Server {
         });
         match rx.recv_timeout(Duration::from_secs(10)) {
             Ok(Ok(())) => {}
-            other => panic!("server {addr} did not start: {other:?}"),
+            other => panic!("backend {addr} did not start: {other:?}"),
         }
-        Server {
+        Backend {
             addr,
             ns: ns.name.clone(),
             stop,
@@ -274,12 +557,19 @@ fn serve(conn: &mut TcpStream, behaviour: Behaviour) {
             let _ = conn.shutdown(Shutdown::Write);
         }
         Behaviour::Sink => {
-            while let Ok(n) = conn.read(&mut buf) {
-                if n == 0 {
-                    break;
+            let mut len = [0u8; 8];
+            while conn.read_exact(&mut len).is_ok() {
+                let mut left = u64::from_le_bytes(len) as usize;
+                while left > 0 {
+                    match conn.read(&mut buf[..left.min(256 * 1024)]) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => left -= n,
+                    }
+                }
+                if conn.write_all(b"k").is_err() {
+                    return;
                 }
             }
-            let _ = conn.write_all(b"k");
         }
         Behaviour::Hold => {
             let _ = conn.read(&mut buf);
@@ -287,20 +577,14 @@ fn serve(conn: &mut TcpStream, behaviour: Behaviour) {
     }
 }
 
-impl Drop for Server {
+impl Drop for Backend {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         // Wake the accept loop.
-        let (addr, ns) = (
-            self.addr,
-            Netns {
-                name: self.ns.clone(),
-            },
-        );
-        let _ = ns
+        let addr = self.addr;
+        let _ = ns_ref(&self.ns)
             .spawn(move || TcpStream::connect_timeout(&addr, Duration::from_secs(1)))
             .join();
-        std::mem::forget(ns);
     }
 }
 
@@ -323,8 +607,33 @@ fn fnv1a(data: &[u8]) -> u64 {
     })
 }
 
-/// Sends `data` to an echo service through `addr` (from inside `ns`) and checks it comes
-/// back intact. Writes and reads concurrently so neither side's buffers fill up.
+/// Sends `data` to an echo service over `conn` and checks it comes back intact. Writes and
+/// reads concurrently so neither side's buffers fill up; reads exactly `data.len()` bytes
+/// (a tunnel cannot be half-closed). `conn` stays open.
+fn echo_over(conn: &UnixStream, what: &str, data: &Arc<Vec<u8>>) {
+    let mut w = conn.try_clone().expect("clone");
+    let out = data.clone();
+    let writer = thread::spawn(move || {
+        for chunk in out.chunks(100_000) {
+            w.write_all(chunk).expect("write into the tunnel");
+        }
+    });
+    let mut back = vec![0u8; data.len()];
+    let mut r = conn;
+    r.read_exact(&mut back)
+        .unwrap_or_else(|e| panic!("echo via {what}: reading back: {e}"));
+    writer.join().expect("writer");
+    assert_eq!(fnv1a(&back), fnv1a(data), "echo via {what}: checksum");
+}
+
+/// One tunnelled echo round trip to `target` (CONNECT, payload both ways, close).
+fn tunnel_echo(server: &SpokeServer, target: &str, data: &Arc<Vec<u8>>) {
+    let conn = server.tunnel(target);
+    echo_over(&conn, &format!("tunnel to {target}"), data);
+}
+
+/// Sends `data` to an echo service at `addr` directly (from inside `ns`, no tunnel) and checks
+/// it comes back intact.
 fn echo_roundtrip(ns: &Netns, addr: &str, data: Arc<Vec<u8>>) {
     let addr: SocketAddr = addr.parse().expect("addr");
     let h = ns.spawn(move || {
@@ -362,15 +671,20 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
 // ---------------------------------------------------------------------------------------
 
 struct Node {
-    // Drop order: agent first is handled by the tests; namespaces last.
+    // Drop order: processes are locals of the tests (dropped first); then the cgroup, the
+    // namespaces and the scratch directory.
     cgroup: Cgroup,
     node: Netns,
     pod: Netns,
     outside: Netns,
+    /// Certificates, the server's Unix socket and the process logs.
+    dir: TestDir,
+    /// The PKI's trusted set; its server certificate also names 10.212.0.2.
+    pki: CaSet,
 }
 
 impl Node {
-    fn new() -> Node {
+    fn new(test: &str) -> Node {
         netns::remove_stale_namespaces();
         let cgroup = Cgroup::new().expect("cgroup");
         cgroup.enter().expect("enter cgroup");
@@ -395,11 +709,15 @@ impl Node {
             &["10.212.0.2/24", "fdcd::2/64"],
         )
         .expect("outside veth");
+        let dir = TestDir::new(&format!("ebpf_{test}"));
+        let pki = Pki::generate_with_server_sans(dir.path(), &[SERVER_ADDR]).main;
         Node {
             cgroup,
             node,
             pod,
             outside,
+            dir,
+            pki,
         }
     }
 
@@ -412,44 +730,34 @@ impl Node {
 // Tests
 // ---------------------------------------------------------------------------------------
 
-/// Agent-local legs (same netns over loopback, pod netns over veth, IPv4 and IPv6) are
-/// redirected, payloads stay intact both ways, an unrelated pair on the node is untouched,
-/// and entries leave the maps when sockets close.
+/// Agent-local legs of tunnelled connections (same netns over loopback, pod netns over veth,
+/// IPv4 and IPv6) are redirected, payloads stay intact both ways, an unrelated pair on the
+/// node is untouched, and entries leave the maps when sockets close. With `--ebpf=off` the
+/// same traffic flows intact and nothing is redirected.
 #[test]
 fn fast_path_redirects_agent_legs_only() {
     if !require_root("fast_path_redirects_agent_legs_only", "root and eBPF") {
         return;
     }
     let _serial = serial();
-    let n = Node::new();
-    let _local = Server::start(&n.node, "127.0.0.1:7000", Behaviour::Echo);
-    let _pod4 = Server::start(&n.pod, "10.211.0.2:7000", Behaviour::Echo);
-    let _pod6 = Server::start(&n.pod, "[fdcc::2]:7000", Behaviour::Echo);
-    let agent = Agent::start(
-        &n.node,
-        &[
-            "--ebpf=on",
-            "--cgroup-path",
-            &n.cg(),
-            "--route=127.0.0.1:9001=127.0.0.1:7000",
-            "--route=127.0.0.1:9002=10.211.0.2:7000",
-            "--route=127.0.0.1:9003=[fdcc::2]:7000",
-        ],
-    );
-    assert!(
-        agent.status.contains(r#""fast_path":{"state":"on""#),
-        "{}",
-        agent.status
-    );
+    let n = Node::new("fast_path");
+    let _local = Backend::start(&n.node, "127.0.0.1:7000", Behaviour::Echo);
+    let _pod4 = Backend::start(&n.pod, "10.211.0.2:7000", Behaviour::Echo);
+    let _pod6 = Backend::start(&n.pod, "[fdcc::2]:7000", Behaviour::Echo);
+    let mut server = SpokeServer::start(&n);
+    let mut agent = server.start_agent(&n, &["--ebpf=on", "--cgroup-path", &n.cg()]);
+    let status = agent.ebpf_status();
+    assert_eq!(state(&status, "fast_path"), "on", "{status}");
 
     let data = Arc::new(payload(8 << 20, 7));
-    for (route, what) in [
-        ("127.0.0.1:9001", "node-local endpoint"),
-        ("127.0.0.1:9002", "pod endpoint (IPv4, other netns)"),
-        ("127.0.0.1:9003", "pod endpoint (IPv6, other netns)"),
-    ] {
+    let targets = [
+        ("127.0.0.1:7000", "node-local endpoint"),
+        ("10.211.0.2:7000", "pod endpoint (IPv4, other netns)"),
+        ("[fdcc::2]:7000", "pod endpoint (IPv6, other netns)"),
+    ];
+    for (target, what) in targets {
         let before = agent.metrics();
-        echo_roundtrip(&n.node, route, data.clone());
+        tunnel_echo(&server, target, &data);
         let after = agent.metrics();
         assert_eq!(delta(&before, &after, PAIRS), 1.0, "{what}: one pair");
         assert_eq!(
@@ -458,7 +766,7 @@ fn fast_path_redirects_agent_legs_only() {
             "{what}: both sockets tracked"
         );
         let bytes = delta(&before, &after, REDIR_BYTES);
-        // Both directions of the backend leg go socket to socket.
+        // Both directions of the agent's local leg go socket to socket.
         assert!(
             bytes >= 2.0 * data.len() as f64,
             "{what}: redirected {bytes} bytes, expected >= {}",
@@ -489,73 +797,164 @@ fn fast_path_redirects_agent_legs_only() {
         counter(&after, "spoke_ebpf_program_attached{program=\"sk_msg\"}"),
         1.0
     );
+
+    // The same tunnelled traffic with --ebpf=off: intact, and nothing redirected.
+    agent.kill9();
+    drop(agent);
+    let agent = server.start_agent(&n, &["--ebpf=off", "--cgroup-path", &n.cg()]);
+    let status = agent.ebpf_status();
+    assert_eq!(state(&status, "fast_path"), "off", "{status}");
+    assert_eq!(detail(&status, "fast_path"), "--ebpf=off", "{status}");
+    for (target, _) in targets {
+        tunnel_echo(&server, target, &data);
+    }
+    let m = agent.metrics();
+    for name in [TRACKED, PAIRS, REDIR_BYTES, REDIR_MSGS] {
+        assert_eq!(counter(&m, name), 0.0, "--ebpf=off: {name} moved");
+    }
+    assert_eq!(
+        counter(&m, "spoke_ebpf_program_attached{program=\"sock_ops\"}"),
+        0.0
+    );
+}
+
+/// Tries to open TCP to `to` from inside `ns` for up to `timeout`. Returns whether it
+/// connected and how many SYNs the socket sent (1 + its retransmissions, from TCP_INFO):
+/// exact for this socket, whatever else the namespace sends meanwhile.
+fn try_connect(ns: &Netns, to: &str, timeout: Duration) -> (bool, u32) {
+    let to: SocketAddr = to.parse().expect("addr");
+    ns.spawn(move || {
+        let family = if to.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        // SAFETY: plain socket syscalls on a descriptor owned by this function; every
+        // struct passed is sized for what the kernel writes.
+        unsafe {
+            let fd = libc::socket(
+                family,
+                libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+            );
+            assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+            let mut storage: libc::sockaddr_storage = std::mem::zeroed();
+            let len = match to {
+                SocketAddr::V4(a) => {
+                    let sin = &mut *(&mut storage as *mut _ as *mut libc::sockaddr_in);
+                    sin.sin_family = libc::AF_INET as libc::sa_family_t;
+                    sin.sin_port = a.port().to_be();
+                    sin.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
+                    std::mem::size_of::<libc::sockaddr_in>()
+                }
+                SocketAddr::V6(a) => {
+                    let sin6 = &mut *(&mut storage as *mut _ as *mut libc::sockaddr_in6);
+                    sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+                    sin6.sin6_port = a.port().to_be();
+                    sin6.sin6_addr.s6_addr = a.ip().octets();
+                    std::mem::size_of::<libc::sockaddr_in6>()
+                }
+            };
+            let rc = libc::connect(
+                fd,
+                &storage as *const _ as *const libc::sockaddr,
+                len as libc::socklen_t,
+            );
+            let mut connected = rc == 0;
+            if !connected {
+                let err = std::io::Error::last_os_error();
+                assert_eq!(
+                    err.raw_os_error(),
+                    Some(libc::EINPROGRESS),
+                    "connect: {err}"
+                );
+                let mut pfd = libc::pollfd {
+                    fd,
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                if libc::poll(&mut pfd, 1, timeout.as_millis() as libc::c_int) == 1 {
+                    let mut err: libc::c_int = 0;
+                    let mut l = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+                    libc::getsockopt(
+                        fd,
+                        libc::SOL_SOCKET,
+                        libc::SO_ERROR,
+                        &mut err as *mut _ as *mut libc::c_void,
+                        &mut l,
+                    );
+                    connected = err == 0;
+                }
+            }
+            let mut info: libc::tcp_info = std::mem::zeroed();
+            let mut l = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+            let rc = libc::getsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                &mut info as *mut _ as *mut libc::c_void,
+                &mut l,
+            );
+            assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+            libc::close(fd);
+            (connected, 1 + info.tcpi_total_retrans)
+        }
+    })
+    .join()
+    .expect("thread")
+    .expect("netns")
 }
 
 /// Outside hosts cannot open TCP to protected port 10250 unless allowed; unprotected ports
-/// and the agent's own outbound connections are unaffected; drop counters match the SYNs.
+/// and the agent's own tunnel (which crosses the guarded interface) are unaffected; drop
+/// counters match the SYNs.
 #[test]
 fn xdp_guard_protects_kubelet_port() {
     if !require_root("xdp_guard_protects_kubelet_port", "root and eBPF") {
         return;
     }
     let _serial = serial();
-    let n = Node::new();
-    let _kubelet4 = Server::start(&n.node, "0.0.0.0:10250", Behaviour::Hold);
-    let _kubelet6 = Server::start(&n.node, "[fdcd::1]:10250", Behaviour::Hold);
-    let _other = Server::start(&n.node, "0.0.0.0:8132", Behaviour::Hold);
-    // Stands in for spoke-server: the agent dials out to it.
-    let _server = Server::start(&n.outside, "10.212.0.2:8091", Behaviour::Echo);
-
-    let guard = |allow: &str| {
-        Agent::start(
-            &n.node,
+    let n = Node::new("xdp_guard");
+    // Kubelet-like: reached through the tunnel on loopback, and probed from outside.
+    let _kubelet4 = Backend::start(&n.node, "0.0.0.0:10250", Behaviour::Echo);
+    let _kubelet6 = Backend::start(&n.node, "[fdcd::1]:10250", Behaviour::Echo);
+    let _other = Backend::start(&n.node, "0.0.0.0:8132", Behaviour::Hold);
+    let mut server = SpokeServer::start(&n);
+    let cg = n.cg();
+    let guard = |server: &mut SpokeServer, allow: &str| {
+        server.start_agent(
+            &n,
             &[
                 "--ebpf=on",
                 "--cgroup-path",
-                &n.cg(),
+                &cg,
                 "--xdp-guard-interfaces=n-out",
                 "--xdp-protected-ports=10250",
                 &format!("--xdp-allow-cidrs={allow}"),
             ],
         )
     };
-    let connect = |ns: &Netns, to: &str| -> bool {
-        let to: SocketAddr = to.parse().expect("addr");
-        ns.spawn(move || TcpStream::connect_timeout(&to, Duration::from_millis(1500)).is_ok())
-            .join()
-            .expect("thread")
-            .expect("netns")
-    };
-    let syns_sent = |ns: &Netns| -> f64 {
-        // Tcp OutSegs + RetransSegs, IPv4 and IPv6 (nstat -a prints absolute counters).
-        let out = ns
-            .exec(&["nstat", "-asz", "TcpOutSegs", "TcpRetransSegs"])
-            .expect("nstat");
-        out.lines()
-            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-            .sum()
-    };
+    let connect = |ns: &Netns, to: &str| try_connect(ns, to, Duration::from_millis(1500)).0;
+    let data = Arc::new(payload(1 << 20, 11));
 
     {
-        let agent = guard("fdcd::2/128");
-        assert!(
-            agent.status.contains(r#""xdp_guard":{"state":"on""#),
-            "{}",
-            agent.status
-        );
-        assert!(agent.status.contains("native") || agent.status.contains("generic"));
+        let agent = guard(&mut server, "fdcd::2/128");
+        let status = agent.ebpf_status();
+        assert_eq!(state(&status, "xdp_guard"), "on", "{status}");
+        let d = detail(&status, "xdp_guard");
+        assert!(d.contains("native") || d.contains("generic"), "{status}");
+        // The tunnel works with the guard on: kube-apiserver reaches the kubelet.
+        tunnel_echo(&server, "127.0.0.1:10250", &data);
+
         let before = agent.metrics();
-        let segs = syns_sent(&n.outside);
-        assert!(
-            !connect(&n.outside, "10.212.0.1:10250"),
-            "IPv4 outsider reached :10250"
-        );
-        let segs = syns_sent(&n.outside) - segs;
+        let (reached, syns) =
+            try_connect(&n.outside, "10.212.0.1:10250", Duration::from_millis(1500));
         let after = agent.metrics();
-        assert!(segs >= 1.0);
+        assert!(!reached, "IPv4 outsider reached :10250");
+        assert!(syns >= 1);
         assert_eq!(
             delta(&before, &after, XDP_DENIED),
-            segs,
+            f64::from(syns),
             "one drop per SYN sent"
         );
 
@@ -567,11 +966,13 @@ fn xdp_guard_protects_kubelet_port() {
             connect(&n.outside, "10.212.0.1:8132"),
             "unprotected port blocked"
         );
-        // The agent's own outbound connection (replies come from the server's port).
+        // Outbound connections (replies come from the server's port) and the live tunnel.
         assert!(
-            connect(&n.node, "10.212.0.2:8091"),
-            "outbound tunnel blocked"
+            connect(&n.node, &format!("{SERVER_ADDR}:{SERVER_AGENT_PORT}")),
+            "outbound connection blocked"
         );
+        tunnel_echo(&server, "127.0.0.1:10250", &data);
+        tunnel_echo(&server, "[fdcd::1]:10250", &data);
         let end = agent.metrics();
         assert!(
             delta(&after, &end, XDP_ALLOWED) >= 2.0,
@@ -580,15 +981,22 @@ fn xdp_guard_protects_kubelet_port() {
         assert_eq!(delta(&after, &end, XDP_DENIED), 0.0);
     }
     {
-        let agent = guard("10.212.0.0/24");
+        let agent = guard(&mut server, "10.212.0.0/24");
         assert!(
             connect(&n.outside, "10.212.0.1:10250"),
             "allowed IPv4 source blocked"
         );
-        assert!(
-            !connect(&n.outside, "[fdcd::1]:10250"),
-            "IPv6 outsider reached :10250"
+        let before = agent.metrics();
+        let (reached, syns) =
+            try_connect(&n.outside, "[fdcd::1]:10250", Duration::from_millis(1500));
+        let after = agent.metrics();
+        assert!(!reached, "IPv6 outsider reached :10250");
+        assert_eq!(
+            delta(&before, &after, XDP_DENIED),
+            f64::from(syns),
+            "one drop per SYN sent"
         );
+        tunnel_echo(&server, "10.212.0.1:10250", &data);
         let m = agent.metrics();
         assert!(counter(&m, XDP_DENIED) >= 1.0);
         assert_eq!(
@@ -600,7 +1008,8 @@ fn xdp_guard_protects_kubelet_port() {
     assert!(connect(&n.outside, "[fdcd::1]:10250"));
 }
 
-/// Without CAP_BPF/CAP_NET_ADMIN: auto falls back and says why; on refuses to start.
+/// Without CAP_BPF/CAP_NET_ADMIN: `--ebpf=auto` falls back, says why and still relays
+/// through the tunnel in userspace; `--ebpf=on` refuses to start.
 #[test]
 fn without_capabilities_auto_falls_back_and_on_fails() {
     if !require_root(
@@ -610,65 +1019,59 @@ fn without_capabilities_auto_falls_back_and_on_fails() {
         return;
     }
     let _serial = serial();
-    let n = Node::new();
-    let run = |mode: &str| {
-        n.node
-            .command("setpriv")
-            .expect("netns command")
-            .args(["--inh-caps=-all", "--bounding-set=-all", "--"])
-            .arg(relay_bin())
-            .args([
-                &format!("--ebpf={mode}"),
-                "--exit-after-load",
-                "--cgroup-path",
-                &n.cg(),
-            ])
-            .args(["--xdp-guard-interfaces=n-out"])
-            .output()
-            .expect("run setpriv")
+    let n = Node::new("no_caps");
+    let _local = Backend::start(&n.node, "127.0.0.1:7000", Behaviour::Echo);
+    let _pod = Backend::start(&n.pod, "10.211.0.2:7000", Behaviour::Echo);
+    let mut server = SpokeServer::start(&n);
+    let cg = n.cg();
+    let args = |mode: &'static str| {
+        [
+            format!("--ebpf={mode}"),
+            "--cgroup-path".into(),
+            cg.clone(),
+            "--xdp-guard-interfaces=n-out".into(),
+        ]
     };
-    let auto = run("auto");
-    let stdout = String::from_utf8_lossy(&auto.stdout);
-    let stderr = String::from_utf8_lossy(&auto.stderr);
-    assert!(
-        auto.status.success(),
-        "auto must fall back, not fail: {stderr}"
-    );
-    assert!(stdout.contains(r#""fast_path":{"state":"off""#), "{stdout}");
-    assert!(stdout.contains(r#""xdp_guard":{"state":"off""#), "{stdout}");
-    assert!(
-        stdout.contains("missing CAP_BPF"),
-        "reason names the capability: {stdout}"
-    );
-    assert!(
-        stderr.contains("socket fast path off") && stderr.contains("userspace relay"),
-        "one clear log line: {stderr}"
-    );
 
-    let on = run("on");
-    let stderr = String::from_utf8_lossy(&on.stderr);
+    let auto = args("auto");
+    let auto: Vec<&str> = auto.iter().map(String::as_str).collect();
+    let mut agent = server.start_agent_as(&n, true, &auto);
+    let data = Arc::new(payload(1 << 20, 5));
+    tunnel_echo(&server, "127.0.0.1:7000", &data);
+    tunnel_echo(&server, "10.211.0.2:7000", &data);
+    let status = agent.ebpf_status();
+    assert_eq!(state(&status, "fast_path"), "off", "{status}");
+    assert_eq!(state(&status, "xdp_guard"), "off", "{status}");
     assert!(
-        !on.status.success(),
-        "--ebpf=on must fail without capabilities"
+        detail(&status, "fast_path").contains("missing CAP_BPF"),
+        "reason names the capability: {status}"
     );
+    let log = agent.proc.log();
     assert!(
-        stderr.contains("--ebpf=on") && stderr.contains("missing CAP_BPF"),
-        "clear error: {stderr}"
+        log.contains("socket fast path off") && log.contains("userspace relay"),
+        "one clear log line: {log}"
     );
+    let m = agent.metrics();
+    assert_eq!(counter(&m, PAIRS), 0.0);
+    assert_eq!(
+        counter(&m, "spoke_ebpf_program_attached{program=\"sock_ops\"}"),
+        0.0
+    );
+    agent.kill9();
+    drop(agent);
 
-    // --ebpf=off attaches nothing, even with every capability.
-    let off = n
-        .node
-        .command(relay_bin())
-        .expect("netns command")
-        .args(["--ebpf=off", "--exit-after-load"])
-        .output()
-        .expect("run off");
-    let stdout = String::from_utf8_lossy(&off.stdout);
-    assert!(off.status.success());
+    let on = args("on");
+    let on: Vec<&str> = on.iter().map(String::as_str).collect();
+    let mut agent = Agent::spawn(&n, true, &on);
+    let exit = agent.proc.wait_exit(STARTUP);
+    let log = agent.proc.log();
     assert!(
-        stdout.contains(r#""fast_path":{"state":"off","detail":"--ebpf=off"}"#),
-        "{stdout}"
+        !exit.success(),
+        "--ebpf=on must fail without capabilities: {log}"
+    );
+    assert!(
+        log.contains("--ebpf=on") && log.contains("missing CAP_BPF"),
+        "clear error: {log}"
     );
 }
 
@@ -685,25 +1088,25 @@ fn our_prog_ids() -> Vec<u32> {
 }
 
 /// After SIGKILL nothing of ours stays attached or loaded, and a restarted agent attaches
-/// cleanly.
+/// cleanly and redirects again.
 #[test]
 fn sigkill_leaves_nothing_attached() {
     if !require_root("sigkill_leaves_nothing_attached", "root and eBPF") {
         return;
     }
     let _serial = serial();
-    let n = Node::new();
-    let _pod = Server::start(&n.pod, "10.211.0.2:7000", Behaviour::Echo);
+    let n = Node::new("sigkill");
+    let _pod = Backend::start(&n.pod, "10.211.0.2:7000", Behaviour::Echo);
+    let mut server = SpokeServer::start(&n);
     let existing = our_prog_ids();
     let args = [
         "--ebpf=on".to_string(),
         "--cgroup-path".into(),
         n.cg(),
         "--xdp-guard-interfaces=n-out".into(),
-        "--route=127.0.0.1:9002=10.211.0.2:7000".into(),
     ];
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut agent = Agent::start(&n.node, &args);
+    let mut agent = server.start_agent(&n, &args);
     let ours: Vec<u32> = our_prog_ids()
         .into_iter()
         .filter(|id| !existing.contains(id))
@@ -722,7 +1125,14 @@ fn sigkill_leaves_nothing_attached() {
     assert!(xdp_attached(), "{}", xdp());
     // Leave a live redirected connection behind as well.
     let data = Arc::new(payload(1 << 20, 3));
-    echo_roundtrip(&n.node, "127.0.0.1:9002", data.clone());
+    let before = agent.metrics();
+    let live = server.tunnel("10.211.0.2:7000");
+    echo_over(&live, "live tunnel", &data);
+    assert_eq!(
+        delta(&before, &agent.metrics(), PAIRS),
+        1.0,
+        "live leg paired"
+    );
 
     agent.kill9();
     wait_for("programs to be freed", || {
@@ -739,17 +1149,19 @@ fn sigkill_leaves_nothing_attached() {
         })
         .unwrap_or(0);
     assert_eq!(pinned, 0, "nothing pinned");
+    drop(live);
+    drop(agent);
 
     // Restart takes over cleanly.
-    let agent = Agent::start(&n.node, &args);
-    assert!(
-        agent.status.contains(r#""xdp_guard":{"state":"on""#),
-        "{}",
-        agent.status
-    );
+    let agent = server.start_agent(&n, &args);
+    let status = agent.ebpf_status();
+    assert_eq!(state(&status, "xdp_guard"), "on", "{status}");
+    assert_eq!(state(&status, "fast_path"), "on", "{status}");
     let before = agent.metrics();
-    echo_roundtrip(&n.node, "127.0.0.1:9002", data);
-    assert_eq!(delta(&before, &agent.metrics(), PAIRS), 1.0);
+    tunnel_echo(&server, "10.211.0.2:7000", &data);
+    let after = agent.metrics();
+    assert_eq!(delta(&before, &after, PAIRS), 1.0);
+    assert!(delta(&before, &after, REDIR_BYTES) >= 2.0 * data.len() as f64);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -775,6 +1187,8 @@ fn self_cpu_seconds() -> f64 {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
+/// One measurement. "relay" is spoke-agent (the process that relays the tunnel to the
+/// endpoint); "total" adds spoke-server and the test process (client and endpoints).
 struct Figures {
     gbit: f64,
     relay_cpu_per_gib: f64,
@@ -784,73 +1198,58 @@ struct Figures {
     rr_relay_cpu_us: f64,
 }
 
-fn measure(n: &Node, mode: &str, sink: &str, echo: &str) -> Figures {
-    let agent = Agent::start(
-        &n.node,
-        &[
-            &format!("--ebpf={mode}"),
-            "--cgroup-path",
-            &n.cg(),
-            &format!("--route=127.0.0.1:9101={sink}"),
-            &format!("--route=127.0.0.1:9102={echo}"),
-        ],
-    );
-    // Bulk: 1 GiB client -> relay -> sink.
+fn measure(n: &Node, server: &mut SpokeServer, mode: &str, sink: &str, echo: &str) -> Figures {
+    let agent = server.start_agent(n, &[&format!("--ebpf={mode}"), "--cgroup-path", &n.cg()]);
+    // Bulk: 1 GiB client -> UDS CONNECT -> server -> tunnel -> agent -> sink.
     const BULK: usize = 1 << 30;
-    let (cpu0, self0) = (agent.cpu_seconds(), self_cpu_seconds());
-    let t = n
-        .node
-        .spawn(|| {
-            let mut c = TcpStream::connect("127.0.0.1:9101").expect("connect");
-            let chunk = vec![0x5au8; 256 * 1024];
-            let start = Instant::now();
-            let mut sent = 0;
-            while sent < BULK {
-                c.write_all(&chunk).expect("write");
-                sent += chunk.len();
-            }
-            c.shutdown(Shutdown::Write).expect("shutdown");
-            let mut ack = [0u8; 1];
-            c.read_exact(&mut ack).expect("sink ack");
-            start.elapsed()
-        })
-        .join()
-        .expect("bulk thread")
-        .expect("netns");
-    let (cpu1, self1) = (agent.cpu_seconds(), self_cpu_seconds());
+    let mut c = server.tunnel(sink);
+    let cpu = |server: &SpokeServer| {
+        (
+            agent.cpu_seconds(),
+            server.cpu_seconds(),
+            self_cpu_seconds(),
+        )
+    };
+    let (cpu0, srv0, self0) = cpu(server);
+    let start = Instant::now();
+    let chunk = vec![0x5au8; 256 * 1024];
+    c.write_all(&(BULK as u64).to_le_bytes())
+        .expect("write length");
+    let mut sent = 0;
+    while sent < BULK {
+        c.write_all(&chunk).expect("write");
+        sent += chunk.len();
+    }
+    let mut ack = [0u8; 1];
+    c.read_exact(&mut ack).expect("sink ack");
+    let t = start.elapsed();
+    let (cpu1, srv1, self1) = cpu(server);
+    drop(c);
     let gib = BULK as f64 / (1u64 << 30) as f64;
     let gbit = BULK as f64 * 8.0 / t.as_secs_f64() / 1e9;
 
-    // Latency: 64-byte request/response through the relay to the echo server.
+    // Latency: 64-byte request/response through the tunnel to the echo server.
     const ROUNDS: usize = 20_000;
+    let mut c = server.tunnel(echo);
     let cpu2 = agent.cpu_seconds();
-    let mut lat = n
-        .node
-        .spawn(|| {
-            let mut c = TcpStream::connect("127.0.0.1:9102").expect("connect");
-            c.set_nodelay(true).expect("nodelay");
-            let req = [7u8; 64];
-            let mut resp = [0u8; 64];
-            let mut lat = Vec::with_capacity(ROUNDS);
-            for i in 0..ROUNDS + 1000 {
-                let t = Instant::now();
-                c.write_all(&req).expect("write");
-                c.read_exact(&mut resp).expect("read");
-                if i >= 1000 {
-                    lat.push(t.elapsed().as_secs_f64() * 1e6);
-                }
-            }
-            lat
-        })
-        .join()
-        .expect("rr thread")
-        .expect("netns");
+    let req = [7u8; 64];
+    let mut resp = [0u8; 64];
+    let mut lat = Vec::with_capacity(ROUNDS);
+    for i in 0..ROUNDS + 1000 {
+        let t = Instant::now();
+        c.write_all(&req).expect("write");
+        c.read_exact(&mut resp).expect("read");
+        if i >= 1000 {
+            lat.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
     let cpu3 = agent.cpu_seconds();
+    drop(c);
     lat.sort_by(f64::total_cmp);
     Figures {
         gbit,
         relay_cpu_per_gib: (cpu1 - cpu0) / gib,
-        total_cpu_per_gib: (cpu1 - cpu0 + self1 - self0) / gib,
+        total_cpu_per_gib: (cpu1 - cpu0 + srv1 - srv0 + self1 - self0) / gib,
         p50_us: lat[lat.len() / 2],
         p99_us: lat[lat.len() * 99 / 100],
         rr_relay_cpu_us: (cpu3 - cpu2) / ROUNDS as f64 * 1e6,
@@ -864,12 +1263,14 @@ fn bench_fast_path_ab() {
         return;
     }
     let _serial = serial();
-    let n = Node::new();
-    // The sink takes the bulk runs (one byte back at EOF); the echo server the 64-byte rounds.
-    let _sink_local = Server::start(&n.node, "127.0.0.1:7100", Behaviour::Sink);
-    let _echo_local = Server::start(&n.node, "127.0.0.1:7200", Behaviour::Echo);
-    let _sink_pod = Server::start(&n.pod, "10.211.0.2:7100", Behaviour::Sink);
-    let _echo_pod = Server::start(&n.pod, "10.211.0.2:7200", Behaviour::Echo);
+    let n = Node::new("bench");
+    // The sink takes the bulk runs (one byte back at the end); the echo server the 64-byte
+    // rounds.
+    let _sink_local = Backend::start(&n.node, "127.0.0.1:7100", Behaviour::Sink);
+    let _echo_local = Backend::start(&n.node, "127.0.0.1:7200", Behaviour::Echo);
+    let _sink_pod = Backend::start(&n.pod, "10.211.0.2:7100", Behaviour::Sink);
+    let _echo_pod = Backend::start(&n.pod, "10.211.0.2:7200", Behaviour::Echo);
+    let mut server = SpokeServer::start(&n);
     let header = || {
         println!(
             "{:<26} {:>8} {:>16} {:>16} {:>8} {:>8} {:>16}",
@@ -905,6 +1306,7 @@ fn bench_fast_path_ab() {
         .unwrap_or(3);
     let mut summary = Vec::new();
     println!();
+    println!("through the tunnel: client -> UDS CONNECT -> spoke-server -> mTLS tunnel -> spoke-agent -> endpoint; relay = spoke-agent, total = agent + server + test process");
     header();
     for (leg, sink, echo) in [
         ("node-local", "127.0.0.1:7100", "127.0.0.1:7200"),
@@ -914,7 +1316,7 @@ fn bench_fast_path_ab() {
         // Interleave off/on so background load hits both alike.
         for round in 0..rounds {
             for mode in ["off", "on"] {
-                let f = measure(&n, mode, sink, echo);
+                let f = measure(&n, &mut server, mode, sink, echo);
                 row(&format!("{leg} {mode} #{round}"), &f);
                 runs.entry(mode).or_default().push(f);
             }

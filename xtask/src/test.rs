@@ -1,6 +1,6 @@
 //! `cargo xtask test`: installs what the tests need, then runs every test: lints, unit and
 //! end-to-end tests (real processes, TLS, sockets, namespaces, kernel programs) and the
-//! offline validation of deploy/.
+//! offline validation of deploy/, then a bounded run of every fuzz target.
 use anyhow::{bail, Result};
 use std::process::Command;
 
@@ -10,6 +10,10 @@ fn step(name: &str, cmd: &mut Command) -> bool {
     println!("[test] {name}: {}", if ok { "ok" } else { "FAILED" });
     ok
 }
+
+/// Time per fuzz target in the test run: enough to replay the seeds and regressions and
+/// explore a little, small enough for CI's budget.
+const FUZZ_SECONDS: u64 = 20;
 
 pub fn run() -> Result<()> {
     let root = crate::workspace_root();
@@ -49,6 +53,15 @@ pub fn run() -> Result<()> {
             .current_dir(&root)
             .arg("tests/deploy/validate.sh"),
     );
+    // Bounded fuzzing of every target (SPOKE_FUZZ_SECONDS overrides the time per target).
+    println!("\n[test] fuzz: {FUZZ_SECONDS} s per target");
+    match crate::fuzz::run(FUZZ_SECONDS) {
+        Ok(()) => println!("[test] fuzz: ok"),
+        Err(e) => {
+            println!("[test] fuzz: FAILED: {e:#}");
+            failed.push("fuzz");
+        }
+    }
     if !failed.is_empty() {
         bail!("failed: {}", failed.join(", "));
     }
