@@ -77,6 +77,7 @@ impl Agent {
 fn main() {
     let mut opts = Options::parse();
     opts.klog.init_logging();
+    spoke_tunnel::memory::spawn_trimmer();
     if let Err(e) = opts.validate().and_then(|_| run(opts)) {
         eprintln!("spoke-agent: {e:#}");
         std::process::exit(1);

@@ -38,6 +38,7 @@ const TLS_RELOAD_EVERY: Duration = Duration::from_secs(5);
 fn main() {
     let mut opts = Options::parse();
     opts.klog.init_logging();
+    spoke_tunnel::memory::spawn_trimmer();
     if let Err(e) = opts.validate().and_then(|()| run(opts)) {
         eprintln!("spoke-server: {e:#}");
         std::process::exit(1);

@@ -733,9 +733,12 @@ async fn soak_sequential_dials_and_long_connections_return_to_baseline() {
     );
     assert_eq!(grpc, Some(1.0), "one agent stream after the soak");
     let names_ = ["server fds", "agent fds", "server RSS", "agent RSS"];
-    let slack = [8u64, 8, 16 << 20, 16 << 20];
+    // 10% plus a little: a couple of fds (a lingering keep-alive) and 1 MiB of heap the
+    // allocator keeps by design; the heap trimmer (tunnel::memory) returns the rest.
+    let slack = [2u64, 2, 1 << 20, 1 << 20];
     let mut last = [0u64; 4];
-    let outcome = tokio::time::timeout(Duration::from_secs(15), async {
+    let settle = Instant::now();
+    let outcome = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
             last = resources(&server, &agent);
             if (0..4).all(|i| last[i] <= base[i] + base[i] / 10 + slack[i]) {
@@ -748,6 +751,7 @@ async fn soak_sequential_dials_and_long_connections_return_to_baseline() {
     for i in 0..4 {
         println!("{}: baseline {} after {}", names_[i], base[i], last[i]);
     }
+    println!("settled in {:?}", settle.elapsed());
     assert!(
         outcome.is_ok(),
         "resources did not return within 10% (+slack {slack:?}) of baseline: baseline {base:?}, now {last:?}"

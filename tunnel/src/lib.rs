@@ -8,6 +8,7 @@ pub mod flow;
 pub mod identifiers;
 pub mod klog;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod outbound;
 pub mod packet;
