@@ -1256,6 +1256,11 @@ fn measure(n: &Node, server: &mut SpokeServer, mode: &str, sink: &str, echo: &st
     }
 }
 
+/// `--ebpf=on` vs `--ebpf=off`, interleaved, through the real tunnel: bulk 1 GiB (client →
+/// UDS CONNECT → spoke-server → mTLS tunnel → spoke-agent → sink) and 64-byte ping-pong to an
+/// echo endpoint, for a node-local and a pod endpoint. "relay" columns are spoke-agent's CPU
+/// (/proc/PID/stat); "total" adds spoke-server and the test process. `SPOKE_BENCH_ROUNDS`
+/// sets the rounds (default 3).
 #[test]
 #[ignore = "benchmark: run with --ignored --nocapture (root)"]
 fn bench_fast_path_ab() {
@@ -1306,7 +1311,6 @@ fn bench_fast_path_ab() {
         .unwrap_or(3);
     let mut summary = Vec::new();
     println!();
-    println!("through the tunnel: client -> UDS CONNECT -> spoke-server -> mTLS tunnel -> spoke-agent -> endpoint; relay = spoke-agent, total = agent + server + test process");
     header();
     for (leg, sink, echo) in [
         ("node-local", "127.0.0.1:7100", "127.0.0.1:7200"),
