@@ -4,55 +4,21 @@
 use crate::state::{DialError, State};
 use bytes::BytesMut;
 use rand::Rng;
+use spoke_tunnel::connect_head::{self, Head};
 use spoke_tunnel::packet;
 use spoke_tunnel::relay::{Relay, SplitIo};
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Largest request head accepted (kube-apiserver sends a few dozen bytes).
-const MAX_HEAD: usize = 16 * 1024;
-
-enum Head {
-    Connect { address: String, rest: BytesMut },
-    Refuse(u16, &'static str),
-}
-
+/// Reads until the CONNECT head is complete; `None` if the client closed first.
 async fn read_head<S: AsyncReadExt + Unpin>(io: &mut S) -> std::io::Result<Option<Head>> {
     let mut buf = BytesMut::with_capacity(1024);
     loop {
         if io.read_buf(&mut buf).await? == 0 {
             return Ok(None);
         }
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut req = httparse::Request::new(&mut headers);
-        match req.parse(&buf) {
-            Ok(httparse::Status::Complete(len)) => {
-                if req.method != Some("CONNECT") {
-                    return Ok(Some(Head::Refuse(
-                        405,
-                        "this proxy only supports CONNECT passthrough",
-                    )));
-                }
-                let target = req.path.unwrap_or_default();
-                let host = req
-                    .headers
-                    .iter()
-                    .find(|h| h.name.eq_ignore_ascii_case("host"))
-                    .and_then(|h| std::str::from_utf8(h.value).ok())
-                    .unwrap_or_default();
-                // The request target is the dial address; Host only if the target is empty.
-                let address = if target.is_empty() { host } else { target }.to_string();
-                if address.is_empty() || !address.contains(':') {
-                    return Ok(Some(Head::Refuse(400, "CONNECT needs a host:port target")));
-                }
-                let rest = buf.split_off(len);
-                return Ok(Some(Head::Connect { address, rest }));
-            }
-            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => continue,
-            Ok(httparse::Status::Partial) => {
-                return Ok(Some(Head::Refuse(431, "request header too large")))
-            }
-            Err(_) => return Ok(Some(Head::Refuse(400, "malformed HTTP request"))),
+        if let Some(head) = connect_head::parse(&mut buf) {
+            return Ok(Some(head));
         }
     }
 }

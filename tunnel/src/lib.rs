@@ -3,6 +3,7 @@
 //! the health/admin HTTP server and upstream-compatible flag parsing.
 pub mod admin;
 pub mod backoff;
+pub mod connect_head;
 pub mod flags;
 pub mod flow;
 pub mod identifiers;

@@ -1,59 +1,8 @@
-//! The HTTP CONNECT request head, as `server/src/frontend_http.rs` `read_head` reads it.
-//!
-//! TODO-lead: `read_head` is private to the spoke-server binary. This mirrors its logic
-//! (httparse with 32 headers, 16 KiB head limit, request target else Host, `:` required)
-//! until it is exposed; then `head()` below should call the real function instead.
+//! The HTTP CONNECT request head: spoke-server's own parser (`spoke_tunnel::connect_head`),
+//! fed the way `frontend_http::read_head` feeds it, one read at a time.
 use super::{Checks, Input};
 use bytes::BytesMut;
-
-/// Largest request head accepted (`frontend_http::MAX_HEAD`).
-const MAX_HEAD: usize = 16 * 1024;
-
-#[derive(Debug, PartialEq, Eq)]
-enum Head {
-    Connect { address: String, rest: Vec<u8> },
-    Refuse(u16, &'static str),
-}
-
-/// One parse attempt over what has been read so far: `None` means read more.
-fn parse(buf: &mut BytesMut) -> Option<Head> {
-    let mut headers = [httparse::EMPTY_HEADER; 32];
-    let mut req = httparse::Request::new(&mut headers);
-    match req.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => {
-            assert!(
-                len <= buf.len(),
-                "httparse consumed {len} of {} bytes",
-                buf.len()
-            );
-            if req.method != Some("CONNECT") {
-                return Some(Head::Refuse(
-                    405,
-                    "this proxy only supports CONNECT passthrough",
-                ));
-            }
-            let target = req.path.unwrap_or_default();
-            let host = req
-                .headers
-                .iter()
-                .find(|h| h.name.eq_ignore_ascii_case("host"))
-                .and_then(|h| std::str::from_utf8(h.value).ok())
-                .unwrap_or_default();
-            let address = if target.is_empty() { host } else { target }.to_string();
-            if address.is_empty() || !address.contains(':') {
-                return Some(Head::Refuse(400, "CONNECT needs a host:port target"));
-            }
-            let rest = buf.split_off(len);
-            Some(Head::Connect {
-                address,
-                rest: rest.to_vec(),
-            })
-        }
-        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => None,
-        Ok(httparse::Status::Partial) => Some(Head::Refuse(431, "request header too large")),
-        Err(_) => Some(Head::Refuse(400, "malformed HTTP request")),
-    }
-}
+use spoke_tunnel::connect_head::{parse, Head, MAX_HEAD};
 
 /// `read_head` over `reads` (the successive results of `read_buf`); `None` at EOF.
 fn head<'a>(reads: impl IntoIterator<Item = &'a [u8]>) -> Option<Head> {
@@ -89,12 +38,15 @@ pub fn http_connect_with(data: &[u8], _checks: Checks) {
 
     if let Some(Head::Connect { address, rest }) = &whole {
         assert!(!address.is_empty() && address.contains(':'));
-        assert!(stream.ends_with(rest), "rest is not the tail of the stream");
+        assert!(
+            stream.ends_with(&rest[..]),
+            "rest is not the tail of the stream"
+        );
         // Reading piecemeal stops at a read boundary at or after the head: fewer bytes.
         for h in [&chunked, &chunked_big] {
             if let Some(Head::Connect { rest: r, .. }) = h {
                 assert!(
-                    rest.starts_with(r),
+                    rest.starts_with(&r[..]),
                     "piecemeal rest is not a prefix of the tail"
                 );
             }
