@@ -50,23 +50,9 @@ fn spawn(name: &'static str, bin: &Path, args: &[String], log: &Path) -> Result<
 }
 
 pub fn run(once: bool) -> Result<()> {
-    let root = crate::workspace_root();
-    println!("== building spoke-server and spoke-agent (release)");
-    let status = Command::new(env!("CARGO"))
-        .current_dir(&root)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "spoke-server",
-            "-p",
-            "spoke-agent",
-        ])
-        .status()?;
-    if !status.success() {
-        bail!("build failed");
-    }
-    let bin = root.join("target/release");
+    println!("== building the eBPF object, spoke-server and spoke-agent (release)");
+    // The agent runs with --ebpf=auto: it uses the fast path when it can.
+    let bin = crate::build::release()?;
     let dir = std::env::temp_dir().join(format!("spoke-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     println!(

@@ -3,7 +3,11 @@
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 
+#[cfg(feature = "runner")]
 mod bench;
+mod bench_args;
+mod build;
+#[cfg(feature = "runner")]
 mod demo;
 mod ebpf;
 mod fuzz;
@@ -37,7 +41,7 @@ enum Cmd {
         seconds: u64,
     },
     /// Run the benchmarks here and write bench/results/<date>-<commit>/.
-    Bench(bench::BenchArgs),
+    Bench(bench_args::BenchArgs),
 }
 
 /// The workspace root (xtask lives one level below it).
@@ -52,15 +56,14 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Setup => ebpf::setup(),
         Cmd::BuildEbpf => ebpf::build_ebpf().map(|p| println!("{}", p.display())),
-        Cmd::Demo { once } => {
-            // The demo runs the agent with --ebpf=auto: it uses the fast path when it can.
-            if ebpf::build_ebpf().is_err() {
-                println!("(eBPF object not built: run `cargo xtask setup` for the fast path; the demo goes on without it)");
-            }
-            demo::run(once)
-        }
         Cmd::Test => test::run(),
         Cmd::Fuzz { seconds } => fuzz::run(seconds),
+        #[cfg(feature = "runner")]
+        Cmd::Demo { once } => demo::run(once),
+        #[cfg(feature = "runner")]
         Cmd::Bench(a) => bench::run(a),
+        // The light xtask (`cargo xtask`) hands these over to the full one.
+        #[cfg(not(feature = "runner"))]
+        Cmd::Demo { .. } | Cmd::Bench(_) => build::hand_over(),
     }
 }

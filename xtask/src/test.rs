@@ -42,6 +42,18 @@ pub fn run() -> Result<()> {
             "warnings",
         ]),
     );
+    check(
+        "clippy (light xtask)",
+        cargo().args([
+            "clippy",
+            "-p",
+            "xtask",
+            "--no-default-features",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    );
     check("build", cargo().args(["build", "--workspace", "--bins"]));
     check(
         "cargo test",

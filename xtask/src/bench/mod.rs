@@ -19,39 +19,13 @@ mod svg;
 use anyhow::{bail, Context, Result};
 use report::Section;
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 pub const ALL: &[&str] = &[
     "bulk", "latency", "churn", "fanout", "longfat", "ebpf", "xdp",
 ];
 
-#[derive(clap::Args, Debug, Clone)]
-pub struct BenchArgs {
-    /// Short run (256 MiB bulk, 1,000-connection fanout, shorter timed phases); under 10 minutes.
-    #[arg(long)]
-    pub quick: bool,
-    /// A few MiB and seconds per scenario: checks that the harness works (used by the tests).
-    #[arg(long)]
-    pub tiny: bool,
-    /// Scenario(s) to run (repeatable or comma-separated): bulk, latency, churn, fanout,
-    /// longfat, ebpf, xdp. Default: all.
-    #[arg(long = "scenario", value_delimiter = ',')]
-    pub scenarios: Vec<String>,
-    /// Use spoke-server/spoke-agent from this directory instead of building release binaries.
-    #[arg(long)]
-    pub bin_dir: Option<PathBuf>,
-    /// Results directory (default: bench/results/<date>-<commit>[-quick]).
-    #[arg(long)]
-    pub out: Option<PathBuf>,
-    /// Do not install missing apt packages (baselines whose tools are missing are not run).
-    #[arg(long)]
-    pub no_install: bool,
-    /// Internal: serve the bench backend on ADDR in this process until stdin closes (lets the
-    /// fanout scenario spread its file descriptors over two processes).
-    #[arg(long, hide = true)]
-    pub serve_backend: Option<String>,
-}
+pub use crate::bench_args::BenchArgs;
 
 /// Sizes of one run profile.
 pub struct Size {
@@ -178,28 +152,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let bin = match &args.bin_dir {
         Some(d) => d.clone(),
         None => {
-            if chosen.iter().any(|s| s == "ebpf" || s == "xdp") {
-                say0(t0, "building the eBPF object (cargo xtask build-ebpf)");
-                if let Err(e) = crate::ebpf::build_ebpf() {
-                    say0(t0, &format!("eBPF object not built ({e:#}); eBPF scenarios will report why they could not run"));
-                }
-            }
-            say0(t0, "building spoke-server and spoke-agent (release)");
-            let st = Command::new(env!("CARGO"))
-                .current_dir(&root)
-                .args([
-                    "build",
-                    "--release",
-                    "-p",
-                    "spoke-server",
-                    "-p",
-                    "spoke-agent",
-                ])
-                .status()?;
-            if !st.success() {
-                bail!("release build failed");
-            }
-            root.join("target/release")
+            say0(
+                t0,
+                "building the eBPF object, spoke-server and spoke-agent (release)",
+            );
+            crate::build::release()?
         }
     };
     for b in ["spoke-server", "spoke-agent"] {

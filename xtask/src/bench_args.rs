@@ -1,0 +1,29 @@
+//! `cargo xtask bench` options (parsed by the light xtask too, before it hands over).
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Short run (256 MiB bulk, 1,000-connection fanout, shorter timed phases); under 10 minutes.
+    #[arg(long)]
+    pub quick: bool,
+    /// A few MiB and seconds per scenario: checks that the harness works (used by the tests).
+    #[arg(long)]
+    pub tiny: bool,
+    /// Scenario(s) to run (repeatable or comma-separated): bulk, latency, churn, fanout,
+    /// longfat, ebpf, xdp. Default: all.
+    #[arg(long = "scenario", value_delimiter = ',')]
+    pub scenarios: Vec<String>,
+    /// Use spoke-server/spoke-agent from this directory instead of building release binaries.
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
+    /// Results directory (default: bench/results/<date>-<commit>[-quick]).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Do not install missing apt packages (baselines whose tools are missing are not run).
+    #[arg(long)]
+    pub no_install: bool,
+    /// Internal: serve the bench backend on ADDR in this process until stdin closes (lets the
+    /// fanout scenario spread its file descriptors over two processes).
+    #[arg(long, hide = true)]
+    pub serve_backend: Option<String>,
+}
