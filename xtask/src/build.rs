@@ -16,6 +16,7 @@ pub fn release() -> Result<PathBuf> {
     if std::env::var_os(PREBUILT_ENV).is_some() {
         return Ok(dir);
     }
+    println!("== release build: the eBPF object, spoke-server, spoke-agent and the full xtask");
     if let Err(e) = crate::ebpf::build_ebpf() {
         println!("(eBPF object not built: {e:#}; the agent runs without its fast path)");
     }

@@ -50,7 +50,6 @@ fn spawn(name: &'static str, bin: &Path, args: &[String], log: &Path) -> Result<
 }
 
 pub fn run(once: bool) -> Result<()> {
-    println!("== building the eBPF object, spoke-server and spoke-agent (release)");
     // The agent runs with --ebpf=auto: it uses the fast path when it can.
     let bin = crate::build::release()?;
     let dir = std::env::temp_dir().join(format!("spoke-demo-{}", std::process::id()));

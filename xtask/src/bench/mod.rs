@@ -151,13 +151,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     let bin = match &args.bin_dir {
         Some(d) => d.clone(),
-        None => {
-            say0(
-                t0,
-                "building the eBPF object, spoke-server and spoke-agent (release)",
-            );
-            crate::build::release()?
-        }
+        None => crate::build::release()?,
     };
     for b in ["spoke-server", "spoke-agent"] {
         if !bin.join(b).is_file() {
