@@ -29,3 +29,10 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 /// Boxed [`Io`].
 pub type BoxIo = Box<dyn Io>;
+
+/// Whether this is a CI run, where a test that cannot run must fail instead of skipping.
+/// Any value of `CI` but empty, `0` or `false` counts (CI systems set `true` or `1`).
+pub fn in_ci() -> bool {
+    std::env::var("CI")
+        .is_ok_and(|v| !matches!(v.trim().to_ascii_lowercase().as_str(), "" | "0" | "false"))
+}

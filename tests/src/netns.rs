@@ -22,7 +22,7 @@ pub const PREFIX: &str = "spoke-ebpf";
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
-/// Whether a test needing root and eBPF may run. Otherwise panics when `CI=true`, or prints a
+/// Whether a test needing root and eBPF may run. Otherwise panics in a CI run (`CI` set, see `in_ci`), or prints a
 /// visible `SKIP:` line and returns false.
 pub fn require_root(test: &str, what: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -37,8 +37,8 @@ pub fn require_root(test: &str, what: &str) -> bool {
         return true;
     };
     let why = format!("{test} needs {what}: {problem}");
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{why}, and CI=true: refusing to skip");
+    if crate::in_ci() {
+        panic!("{why}, and this is a CI run: refusing to skip");
     }
     println!("SKIP: {why}");
     eprintln!("SKIP: {why}");

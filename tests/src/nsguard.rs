@@ -10,7 +10,7 @@ use anyhow::Context;
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
-/// Whether a privileged test may run. Not root: panics when `CI=true`, otherwise prints a visible
+/// Whether a privileged test may run. Not root: panics in a CI run (`CI` set, see `in_ci`), otherwise prints a visible
 /// `SKIP:` line and returns false.
 pub fn require_root(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -18,8 +18,8 @@ pub fn require_root(test: &str) -> bool {
         return true;
     }
     let why = format!("{test} needs root (network namespaces, nftables)");
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{why}, and CI=true: refusing to skip");
+    if crate::in_ci() {
+        panic!("{why}, and this is a CI run: refusing to skip");
     }
     println!("SKIP: {why}");
     eprintln!("SKIP: {why}");
