@@ -153,7 +153,12 @@ async fn serve(state: &Arc<State>, mut inbound: Streaming<Packet>, tx: ToClient)
         return;
     }
     state.metrics.established_connections.inc();
+    let established = std::time::Instant::now();
     relay(state, &backend, connect_id, parts, inbound, tx).await;
+    state
+        .metrics
+        .connection_duration
+        .observe(established.elapsed().as_secs_f64());
     state.metrics.established_connections.dec();
 }
 
@@ -178,6 +183,8 @@ async fn relay(
         .then(|| CreditReturn::new(backend.flow.buffer_cap));
     let out = &backend.outbound;
     let mut to_client: Option<Bytes> = None;
+    // When the chunk in `to_client` started waiting for the client stream (the write latency).
+    let mut write_started = None;
     let mut to_agent: Option<Bytes> = None;
     let mut client_open = true;
     let mut inbox_open = true;
@@ -194,6 +201,7 @@ async fn relay(
                     // Out of the buffer now, whatever happens to the client.
                     inbox.consumed(b.len());
                     to_client = Some(b);
+                    write_started = state.metrics.relay.write_started();
                 }
                 None => inbox_open = false,
             },
@@ -206,6 +214,7 @@ async fn relay(
                 let n = b.len();
                 state.metrics.stream.packet("to_client", PacketType::Data as i32);
                 permit.send(Ok(packet::data(id, b)));
+                state.metrics.relay.write_done(write_started.take());
                 state.metrics.relay.relayed(spoke_tunnel::metrics::TO_ENDPOINT, n);
                 if let Some(grant) = credit.as_mut().and_then(|c| c.drained(n)) {
                     let _ = out.control(packet::credit(id, grant as i64));

@@ -19,6 +19,9 @@ pub struct StrategyLabel {
 }
 
 const DIAL_BUCKETS: [f64; 9] = [1e-6, 1e-5, 1e-4, 0.005, 0.025, 0.1, 0.5, 2.5, 12.5];
+const CONNECTION_BUCKETS: [f64; 12] = [
+    1.0, 5.0, 15.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 14400.0, 43200.0, 86400.0,
+];
 
 #[derive(Clone, Debug)]
 pub struct ServerMetrics {
@@ -26,6 +29,10 @@ pub struct ServerMetrics {
     pub relay: RelayMetrics,
     pub tls: TlsMetrics,
     pub dial_duration: Histogram,
+    /// Writes to frontends (upstream: each packet sent to a frontend); shared with `relay`.
+    pub frontend_write_duration: Histogram,
+    /// Lifetime of established frontend connections, from the dial's answer to the close.
+    pub connection_duration: Histogram,
     pub dial_failures: Family<ReasonLabels, Counter>,
     pub grpc_connections: Family<MethodLabel, Gauge>,
     pub http_connections: Gauge,
@@ -40,11 +47,14 @@ pub struct ServerMetrics {
 
 impl ServerMetrics {
     pub fn new() -> Self {
+        let frontend_write_duration = Histogram::new(DIAL_BUCKETS);
         Self {
             stream: StreamMetrics::default(),
-            relay: RelayMetrics::default(),
+            relay: RelayMetrics::timing_endpoint_writes(frontend_write_duration.clone()),
             tls: TlsMetrics::default(),
             dial_duration: Histogram::new(DIAL_BUCKETS),
+            frontend_write_duration,
+            connection_duration: Histogram::new(CONNECTION_BUCKETS),
             dial_failures: Family::default(),
             grpc_connections: Family::default(),
             http_connections: Gauge::default(),
@@ -73,6 +83,16 @@ impl ServerMetrics {
                 "dial_duration_seconds",
                 "Latency of dial to the remote endpoint in seconds",
                 self.dial_duration.clone(),
+            );
+            r.register(
+                "frontend_write_duration_seconds",
+                "Latency of write to the frontend in seconds",
+                self.frontend_write_duration.clone(),
+            );
+            r.register(
+                "connection_duration_seconds",
+                "Lifetime of established end-to-end connections in seconds",
+                self.connection_duration.clone(),
             );
             // Upstream's name has no _total; the text encoder appends it to counters.
             r.register("dial_failure_count", "Number of dial failures observed. Multiple failures can occur for a single dial request.", self.dial_failures.clone());

@@ -328,6 +328,75 @@ async fn metrics_have_upstream_names_types_labels_and_help() {
         c.labels(&st, &s(n), &[]);
         c.value(&st, &s(n), &[], |v| v == want, &format!("{want}"));
     }
+    // The rest of upstream's server metrics that exist before any error. Labelled families
+    // (stream_errors_total, full_receive_channels, ...) appear with their first sample, as Go's
+    // vectors do; lease metrics belong to lease-based server counting, which Spoke refuses.
+    c.ty(&st, &s("http_connections"), "gauge");
+    c.value(
+        &st,
+        &s("http_connections"),
+        &[],
+        |v| v == 0.0,
+        "0 (all closed)",
+    );
+    c.buckets(
+        &st,
+        &s("frontend_write_duration_seconds"),
+        &[1e-6, 1e-5, 1e-4, 0.005, 0.025, 0.1, 0.5, 2.5, 12.5],
+    );
+    c.buckets(
+        &st,
+        &s("connection_duration_seconds"),
+        &[
+            1.0, 5.0, 15.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 14400.0, 43200.0, 86400.0,
+        ],
+    );
+    // Spoke's own: the echo round trips moved bytes both ways through both processes.
+    for (text, prefix) in [(&at, "spoke_agent"), (&st, "spoke_server")] {
+        let bytes = format!("{prefix}_bytes_relayed_total");
+        c.ty(text, &bytes, "counter");
+        c.labels(text, &bytes, &["direction"]);
+        for dir in ["to_endpoint", "to_tunnel"] {
+            c.value(text, &bytes, &[("direction", dir)], |v| v > 0.0, "> 0");
+        }
+        c.ty(text, &format!("{prefix}_buffered_bytes"), "gauge");
+        c.value(
+            text,
+            &format!("{prefix}_buffered_bytes"),
+            &[],
+            |v| v == 0.0,
+            "0 (idle)",
+        );
+        c.ty(
+            text,
+            &format!("{prefix}_flow_control_stalls_total"),
+            "counter",
+        );
+        c.ty(
+            text,
+            &format!("{prefix}_tls_certificate_expiry_timestamp_seconds"),
+            "gauge",
+        );
+        c.value(
+            text,
+            &format!("{prefix}_tls_certificate_expiry_timestamp_seconds"),
+            &[],
+            |v| v > 1.7e9,
+            "a Unix time",
+        );
+    }
+    // Upstream serves the server's metrics on the admin port too (its e2e scrapes 8095).
+    let admin = http::get(server.admin_addr, "/metrics").await.unwrap();
+    if admin.status != 200 || type_of(&admin.body, &packets).is_none() {
+        c.problems.push(format!(
+            "server admin /metrics: status {}, {} bytes, no {packets}",
+            admin.status,
+            admin.body.len()
+        ));
+    }
+    if !c.problems.is_empty() {
+        println!("agent /metrics:\n{at}\nserver /metrics:\n{st}");
+    }
     assert!(
         c.problems.is_empty(),
         "{} metric problems:\n  {}",

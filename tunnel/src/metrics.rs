@@ -4,7 +4,9 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use std::time::Instant;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PacketLabels {
@@ -108,6 +110,9 @@ pub struct RelayMetrics {
     pub buffered_bytes: Gauge,
     /// Times a connection waited for credit from the peer (its reader was slower).
     pub flow_control_stalls: Counter,
+    /// How long each write to the local endpoint took, where the owner exports it (the
+    /// server's upstream `frontend_write_duration_seconds`); registered by that owner.
+    endpoint_write_duration: Option<Histogram>,
 }
 
 /// Direction labels: toward the local endpoint, or toward the tunnel peer.
@@ -146,6 +151,28 @@ impl RelayMetrics {
 
     pub fn closed(&self, reason: &'static str) {
         self.closed.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    /// Metrics that also time every write to the local endpoint into `h`.
+    pub fn timing_endpoint_writes(h: Histogram) -> Self {
+        Self {
+            endpoint_write_duration: Some(h),
+            ..Self::default()
+        }
+    }
+
+    /// Starts timing a write to the local endpoint (`None` when nobody exports it).
+    pub fn write_started(&self) -> Option<Instant> {
+        self.endpoint_write_duration
+            .as_ref()
+            .map(|_| Instant::now())
+    }
+
+    /// Records a write that began at `started`.
+    pub fn write_done(&self, started: Option<Instant>) {
+        if let (Some(h), Some(t)) = (&self.endpoint_write_duration, started) {
+            h.observe(t.elapsed().as_secs_f64());
+        }
     }
 }
 

@@ -380,12 +380,14 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         let n = bytes.len();
         // Out of the buffer from here on, even if the write fails or is cancelled.
         inbox.consumed(n);
+        let started = metrics.write_started();
         if let Err(e) = writer.write_all(&bytes).await {
             tracing::debug!(connection_id = id, error = %e, "endpoint write failed");
             metrics.closed("endpoint_error");
             local_fail.cancel();
             return;
         }
+        metrics.write_done(started);
         metrics.relayed(TO_ENDPOINT, n);
         if let Some(grant) = credit.as_mut().and_then(|c| c.drained(n)) {
             let _ = outbound.control(packet::credit(id, grant as i64));
