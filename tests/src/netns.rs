@@ -37,7 +37,7 @@ pub fn require_root(test: &str, what: &str) -> bool {
         return true;
     };
     let why = format!("{test} needs {what}: {problem}");
-    if crate::in_ci() {
+    if spoke_tests::in_ci() {
         panic!("{why}, and this is a CI run: refusing to skip");
     }
     println!("SKIP: {why}");

@@ -742,16 +742,27 @@ fn fast_path_redirects_agent_legs_only() {
     let _serial = serial();
     let n = Node::new("fast_path");
     let _local = Backend::start(&n.node, "127.0.0.1:7000", Behaviour::Echo);
+    // A kubelet-like endpoint on the node's own (non-loopback) address.
+    let _node_addr = Backend::start(&n.node, "10.212.0.1:7001", Behaviour::Echo);
     let _pod4 = Backend::start(&n.pod, "10.211.0.2:7000", Behaviour::Echo);
     let _pod6 = Backend::start(&n.pod, "[fdcc::2]:7000", Behaviour::Echo);
     let mut server = SpokeServer::start(&n);
     let mut agent = server.start_agent(&n, &["--ebpf=on", "--cgroup-path", &n.cg()]);
     let status = agent.ebpf_status();
     assert_eq!(state(&status, "fast_path"), "on", "{status}");
+    // Readiness tells an operator the same.
+    let (code, body) =
+        http_get(&agent.ns, AGENT_HEALTH, "/readyz?verbose").expect("agent /readyz?verbose");
+    assert_eq!(code, 200, "/readyz?verbose: {body}");
+    assert!(
+        body.contains("[+]ebpf ok (eBPF mode on: socket fast path on"),
+        "/readyz?verbose does not report the fast path: {body}"
+    );
 
     let data = Arc::new(payload(8 << 20, 7));
     let targets = [
         ("127.0.0.1:7000", "node-local endpoint"),
+        ("10.212.0.1:7001", "endpoint on the node's address"),
         ("10.211.0.2:7000", "pod endpoint (IPv4, other netns)"),
         ("[fdcc::2]:7000", "pod endpoint (IPv6, other netns)"),
     ];
@@ -805,6 +816,12 @@ fn fast_path_redirects_agent_legs_only() {
     let status = agent.ebpf_status();
     assert_eq!(state(&status, "fast_path"), "off", "{status}");
     assert_eq!(detail(&status, "fast_path"), "--ebpf=off", "{status}");
+    let (_, body) =
+        http_get(&agent.ns, AGENT_HEALTH, "/readyz?verbose").expect("agent /readyz?verbose");
+    assert!(
+        body.contains("socket fast path off: --ebpf=off"),
+        "/readyz?verbose does not say the fast path is off: {body}"
+    );
     for (target, _) in targets {
         tunnel_echo(&server, target, &data);
     }
