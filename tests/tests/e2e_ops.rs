@@ -950,3 +950,82 @@ async fn log_level_changes_at_run_time_through_the_admin_port() {
     agent.proc.assert_running();
     server.proc.assert_running();
 }
+
+// ---------------------------------------------------------------------------------------------
+// 6. logs
+
+/// Every line of a log written to a file (not a terminal) is one JSON object with a timestamp,
+/// a level and a message; `--v=5` adds one debug line per connection lifecycle event; the
+/// text format is plain text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_are_json_lines_with_connection_events_at_debug() {
+    let env = Env::new("o_logs");
+    let (server, agent) = env.pair(uds().arg("--v=5"), |a| a.arg("--v=5")).await;
+    let echo = backends::echo().await;
+    connect::echo_roundtrip(&server.frontend, &echo.target())
+        .await
+        .unwrap();
+    wait_tables_empty(&server, &[&agent]).await;
+    for (name, log, events) in [
+        (
+            "server",
+            server.proc.log(),
+            &["tunnel established", "tunnel closed"][..],
+        ),
+        (
+            "agent",
+            agent.proc.log(),
+            &["endpoint connected", "endpoint connection closed"][..],
+        ),
+    ] {
+        let mut levels = BTreeSet::new();
+        for line in log.lines().filter(|l| !l.trim().is_empty()) {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("{name} log line is not JSON ({e}): {line}"));
+            for key in ["timestamp", "level", "message"] {
+                assert!(v[key].is_string(), "{name} log line has no {key}: {line}");
+            }
+            levels.insert(v["level"].as_str().unwrap_or_default().to_string());
+        }
+        assert!(
+            levels.contains("DEBUG"),
+            "{name} with --v=5 logged no debug line (levels {levels:?}):\n{log}"
+        );
+        for event in events {
+            assert!(
+                log.lines().any(|l| l.contains("\"DEBUG\"")
+                    && l.contains(event)
+                    && l.contains("connection_id")),
+                "{name}: no debug line about {event:?} with a connection_id:\n{log}"
+            );
+        }
+    }
+
+    // --log-format=text on a file: plain text lines, no JSON.
+    let text = env.server(uds().arg("--log-format=text")).await;
+    let log = poll_until(
+        "the text-format server to log",
+        Duration::from_secs(5),
+        || {
+            let log = text.proc.log();
+            async move {
+                if log.lines().any(|l| l.contains("listening")) {
+                    Ok(log)
+                } else {
+                    Err(format!("log so far: {log:?}"))
+                }
+            }
+        },
+    )
+    .await;
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(line).is_err(),
+            "--log-format=text wrote JSON: {line}"
+        );
+        assert!(
+            line.contains("INFO") || line.contains("WARN") || line.contains("DEBUG"),
+            "--log-format=text line without a level: {line}"
+        );
+    }
+}
