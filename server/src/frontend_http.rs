@@ -1,12 +1,12 @@
 //! HTTP CONNECT frontend, as kube-apiserver's HTTPConnect egress uses it:
 //! `CONNECT host:port HTTP/1.1` → `200 Connection Established` (nothing after the header),
 //! then raw bytes both ways until either side closes.
-use crate::state::{DialError, State};
+use crate::state::{Dial, DialError, State};
 use bytes::BytesMut;
 use rand::Rng;
 use spoke_tunnel::connect_head::{self, Head};
 use spoke_tunnel::packet;
-use spoke_tunnel::relay::{Relay, SplitIo};
+use spoke_tunnel::relay::{ConnParts, Relay, SplitIo, CHUNK};
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -53,6 +53,27 @@ impl Drop for Gauge<'_> {
     }
 }
 
+/// Waits for the agent's answer while watching the client: `None` if it hung up first (so
+/// the abandoned dial can be cancelled instead of holding a pending slot). Bytes it sends
+/// meanwhile join `rest`, up to one chunk; past that only the answer is awaited.
+async fn wait_watching_client<S: AsyncReadExt + Unpin>(
+    dial: &mut Dial,
+    io: &mut S,
+    rest: &mut BytesMut,
+) -> Option<Result<(i64, ConnParts), DialError>> {
+    let answer = dial.outcome();
+    tokio::pin!(answer);
+    loop {
+        tokio::select! {
+            a = &mut answer => return Some(a),
+            r = io.read_buf(rest), if rest.len() < CHUNK => match r {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            },
+        }
+    }
+}
+
 /// Serves one accepted frontend connection (Unix socket or TLS).
 pub async fn serve<S: SplitIo>(state: Arc<State>, mut io: S) {
     state.metrics.http_connections.inc();
@@ -71,7 +92,7 @@ pub async fn serve<S: SplitIo>(state: Arc<State>, mut io: S) {
                 return;
             }
         };
-    let (address, rest) = match head {
+    let (address, mut rest) = match head {
         Head::Connect { address, rest } => (address, rest),
         Head::Refuse(code, why) => {
             state.metrics.reject("bad_request");
@@ -82,7 +103,17 @@ pub async fn serve<S: SplitIo>(state: Arc<State>, mut io: S) {
     };
     let random = rand::rng().random_range(1..i64::MAX);
     let outcome = match state.start_dial(&address, random) {
-        Ok(mut dial) => dial.outcome().await.map(|c| (dial.backend.clone(), c)),
+        Ok(mut dial) => {
+            let backend = dial.backend.clone();
+            match wait_watching_client(&mut dial, &mut io, &mut rest).await {
+                Some(answer) => answer.map(|c| (backend, c)),
+                None => {
+                    // Dropping `dial` frees its slot and sends DIAL_CLS to the agent.
+                    tracing::debug!(address, "frontend went away while its dial was pending");
+                    return;
+                }
+            }
+        }
         Err(e) => Err(e),
     };
     let (backend, (connect_id, parts)) = match outcome {

@@ -35,6 +35,26 @@ impl Default for TlsPolicy {
     }
 }
 
+/// Go cipher suite names that rustls does not implement (no AEAD or no forward secrecy).
+const GO_INSECURE_SUITES: &[&str] = &[
+    "TLS_RSA_WITH_RC4_128_SHA",
+    "TLS_RSA_WITH_3DES_EDE_CBC_SHA",
+    "TLS_RSA_WITH_AES_128_CBC_SHA",
+    "TLS_RSA_WITH_AES_256_CBC_SHA",
+    "TLS_RSA_WITH_AES_128_CBC_SHA256",
+    "TLS_RSA_WITH_AES_128_GCM_SHA256",
+    "TLS_RSA_WITH_AES_256_GCM_SHA384",
+    "TLS_ECDHE_ECDSA_WITH_RC4_128_SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA",
+    "TLS_ECDHE_RSA_WITH_RC4_128_SHA",
+    "TLS_ECDHE_RSA_WITH_3DES_EDE_CBC_SHA",
+    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA",
+    "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA256",
+];
+
 impl TlsPolicy {
     /// `min_version`: "" (TLS 1.2), `VersionTLS12`, `VersionTLS13`. `cipher_suites`: Go names;
     /// as in Go they select TLS 1.2 suites, while TLS 1.3 suites stay on.
@@ -59,27 +79,60 @@ impl TlsPolicy {
             cs::TLS13_AES_256_GCM_SHA384,
             cs::TLS13_CHACHA20_POLY1305_SHA256,
         ];
+        let mut skipped = Vec::new();
         for name in cipher_suites {
             let suite = match name.as_str() {
-                "TLS_AES_128_GCM_SHA256" | "TLS_AES_256_GCM_SHA384" | "TLS_CHACHA20_POLY1305_SHA256" => continue,
-                "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256" => cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
-                "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384" => cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
-                "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305" | "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256" => {
+                "TLS_AES_128_GCM_SHA256"
+                | "TLS_AES_256_GCM_SHA384"
+                | "TLS_CHACHA20_POLY1305_SHA256" => continue,
+                "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256" => {
+                    cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+                }
+                "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384" => {
+                    cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384
+                }
+                "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305"
+                | "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256" => {
                     cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
                 }
-                "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256" => cs::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
-                "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384" => cs::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
-                "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305" | "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256" => {
+                "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256" => {
+                    cs::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256
+                }
+                "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384" => {
+                    cs::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384
+                }
+                "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305"
+                | "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256" => {
                     cs::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256
                 }
-                other if other.starts_with("TLS_") => {
-                    return Err(anyhow!("--cipher-suites {other}: not supported (only AEAD suites with forward secrecy are)"))
+                // Go knows these; lists written for upstream often carry them. rustls has no
+                // CBC, RC4, 3DES or non-forward-secret suites, so they are left out, not fatal.
+                other if GO_INSECURE_SUITES.contains(&other) => {
+                    skipped.push(other);
+                    continue;
                 }
-                other => return Err(anyhow!("--cipher-suites {other:?}: unknown cipher suite name")),
+                other => {
+                    return Err(anyhow!(
+                        "--cipher-suites {other:?}: unknown cipher suite name"
+                    ))
+                }
             };
             if !suites.iter().any(|s| s.suite() == suite.suite()) {
                 suites.push(suite);
             }
+        }
+        let tls12_suites = suites.len() - 3;
+        if tls12_suites == 0 && versions != TLS13_ONLY {
+            return Err(anyhow!(
+                "--cipher-suites {}: not supported: no TLS 1.2 suite left (only AEAD suites with forward secrecy are, TLS_ECDHE_*_GCM_* and TLS_ECDHE_*_CHACHA20_POLY1305*); add one or set --tls-min-version=VersionTLS13",
+                cipher_suites.join(",")
+            ));
+        }
+        if !skipped.is_empty() {
+            tracing::warn!(
+                skipped = %skipped.join(","),
+                "--cipher-suites: leaving out suites without AEAD or forward secrecy (not offered by this build)"
+            );
         }
         Ok(Self { versions, suites })
     }
@@ -407,7 +460,18 @@ mod tests {
         assert_eq!(p.suites.len(), 4);
         assert!(TlsPolicy::new("VersionTLS10", &[]).is_err());
         assert!(TlsPolicy::new("TLS12", &[]).is_err());
+        // Insecure suites Go knows are left out; alone they leave TLS 1.2 with nothing.
         assert!(TlsPolicy::new("", &["TLS_RSA_WITH_AES_128_CBC_SHA".into()]).is_err());
+        let p = TlsPolicy::new(
+            "",
+            &[
+                "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA".into(),
+                "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(p.suites.len(), 4);
+        assert!(TlsPolicy::new("VersionTLS13", &["TLS_RSA_WITH_AES_128_CBC_SHA".into()]).is_ok());
         assert!(TlsPolicy::new("", &["bogus".into()]).is_err());
     }
 }
