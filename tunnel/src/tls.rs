@@ -166,7 +166,14 @@ pub fn load_certs(flag: &str, path: &Path) -> Result<Vec<CertificateDer<'static>
 }
 
 pub fn load_key(flag: &str, path: &Path) -> Result<PrivateKeyDer<'static>> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| anyhow!("{flag} {}: {e}", path.display()))
+    use rustls::pki_types::pem::Error as PemError;
+    PrivateKeyDer::from_pem_file(path).map_err(|e| match e {
+        PemError::NoItemsFound => anyhow!(
+            "{flag} {}: no PEM private key found (expected PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE KEY)",
+            path.display()
+        ),
+        e => anyhow!("{flag} {}: {e}", path.display()),
+    })
 }
 
 fn load_roots(flag: &str, path: &Path) -> Result<RootCertStore> {
