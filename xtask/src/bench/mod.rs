@@ -5,6 +5,7 @@
 //! other (never two timing-sensitive things at once). Results go to
 //! `bench/results/<date>-<commit>/` (`results.json`, `report.md`, SVG charts); a full run
 //! also refreshes `BENCHMARKS.md`.
+mod affinity;
 mod baselines;
 mod env;
 mod io;

@@ -3,6 +3,7 @@
 use super::bulk::{measure, Row};
 use super::latency::{summarize, Lat};
 use super::{pingpong, start};
+use crate::bench::affinity::OneCpu;
 use crate::bench::io::{self, Route};
 use crate::bench::procs::{metric_sum, ClusterCfg, Mode, Transport};
 use crate::bench::report::{num, Floor, Section};
@@ -16,6 +17,8 @@ struct Leg {
     mode: &'static str,
     rows: Vec<Row>,
     lat: Lat,
+    /// The same ping-pong with the bench, server and agent on one CPU (no cross-CPU wake-ups).
+    lat1: Lat,
     redirected_bytes: f64,
     pairs: f64,
 }
@@ -59,9 +62,17 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
             &pingpong(ctx, &route, target, ctx.size.pings).await?,
             false,
         );
+        let lat1 = {
+            let _one = OneCpu::pin(0, &[c.server.pid, c.agent.pid])?;
+            summarize(
+                &label,
+                &pingpong(ctx, &route, target, ctx.size.pings).await?,
+                false,
+            )
+        };
         ctx.say(&format!(
-            "   ebpf={mode}: 64-byte p50 {:.1} µs p99 {:.1} µs",
-            lat.p50, lat.p99
+            "   ebpf={mode}: 64-byte p50 {:.1} µs p99 {:.1} µs; on one CPU p50 {:.1} µs p99 {:.1} µs",
+            lat.p50, lat.p99, lat1.p50, lat1.p99
         ));
         let m = c.agent_metrics();
         let redirected_bytes = metric_sum(&m, "spoke_ebpf_redirected_bytes", "");
@@ -70,6 +81,7 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
             mode,
             rows,
             lat,
+            lat1,
             redirected_bytes,
             pairs,
         });
@@ -96,14 +108,17 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
     let mut md = format!(
         "HTTP CONNECT over the UDS frontend; {} MiB each way and {} 64-byte round trips; the agent with `--ebpf=off` and then \
          `--ebpf=on` (sock_ops on the cgroup2 root, sk_msg redirect between the agent's backend socket and the backend's).\n\n\
-         | agent | download MiB/s | upload MiB/s | agent CPU s/GiB down | agent CPU s/GiB up | p50 µs | p99 µs | p99.9 µs | bytes redirected by sk_msg | socket pairs |\n\
-         |---|---|---|---|---|---|---|---|---|---|\n",
+         Latency twice: as the scheduler places the processes, and with the bench, spoke-server and spoke-agent pinned to \
+         one CPU (wake-ups become context switches instead of cross-CPU interrupts to a halted vCPU, which isolates what \
+         the fast path changes).\n\n\
+         | agent | download MiB/s | upload MiB/s | agent CPU s/GiB down | agent CPU s/GiB up | p50 µs | p99 µs | p99.9 µs | one CPU p50 µs | one CPU p99 µs | bytes redirected by sk_msg | socket pairs |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
         ctx.size.bulk >> 20,
         ctx.size.pings
     );
     for l in &legs {
         md.push_str(&format!(
-            "| --ebpf={} | {} | {} | {:.2} | {:.2} | {} | {} | {} | {} | {} |\n",
+            "| --ebpf={} | {} | {} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} | {} |\n",
             l.mode,
             num(mibs(l, "download")),
             num(mibs(l, "upload")),
@@ -112,6 +127,8 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
             num(l.lat.p50),
             num(l.lat.p99),
             num(l.lat.p999),
+            num(l.lat1.p50),
+            num(l.lat1.p99),
             l.redirected_bytes,
             l.pairs
         ));
@@ -151,6 +168,25 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
                 "on < off",
                 Some(on.lat.p99 < off.lat.p99),
             ));
+            for (what, a, b) in [
+                (
+                    "64-byte p50 on one CPU, on vs off",
+                    on.lat1.p50,
+                    off.lat1.p50,
+                ),
+                (
+                    "64-byte p99 on one CPU, on vs off",
+                    on.lat1.p99,
+                    off.lat1.p99,
+                ),
+            ] {
+                sec.floors.push(Floor::new(
+                    what,
+                    format!("{a:.1} vs {b:.1} µs"),
+                    "on < off",
+                    Some(a < b),
+                ));
+            }
             sec.floors.push(Floor::new(
                 "bytes redirected by sk_msg (on)",
                 format!("{}", on.redirected_bytes),
@@ -194,6 +230,7 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
             "ebpf": l.mode, "download_mib_s": mibs(l, "download"), "upload_mib_s": mibs(l, "upload"),
             "agent_cpu_s_per_gib_download": agent_cpu(l, "download"), "agent_cpu_s_per_gib_upload": agent_cpu(l, "upload"),
             "p50_us": l.lat.p50, "p99_us": l.lat.p99, "p999_us": l.lat.p999,
+            "one_cpu_p50_us": l.lat1.p50, "one_cpu_p99_us": l.lat1.p99, "one_cpu_p999_us": l.lat1.p999,
             "redirected_bytes": l.redirected_bytes, "socket_pairs": l.pairs,
         })).collect::<Vec<_>>(),
         "ebpf_on_error": on_error,

@@ -1,6 +1,7 @@
 //! Latency: 64-byte request/response ping-pong over an established connection (kubectl exec
 //! keystrokes); percentiles and what each route adds over direct TCP.
 use super::{pingpong, start, FRONTENDS};
+use crate::bench::affinity::OneCpu;
 use crate::bench::baselines;
 use crate::bench::io::{self, Route};
 use crate::bench::procs::{Cluster, ClusterCfg};
@@ -30,15 +31,15 @@ pub fn summarize(route: &str, rtts: &[f64], baseline: bool) -> Lat {
     }
 }
 
-pub async fn run(ctx: &Ctx) -> Result<Section> {
-    let mut sec = Section::new("latency", "Latency (64-byte ping-pong)");
+/// Every route's ping-pong, each route's processes started for it and stopped after.
+async fn measure(ctx: &Ctx, sec: &mut Section, tag: &str) -> Result<Vec<Lat>> {
     let backend = io::backend(TcpListener::bind("127.0.0.1:0").await?)?;
     let target = backend.addr;
     let n = ctx.size.pings;
     let mut lats = Vec::new();
     let mut go = |l: Lat| {
         ctx.say(&format!(
-            "   latency {:<26} p50 {:>7.1} µs  p99 {:>7.1} µs  p99.9 {:>7.1} µs",
+            "   latency{tag} {:<26} p50 {:>7.1} µs  p99 {:>7.1} µs  p99.9 {:>7.1} µs",
             l.route, l.p50, l.p99, l.p999
         ));
         lats.push(l);
@@ -51,16 +52,16 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
     match baselines::ssh(&ctx.work, target) {
         Ok(t) => match pingpong(ctx, &Route::Forward(t.port), target, n).await {
             Ok(r) => go(summarize("ssh -L (aes128-gcm)", &r, true)),
-            Err(e) => sec.skipped.push(format!("ssh -L: {e:#}")),
+            Err(e) => sec.skipped.push(format!("ssh -L{tag}: {e:#}")),
         },
-        Err(e) => sec.skipped.push(format!("ssh -L: {e:#}")),
+        Err(e) => sec.skipped.push(format!("ssh -L{tag}: {e:#}")),
     }
     match baselines::stunnel(&ctx.work, &ctx.pki, target) {
         Ok(t) => match pingpong(ctx, &Route::Forward(t.port), target, n).await {
             Ok(r) => go(summarize("stunnel TLS hop", &r, true)),
-            Err(e) => sec.skipped.push(format!("stunnel: {e:#}")),
+            Err(e) => sec.skipped.push(format!("stunnel{tag}: {e:#}")),
         },
-        Err(e) => sec.skipped.push(format!("stunnel: {e:#}")),
+        Err(e) => sec.skipped.push(format!("stunnel{tag}: {e:#}")),
     }
     for (mode, t) in FRONTENDS {
         let label = format!("spoke {}", Cluster::label(mode, t));
@@ -71,20 +72,18 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
         .await;
         match r {
             Ok(r) => go(summarize(&label, &r, false)),
-            Err(e) => sec.skipped.push(format!("{label}: {e:#}")),
+            Err(e) => sec.skipped.push(format!("{label}{tag}: {e:#}")),
         }
     }
-    let direct =
-        lats.first()
-            .map(|d| (d.p50, d.p99, d.p999))
-            .unwrap_or((f64::NAN, f64::NAN, f64::NAN));
-    let mut md = format!(
-        "{n} round trips of 64 bytes each way per route over one established connection (after a warm-up of {}), client and echo \
-         backend in the bench process; agent `--ebpf=off`. Added = route percentile − direct percentile.\n\n\
-         | route | p50 µs | p99 µs | p99.9 µs | added p50 µs | added p99 µs | added p99.9 µs |\n|---|---|---|---|---|---|---|\n",
-        n / 10 + 50
+    Ok(lats)
+}
+
+fn table(lats: &[Lat]) -> String {
+    let direct = direct_of(lats);
+    let mut md = String::from(
+        "| route | p50 µs | p99 µs | p99.9 µs | added p50 µs | added p99 µs | added p99.9 µs |\n|---|---|---|---|---|---|---|\n",
     );
-    for l in &lats {
+    for l in lats {
         md.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} | {} |\n",
             l.route,
@@ -96,10 +95,21 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
             num(l.p999 - direct.2)
         ));
     }
+    md
+}
+
+fn direct_of(lats: &[Lat]) -> (f64, f64, f64) {
+    lats.first()
+        .map(|d| (d.p50, d.p99, d.p999))
+        .unwrap_or((f64::NAN, f64::NAN, f64::NAN))
+}
+
+fn floors(sec: &mut Section, lats: &[Lat], suffix: &str) {
+    let direct = direct_of(lats);
     for l in lats.iter().filter(|l| !l.baseline) {
         let (a50, a99) = (l.p50 - direct.0, l.p99 - direct.1);
         sec.floors.push(Floor::new(
-            format!("{} added p50", l.route),
+            format!("{} added p50{suffix}", l.route),
             format!("{a50:.1} µs"),
             "≤ 50 µs",
             Some(a50 <= 50.0),
@@ -112,12 +122,37 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
             (format!("{a99:.1} µs"), Some(a99 <= 250.0))
         };
         sec.floors.push(Floor::new(
-            format!("{} added p99", l.route),
+            format!("{} added p99{suffix}", l.route),
             v99,
             "≤ 250 µs",
             m99,
         ));
     }
+}
+
+pub async fn run(ctx: &Ctx) -> Result<Section> {
+    let mut sec = Section::new("latency", "Latency (64-byte ping-pong)");
+    let n = ctx.size.pings;
+    let lats = measure(ctx, &mut sec, "").await?;
+    // The same with every process on CPU 0: no wake-ups across CPUs, so what remains is the
+    // route's own work per round trip (a halted vCPU woken by another CPU costs tens of µs on
+    // this kind of VM, paid by every multi-process relay alike).
+    let pinned = {
+        let _one = OneCpu::pin(0, &[])?;
+        measure(ctx, &mut sec, " (one CPU)").await?
+    };
+    let md = format!(
+        "{n} round trips of 64 bytes each way per route over one established connection (after a warm-up of {}), client and echo \
+         backend in the bench process; agent `--ebpf=off`. Added = route percentile − direct percentile.\n\n\
+         **Scheduler's placement** (as deployed; a round trip wakes each relay process, often on the other, halted, vCPU):\n\n{}\n\
+         **All processes pinned to one CPU** (the bench process and every process it starts share CPU 0: wake-ups are context \
+         switches, not cross-CPU interrupts, so this isolates each route's own cost per round trip):\n\n{}",
+        n / 10 + 50,
+        table(&lats),
+        table(&pinned),
+    );
+    floors(&mut sec, &lats, "");
+    floors(&mut sec, &pinned, " (one CPU)");
     sec.md = md;
     let bars: Vec<Bar> = lats
         .iter()
@@ -147,10 +182,15 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
             None,
         ),
     );
+    let rows = |lats: &[Lat]| {
+        let direct = direct_of(lats);
+        lats.iter().map(|l| json!({"route": l.route, "p50_us": l.p50, "p99_us": l.p99, "p999_us": l.p999,
+            "added_p50_us": l.p50 - direct.0, "added_p99_us": l.p99 - direct.1, "added_p999_us": l.p999 - direct.2, "baseline": l.baseline})).collect::<Vec<_>>()
+    };
     sec.json = json!({
         "round_trips": n,
-        "rows": lats.iter().map(|l| json!({"route": l.route, "p50_us": l.p50, "p99_us": l.p99, "p999_us": l.p999,
-            "added_p50_us": l.p50 - direct.0, "added_p99_us": l.p99 - direct.1, "added_p999_us": l.p999 - direct.2, "baseline": l.baseline})).collect::<Vec<_>>(),
+        "rows": rows(&lats),
+        "rows_one_cpu": rows(&pinned),
         "skipped": sec.skipped,
     });
     Ok(sec)
