@@ -24,6 +24,7 @@ use tonic::Streaming;
 /// HTTP/2 windows sized for bulk transfer over long links.
 const STREAM_WINDOW: u32 = 8 << 20;
 const CONN_WINDOW: u32 = 16 << 20;
+const MAX_FRAME: u32 = 1 << 20;
 
 /// A live tunnel to one server.
 pub struct ServerStream {
@@ -85,6 +86,8 @@ pub async fn connect(agent: &Arc<Agent>) -> Result<Connected> {
     ))?
     .initial_stream_window_size(STREAM_WINDOW)
     .initial_connection_window_size(CONN_WINDOW)
+    // Let the server send our 64 KiB DATA payloads in one HTTP/2 frame (default 16 KiB).
+    .max_frame_size(MAX_FRAME)
     .http2_keep_alive_interval(o.keepalive_time)
     .keep_alive_while_idle(true)
     .connect_timeout(std::time::Duration::from_secs(10))

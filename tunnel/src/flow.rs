@@ -9,9 +9,10 @@
 //!   closes that one connection, never the stream.
 use bytes::Bytes;
 use prometheus_client::metrics::gauge::Gauge;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
-use std::sync::Arc;
-use tokio::sync::{mpsc, Notify};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::Notify;
 
 /// Why a push into an inbox was refused.
 #[derive(Debug, PartialEq, Eq)]
@@ -22,40 +23,65 @@ pub enum PushError {
     Closed,
 }
 
+/// What producer and consumer of one inbox share. A plain queue under a lock rather than a
+/// channel: an idle connection then holds no queue allocation at all (a tokio channel
+/// allocates a block of slots up front, about 1 KiB per connection).
+#[derive(Debug)]
+struct Shared {
+    queue: Mutex<Queue>,
+    /// Wakes the consumer; a notification sent while nobody waits is kept as a permit.
+    ready: Notify,
+    buffered: AtomicUsize,
+    total: Gauge,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    chunks: VecDeque<Bytes>,
+    producer_gone: bool,
+    consumer_gone: bool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        // Nothing panics while holding this lock; stay usable if something ever does.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn release(&self, n: usize) {
+        self.buffered.fetch_sub(n, Ordering::AcqRel);
+        self.total.dec_by(n as i64);
+    }
+}
+
 /// Producer side of a connection's receive buffer.
 #[derive(Debug)]
 pub struct Inbox {
-    tx: mpsc::UnboundedSender<Bytes>,
-    buffered: Arc<AtomicUsize>,
-    total: Gauge,
+    shared: Arc<Shared>,
     cap: usize,
 }
 
 /// Consumer side, owned by the connection's relay.
 #[derive(Debug)]
 pub struct InboxRx {
-    rx: mpsc::UnboundedReceiver<Bytes>,
-    buffered: Arc<AtomicUsize>,
-    total: Gauge,
+    shared: Arc<Shared>,
 }
 
 /// A connection's receive buffer holding at most about `cap` bytes; `total` sums all
 /// connections' buffered bytes for the metrics.
 pub fn inbox(cap: usize, total: Gauge) -> (Inbox, InboxRx) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let buffered = Arc::new(AtomicUsize::new(0));
+    let shared = Arc::new(Shared {
+        queue: Mutex::new(Queue::default()),
+        ready: Notify::new(),
+        buffered: AtomicUsize::new(0),
+        total,
+    });
     (
         Inbox {
-            tx,
-            buffered: buffered.clone(),
-            total: total.clone(),
+            shared: shared.clone(),
             cap,
         },
-        InboxRx {
-            rx,
-            buffered,
-            total,
-        },
+        InboxRx { shared },
     )
 }
 
@@ -64,60 +90,74 @@ impl Inbox {
     /// whole cap is still accepted into an empty inbox so a peer's large write cannot wedge.
     pub fn push(&self, data: Bytes) -> Result<(), PushError> {
         let len = data.len();
+        let mut q = self.shared.lock();
+        if q.consumer_gone {
+            return Err(PushError::Closed);
+        }
         if len == 0 {
             // Nothing to deliver; queueing it would let empty DATA grow the queue unbounded.
-            return if self.tx.is_closed() {
-                Err(PushError::Closed)
-            } else {
-                Ok(())
-            };
+            return Ok(());
         }
-        let before = self.buffered.fetch_add(len, Ordering::AcqRel);
+        let before = self.shared.buffered.load(Ordering::Acquire);
         if before > 0 && before + len > self.cap {
-            self.buffered.fetch_sub(len, Ordering::AcqRel);
             return Err(PushError::Overflow);
         }
-        match self.tx.send(data) {
-            Ok(()) => {
-                self.total.inc_by(len as i64);
-                Ok(())
-            }
-            Err(_) => {
-                self.buffered.fetch_sub(len, Ordering::AcqRel);
-                Err(PushError::Closed)
-            }
-        }
+        self.shared.buffered.fetch_add(len, Ordering::AcqRel);
+        self.shared.total.inc_by(len as i64);
+        q.chunks.push_back(data);
+        drop(q);
+        self.shared.ready.notify_one();
+        Ok(())
     }
 
     pub fn buffered(&self) -> usize {
-        self.buffered.load(Ordering::Acquire)
+        self.shared.buffered.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        self.shared.lock().producer_gone = true;
+        self.shared.ready.notify_one();
     }
 }
 
 impl InboxRx {
     /// Next chunk; `None` once the producer is gone and everything was taken.
     pub async fn recv(&mut self) -> Option<Bytes> {
-        self.rx.recv().await
+        loop {
+            {
+                let mut q = self.shared.lock();
+                if let Some(b) = q.chunks.pop_front() {
+                    return Some(b);
+                }
+                if q.producer_gone {
+                    return None;
+                }
+            }
+            self.shared.ready.notified().await;
+        }
     }
 
     pub fn try_recv(&mut self) -> Option<Bytes> {
-        self.rx.try_recv().ok()
+        self.shared.lock().chunks.pop_front()
     }
 
     /// Marks `n` bytes as written to the local endpoint, freeing room in the cap.
     pub fn consumed(&self, n: usize) {
-        self.buffered.fetch_sub(n, Ordering::AcqRel);
-        self.total.dec_by(n as i64);
+        self.shared.release(n);
     }
 }
 
 impl Drop for InboxRx {
     fn drop(&mut self) {
         // Bytes still queued are dropped with us; keep the shared gauge honest.
-        self.rx.close();
-        while let Ok(b) = self.rx.try_recv() {
-            self.consumed(b.len());
-        }
+        let left: usize = {
+            let mut q = self.shared.lock();
+            q.consumer_gone = true;
+            q.chunks.drain(..).map(|b| b.len()).sum()
+        };
+        self.shared.release(left);
     }
 }
 
