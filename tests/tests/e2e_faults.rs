@@ -499,6 +499,12 @@ async fn silent_path_loss_is_detected_by_keepalive_and_the_agent_reconnects() {
     connect::echo_roundtrip(&server.frontend, &target)
         .await
         .expect("dial across the veth");
+    // A tunnelled connection that is open when the path goes silent: it must be closed
+    // toward its frontend once the agent is declared gone, not left hanging.
+    let held = connect::tunnel(&server.frontend, &target)
+        .await
+        .expect("tunnel held across the cut");
+    let held = tokio::spawn(read_until_closed(held));
 
     link.set_up(false).expect("link down");
     let cut = Instant::now();
@@ -536,6 +542,26 @@ async fn silent_path_loss_is_detected_by_keepalive_and_the_agent_reconnects() {
         server_took >= Duration::from_secs(2),
         "dropped after {server_took:?}: faster than one keepalive interval, suspicious"
     );
+    // Keepalive every 2 s, 20 s for its answer (the HTTP/2 keepalive timeout), plus slack.
+    assert!(
+        server_took <= Duration::from_secs(27),
+        "silent agent dropped only after {server_took:?} (keepalive 2 s + 20 s timeout)"
+    );
+    let (_, how) = within(
+        "the held frontend connection to be closed",
+        Duration::from_secs(5),
+        held,
+    )
+    .await
+    .expect("reader task");
+    println!("held connection across the cut ended with {how}");
+    for name in [names::SERVER_ESTABLISHED, names::SERVER_PENDING] {
+        assert_eq!(
+            server_gauge(&server, name).await,
+            Ok(0.0),
+            "{name} after the silent agent was dropped"
+        );
+    }
 
     link.set_up(true).expect("link up");
     let up = Instant::now();
@@ -633,6 +659,19 @@ async fn hundred_transfers_over_200ms_rtt_with_1pct_loss_arrive_intact() {
         "{CONNS} x {LEN} B both ways in {:?}; relayed {} B; nft drops: {dropped:?}",
         started.elapsed(),
         remote.relays.iter().map(Relay::relayed).sum::<u64>()
+    );
+    // The loss rule really dropped packets (`... counter packets N bytes M drop`).
+    let packets_dropped: u64 = dropped
+        .iter()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            words.find(|w| *w == "packets")?;
+            words.next()?.parse::<u64>().ok()
+        })
+        .sum();
+    assert!(
+        packets_dropped > 0,
+        "the 1% loss rule dropped nothing: {dropped:?}"
     );
     assert!(
         failures.is_empty(),
