@@ -68,8 +68,10 @@ async fn five_hundred_concurrent_connections_all_bytes_arrive_and_nothing_leaks(
             up_seed: rng.random(),
         })
         .collect();
-    // All tunnels are opened first and held at a barrier, so the 500 really are concurrent.
-    let barrier = Arc::new(tokio::sync::Barrier::new(CONNS));
+    // All tunnels are opened first and held at a barrier, so the 500 really are concurrent;
+    // the test joins the barrier too, to read the agent's memory with all of them open.
+    let agent_rss0 = procfs::rss_bytes(agent.proc.pid()).unwrap();
+    let barrier = Arc::new(tokio::sync::Barrier::new(CONNS + 1));
     let tasks: Vec<_> = requests
         .iter()
         .map(|req| {
@@ -86,6 +88,19 @@ async fn five_hundred_concurrent_connections_all_bytes_arrive_and_nothing_leaks(
             })
         })
         .collect();
+    within(
+        "500 tunnels to open",
+        Duration::from_secs(60),
+        barrier.wait(),
+    )
+    .await;
+    let agent_rss = procfs::rss_bytes(agent.proc.pid()).unwrap();
+    println!(
+        "agent RSS {:.1} MiB idle, {:.1} MiB with {CONNS} tunnels open ({:.2} KiB each)",
+        agent_rss0 as f64 / (1 << 20) as f64,
+        agent_rss as f64 / (1 << 20) as f64,
+        agent_rss.saturating_sub(agent_rss0) as f64 / 1024.0 / CONNS as f64
+    );
     let results = within(
         "500 concurrent exchanges",
         Duration::from_secs(150),
