@@ -3,6 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rcgen::{
@@ -612,6 +613,67 @@ impl RotCa {
     }
 }
 
+impl RotCa {
+    fn client_leaf(&self, cn: &str) -> (String, String) {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap().pem();
+        (cert, key.serialize_pem())
+    }
+}
+
+/// Client certificates presented to [`recording_server`], in handshake order.
+type Presented = Arc<std::sync::Mutex<Vec<Vec<u8>>>>;
+
+/// A TLS listener standing in for the proxy server: it requires a client certificate issued
+/// by `ca_pem`, records the leaf each handshake presents, and hangs up, so the agent redials
+/// every sync interval and every redial is a fresh handshake.
+async fn recording_server(
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+) -> (std::net::SocketAddr, Presented, tokio::task::JoinHandle<()>) {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
+    let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let presented: Presented = Arc::default();
+    let seen = presented.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            if let Ok(tls) = acceptor.accept(tcp).await {
+                if let Some(leaf) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+                    seen.lock().unwrap().push(leaf.to_vec());
+                }
+            }
+        }
+    });
+    (addr, presented, task)
+}
+
 fn write_atomically(path: &Path, content: &str) {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, content).unwrap();
@@ -1028,4 +1090,107 @@ async fn logs_are_json_lines_with_connection_events_at_debug() {
             "--log-format=text line without a level: {line}"
         );
     }
+}
+
+/// The agent's own certificate rotates like the server's: new handshakes present the new
+/// certificate without a restart, and a broken file keeps the last good one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_cert_rotation_applies_to_new_handshakes_and_a_broken_file_is_refused() {
+    let env = Env::new("o_agent_rotate");
+    let rot = RotCa::new();
+    let ca_path = env.dir.join("rot-ca.crt");
+    std::fs::write(&ca_path, &rot.ca_pem).unwrap();
+    let (server_cert, server_key) = rot.server_leaf("stand-in proxy server");
+    let (addr, presented, _server) = recording_server(&rot.ca_pem, &server_cert, &server_key).await;
+    let (c1, k1) = rot.client_leaf("agent cert one");
+    let (c2, k2) = rot.client_leaf("agent cert two");
+    let (cert, key) = (env.dir.join("agent.crt"), env.dir.join("agent.key"));
+    std::fs::write(&cert, &c1).unwrap();
+    std::fs::write(&key, &k1).unwrap();
+    let ck = CertKey {
+        cert: cert.clone(),
+        key: key.clone(),
+        cert_pem: c1.clone(),
+        key_pem: k1.clone(),
+    };
+    let agent = env
+        .agent(AgentOpts::new(addr).cert(ck).ca(ca_path.clone()))
+        .await;
+    let last_presented = || {
+        let presented = presented.clone();
+        move || {
+            let last = presented.lock().unwrap().last().cloned();
+            async move { last.ok_or_else(|| "no handshake yet".to_string()) }
+        }
+    };
+    let first = poll_until(
+        "the agent's first handshake",
+        Duration::from_secs(10),
+        last_presented(),
+    )
+    .await;
+    assert_eq!(first, der(&c1), "the agent presented another certificate");
+
+    write_atomically(&key, &k2);
+    write_atomically(&cert, &c2);
+    let written = Instant::now();
+    poll_until(
+        "new handshakes to present the rotated agent certificate",
+        Duration::from_secs(15),
+        || {
+            let last = presented.lock().unwrap().last().cloned();
+            let want = der(&c2);
+            async move {
+                match last {
+                    Some(l) if l == want => Ok(()),
+                    _ => Err("still the old certificate".to_string()),
+                }
+            }
+        },
+    )
+    .await;
+    println!(
+        "rotated agent certificate presented {:?} after the write",
+        written.elapsed()
+    );
+
+    // A broken certificate file: the reload fails, is counted, and handshakes keep the last
+    // good certificate.
+    std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\nnot base64\n").unwrap();
+    poll_until(
+        "the agent to count the failed reload",
+        Duration::from_secs(15),
+        || async {
+            match gauge(
+                &agent.metrics().await.map_err(|e| format!("{e:#}"))?,
+                "spoke_agent_tls_reload_failures_total",
+            )? {
+                v if v >= 1.0 => Ok(()),
+                v => Err(format!("tls_reload_failures_total={v}")),
+            }
+        },
+    )
+    .await;
+    let before = presented.lock().unwrap().len();
+    poll_until(
+        "a handshake after the failed reload",
+        Duration::from_secs(10),
+        || {
+            let n = presented.lock().unwrap().len();
+            async move {
+                if n > before {
+                    Ok(())
+                } else {
+                    Err("no new handshake".to_string())
+                }
+            }
+        },
+    )
+    .await;
+    let last = presented.lock().unwrap().last().cloned();
+    assert_eq!(
+        last,
+        Some(der(&c2)),
+        "after a broken file the agent must keep presenting the last good certificate"
+    );
 }
