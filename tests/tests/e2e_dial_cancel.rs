@@ -8,6 +8,7 @@
 //! creates; the gRPC frontend is a Unix socket in the test's scratch directory.
 
 use std::future::Future;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use spoke_proto::packet::Payload;
@@ -164,6 +165,69 @@ fn agent_timeouts(m: &Metrics) -> f64 {
     m.counter(names::AGENT_DIAL_FAILURES, &[("reason", "timeout")])
 }
 
+/// [`cluster`], then waits for nothing to be pending anywhere.
+async fn idle_cluster(env: &Env) -> (Server, Agent) {
+    let (server, agent) = cluster(env).await;
+    wait_pending(
+        &server,
+        &agent,
+        NONE,
+        "an idle start",
+        Duration::from_secs(5),
+    )
+    .await;
+    (server, agent)
+}
+
+/// Opens a frontend Proxy stream on `uds` dialling the filtered destination with `random`, and
+/// waits (up to half the dial timeout) until that dial is pending on server, agent and kernel.
+/// Returns the stream and when it was opened.
+async fn open_filtered_dial(
+    server: &Server,
+    agent: &Agent,
+    uds: &Path,
+    random: i64,
+    what: &str,
+) -> (PacketStream, Instant) {
+    let channel = grpc::uds_channel(uds).await.expect("frontend channel");
+    let sent = Instant::now();
+    let stream = PacketStream::proxy(
+        channel,
+        vec![grpc::dial_request(&filtered_target(), random)],
+    )
+    .await
+    .expect("Proxy stream");
+    wait_pending(server, agent, ONE, what, DIAL_TIMEOUT / 2).await;
+    (stream, sent)
+}
+
+/// [`open_filtered_dial`] with a fresh random ID; returns the ID too.
+async fn pending_filtered_dial(
+    server: &Server,
+    agent: &Agent,
+    uds: &Path,
+) -> (i64, PacketStream, Instant) {
+    let random = grpc::random_id();
+    let (stream, sent) = open_filtered_dial(
+        server,
+        agent,
+        uds,
+        random,
+        "the filtered dial to be pending on server, agent and kernel",
+    )
+    .await;
+    (random, stream, sent)
+}
+
+/// A normal dial through the agent still works, and leaves both tables empty.
+async fn normal_dial_works(server: &Server, agent: &Agent, uds: &Path, what: &str) {
+    let echo = backends::echo().await;
+    grpc::uds_echo_roundtrip(uds, &echo.target())
+        .await
+        .expect(what);
+    wait_tables_empty(server, &[agent]).await;
+}
+
 /// After DIAL_CLS the frontend stream may only end; any packet (a DIAL_RSP above all) is a bug.
 async fn expect_no_packet_within(stream: &mut PacketStream, window: Duration) {
     match stream.recv(window).await {
@@ -185,37 +249,13 @@ fn dial_cls_cancels_a_hanging_dial_on_server_and_agent_in_netns() {
     }
     in_filtered_netns(|| async {
         let env = Env::new("dial_cls");
-        let (server, mut agent) = cluster(&env).await;
-        wait_pending(
-            &server,
-            &agent,
-            NONE,
-            "an idle start",
-            Duration::from_secs(5),
-        )
-        .await;
+        let (server, mut agent) = idle_cluster(&env).await;
         let before = agent_metrics(&agent).await;
         let rsps_before = agent_dial_rsps_sent(&before);
         let uds = server.uds_path();
 
         // 1. Explicit DIAL_CLS from the frontend before the agent's dial timeout.
-        let random = grpc::random_id();
-        let channel = grpc::uds_channel(&uds).await.expect("frontend channel");
-        let sent = Instant::now();
-        let mut stream = PacketStream::proxy(
-            channel,
-            vec![grpc::dial_request(&filtered_target(), random)],
-        )
-        .await
-        .expect("Proxy stream");
-        wait_pending(
-            &server,
-            &agent,
-            ONE,
-            "the filtered dial to be pending on server, agent and kernel",
-            DIAL_TIMEOUT / 2,
-        )
-        .await;
+        let (random, mut stream, sent) = pending_filtered_dial(&server, &agent, &uds).await;
         let cls_at = Instant::now();
         stream
             .send(dial_close(random))
@@ -288,19 +328,12 @@ fn dial_cls_cancels_a_hanging_dial_on_server_and_agent_in_netns() {
         agent.proc.assert_running();
 
         // 2. The frontend goes away mid-dial: the server cancels toward the agent itself.
-        let channel = grpc::uds_channel(&uds).await.expect("frontend channel");
-        let gone = PacketStream::proxy(
-            channel,
-            vec![grpc::dial_request(&filtered_target(), grpc::random_id())],
-        )
-        .await
-        .expect("Proxy stream");
-        wait_pending(
+        let (gone, _) = open_filtered_dial(
             &server,
             &agent,
-            ONE,
+            &uds,
+            grpc::random_id(),
             "the second filtered dial to be pending",
-            DIAL_TIMEOUT / 2,
         )
         .await;
         drop(gone);
@@ -314,11 +347,13 @@ fn dial_cls_cancels_a_hanging_dial_on_server_and_agent_in_netns() {
         .await;
 
         // 3. The same agent still dials normally.
-        let echo = backends::echo().await;
-        grpc::uds_echo_roundtrip(&uds, &echo.target())
-            .await
-            .expect("a normal dial through the same agent after the cancels");
-        wait_tables_empty(&server, &[&agent]).await;
+        normal_dial_works(
+            &server,
+            &agent,
+            &uds,
+            "a normal dial through the same agent after the cancels",
+        )
+        .await;
         let m = agent_metrics(&agent).await;
         assert_eq!(
             agent_timeouts(&m),
@@ -342,34 +377,10 @@ fn without_dial_cls_a_hanging_dial_stays_pending_until_the_dial_timeout_in_netns
     }
     in_filtered_netns(|| async {
         let env = Env::new("no_dial_cls");
-        let (server, agent) = cluster(&env).await;
-        wait_pending(
-            &server,
-            &agent,
-            NONE,
-            "an idle start",
-            Duration::from_secs(5),
-        )
-        .await;
+        let (server, agent) = idle_cluster(&env).await;
         let uds = server.uds_path();
 
-        let random = grpc::random_id();
-        let channel = grpc::uds_channel(&uds).await.expect("frontend channel");
-        let sent = Instant::now();
-        let mut stream = PacketStream::proxy(
-            channel,
-            vec![grpc::dial_request(&filtered_target(), random)],
-        )
-        .await
-        .expect("Proxy stream");
-        wait_pending(
-            &server,
-            &agent,
-            ONE,
-            "the filtered dial to be pending on server, agent and kernel",
-            DIAL_TIMEOUT / 2,
-        )
-        .await;
+        let (random, mut stream, sent) = pending_filtered_dial(&server, &agent, &uds).await;
         // Still pending just short of the timeout (the same window the cancel test drains in).
         let hold = (sent + DIAL_TIMEOUT - Duration::from_millis(500))
             .saturating_duration_since(Instant::now());
@@ -418,10 +429,12 @@ fn without_dial_cls_a_hanging_dial_stays_pending_until_the_dial_timeout_in_netns
             m.names()
         );
         // The agent still works after a timed-out dial too.
-        let echo = backends::echo().await;
-        grpc::uds_echo_roundtrip(&uds, &echo.target())
-            .await
-            .expect("a normal dial after the timed-out one");
-        wait_tables_empty(&server, &[&agent]).await;
+        normal_dial_works(
+            &server,
+            &agent,
+            &uds,
+            "a normal dial after the timed-out one",
+        )
+        .await;
     });
 }

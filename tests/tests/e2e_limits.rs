@@ -145,6 +145,12 @@ fn assert_503(what: &str, reply: &Reply, wants: &[&str]) {
     }
 }
 
+/// `CONNECT target` on the server's frontend; returns the reply (the connection is dropped).
+async fn connect_reply(server: &Server, target: &str) -> Reply {
+    let (reply, _) = connect::connect(&server.frontend, target).await.unwrap();
+    reply
+}
+
 /// Sends `CONNECT target` and leaves the answer unread: the dial stays pending on the server for
 /// as long as the agent's dial does.
 async fn connect_and_hold(frontend: &Frontend, target: &str) -> BoxIo {
@@ -220,9 +226,7 @@ async fn server_max_connections_503_keeps_the_open_ones_and_frees_a_slot_on_clos
     }
     let base = server_counter(&server, SERVER_REJECTED, "limit_connections").await;
 
-    let (reply, _) = connect::connect(&server.frontend, &echo.target())
-        .await
-        .unwrap();
+    let reply = connect_reply(&server, &echo.target()).await;
     println!("CONNECT #{}: {} / {}", N + 1, reply.head, reply.body);
     assert_503(
         "CONNECT over --max-connections",
@@ -265,9 +269,7 @@ async fn server_max_connections_503_keeps_the_open_ones_and_frees_a_slot_on_clos
         .expect("a CONNECT after one connection closed must get through");
     echo_on(&mut again, 0x7f, 1000).await.unwrap();
     live.push(again);
-    let (reply, _) = connect::connect(&server.frontend, &echo.target())
-        .await
-        .unwrap();
+    let reply = connect_reply(&server, &echo.target()).await;
     assert_503(
         "CONNECT over the limit again",
         &reply,
@@ -344,14 +346,21 @@ async fn held_dials_time_out_and_free_their_slots(
     wait_tables_empty(server, &[agent]).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn server_max_pending_dials_refuses_the_extra_dial_with_503() {
-    let env = Env::new("l_srv_pending");
-    let echo = backends::echo().await;
+/// A server with `server_opts` and an agent with `agent_arg` (if any) and `--dial-timeout`
+/// [`HELD_DIAL_TIMEOUT`], with two CONNECTs held pending on both of them toward a [`BlackHole`]
+/// (returned: it must outlive the held dials).
+async fn two_held_dials(
+    env: &Env,
+    server_opts: ServerOpts,
+    agent_arg: Option<&str>,
+) -> (Server, Agent, BlackHole, Vec<BoxIo>) {
     let hole = BlackHole::new().await;
     let dial_timeout = format!("--dial-timeout={}s", HELD_DIAL_TIMEOUT.as_secs());
     let (server, agent) = env
-        .pair(uds().arg("--max-pending-dials=2"), |a| a.arg(&dial_timeout))
+        .pair(server_opts, |a| match agent_arg {
+            Some(arg) => a.arg(arg).arg(&dial_timeout),
+            None => a.arg(&dial_timeout),
+        })
         .await;
     let held = vec![
         connect_and_hold(&server.frontend, &hole.target()).await,
@@ -363,27 +372,47 @@ async fn server_max_pending_dials_refuses_the_extra_dial_with_503() {
         Some((&agent, AGENT_PENDING, 2.0)),
     )
     .await;
-    let base = server_counter(&server, SERVER_REJECTED, "limit_pending_dials").await;
+    (server, agent, hole, held)
+}
 
-    // A third dial, even to a destination that would answer, is refused by the server.
-    let (reply, _) = connect::connect(&server.frontend, &echo.target())
-        .await
-        .unwrap();
+/// A third CONNECT (to `echo`, which would answer) while two dials are held: a 503 naming
+/// `wants`, and nothing reaches the destination.
+async fn third_connect_refused(
+    server: &Server,
+    echo: &backends::Backend,
+    what: &str,
+    wants: &[&str],
+) {
+    let reply = connect_reply(server, &echo.target()).await;
     println!("third CONNECT: {} / {}", reply.head, reply.body);
-    assert_503(
-        "CONNECT over the server's --max-pending-dials",
-        &reply,
-        &["server limit reached", "--max-pending-dials"],
-    );
-    assert_eq!(
-        server_counter(&server, SERVER_REJECTED, "limit_pending_dials").await,
-        base + 1.0,
-        "{SERVER_REJECTED}{{reason=limit_pending_dials}}"
-    );
+    assert_503(what, &reply, wants);
     assert_eq!(
         echo.stats.snapshot().0,
         0,
         "the refused dial reached its destination"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_max_pending_dials_refuses_the_extra_dial_with_503() {
+    let env = Env::new("l_srv_pending");
+    let echo = backends::echo().await;
+    let (server, agent, _hole, held) =
+        two_held_dials(&env, uds().arg("--max-pending-dials=2"), None).await;
+    let base = server_counter(&server, SERVER_REJECTED, "limit_pending_dials").await;
+
+    // A third dial, even to a destination that would answer, is refused by the server.
+    third_connect_refused(
+        &server,
+        &echo,
+        "CONNECT over the server's --max-pending-dials",
+        &["server limit reached", "--max-pending-dials"],
+    )
+    .await;
+    assert_eq!(
+        server_counter(&server, SERVER_REJECTED, "limit_pending_dials").await,
+        base + 1.0,
+        "{SERVER_REJECTED}{{reason=limit_pending_dials}}"
     );
     assert_eq!(
         (
@@ -400,41 +429,21 @@ async fn server_max_pending_dials_refuses_the_extra_dial_with_503() {
 async fn agent_max_pending_dials_refuses_the_extra_dial_and_the_server_answers_503() {
     let env = Env::new("l_agent_pending");
     let echo = backends::echo().await;
-    let hole = BlackHole::new().await;
-    let dial_timeout = format!("--dial-timeout={}s", HELD_DIAL_TIMEOUT.as_secs());
-    let (server, agent) = env
-        .pair(uds(), |a| a.arg("--max-pending-dials=2").arg(&dial_timeout))
-        .await;
-    let held = vec![
-        connect_and_hold(&server.frontend, &hole.target()).await,
-        connect_and_hold(&server.frontend, &hole.target()).await,
-    ];
-    wait_gauges(
-        "two dials pending on server and agent",
-        (&server, names::SERVER_PENDING, 2.0),
-        Some((&agent, AGENT_PENDING, 2.0)),
-    )
-    .await;
+    let (server, agent, _hole, held) =
+        two_held_dials(&env, uds(), Some("--max-pending-dials=2")).await;
     let base = agent_counter(&agent, AGENT_REFUSED, "limit_pending_dials").await;
 
-    let (reply, _) = connect::connect(&server.frontend, &echo.target())
-        .await
-        .unwrap();
-    println!("third CONNECT: {} / {}", reply.head, reply.body);
-    assert_503(
+    third_connect_refused(
+        &server,
+        &echo,
         "CONNECT over the agent's --max-pending-dials",
-        &reply,
         &["agent limit reached", "--max-pending-dials"],
-    );
+    )
+    .await;
     assert_eq!(
         agent_counter(&agent, AGENT_REFUSED, "limit_pending_dials").await,
         base + 1.0,
         "{AGENT_REFUSED}{{reason=limit_pending_dials}}"
-    );
-    assert_eq!(
-        echo.stats.snapshot().0,
-        0,
-        "the refused dial reached its destination"
     );
     assert_eq!(
         agent_gauge(&agent, AGENT_PENDING).await,
@@ -465,9 +474,7 @@ async fn abandoned_connect_frees_its_pending_dial_slot_at_once() {
         Some((&agent, AGENT_PENDING, 1.0)),
     )
     .await;
-    let (reply, _) = connect::connect(&server.frontend, &echo.target())
-        .await
-        .unwrap();
+    let reply = connect_reply(&server, &echo.target()).await;
     assert_503(
         "CONNECT while the slot is taken",
         &reply,
@@ -523,9 +530,7 @@ async fn server_max_buffered_bytes_refuses_new_dials_until_the_slow_reader_catch
     .await;
     println!("server buffers {buffered} bytes for the stalled reader");
     let base = server_counter(&server, SERVER_REJECTED, "limit_buffered_bytes").await;
-    let (reply, _) = connect::connect(&server.frontend, &echo.target())
-        .await
-        .unwrap();
+    let reply = connect_reply(&server, &echo.target()).await;
     println!(
         "CONNECT while over the limit: {} / {}",
         reply.head, reply.body

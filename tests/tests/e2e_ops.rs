@@ -674,6 +674,22 @@ async fn recording_server(
     (addr, presented, task)
 }
 
+/// Writes `<name>.crt` and `<name>.key` into `dir`: the files a process under test reads.
+fn cert_files(dir: &Path, name: &str, cert_pem: &str, key_pem: &str) -> CertKey {
+    let (cert, key) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    std::fs::write(&cert, cert_pem).unwrap();
+    std::fs::write(&key, key_pem).unwrap();
+    CertKey {
+        cert,
+        key,
+        cert_pem: cert_pem.to_string(),
+        key_pem: key_pem.to_string(),
+    }
+}
+
 fn write_atomically(path: &Path, content: &str) {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, content).unwrap();
@@ -707,15 +723,8 @@ async fn cluster_cert_rotation_applies_to_new_handshakes_and_a_broken_file_is_re
     std::fs::write(&ca_path, &rot.ca_pem).unwrap();
     let (c1, k1) = rot.server_leaf("spoke cluster one");
     let (c2, k2) = rot.server_leaf("spoke cluster two");
-    let (cert, key) = (env.dir.join("cluster.crt"), env.dir.join("cluster.key"));
-    std::fs::write(&cert, &c1).unwrap();
-    std::fs::write(&key, &k1).unwrap();
-    let ck = CertKey {
-        cert: cert.clone(),
-        key: key.clone(),
-        cert_pem: c1.clone(),
-        key_pem: k1.clone(),
-    };
+    let ck = cert_files(env.dir.path(), "cluster", &c1, &k1);
+    let (cert, key) = (ck.cert.clone(), ck.key.clone());
     let mut server = env.server(uds().cluster_cert(ck)).await;
     let mut a = env
         .agent(
@@ -1104,15 +1113,8 @@ async fn agent_cert_rotation_applies_to_new_handshakes_and_a_broken_file_is_refu
     let (addr, presented, _server) = recording_server(&rot.ca_pem, &server_cert, &server_key).await;
     let (c1, k1) = rot.client_leaf("agent cert one");
     let (c2, k2) = rot.client_leaf("agent cert two");
-    let (cert, key) = (env.dir.join("agent.crt"), env.dir.join("agent.key"));
-    std::fs::write(&cert, &c1).unwrap();
-    std::fs::write(&key, &k1).unwrap();
-    let ck = CertKey {
-        cert: cert.clone(),
-        key: key.clone(),
-        cert_pem: c1.clone(),
-        key_pem: k1.clone(),
-    };
+    let ck = cert_files(env.dir.path(), "agent", &c1, &k1);
+    let (cert, key) = (ck.cert.clone(), ck.key.clone());
     let agent = env
         .agent(AgentOpts::new(addr).cert(ck).ca(ca_path.clone()))
         .await;

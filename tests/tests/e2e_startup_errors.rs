@@ -6,6 +6,7 @@
 //! Every case has a control: the same base flags with good files start (server healthy, agent
 //! connected), so a failure below is caused by the one thing each case breaks.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -200,6 +201,102 @@ async fn assert_refused(what: &str, program: &Path, args: &[String], needles: &[
     exit
 }
 
+/// Bad `--flag=value` cases on `base` for `who` (`server` or `agent`): parse errors must name
+/// the flag and the value, validation errors (`(flag, value, needle)`) `spoke-{who}:` and `needle`.
+async fn assert_bad_values_refused(
+    who: &str,
+    bin: &Path,
+    base: &Flags,
+    parse: &[(&str, &str)],
+    validation: &[(&str, &str, &str)],
+) {
+    for &(flag, value) in parse {
+        let args = base.clone().set(flag, value).args();
+        assert_refused(
+            &format!("{who} --{flag}={value}"),
+            bin,
+            &args,
+            &[&format!("--{flag}"), value],
+        )
+        .await;
+    }
+    let prefix = format!("spoke-{who}:");
+    for &(flag, value, needle) in validation {
+        let args = base.clone().set(flag, value).args();
+        assert_refused(
+            &format!("{who} --{flag}={value}"),
+            bin,
+            &args,
+            &[&prefix, needle],
+        )
+        .await;
+    }
+}
+
+/// Each of `flags` (on fresh `base()` flags) pointing at `path`: refused by `spoke-{who}`, naming
+/// the flag, the path and every `extra` needle; `label` says what is wrong with the file.
+async fn assert_file_flags_refused(
+    who: &str,
+    bin: &Path,
+    base: impl Fn() -> Flags,
+    flags: &[&str],
+    path: &Path,
+    label: &str,
+    extra: &[&str],
+) {
+    let prefix = format!("spoke-{who}:");
+    let shown = path.display().to_string();
+    for flag in flags {
+        let args = base().file(flag, path).args();
+        let flag_needle = format!("--{flag}");
+        let mut needles = vec![prefix.as_str(), flag_needle.as_str(), shown.as_str()];
+        needles.extend(extra.iter().copied().filter(|e| !e.is_empty()));
+        assert_refused(&format!("{who} --{flag} {label}"), bin, &args, &needles).await;
+    }
+}
+
+/// The garbage files of [`bad_pem_files`] on each of `flags`, then valid PEM of the wrong kind
+/// (`wrong_kind`: flag and file): every case refused naming the flag and the file.
+async fn assert_garbage_pem_refused(
+    who: &str,
+    bin: &Path,
+    env: &Env,
+    base: impl Fn() -> Flags,
+    flags: &[&str],
+    wrong_kind: &[(&str, &PathBuf)],
+) {
+    for (label, path, extra) in bad_pem_files(env) {
+        assert_file_flags_refused(who, bin, &base, flags, &path, label, &[extra]).await;
+    }
+    for (flag, path) in wrong_kind {
+        assert_file_flags_refused(who, bin, &base, &[flag], path, "wrong PEM type", &[]).await;
+    }
+}
+
+/// A certificate with another (valid) key is refused naming `needles`, and the error says the
+/// key does not match.
+async fn assert_key_mismatch_refused(what: &str, bin: &Path, args: &[String], needles: &[&str]) {
+    let exit = assert_refused(what, bin, args, needles).await;
+    let lower = exit.stderr.to_lowercase();
+    assert!(
+        lower.contains("key") && (lower.contains("match") || lower.contains("consistent")),
+        "the error should say the key does not match the certificate:\n{}",
+        exit.stderr
+    );
+}
+
+/// 127.0.0.1:`port`.
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Spawns `spoke-agent` with `flags` (log `agent.log`); returns it and its health address.
+fn spawn_agent(env: &Env, name: &str, flags: &Flags) -> (Proc, SocketAddr) {
+    let health = loopback(flags.port("health-server-port"));
+    let agent = Proc::spawn(name, &agent_bin(), flags.args(), env.dir.join("agent.log"));
+    (agent, health)
+}
+
 /// Writes `content` to `dir/name`.
 fn write_file(env: &Env, name: &str, content: &str) -> PathBuf {
     let path = env.dir.join(name);
@@ -240,7 +337,7 @@ fn bad_pem_files(env: &Env) -> Vec<(&'static str, PathBuf, &'static str)> {
 async fn control_server_and_agent_base_flags_start_and_connect() {
     let env = Env::new("startup_control");
     let sflags = server_flags(&env);
-    let health = sflags.port("health-port");
+    let health = loopback(sflags.port("health-port"));
     let agent_port = sflags.port("agent-port");
     let mut server = Proc::spawn(
         "spoke-server control",
@@ -248,18 +345,10 @@ async fn control_server_and_agent_base_flags_start_and_connect() {
         sflags.args(),
         env.dir.join("server.log"),
     );
-    let health = std::net::SocketAddr::from(([127, 0, 0, 1], health));
     wait_status(&mut server, health, "/healthz", 200, START_TIMEOUT).await;
 
-    let aflags = agent_flags(&env, agent_port);
-    let agent_health = aflags.port("health-server-port");
-    let mut agent = Proc::spawn(
-        "spoke-agent control",
-        &agent_bin(),
-        aflags.args(),
-        env.dir.join("agent.log"),
-    );
-    let agent_health = std::net::SocketAddr::from(([127, 0, 0, 1], agent_health));
+    let (mut agent, agent_health) =
+        spawn_agent(&env, "spoke-agent control", &agent_flags(&env, agent_port));
     wait_status(&mut agent, agent_health, "/readyz", 200, START_TIMEOUT).await;
     wait_status(&mut server, health, "/readyz", 200, START_TIMEOUT).await;
     server.assert_running();
@@ -286,40 +375,25 @@ async fn server_unknown_flag_exits_nonzero_naming_it() {
 #[tokio::test]
 async fn server_bad_flag_values_exit_nonzero_naming_flag_and_value() {
     let env = Env::new("srv_bad_values");
-    let bin = server_bin();
-    let base = server_flags(&env);
-    // Parse-time errors (clap).
-    for (flag, value) in [
-        ("mode", "bogus"),
-        ("keepalive-time", "notaduration"),
-        ("graceful-shutdown-timeout", "-5s"),
-        ("agent-port", "70000"),
-        ("max-connection-buffer-bytes", "lots"),
-        ("proxy-strategies", "nearest"),
-    ] {
-        let args = base.clone().set(flag, value).args();
-        assert_refused(
-            &format!("server --{flag}={value}"),
-            &bin,
-            &args,
-            &[&format!("--{flag}"), value],
-        )
-        .await;
-    }
-    // Validation errors (flag combinations checked after parsing).
-    for (flag, value, needle) in [
-        ("server-count", "0", "--server-count"),
-        ("server-port", "8090", "--server-port"),
-    ] {
-        let args = base.clone().set(flag, value).args();
-        assert_refused(
-            &format!("server --{flag}={value}"),
-            &bin,
-            &args,
-            &["spoke-server:", needle],
-        )
-        .await;
-    }
+    // Parse-time errors (clap), then validation errors (flag combinations checked after parsing).
+    assert_bad_values_refused(
+        "server",
+        &server_bin(),
+        &server_flags(&env),
+        &[
+            ("mode", "bogus"),
+            ("keepalive-time", "notaduration"),
+            ("graceful-shutdown-timeout", "-5s"),
+            ("agent-port", "70000"),
+            ("max-connection-buffer-bytes", "lots"),
+            ("proxy-strategies", "nearest"),
+        ],
+        &[
+            ("server-count", "0", "--server-count"),
+            ("server-port", "8090", "--server-port"),
+        ],
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -328,16 +402,16 @@ async fn server_missing_cert_files_exit_nonzero_naming_flag_and_path() {
     let bin = server_bin();
     let missing = env.dir.join("does-not-exist.pem");
     let shown = missing.display().to_string();
-    for flag in ["cluster-cert", "cluster-key", "cluster-ca-cert"] {
-        let args = server_flags(&env).file(flag, &missing).args();
-        assert_refused(
-            &format!("server --{flag} missing"),
-            &bin,
-            &args,
-            &["spoke-server:", &format!("--{flag}"), &shown],
-        )
-        .await;
-    }
+    assert_file_flags_refused(
+        "server",
+        &bin,
+        || server_flags(&env),
+        &["cluster-cert", "cluster-key", "cluster-ca-cert"],
+        &missing,
+        "missing",
+        &[],
+    )
+    .await;
     // The mTLS TCP frontend's files too.
     let main = &env.pki.main;
     let tcp = server_flags(&env)
@@ -365,7 +439,7 @@ async fn server_key_not_matching_cert_exits_nonzero_naming_both_flags() {
         .file("cluster-cert", &main.server.cert)
         .file("cluster-key", &main.agent.key)
         .args();
-    let exit = assert_refused(
+    assert_key_mismatch_refused(
         "server cert/key mismatch",
         &server_bin(),
         &args,
@@ -377,48 +451,27 @@ async fn server_key_not_matching_cert_exits_nonzero_naming_both_flags() {
         ],
     )
     .await;
-    let lower = exit.stderr.to_lowercase();
-    assert!(
-        lower.contains("key") && (lower.contains("match") || lower.contains("consistent")),
-        "the error should say the key does not match the certificate:\n{}",
-        exit.stderr
-    );
 }
 
 #[tokio::test]
 async fn server_garbage_pem_files_exit_nonzero_naming_flag_and_file() {
     let env = Env::new("srv_garbage_pem");
-    let bin = server_bin();
-    for (label, path, extra) in bad_pem_files(&env) {
-        let shown = path.display().to_string();
-        for flag in ["cluster-cert", "cluster-key", "cluster-ca-cert"] {
-            let args = server_flags(&env).file(flag, &path).args();
-            let flag_needle = format!("--{flag}");
-            let mut needles = vec!["spoke-server:", flag_needle.as_str(), shown.as_str()];
-            if !extra.is_empty() {
-                needles.push(extra);
-            }
-            assert_refused(&format!("server --{flag} {label}"), &bin, &args, &needles).await;
-        }
-    }
-    // Valid PEM of the wrong kind: a private key where a certificate belongs and vice versa.
+    // Garbage files, then valid PEM of the wrong kind (a private key where a certificate belongs
+    // and vice versa).
     let main = &env.pki.main;
-    for (flag, path) in [
-        ("cluster-cert", &main.server.key),
-        ("cluster-ca-cert", &main.server.key),
-        ("cluster-key", &main.server.cert),
-    ] {
-        let args = server_flags(&env).file(flag, path).args();
-        let flag_needle = format!("--{flag}");
-        let shown = path.display().to_string();
-        assert_refused(
-            &format!("server --{flag} wrong PEM type"),
-            &bin,
-            &args,
-            &["spoke-server:", &flag_needle, &shown],
-        )
-        .await;
-    }
+    assert_garbage_pem_refused(
+        "server",
+        &server_bin(),
+        &env,
+        || server_flags(&env),
+        &["cluster-cert", "cluster-key", "cluster-ca-cert"],
+        &[
+            ("cluster-cert", &main.server.key),
+            ("cluster-ca-cert", &main.server.key),
+            ("cluster-key", &main.server.cert),
+        ],
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -471,58 +524,41 @@ async fn agent_unknown_flag_exits_nonzero_naming_it() {
 #[tokio::test]
 async fn agent_bad_flag_values_exit_nonzero_naming_flag_and_value() {
     let env = Env::new("agent_bad_values");
-    let bin = agent_bin();
-    let base = agent_flags(&env, free_port());
-    for (flag, value) in [
-        ("sync-interval", "notaduration"),
-        ("dial-timeout", "5"),
-        ("keepalive-time", "1x"),
-        ("proxy-server-port", "notaport"),
-        ("max-connection-buffer-bytes", "0"),
-        ("ebpf", "sometimes"),
-    ] {
-        let args = base.clone().set(flag, value).args();
-        assert_refused(
-            &format!("agent --{flag}={value}"),
-            &bin,
-            &args,
-            &[&format!("--{flag}"), value],
-        )
-        .await;
-    }
-    for (flag, value, needle) in [
-        ("sync-interval-cap", "10ms", "--sync-interval-cap"),
-        ("proxy-server-port", "0", "--proxy-server-port"),
-        ("agent-identifiers", "zone=a", "--agent-identifiers"),
-        ("server-count-source", "min", "--server-count-source"),
-    ] {
-        let args = base.clone().set(flag, value).args();
-        assert_refused(
-            &format!("agent --{flag}={value}"),
-            &bin,
-            &args,
-            &["spoke-agent:", needle],
-        )
-        .await;
-    }
+    assert_bad_values_refused(
+        "agent",
+        &agent_bin(),
+        &agent_flags(&env, free_port()),
+        &[
+            ("sync-interval", "notaduration"),
+            ("dial-timeout", "5"),
+            ("keepalive-time", "1x"),
+            ("proxy-server-port", "notaport"),
+            ("max-connection-buffer-bytes", "0"),
+            ("ebpf", "sometimes"),
+        ],
+        &[
+            ("sync-interval-cap", "10ms", "--sync-interval-cap"),
+            ("proxy-server-port", "0", "--proxy-server-port"),
+            ("agent-identifiers", "zone=a", "--agent-identifiers"),
+            ("server-count-source", "min", "--server-count-source"),
+        ],
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn agent_missing_cert_files_exit_nonzero_naming_flag_and_path() {
     let env = Env::new("agent_missing_cert");
-    let bin = agent_bin();
-    let missing = env.dir.join("does-not-exist.pem");
-    let shown = missing.display().to_string();
-    for flag in ["ca-cert", "agent-cert", "agent-key"] {
-        let args = agent_flags(&env, free_port()).file(flag, &missing).args();
-        assert_refused(
-            &format!("agent --{flag} missing"),
-            &bin,
-            &args,
-            &["spoke-agent:", &format!("--{flag}"), &shown],
-        )
-        .await;
-    }
+    assert_file_flags_refused(
+        "agent",
+        &agent_bin(),
+        || agent_flags(&env, free_port()),
+        &["ca-cert", "agent-cert", "agent-key"],
+        &env.dir.join("does-not-exist.pem"),
+        "missing",
+        &[],
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -533,7 +569,7 @@ async fn agent_key_not_matching_cert_exits_nonzero_naming_both_flags() {
         .file("agent-cert", &main.agent.cert)
         .file("agent-key", &main.frontend.key)
         .args();
-    let exit = assert_refused(
+    assert_key_mismatch_refused(
         "agent cert/key mismatch",
         &agent_bin(),
         &args,
@@ -545,48 +581,27 @@ async fn agent_key_not_matching_cert_exits_nonzero_naming_both_flags() {
         ],
     )
     .await;
-    let lower = exit.stderr.to_lowercase();
-    assert!(
-        lower.contains("key") && (lower.contains("match") || lower.contains("consistent")),
-        "the error should say the key does not match the certificate:\n{}",
-        exit.stderr
-    );
 }
 
 #[tokio::test]
 async fn agent_garbage_pem_files_exit_nonzero_naming_flag_and_file() {
     let env = Env::new("agent_garbage_pem");
-    let bin = agent_bin();
-    for (label, path, extra) in bad_pem_files(&env) {
-        let shown = path.display().to_string();
-        for flag in ["ca-cert", "agent-cert", "agent-key"] {
-            let args = agent_flags(&env, free_port()).file(flag, &path).args();
-            let flag_needle = format!("--{flag}");
-            let mut needles = vec!["spoke-agent:", flag_needle.as_str(), shown.as_str()];
-            if !extra.is_empty() {
-                needles.push(extra);
-            }
-            assert_refused(&format!("agent --{flag} {label}"), &bin, &args, &needles).await;
-        }
-    }
-    // Valid PEM of the wrong kind: a private key where a certificate belongs and vice versa.
+    // Garbage files, then valid PEM of the wrong kind (a private key where a certificate belongs
+    // and vice versa).
     let main = &env.pki.main;
-    for (flag, path) in [
-        ("ca-cert", &main.agent.key),
-        ("agent-cert", &main.agent.key),
-        ("agent-key", &main.agent.cert),
-    ] {
-        let args = agent_flags(&env, free_port()).file(flag, path).args();
-        let flag_needle = format!("--{flag}");
-        let shown = path.display().to_string();
-        assert_refused(
-            &format!("agent --{flag} wrong PEM type"),
-            &agent_bin(),
-            &args,
-            &["spoke-agent:", &flag_needle, &shown],
-        )
-        .await;
-    }
+    assert_garbage_pem_refused(
+        "agent",
+        &agent_bin(),
+        &env,
+        || agent_flags(&env, free_port()),
+        &["ca-cert", "agent-cert", "agent-key"],
+        &[
+            ("ca-cert", &main.agent.key),
+            ("agent-cert", &main.agent.key),
+            ("agent-key", &main.agent.cert),
+        ],
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -595,15 +610,8 @@ async fn agent_with_unreachable_server_keeps_running_and_logs_retries() {
     // Bound but not listening: connects to it are refused, and nobody else can take the port.
     let (_reserved, dead) = backends::refusing_port();
     let flags = agent_flags(&env, dead.port());
-    let health = flags.port("health-server-port");
-    let health = std::net::SocketAddr::from(([127, 0, 0, 1], health));
     let started = Instant::now();
-    let mut agent = Proc::spawn(
-        "spoke-agent unreachable",
-        &agent_bin(),
-        flags.args(),
-        env.dir.join("agent.log"),
-    );
+    let (mut agent, health) = spawn_agent(&env, "spoke-agent unreachable", &flags);
     wait_status(&mut agent, health, "/healthz", 200, START_TIMEOUT).await;
 
     // Alive, not ready, for the whole window.
@@ -686,15 +694,8 @@ async fn agent_connects_once_the_unreachable_server_comes_up() {
         .await;
     let port = server.agent_addr.port();
     server.proc.kill();
-    let flags = agent_flags(&env, port);
-    let health = flags.port("health-server-port");
-    let health = std::net::SocketAddr::from(([127, 0, 0, 1], health));
-    let mut agent = Proc::spawn(
-        "spoke-agent late server",
-        &agent_bin(),
-        flags.args(),
-        env.dir.join("agent.log"),
-    );
+    let (mut agent, health) =
+        spawn_agent(&env, "spoke-agent late server", &agent_flags(&env, port));
     poll_until(
         "the agent to log a failed connect",
         Duration::from_secs(10),

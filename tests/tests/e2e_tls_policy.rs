@@ -20,8 +20,8 @@ use rustls::{
     SupportedProtocolVersion,
 };
 use spoke_tests::backends;
-use spoke_tests::certs::CertKey;
-use spoke_tests::cluster::{Env, Mode, Server, ServerOpts, Transport};
+use spoke_tests::certs::{CaSet, CertKey};
+use spoke_tests::cluster::{Agent, Env, Mode, Server, ServerOpts, Transport};
 use spoke_tests::connect;
 use spoke_tests::metrics::Metrics;
 use spoke_tests::ports::free_port;
@@ -90,6 +90,30 @@ fn client(
     };
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Arc::new(config)
+}
+
+/// [`client`] with `main`'s frontend certificate, offering `http/1.1`.
+fn frontend_client(
+    main: &CaSet,
+    versions: &[&'static SupportedProtocolVersion],
+    suites: Option<Vec<SupportedCipherSuite>>,
+) -> Arc<ClientConfig> {
+    client(
+        &main.ca_pem,
+        Some(&main.frontend),
+        versions,
+        suites,
+        &[b"http/1.1"],
+    )
+}
+
+/// [`client`] with `main`'s agent certificate, offering `h2`.
+fn agent_client(
+    main: &CaSet,
+    versions: &[&'static SupportedProtocolVersion],
+    suites: Option<Vec<SupportedCipherSuite>>,
+) -> Arc<ClientConfig> {
+    client(&main.ca_pem, Some(&main.agent), versions, suites, &[b"h2"])
 }
 
 /// The rustls error inside an I/O error from tokio-rustls, if any.
@@ -224,6 +248,23 @@ fn refused_by_reason(m: &Metrics) -> Vec<(&'static str, f64)> {
         .iter()
         .map(|r| (*r, m.counter(REFUSED, &[("reason", r)])))
         .collect()
+}
+
+/// An HTTP CONNECT server with an mTLS frontend started with `flag`, and its agent (both
+/// ready); also the frontend's address and the refused-handshake counts before any test client.
+async fn tls_pair_with(
+    env: &Env,
+    flag: &str,
+) -> (Server, Agent, SocketAddr, Vec<(&'static str, f64)>) {
+    let (server, agent) = env
+        .pair(
+            ServerOpts::new(Mode::HttpConnect, Transport::Tls).arg(flag),
+            |a| a,
+        )
+        .await;
+    let frontend = server.tcp.unwrap();
+    let base = refused_by_reason(&server.metrics().await.unwrap());
+    (server, agent, frontend, base)
 }
 
 /// Polls until exactly `want` (reason → increase) has happened to the refused-handshake counter
@@ -376,34 +417,21 @@ async fn tls13_minimum_refuses_tls12_clients_on_agent_port_and_frontend() {
     let env = Env::new("tp_min13");
     let echo = backends::echo().await;
     // The real agent (TLS 1.3 capable) must still get through: `pair` waits for both /readyz.
-    let (server, _agent) = env
-        .pair(
-            ServerOpts::new(Mode::HttpConnect, Transport::Tls)
-                .arg("--tls-min-version=VersionTLS13"),
-            |a| a,
-        )
-        .await;
+    let (server, _agent, frontend, base) =
+        tls_pair_with(&env, "--tls-min-version=VersionTLS13").await;
     let main = &env.pki.main;
-    let frontend = server.tcp.unwrap();
-    let base = refused_by_reason(&server.metrics().await.unwrap());
 
     let alert = expect_refused(
         "TLS 1.2-only client on the frontend",
         frontend,
-        client(
-            &main.ca_pem,
-            Some(&main.frontend),
-            TLS12,
-            None,
-            &[b"http/1.1"],
-        ),
+        frontend_client(main, TLS12, None),
     )
     .await;
     assert_eq!(alert, format!("{:?}", AlertDescription::ProtocolVersion));
     let alert = expect_refused(
         "TLS 1.2-only client on the agent port",
         server.agent_addr,
-        client(&main.ca_pem, Some(&main.agent), TLS12, None, &[b"h2"]),
+        agent_client(main, TLS12, None),
     )
     .await;
     assert_eq!(alert, format!("{:?}", AlertDescription::ProtocolVersion));
@@ -413,13 +441,7 @@ async fn tls13_minimum_refuses_tls12_clients_on_agent_port_and_frontend() {
     let (version, _) = connect_echo_via(
         "TLS 1.3 client on the frontend",
         frontend,
-        client(
-            &main.ca_pem,
-            Some(&main.frontend),
-            TLS13,
-            None,
-            &[b"http/1.1"],
-        ),
+        frontend_client(main, TLS13, None),
         &echo.target(),
     )
     .await;
@@ -427,7 +449,7 @@ async fn tls13_minimum_refuses_tls12_clients_on_agent_port_and_frontend() {
     let version = agent_port_accepts(
         "TLS 1.3 client on the agent port",
         server.agent_addr,
-        client(&main.ca_pem, Some(&main.agent), TLS13, None, &[b"h2"]),
+        agent_client(main, TLS13, None),
     )
     .await;
     assert_eq!(version, ProtocolVersion::TLSv1_3);
@@ -443,13 +465,7 @@ async fn tls13_minimum_refuses_tls12_clients_on_agent_port_and_frontend() {
     let (version, _) = connect_echo_via(
         "TLS 1.2-only client on a default server's frontend",
         plain.tcp.unwrap(),
-        client(
-            &main.ca_pem,
-            Some(&main.frontend),
-            TLS12,
-            None,
-            &[b"http/1.1"],
-        ),
+        frontend_client(main, TLS12, None),
         &echo.target(),
     )
     .await;
@@ -457,7 +473,7 @@ async fn tls13_minimum_refuses_tls12_clients_on_agent_port_and_frontend() {
     let version = agent_port_accepts(
         "TLS 1.2-only client on a default server's agent port",
         plain.agent_addr,
-        client(&main.ca_pem, Some(&main.agent), TLS12, None, &[b"h2"]),
+        agent_client(main, TLS12, None),
     )
     .await;
     assert_eq!(version, ProtocolVersion::TLSv1_2);
@@ -471,16 +487,12 @@ async fn cipher_suites_restrict_tls12_to_the_listed_suite_and_keep_tls13() {
     let env = Env::new("tp_suites");
     let echo = backends::echo().await;
     // The harness's keys are ECDSA P-256, so the TLS 1.2 suites that can work are ECDHE_ECDSA.
-    let (server, _agent) = env
-        .pair(
-            ServerOpts::new(Mode::HttpConnect, Transport::Tls)
-                .arg("--cipher-suites=TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256"),
-            |a| a,
-        )
-        .await;
+    let (server, _agent, frontend, base) = tls_pair_with(
+        &env,
+        "--cipher-suites=TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+    )
+    .await;
     let main = &env.pki.main;
-    let frontend = server.tcp.unwrap();
-    let base = refused_by_reason(&server.metrics().await.unwrap());
 
     for (name, suite) in [
         (
@@ -495,13 +507,7 @@ async fn cipher_suites_restrict_tls12_to_the_listed_suite_and_keep_tls13() {
         let alert = expect_refused(
             &format!("TLS 1.2 client offering only {name} on the frontend"),
             frontend,
-            client(
-                &main.ca_pem,
-                Some(&main.frontend),
-                TLS12,
-                Some(vec![suite]),
-                &[b"http/1.1"],
-            ),
+            frontend_client(main, TLS12, Some(vec![suite])),
         )
         .await;
         assert_eq!(alert, format!("{:?}", AlertDescription::HandshakeFailure));
@@ -509,12 +515,10 @@ async fn cipher_suites_restrict_tls12_to_the_listed_suite_and_keep_tls13() {
     let alert = expect_refused(
         "TLS 1.2 client offering only CHACHA20 on the agent port",
         server.agent_addr,
-        client(
-            &main.ca_pem,
-            Some(&main.agent),
+        agent_client(
+            main,
             TLS12,
             Some(vec![cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256]),
-            &[b"h2"],
         ),
     )
     .await;
@@ -525,12 +529,10 @@ async fn cipher_suites_restrict_tls12_to_the_listed_suite_and_keep_tls13() {
     let (version, suite) = connect_echo_via(
         "TLS 1.2 client offering only the listed suite",
         frontend,
-        client(
-            &main.ca_pem,
-            Some(&main.frontend),
+        frontend_client(
+            main,
             TLS12,
             Some(vec![cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256]),
-            &[b"http/1.1"],
         ),
         &echo.target(),
     )
@@ -543,16 +545,14 @@ async fn cipher_suites_restrict_tls12_to_the_listed_suite_and_keep_tls13() {
     let (_, suite) = connect_echo_via(
         "TLS 1.2 client preferring unlisted suites",
         frontend,
-        client(
-            &main.ca_pem,
-            Some(&main.frontend),
+        frontend_client(
+            main,
             TLS12,
             Some(vec![
                 cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
                 cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
                 cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
             ]),
-            &[b"http/1.1"],
         ),
         &echo.target(),
     )
@@ -573,13 +573,7 @@ async fn cipher_suites_restrict_tls12_to_the_listed_suite_and_keep_tls13() {
         let (version, got) = connect_echo_via(
             &format!("TLS 1.3 client offering only {name}"),
             frontend,
-            client(
-                &main.ca_pem,
-                Some(&main.frontend),
-                TLS13,
-                Some(vec![suite]),
-                &[b"http/1.1"],
-            ),
+            frontend_client(main, TLS13, Some(vec![suite])),
             &echo.target(),
         )
         .await;
@@ -598,16 +592,9 @@ async fn cipher_suites_restrict_tls12_to_the_listed_suite_and_keep_tls13() {
 async fn refused_handshakes_are_counted_by_reason() {
     let env = Env::new("tp_reasons");
     let echo = backends::echo().await;
-    let (server, _agent) = env
-        .pair(
-            ServerOpts::new(Mode::HttpConnect, Transport::Tls)
-                .arg("--tls-min-version=VersionTLS13"),
-            |a| a,
-        )
-        .await;
+    let (server, _agent, frontend, mut base) =
+        tls_pair_with(&env, "--tls-min-version=VersionTLS13").await;
     let (main, rogue) = (&env.pki.main, &env.pki.rogue);
-    let frontend = server.tcp.unwrap();
-    let mut base = refused_by_reason(&server.metrics().await.unwrap());
     println!("refused handshakes before: {base:?}");
 
     type Case<'a> = (
@@ -641,13 +628,7 @@ async fn refused_handshakes_are_counted_by_reason() {
         (
             "frontend client offering only TLS 1.2",
             frontend,
-            client(
-                &main.ca_pem,
-                Some(&main.frontend),
-                TLS12,
-                None,
-                &[b"http/1.1"],
-            ),
+            frontend_client(main, TLS12, None),
             AlertDescription::ProtocolVersion,
             "incompatible",
         ),
@@ -676,13 +657,7 @@ async fn refused_handshakes_are_counted_by_reason() {
     connect_echo_via(
         "valid TLS 1.3 frontend client",
         frontend,
-        client(
-            &main.ca_pem,
-            Some(&main.frontend),
-            TLS13,
-            None,
-            &[b"http/1.1"],
-        ),
+        frontend_client(main, TLS13, None),
         &echo.target(),
     )
     .await;
