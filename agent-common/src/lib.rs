@@ -37,6 +37,20 @@ impl SockKey {
     }
 }
 
+/// Value of `PENDING`: an established agent socket waiting for its local endpoint's side.
+///
+/// The endpoint's accepted socket must match the tuple *and* the handshake: its `rcv_nxt`
+/// equals the agent's `snd_nxt` and its `snd_nxt` the agent's `rcv_nxt` (both initial
+/// sequence numbers plus one). A socket in another network namespace that merely mirrors the
+/// tuple cannot know the agent's random initial sequence number, so it is never paired.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PendingPeer {
+    pub agent: SockKey,
+    pub snd_nxt: u32,
+    pub rcv_nxt: u32,
+}
+
 /// Value of `AGENT_SOCKS` (keyed by socket cookie): the socket belongs to the agent.
 pub const AGENT_SOCK_MARK: u8 = 1;
 
@@ -66,8 +80,11 @@ pub mod counter {
     pub const XDP_DROP_DENIED: u32 = 10;
     /// XDP: dropped, TCP header truncated or too many IPv6 extension headers to judge.
     pub const XDP_DROP_MALFORMED: u32 = 11;
+    /// sock_ops: accepted sockets that mirrored a waiting agent socket's tuple but not its
+    /// handshake (another namespace), so were not paired.
+    pub const PAIRS_REFUSED: u32 = 12;
     /// Number of slots in the array.
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 13;
 }
 
 /// Value stored in the protected-port and allow-CIDR maps.
@@ -77,4 +94,6 @@ pub const PRESENT: u8 = 1;
 mod user {
     // SAFETY: plain `#[repr(C)]` integers without padding; every bit pattern is valid.
     unsafe impl aya::Pod for super::SockKey {}
+    // SAFETY: as above (a SockKey and two u32, no padding).
+    unsafe impl aya::Pod for super::PendingPeer {}
 }

@@ -22,7 +22,7 @@ use aya_ebpf::{
     programs::{SkMsgContext, SockOpsContext, XdpContext},
 };
 use aya_log_ebpf::warn;
-use spoke_agent_common::{counter, SockKey};
+use spoke_agent_common::{counter, PendingPeer, SockKey};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -39,7 +39,7 @@ static PEERS: LruHashMap<SockKey, SockKey> = LruHashMap::with_max_entries(65536,
 /// Tuple the endpoint's socket will have (netns 0) -> key of the agent socket waiting for it.
 /// The agent's side is established first, so the endpoint's passive callback finds it here.
 #[map]
-static PENDING: LruHashMap<SockKey, SockKey> = LruHashMap::with_max_entries(16384, 0);
+static PENDING: LruHashMap<SockKey, PendingPeer> = LruHashMap::with_max_entries(16384, 0);
 
 /// Socket cookies of agent sockets, written by userspace before connect().
 #[map]
@@ -155,7 +155,13 @@ fn on_active_established(ctx: &SockOpsContext) {
         return;
     }
     count(counter::SOCKETS_TRACKED, 1);
-    let _ = PENDING.insert(key.reversed(0), key, BPF_ANY as u64);
+    let (snd_nxt, rcv_nxt) = unsafe { ((*ctx.ops).snd_nxt, (*ctx.ops).rcv_nxt) };
+    let pending = PendingPeer {
+        agent: key,
+        snd_nxt,
+        rcv_nxt,
+    };
+    let _ = PENDING.insert(key.reversed(0), pending, BPF_ANY as u64);
     let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
 }
 
@@ -166,10 +172,18 @@ fn on_passive_established(ctx: &SockOpsContext) {
         return;
     };
     let tuple = SockKey { netns: 0, ..key };
-    let Some(agent) = PENDING.get_ptr(tuple) else {
+    let Some(pending) = PENDING.get_ptr(tuple) else {
         return;
     };
-    let agent = unsafe { *agent };
+    let pending = unsafe { *pending };
+    // The same handshake seen from the other end, or someone else's connection that only
+    // mirrors the tuple (another namespace): leave the entry for the real endpoint.
+    let (snd_nxt, rcv_nxt) = unsafe { ((*ctx.ops).snd_nxt, (*ctx.ops).rcv_nxt) };
+    if rcv_nxt != pending.snd_nxt || snd_nxt != pending.rcv_nxt {
+        count(counter::PAIRS_REFUSED, 1);
+        return;
+    }
+    let agent = pending.agent;
     let _ = PENDING.remove(tuple);
     if let Err(e) = SOCKS.update(&mut key, unsafe { &mut *ctx.ops }, BPF_ANY as u64) {
         count(counter::SOCKHASH_ERRORS, 1);

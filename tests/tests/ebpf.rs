@@ -483,6 +483,7 @@ fn delta(before: &HashMap<String, f64>, after: &HashMap<String, f64>, name: &str
 const TRACKED: &str = "spoke_ebpf_sockets_tracked_total";
 const PAIRS: &str = "spoke_ebpf_socket_pairs_total";
 const CLOSED: &str = "spoke_ebpf_sockets_closed_total";
+const PAIRS_REFUSED: &str = "spoke_ebpf_pairs_refused_total";
 const REDIR_BYTES: &str = "spoke_ebpf_redirected_bytes_total";
 const REDIR_MSGS: &str = "spoke_ebpf_redirected_messages_total";
 const XDP_DENIED: &str = "spoke_ebpf_xdp_packets_total{action=\"drop\",reason=\"denied_source\"}";
@@ -1106,6 +1107,176 @@ fn our_prog_ids() -> Vec<u32> {
 
 /// After SIGKILL nothing of ours stays attached or loaded, and a restarted agent attaches
 /// cleanly and redirects again.
+/// Echo server in Python, for a backend that must live outside the attached cgroup.
+const PY_ECHO: &str = "import socket,sys,threading
+s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)
+s.bind((sys.argv[1],int(sys.argv[2])));s.listen(64)
+def h(c):
+    while True:
+        d=c.recv(65536)
+        if not d:break
+        c.sendall(d)
+    c.close()
+while True:
+    c,_=s.accept();threading.Thread(target=h,args=(c,),daemon=True).start()
+";
+
+/// An agent socket whose endpoint never pairs (the endpoint lives outside the attached cgroup,
+/// as for any endpoint off the node) waits in the pairing table. Another network namespace
+/// under the cgroup that later builds a connection with the mirror-image tuple must not be
+/// paired with it: otherwise the agent's writes would be redirected into that namespace's
+/// socket (a pod reading control-plane traffic meant for another endpoint).
+#[test]
+fn a_waiting_agent_socket_cannot_be_claimed_from_another_namespace() {
+    if !require_root(
+        "a_waiting_agent_socket_cannot_be_claimed_from_another_namespace",
+        "root and eBPF",
+    ) {
+        return;
+    }
+    let _serial = serial();
+    let n = Node::new("claim");
+    // The real endpoint: node namespace, a cgroup beside (not under) the attached one.
+    let beside = Cgroup::new().expect("sibling cgroup");
+    let mut cmd = n.node.command("sh").expect("command in node ns");
+    cmd.args([
+        "-c",
+        &format!(
+            "echo $$ > {}/cgroup.procs && exec python3 -c \"$0\" 127.0.0.1 7005",
+            beside.path.display()
+        ),
+        PY_ECHO,
+    ]);
+    let _backend = Proc::spawn("py-echo", cmd, &n.dir);
+    wait_for("the outside-cgroup echo backend to listen", || {
+        n.node
+            .exec(&["ss", "-Htln", "sport", "= :7005"])
+            .is_ok_and(|o| o.contains("7005"))
+    });
+    let mut server = SpokeServer::start(&n);
+    let mut agent = server.start_agent(&n, &["--ebpf=on", "--cgroup-path", &n.cg()]);
+    assert_eq!(state(&agent.ebpf_status(), "fast_path"), "on");
+
+    let before = agent.metrics();
+    let conn = server.tunnel("127.0.0.1:7005");
+    let data = Arc::new(payload(1 << 20, 11));
+    echo_over(&conn, "tunnel to the outside-cgroup endpoint", &data);
+    let m = agent.metrics();
+    assert_eq!(
+        delta(&before, &m, TRACKED),
+        1.0,
+        "only the agent's side is tracked"
+    );
+    assert_eq!(
+        delta(&before, &m, PAIRS),
+        0.0,
+        "the endpoint is outside the cgroup: no pair"
+    );
+
+    // The agent's leg, as `ss` shows it: 127.0.0.1:P -> 127.0.0.1:7005.
+    let ss = n
+        .node
+        .exec(&[
+            "ss",
+            "-Htn",
+            "state",
+            "established",
+            "dst",
+            "127.0.0.1:7005",
+        ])
+        .expect("ss");
+    let port: u16 = ss
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("127.0.0.1:"))
+        .filter_map(|p| p.parse().ok())
+        .find(|p| *p != 7005)
+        .unwrap_or_else(|| panic!("agent's leg to 127.0.0.1:7005 not found in ss: {ss:?}"));
+    // Later than any handshake: the agent socket has been waiting for a while.
+    thread::sleep(Duration::from_millis(600));
+
+    // The pod namespace builds the mirror image: listener 127.0.0.1:7005, client bound to
+    // 127.0.0.1:P. Its accepted socket has exactly the tuple the agent socket waits for.
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let squatter = n.pod.spawn(move || {
+        let l = std::net::TcpListener::bind("127.0.0.1:7005").expect("pod listener");
+        let sock = socket2_bind_connect(port);
+        let (accepted, _) = l.accept().expect("accept");
+        accepted
+            .set_read_timeout(Some(Duration::from_millis(1500)))
+            .expect("timeout");
+        let mut got = vec![0u8; 4096];
+        let mut r = &accepted;
+        let n = r.read(&mut got).unwrap_or(0);
+        got.truncate(n);
+        let _ = tx.send(got);
+        drop(sock);
+    });
+    thread::sleep(Duration::from_millis(200));
+    let after_squat = agent.metrics();
+    assert_eq!(
+        delta(&m, &after_squat, PAIRS),
+        0.0,
+        "a socket in another namespace was paired with the waiting agent socket"
+    );
+    assert_eq!(
+        delta(&m, &after_squat, PAIRS_REFUSED),
+        1.0,
+        "the mirror-image socket was not seen and refused"
+    );
+    // Tunnel traffic must still reach the real endpoint, and nothing the squatter.
+    echo_over(&conn, "tunnel after the mirror-image connection", &data);
+    let leaked = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("squatter thread");
+    squatter.join().expect("squatter").expect("pod ns");
+    assert!(
+        leaked.is_empty(),
+        "the pod namespace's socket received {} bytes of tunnel traffic",
+        leaked.len()
+    );
+    drop(conn);
+    agent.kill9();
+}
+
+/// A TCP client bound to 127.0.0.1:`port`, connected to 127.0.0.1:7005 (in the calling
+/// thread's namespace).
+fn socket2_bind_connect(port: u16) -> TcpStream {
+    // SAFETY: plain socket syscalls on a fresh fd that we own.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let one: libc::c_int = 1;
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            &one as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as u32,
+        );
+        let addr = |p: u16| libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: p.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes([127, 0, 0, 1]),
+            },
+            sin_zero: [0; 8],
+        };
+        let len = std::mem::size_of::<libc::sockaddr_in>() as u32;
+        let local = addr(port);
+        let rc = libc::bind(fd, &local as *const _ as *const libc::sockaddr, len);
+        assert_eq!(
+            rc,
+            0,
+            "bind 127.0.0.1:{port}: {}",
+            std::io::Error::last_os_error()
+        );
+        let remote = addr(7005);
+        let rc = libc::connect(fd, &remote as *const _ as *const libc::sockaddr, len);
+        assert_eq!(rc, 0, "connect: {}", std::io::Error::last_os_error());
+        std::os::fd::FromRawFd::from_raw_fd(fd)
+    }
+}
+
 #[test]
 fn sigkill_leaves_nothing_attached() {
     if !require_root("sigkill_leaves_nothing_attached", "root and eBPF") {

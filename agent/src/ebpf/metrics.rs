@@ -42,6 +42,11 @@ const COUNTERS: &[(&str, &str, u32)] = &[
         counter::MSG_PASSED,
     ),
     (
+        "spoke_ebpf_pairs_refused",
+        "Accepted sockets that mirrored a waiting agent socket's tuple but not its handshake (another network namespace); not paired",
+        counter::PAIRS_REFUSED,
+    ),
+    (
         "spoke_ebpf_sockhash_errors",
         "Failures to insert a socket into the SockHash",
         counter::SOCKHASH_ERRORS,
