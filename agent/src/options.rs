@@ -16,6 +16,8 @@ fn list(s: &str) -> Result<Vec<String>, String> {
 #[command(
     name = "spoke-agent",
     version,
+    // As with Go's flag packages: a flag given twice takes its last value.
+    args_override_self = true,
     about = "Konnectivity-compatible node agent: keeps mTLS tunnels to the proxy servers and dials local endpoints for them"
 )]
 pub struct Options {
@@ -176,6 +178,19 @@ mod tests {
             Options::try_parse_from(std::iter::once("spoke-agent").chain(args.iter().copied()))?;
         o.validate()?;
         Ok(o)
+    }
+
+    #[test]
+    fn a_repeated_flag_takes_its_last_value() {
+        let o = parse(&[
+            "--ca-cert=ca.pem",
+            "--agent-cert=a.pem",
+            "--agent-key=a.key",
+            "--agent-id=first",
+            "--agent-id=second",
+        ])
+        .unwrap();
+        assert_eq!(o.agent_id, "second");
     }
 
     #[test]

@@ -54,6 +54,9 @@ fn list(s: &str) -> Result<Vec<String>, String> {
 #[command(
     name = "spoke-server",
     version,
+    // As with Go's flag packages: a flag given twice takes its last value (manifests often
+    // append an override instead of editing the original argument).
+    args_override_self = true,
     about = "Konnectivity-compatible proxy server: accepts agents and kube-apiserver's egress frontends"
 )]
 pub struct Options {
@@ -255,6 +258,23 @@ mod tests {
     }
 
     const CERTS: [&str; 2] = ["--cluster-cert=c", "--cluster-key=k"];
+
+    #[test]
+    fn a_repeated_flag_takes_its_last_value() {
+        let o = parse(&[
+            "--cluster-cert=c",
+            "--cluster-key=k",
+            "--uds-name=/tmp/s.sock",
+            "--server-port=0",
+            "--mode=grpc",
+            "--mode=http-connect",
+            "--proxy-strategies=default",
+            "--proxy-strategies=destHost,default",
+        ])
+        .unwrap();
+        assert_eq!(o.mode, Mode::HttpConnect);
+        assert_eq!(o.proxy_strategies.len(), 2);
+    }
 
     #[test]
     fn upstream_spellings_are_accepted() {
