@@ -150,7 +150,7 @@ impl Backends {
     fn update_gauges(&self, all: &[Arc<Backend>]) {
         self.metrics.ready_backend_connections.set(all.len() as i64);
         for s in &self.strategies {
-            let n = all.iter().filter(|b| serves(*s, b)).count();
+            let n = ready_count(*s, all);
             self.metrics
                 .ready_backends
                 .get_or_create(&StrategyLabel {
@@ -196,6 +196,24 @@ fn serves(s: Strategy, b: &Backend) -> bool {
         Strategy::Default => true,
         Strategy::DestHost => b.identifiers.hosts().next().is_some(),
         Strategy::DefaultRoute => b.identifiers.default_route,
+    }
+}
+
+/// What upstream's `ready_backends` reports per strategy: the size of its table, keyed by agent
+/// id (default, defaultRoute) or by identifier value (destHost: an agent with `host` and `ipv4`
+/// counts twice, a value two agents share once).
+fn ready_count(s: Strategy, all: &[Arc<Backend>]) -> usize {
+    match s {
+        Strategy::Default => first_stream_per_agent(all).len(),
+        Strategy::DestHost => all
+            .iter()
+            .flat_map(|b| b.identifiers.hosts())
+            .collect::<std::collections::HashSet<_>>()
+            .len(),
+        Strategy::DefaultRoute => first_stream_per_agent(all)
+            .iter()
+            .filter(|b| b.identifiers.default_route)
+            .count(),
     }
 }
 

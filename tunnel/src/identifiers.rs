@@ -24,6 +24,12 @@ impl fmt::Display for UnknownKey {
     }
 }
 
+/// Whether Go's `strconv.ParseBool` reads `v` as true (upstream parses `default-route` with
+/// it; anything it cannot parse counts as false).
+fn go_parse_bool_true(v: &str) -> bool {
+    matches!(v, "1" | "t" | "T" | "TRUE" | "true" | "True")
+}
+
 impl AgentIdentifiers {
     /// The agent rejects unknown keys (`strict`); the server ignores them for version skew.
     pub fn parse(query: &str, strict: bool) -> Result<Self, UnknownKey> {
@@ -37,7 +43,7 @@ impl AgentIdentifiers {
                 "cidr" => ids.cidr.push(v.into_owned()),
                 // Upstream reads the first value only.
                 "default-route" if !route_seen => {
-                    ids.default_route = v.eq_ignore_ascii_case("true");
+                    ids.default_route = go_parse_bool_true(&v);
                     route_seen = true;
                 }
                 "default-route" => {}
