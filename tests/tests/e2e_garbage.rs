@@ -279,3 +279,54 @@ async fn fake_agent_data_for_unknown_connection_gets_close_req() {
     assert_alive(&mut server, &mut agent);
     wait_tables_empty(&server, &[&agent]).await;
 }
+
+#[tokio::test]
+async fn oversize_message_from_an_agent_closes_only_that_agent_stream() {
+    let env = Env::new("fake_agent_big");
+    // destHost first: dials to 127.0.0.1 go to the real agent, never to the fake one.
+    let opts = ServerOpts::new(Mode::Grpc, Transport::Uds)
+        .arg("--proxy-strategies=destHost,default")
+        .arg("--max-grpc-message-size=1048576");
+    let (mut server, mut agent) = env
+        .pair(opts, |a| a.arg("--agent-identifiers=ipv4=127.0.0.1"))
+        .await;
+    let echo = backends::echo().await;
+    let (uds, target) = (server.uds_path(), echo.target());
+    let channel = grpc::tls_channel(
+        server.agent_addr,
+        env.tls_client(Some(&env.pki.main.agent), &[b"h2"]),
+    )
+    .await
+    .expect("agent channel");
+    let mut fake = PacketStream::agent(channel, "fake-agent", "")
+        .await
+        .expect("Connect as a fake agent");
+    // 2 MiB in one message, over the server's 1 MiB limit.
+    fake.send(grpc::data(7, vec![0u8; 2 << 20])).await.unwrap();
+    let (ended, probe) = tokio::join!(
+        async {
+            loop {
+                match fake.recv(REJECT_WITHIN).await {
+                    Ok(Some(p)) => println!("fake agent ignoring {:?}", grpc::kind(&p)),
+                    Ok(None) => return Ok("stream ended".to_string()),
+                    Err(e) => return Err(format!("{e:#}")),
+                }
+            }
+        },
+        grpc::uds_echo_roundtrip(&uds, &target)
+    );
+    probe.expect("normal dial while the oversize message is refused");
+    // Either a clean end or a gRPC error status; a timeout means the server kept the stream.
+    match ended {
+        Ok(how) => println!("oversize agent stream: {how}"),
+        Err(e) => assert!(
+            !e.contains("no packet within"),
+            "server kept the stream of an agent that sent an oversize message: {e}"
+        ),
+    }
+    grpc::uds_echo_roundtrip(&uds, &target)
+        .await
+        .expect("normal dial after the oversize message");
+    assert_alive(&mut server, &mut agent);
+    wait_tables_empty(&server, &[&agent]).await;
+}
