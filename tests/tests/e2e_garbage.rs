@@ -222,27 +222,39 @@ async fn grpc_frontend_survives_junk_oversize_messages_and_unknown_ids() {
     wait_tables_empty(&server, &[&agent]).await;
 }
 
-#[tokio::test]
-async fn fake_agent_data_for_unknown_connection_gets_close_req() {
-    let env = Env::new("fake_agent");
-    // destHost first: dials to 127.0.0.1 go to the real agent, never to the fake one.
-    let opts =
+/// A server (gRPC over UDS, `extra` flags), the real agent claiming 127.0.0.1 (destHost first,
+/// so dials there never go to the fake one), an echo backend, and a second agent stream
+/// opened by the test itself with the real agent certificate.
+async fn with_fake_agent(
+    env: &Env,
+    extra: &[&str],
+) -> (Server, Agent, backends::Backend, PacketStream) {
+    let mut opts =
         ServerOpts::new(Mode::Grpc, Transport::Uds).arg("--proxy-strategies=destHost,default");
-    let (mut server, mut agent) = env
+    for a in extra {
+        opts = opts.arg(a);
+    }
+    let (server, agent) = env
         .pair(opts, |a| a.arg("--agent-identifiers=ipv4=127.0.0.1"))
         .await;
     let echo = backends::echo().await;
-    let (uds, target) = (server.uds_path(), echo.target());
-
     let channel = grpc::tls_channel(
         server.agent_addr,
         env.tls_client(Some(&env.pki.main.agent), &[b"h2"]),
     )
     .await
     .expect("agent channel");
-    let mut fake = PacketStream::agent(channel, "fake-agent", "")
+    let fake = PacketStream::agent(channel, "fake-agent", "")
         .await
         .expect("Connect as a fake agent");
+    (server, agent, echo, fake)
+}
+
+#[tokio::test]
+async fn fake_agent_data_for_unknown_connection_gets_close_req() {
+    let env = Env::new("fake_agent");
+    let (mut server, mut agent, echo, mut fake) = with_fake_agent(&env, &[]).await;
+    let (uds, target) = (server.uds_path(), echo.target());
     let server_id = fake
         .headers
         .get("serverid")
@@ -283,24 +295,9 @@ async fn fake_agent_data_for_unknown_connection_gets_close_req() {
 #[tokio::test]
 async fn oversize_message_from_an_agent_closes_only_that_agent_stream() {
     let env = Env::new("fake_agent_big");
-    // destHost first: dials to 127.0.0.1 go to the real agent, never to the fake one.
-    let opts = ServerOpts::new(Mode::Grpc, Transport::Uds)
-        .arg("--proxy-strategies=destHost,default")
-        .arg("--max-grpc-message-size=1048576");
-    let (mut server, mut agent) = env
-        .pair(opts, |a| a.arg("--agent-identifiers=ipv4=127.0.0.1"))
-        .await;
-    let echo = backends::echo().await;
+    let (mut server, mut agent, echo, mut fake) =
+        with_fake_agent(&env, &["--max-grpc-message-size=1048576"]).await;
     let (uds, target) = (server.uds_path(), echo.target());
-    let channel = grpc::tls_channel(
-        server.agent_addr,
-        env.tls_client(Some(&env.pki.main.agent), &[b"h2"]),
-    )
-    .await
-    .expect("agent channel");
-    let mut fake = PacketStream::agent(channel, "fake-agent", "")
-        .await
-        .expect("Connect as a fake agent");
     // 2 MiB in one message, over the server's 1 MiB limit.
     fake.send(grpc::data(7, vec![0u8; 2 << 20])).await.unwrap();
     let (ended, probe) = tokio::join!(
