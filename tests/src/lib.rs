@@ -19,6 +19,7 @@ pub mod nsguard;
 pub mod ports;
 pub mod process;
 pub mod procfs;
+pub mod rotation;
 pub mod testdir;
 pub mod tls;
 pub mod wait;

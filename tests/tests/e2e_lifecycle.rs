@@ -12,21 +12,14 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
 use spoke_tests::backends;
-use spoke_tests::certs::CertKey;
 use spoke_tests::cluster::{gauge, AgentOpts, Env, Mode, Server, ServerOpts, Transport};
 use spoke_tests::connect::{self, Frontend};
 use spoke_tests::faultnet::signal;
 use spoke_tests::http;
 use spoke_tests::metrics::names;
-use spoke_tests::ports::free_port;
 use spoke_tests::process::Proc;
+use spoke_tests::rotation::{der, served_cert, wait_served, write_atomically, RotCa};
 use spoke_tests::wait::{poll_until, within};
 use spoke_tests::BoxIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -510,57 +503,6 @@ async fn ready_and_verbose_bodies_on_server_and_agent_before_and_after_an_agent_
 // ---------------------------------------------------------------------------------------------
 // 4. frontend certificate rotation
 
-struct RotCa {
-    ca_pem: String,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-impl RotCa {
-    fn new() -> Self {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "spoke e2e frontend rotation CA");
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let key = KeyPair::generate().unwrap();
-        let ca_pem = params.self_signed(&key).unwrap().pem();
-        Self {
-            ca_pem,
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    /// A frontend serving certificate for `localhost` / `127.0.0.1` valid until
-    /// `year`-01-01; returns (cert PEM, key PEM, notAfter as Unix time).
-    fn server_leaf(&self, cn: &str, year: i32) -> (String, String, i64) {
-        let mut params =
-            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-        params.distinguished_name.push(DnType::CommonName, cn);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.not_after = rcgen::date_time_ymd(year, 1, 1);
-        let not_after = params.not_after.unix_timestamp();
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap().pem();
-        (cert, key.serialize_pem(), not_after)
-    }
-}
-
-fn write_atomically(path: &Path, content: &str) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, content).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
-fn der(pem: &str) -> Vec<u8> {
-    CertificateDer::from_pem_slice(pem.as_bytes())
-        .unwrap()
-        .to_vec()
-}
-
 /// A server whose mTLS TCP frontend (`--mode=http-connect`) serves `frontend_cert`/`key` and
 /// requires client certificates from the main CA; the agent port serves the main CA's server
 /// certificate. Frontend clients trust `frontend_ca_pem`.
@@ -570,89 +512,18 @@ async fn server_with_frontend_cert(
     frontend_key: &Path,
     frontend_ca_pem: &str,
 ) -> Server {
-    let main = &env.pki.main;
-    let (frontend_port, agent_port, health_port, admin_port) =
-        (free_port(), free_port(), free_port(), free_port());
-    let id = format!("server-{agent_port}");
-    let local = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
-    let args = vec![
-        "--mode=http-connect".to_string(),
-        "--server-bind-address=127.0.0.1".to_string(),
-        format!("--server-port={frontend_port}"),
-        format!("--server-cert={}", frontend_cert.display()),
-        format!("--server-key={}", frontend_key.display()),
-        format!("--server-ca-cert={}", main.ca.display()),
-        "--agent-bind-address=127.0.0.1".to_string(),
-        format!("--agent-port={agent_port}"),
-        format!("--cluster-cert={}", main.server.cert.display()),
-        format!("--cluster-key={}", main.server.key.display()),
-        format!("--cluster-ca-cert={}", main.ca.display()),
-        "--health-bind-address=127.0.0.1".to_string(),
-        format!("--health-port={health_port}"),
-        "--admin-bind-address=127.0.0.1".to_string(),
-        format!("--admin-port={admin_port}"),
-        format!("--server-id={id}"),
-        "--server-count=1".to_string(),
-    ];
-    let proc = Proc::spawn(
-        &format!("spoke-server {id}"),
-        &spoke_tests::bins::server_bin(),
-        args,
-        env.dir.join(&format!("{id}.log")),
-    );
-    let config = spoke_tests::tls::client_config(frontend_ca_pem, Some(&main.frontend), &[]);
-    let mut server = Server {
-        proc,
-        id,
-        agent_addr: local(agent_port),
-        health_addr: local(health_port),
-        admin_addr: local(admin_port),
-        uds: None,
-        tcp: Some(local(frontend_port)),
-        frontend: Frontend::Tls(local(frontend_port), config),
-    };
-    server.wait_healthy().await;
+    let mut server = env
+        .server(
+            ServerOpts::new(Mode::HttpConnect, Transport::Tls)
+                .arg(&format!("--server-cert={}", frontend_cert.display()))
+                .arg(&format!("--server-key={}", frontend_key.display())),
+        )
+        .await;
+    let addr = server.tcp.expect("TLS frontend");
+    let config =
+        spoke_tests::tls::client_config(frontend_ca_pem, Some(&env.pki.main.frontend), &[]);
+    server.frontend = Frontend::Tls(addr, config);
     server
-}
-
-/// The leaf certificate a fresh TLS handshake with the frontend presents.
-async fn served_frontend_cert(
-    addr: SocketAddr,
-    ca_pem: &str,
-    client: &CertKey,
-) -> Result<Vec<u8>, String> {
-    let cfg = spoke_tests::tls::client_config(ca_pem, Some(client), &[]);
-    let tls = tokio::time::timeout(Duration::from_secs(5), spoke_tests::tls::connect(addr, cfg))
-        .await
-        .map_err(|_| "TLS handshake timed out".to_string())?
-        .map_err(|e| format!("TLS handshake: {e}"))?;
-    tls.get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .map(|c| c.to_vec())
-        .ok_or_else(|| "no peer certificate".to_string())
-}
-
-async fn wait_served(
-    addr: SocketAddr,
-    ca_pem: &str,
-    client: &CertKey,
-    want_pem: &str,
-    what: &str,
-) -> Duration {
-    let t = Instant::now();
-    let want = der(want_pem);
-    poll_until(what, Duration::from_secs(15), || async {
-        let got = served_frontend_cert(addr, ca_pem, client).await?;
-        if got == want {
-            Ok(())
-        } else {
-            Err("a handshake still presents another certificate".to_string())
-        }
-    })
-    .await;
-    t.elapsed()
 }
 
 const SERVER_EXPIRY: &str = "spoke_server_tls_certificate_expiry_timestamp_seconds";
@@ -677,10 +548,10 @@ async fn frontend_expiry(server: &Server) -> Result<f64, String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frontend_cert_rotation_keeps_open_tunnels_and_a_broken_file_keeps_the_last_good_cert() {
     let env = Env::new("l_frontend_rotate");
-    let rot = RotCa::new();
-    let (c1, k1, exp1) = rot.server_leaf("spoke frontend one", 2040);
-    let (c2, k2, exp2) = rot.server_leaf("spoke frontend two", 2041);
-    let (c3, k3, exp3) = rot.server_leaf("spoke frontend three", 2042);
+    let rot = RotCa::new("spoke e2e frontend rotation CA");
+    let (c1, k1, exp1) = rot.server_leaf_until("spoke frontend one", 2040);
+    let (c2, k2, exp2) = rot.server_leaf_until("spoke frontend two", 2041);
+    let (c3, k3, exp3) = rot.server_leaf_until("spoke frontend three", 2042);
     let cert = env.dir.join("frontend.crt");
     let key = env.dir.join("frontend.key");
     std::fs::write(&cert, &c1).unwrap();
@@ -693,7 +564,7 @@ async fn frontend_cert_rotation_keeps_open_tunnels_and_a_broken_file_keeps_the_l
     let client = env.pki.main.frontend.clone();
 
     assert_eq!(
-        served_frontend_cert(addr, &rot.ca_pem, &client).await,
+        served_cert(addr, &rot.ca_pem, &client, &[]).await,
         Ok(der(&c1)),
         "the frontend serves another certificate than --server-cert"
     );
@@ -711,6 +582,7 @@ async fn frontend_cert_rotation_keeps_open_tunnels_and_a_broken_file_keeps_the_l
         addr,
         &rot.ca_pem,
         &client,
+        &[],
         &c2,
         "new frontend handshakes to present the rotated certificate",
     )
@@ -767,7 +639,7 @@ async fn frontend_cert_rotation_keeps_open_tunnels_and_a_broken_file_keeps_the_l
         server.proc.log_tail()
     );
     assert_eq!(
-        served_frontend_cert(addr, &rot.ca_pem, &client).await,
+        served_cert(addr, &rot.ca_pem, &client, &[]).await,
         Ok(der(&c2)),
         "after a broken file the frontend must keep the last good certificate"
     );
@@ -787,6 +659,7 @@ async fn frontend_cert_rotation_keeps_open_tunnels_and_a_broken_file_keeps_the_l
         addr,
         &rot.ca_pem,
         &client,
+        &[],
         &c3,
         "new frontend handshakes to present the certificate written after the broken one",
     )

@@ -6,10 +6,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use spoke_tests::backends;
@@ -21,6 +17,7 @@ use spoke_tests::connect;
 use spoke_tests::faultnet::signal;
 use spoke_tests::http;
 use spoke_tests::metrics::names;
+use spoke_tests::rotation::{der, served_cert, wait_served, write_atomically, RotCa};
 use spoke_tests::wait::{holds_for, poll_until, within};
 use spoke_tests::BoxIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -579,51 +576,6 @@ async fn sigterm_drain_keeps_the_open_connection_and_new_dials_go_to_the_other_a
 // ---------------------------------------------------------------------------------------------
 // 4. certificate rotation
 
-struct RotCa {
-    ca_pem: String,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-impl RotCa {
-    fn new() -> Self {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "spoke e2e rotation CA");
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let key = KeyPair::generate().unwrap();
-        let ca_pem = params.self_signed(&key).unwrap().pem();
-        Self {
-            ca_pem,
-            issuer: Issuer::new(params, key),
-        }
-    }
-    fn server_leaf(&self, cn: &str) -> (String, String) {
-        let mut params =
-            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-        params.distinguished_name.push(DnType::CommonName, cn);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap().pem();
-        (cert, key.serialize_pem())
-    }
-}
-
-impl RotCa {
-    fn client_leaf(&self, cn: &str) -> (String, String) {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, cn);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap().pem();
-        (cert, key.serialize_pem())
-    }
-}
-
 /// Client certificates presented to [`recording_server`], in handshake order.
 type Presented = Arc<std::sync::Mutex<Vec<Vec<u8>>>>;
 
@@ -690,35 +642,10 @@ fn cert_files(dir: &Path, name: &str, cert_pem: &str, key_pem: &str) -> CertKey 
     }
 }
 
-fn write_atomically(path: &Path, content: &str) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, content).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
-fn der(pem: &str) -> Vec<u8> {
-    CertificateDer::from_pem_slice(pem.as_bytes())
-        .unwrap()
-        .to_vec()
-}
-
-async fn served_cert(server: &Server, ca_pem: &str, client: &CertKey) -> Result<Vec<u8>, String> {
-    let cfg = spoke_tests::tls::client_config(ca_pem, Some(client), &[b"h2"]);
-    let tls = spoke_tests::tls::connect(server.agent_addr, cfg)
-        .await
-        .map_err(|e| e.to_string())?;
-    tls.get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .map(|c| c.to_vec())
-        .ok_or_else(|| "no peer certificate".to_string())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_cert_rotation_applies_to_new_handshakes_and_a_broken_file_is_refused() {
     let env = Env::new("o_rotate");
-    let rot = RotCa::new();
+    let rot = RotCa::new("spoke e2e rotation CA");
     let ca_path = env.dir.join("rot-ca.crt");
     std::fs::write(&ca_path, &rot.ca_pem).unwrap();
     let (c1, k1) = rot.server_leaf("spoke cluster one");
@@ -737,7 +664,7 @@ async fn cluster_cert_rotation_applies_to_new_handshakes_and_a_broken_file_is_re
     server.wait_ready().await;
     let client = env.pki.main.agent.clone();
     assert_eq!(
-        served_cert(&server, &rot.ca_pem, &client).await,
+        served_cert(server.agent_addr, &rot.ca_pem, &client, &[b"h2"]).await,
         Ok(der(&c1))
     );
     let echo = backends::echo().await;
@@ -748,24 +675,16 @@ async fn cluster_cert_rotation_applies_to_new_handshakes_and_a_broken_file_is_re
 
     write_atomically(&key, &k2);
     write_atomically(&cert, &c2);
-    let written = Instant::now();
-    poll_until(
+    let took = wait_served(
+        server.agent_addr,
+        &rot.ca_pem,
+        &client,
+        &[b"h2"],
+        &c2,
         "new handshakes to present the rotated certificate",
-        Duration::from_secs(15),
-        || async {
-            let got = served_cert(&server, &rot.ca_pem, &client).await?;
-            if got == der(&c2) {
-                Ok(())
-            } else {
-                Err("still the old certificate".to_string())
-            }
-        },
     )
     .await;
-    println!(
-        "rotated certificate served {:?} after the write",
-        written.elapsed()
-    );
+    println!("rotated certificate served {took:?} after the write");
     echo_once(&mut held, b"after rotation")
         .await
         .expect("open tunnel survives rotation");
@@ -818,7 +737,7 @@ async fn cluster_cert_rotation_applies_to_new_handshakes_and_a_broken_file_is_re
         "server log must say the new file cannot be used"
     );
     assert_eq!(
-        served_cert(&server, &rot.ca_pem, &client).await,
+        served_cert(server.agent_addr, &rot.ca_pem, &client, &[b"h2"]).await,
         Ok(der(&c2)),
         "after a broken file the last good certificate stays"
     );
@@ -1106,7 +1025,7 @@ async fn logs_are_json_lines_with_connection_events_at_debug() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_cert_rotation_applies_to_new_handshakes_and_a_broken_file_is_refused() {
     let env = Env::new("o_agent_rotate");
-    let rot = RotCa::new();
+    let rot = RotCa::new("spoke e2e rotation CA");
     let ca_path = env.dir.join("rot-ca.crt");
     std::fs::write(&ca_path, &rot.ca_pem).unwrap();
     let (server_cert, server_key) = rot.server_leaf("stand-in proxy server");
