@@ -4,21 +4,25 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 /// Polls `probe` every 50 ms until it returns `Ok(value)`; panics after `timeout` with `what` and
-/// the last `Err` observation.
+/// the last `Err` observation (a probe cut short by the deadline keeps the one before it).
 pub async fn poll_until<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, String>>,
 {
     let deadline = Instant::now() + timeout;
+    let mut last = "none (no probe finished)".to_string();
     loop {
         let attempt =
             tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), probe()).await;
-        let last = match attempt {
+        match attempt {
             Ok(Ok(v)) => return v,
-            Ok(Err(e)) => e,
-            Err(_) => "probe itself did not finish".to_string(),
-        };
+            Ok(Err(e)) => last = e,
+            Err(_) => panic!(
+                "timed out after {timeout:?} waiting for {what} (the last probe was still running); \
+                 last observation: {last}"
+            ),
+        }
         if Instant::now() >= deadline {
             panic!("timed out after {timeout:?} waiting for {what}; last observation: {last}");
         }

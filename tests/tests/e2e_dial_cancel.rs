@@ -20,7 +20,7 @@ use spoke_tests::cluster::{
 use spoke_tests::grpc::{self, PacketStream};
 use spoke_tests::metrics::{names, Metrics};
 use spoke_tests::nsguard::{require_root, NetNs};
-use spoke_tests::wait::holds_for;
+use spoke_tests::wait::{holds_for, poll_until};
 
 /// Port inside the namespace whose SYNs are dropped: a dial to it hangs.
 const FILTERED_PORT: u16 = 9;
@@ -112,8 +112,7 @@ async fn pending(server: &Server, agent: &Agent) -> Result<Pending, String> {
     })
 }
 
-/// Polls until the figures are `want`; panics after `timeout` with the last observation (a local
-/// loop rather than `poll_until`, which loses the last reading when a probe straddles the deadline).
+/// Polls until the figures are `want`; panics after `timeout` with the last observation.
 async fn wait_pending(
     server: &Server,
     agent: &Agent,
@@ -121,21 +120,13 @@ async fn wait_pending(
     what: &str,
     timeout: Duration,
 ) {
-    let started = Instant::now();
-    loop {
-        let last = match tokio::time::timeout(Duration::from_secs(2), pending(server, agent)).await
-        {
-            Ok(Ok(p)) if p == want => return,
-            Ok(Ok(p)) => format!("{p:?}"),
-            Ok(Err(e)) => e,
-            Err(_) => "scrape did not finish within 2 s".to_string(),
-        };
-        assert!(
-            started.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what} (want {want:?}); last observation: {last}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    poll_until(&format!("{what} (want {want:?})"), timeout, || async {
+        match pending(server, agent).await? {
+            p if p == want => Ok(()),
+            p => Err(format!("{p:?}")),
+        }
+    })
+    .await
 }
 
 const ONE: Pending = Pending {

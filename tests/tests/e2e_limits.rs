@@ -59,30 +59,9 @@ async fn agent_counter(agent: &Agent, name: &str, reason: &str) -> f64 {
         .counter(name, &[("reason", reason)])
 }
 
-/// Like the harness's `poll_until`, but every probe runs to completion (each scrape has its own
-/// 5 s bound), so a timeout reports the last real observation.
-async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, String>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        let last = match probe().await {
-            Ok(v) => return v,
-            Err(e) => e,
-        };
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}; last observation: {last}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Polls until gauge `name` of `server` (and, if given, of `agent`) read the wanted values.
 async fn wait_gauges(what: &str, server: (&Server, &str, f64), agent: Option<(&Agent, &str, f64)>) {
-    eventually(what, Duration::from_secs(10), || async {
+    poll_until(what, Duration::from_secs(10), || async {
         let (s, sn, sw) = server;
         let sv = server_gauge(s, sn).await?;
         let av = match agent {
@@ -481,7 +460,7 @@ async fn abandoned_connect_frees_its_pending_dial_slot_at_once() {
         &["--max-pending-dials"],
     );
     drop(held);
-    eventually(
+    poll_until(
         "the abandoned dial to leave server and agent (agent --dial-timeout is 60 s)",
         Duration::from_secs(3),
         || async {
@@ -686,7 +665,7 @@ async fn frontend_header_timeout_closes_half_sent_heads_and_other_clients_are_se
         1,
         "only the normal client may reach the destination"
     );
-    eventually(
+    poll_until(
         "only the normal client to be left on the frontend",
         Duration::from_secs(5),
         || async {
