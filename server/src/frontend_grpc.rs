@@ -152,14 +152,8 @@ async fn serve(state: &Arc<State>, mut inbound: Streaming<Packet>, tx: ToClient)
         }
         return;
     }
-    state.metrics.established_connections.inc();
-    let established = std::time::Instant::now();
+    let _established = state.metrics.established();
     relay(state, &backend, connect_id, parts, inbound, tx).await;
-    state
-        .metrics
-        .connection_duration
-        .observe(established.elapsed().as_secs_f64());
-    state.metrics.established_connections.dec();
 }
 
 /// Moves packets between the client stream and the agent until the connection closes.

@@ -147,8 +147,7 @@ pub async fn serve<S: SplitIo>(state: Arc<State>, mut io: S) {
             .data(packet::data(connect_id, rest.freeze()))
             .await;
     }
-    state.metrics.established_connections.inc();
-    let established = std::time::Instant::now();
+    let _established = state.metrics.established();
     let (reader, writer) = io.split_io();
     Relay {
         id: connect_id,
@@ -161,10 +160,5 @@ pub async fn serve<S: SplitIo>(state: Arc<State>, mut io: S) {
     }
     .run(reader, writer)
     .await;
-    state
-        .metrics
-        .connection_duration
-        .observe(established.elapsed().as_secs_f64());
-    state.metrics.established_connections.dec();
     tracing::debug!(connection_id = connect_id, "tunnel closed");
 }

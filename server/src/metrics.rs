@@ -23,6 +23,21 @@ const CONNECTION_BUCKETS: [f64; 12] = [
     1.0, 5.0, 15.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 14400.0, 43200.0, 86400.0,
 ];
 
+/// See [`ServerMetrics::established`].
+pub struct Established<'a> {
+    metrics: &'a ServerMetrics,
+    since: std::time::Instant,
+}
+
+impl Drop for Established<'_> {
+    fn drop(&mut self) {
+        let m = self.metrics;
+        m.connection_duration
+            .observe(self.since.elapsed().as_secs_f64());
+        m.established_connections.dec();
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct ServerMetrics {
     pub stream: StreamMetrics,
@@ -73,6 +88,16 @@ impl ServerMetrics {
 
     pub fn reject(&self, reason: &'static str) {
         count(&self.rejected, reason);
+    }
+
+    /// Counts an established end-to-end connection until the guard drops, then records its
+    /// lifetime (`established_connections`, `connection_duration_seconds`).
+    pub fn established(&self) -> Established<'_> {
+        self.established_connections.inc();
+        Established {
+            metrics: self,
+            since: std::time::Instant::now(),
+        }
     }
 
     pub fn registry(&self) -> Registry {
