@@ -121,8 +121,10 @@ impl TlsPolicy {
                 suites.push(suite);
             }
         }
-        let tls12_suites = suites.len() - 3;
-        if tls12_suites == 0 && versions != TLS13_ONLY {
+        let has_tls12 = suites
+            .iter()
+            .any(|s| matches!(s, rustls::SupportedCipherSuite::Tls12(_)));
+        if !has_tls12 && versions != TLS13_ONLY {
             return Err(anyhow!(
                 "--cipher-suites {}: not supported: no TLS 1.2 suite left (only AEAD suites with forward secrecy are, TLS_ECDHE_*_GCM_* and TLS_ECDHE_*_CHACHA20_POLY1305*); add one or set --tls-min-version=VersionTLS13",
                 cipher_suites.join(",")
