@@ -77,6 +77,46 @@ fn main() {
         v.extend_from_slice(h);
         write("http_connect", &format!("head-{i}"), &v);
     }
+    // gRPC frontend: grpc-go's request with a socket-path authority (literal header fields),
+    // padded/prioritised HEADERS split over a CONTINUATION, then DATA.
+    let literal = |fields: &[(&str, &str)]| {
+        let mut b = Vec::new();
+        for (n, v) in fields {
+            b.push(0x00);
+            b.push(n.len() as u8);
+            b.extend(n.as_bytes());
+            b.push(v.len() as u8);
+            b.extend(v.as_bytes());
+        }
+        b
+    };
+    let frame = |kind: u8, flags: u8, stream: u8, payload: &[u8]| {
+        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend([kind, flags, 0, 0, 0, stream]);
+        f.extend(payload);
+        f
+    };
+    let block = literal(&[
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/ProxyService/Proxy"),
+        (":authority", "/etc/kubernetes/konnectivity-server/konnectivity-server.socket"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ]);
+    let mut plain = vec![1, 0];
+    plain.extend(frame(4, 0, 0, &[]));
+    plain.extend(frame(1, 4, 1, &block));
+    plain.extend(frame(0, 0, 1, &[0, 0, 0, 0, 2, 8, 0]));
+    write("h2_authority", "grpc-go-socket-path", &plain);
+    let mut split = vec![3, 0];
+    let mut padded = vec![2, 0, 0, 0, 0, 16];
+    padded.extend(&block[..20]);
+    padded.extend([0, 0]);
+    split.extend(frame(1, 0x28, 3, &padded));
+    split.extend(frame(9, 4, 3, &block[20..]));
+    write("h2_authority", "padded-continuation", &split);
+
     for (i, s) in [
         "host=node1&host=node1.example.com&ipv4=10.0.0.5&ipv6=fd00::5&cidr=10.0.0.0/16&default-route=true",
         "zone=a&host=x",

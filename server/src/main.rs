@@ -20,6 +20,7 @@ use options::{Mode, Options};
 use spoke_proto::agent_service_server::AgentServiceServer;
 use spoke_proto::proxy_service_server::ProxyServiceServer;
 use spoke_tunnel::admin::{self, bind_addr};
+use spoke_tunnel::h2_authority::AuthorityFilter;
 use spoke_tunnel::listen::{tls_incoming, TlsIo};
 use spoke_tunnel::tls::{CertFiles, Reloading, ServerTlsFiles, TlsPolicy};
 use state::State;
@@ -321,10 +322,15 @@ async fn serve_frontend(state: Arc<State>, listener: FrontendListener) -> Result
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(max_msg)
     };
+    // grpc-go clients may send an authority `h2` refuses; see h2_authority.
+    let m = &state.metrics.h2_filter;
     match (listener, o.mode) {
         (FrontendListener::Uds(l), Mode::Grpc) => grpc_server(o.frontend_keepalive_time)
             .add_service(proxy_svc())
-            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(l))
+            .serve_with_incoming(
+                tokio_stream::wrappers::UnixListenerStream::new(l)
+                    .map(|r| r.map(|s| AuthorityFilter::new(s, m.clone()))),
+            )
             .await
             .context("frontend server failed"),
         (FrontendListener::Uds(l), Mode::HttpConnect) => loop {
@@ -343,7 +349,9 @@ async fn serve_frontend(state: Arc<State>, listener: FrontendListener) -> Result
             match mode {
                 Mode::Grpc => grpc_server(o.frontend_keepalive_time)
                     .add_service(proxy_svc())
-                    .serve_with_incoming(incoming.map(|r| r.map(TlsIo)))
+                    .serve_with_incoming(
+                        incoming.map(|r| r.map(|s| AuthorityFilter::new(TlsIo(s), m.clone()))),
+                    )
                     .await
                     .context("frontend server failed"),
                 Mode::HttpConnect => {

@@ -58,6 +58,8 @@ pub struct ServerMetrics {
     pub full_receive_channels: Family<MethodLabel, Gauge>,
     /// Spoke: connections refused or closed because of bad input, by reason.
     pub rejected: Family<ReasonLabels, Counter>,
+    /// Spoke: the gRPC frontend's header-block filter.
+    pub h2_filter: spoke_tunnel::h2_authority::FilterMetrics,
 }
 
 impl ServerMetrics {
@@ -79,6 +81,7 @@ impl ServerMetrics {
             established_connections: Gauge::default(),
             full_receive_channels: Family::default(),
             rejected: Family::default(),
+            h2_filter: Default::default(),
         }
     }
 
@@ -162,6 +165,16 @@ impl ServerMetrics {
                 "rejected_connections",
                 "Connections refused or closed for bad input or limits, by reason",
                 self.rejected.clone(),
+            );
+            s.register(
+                "frontend_authorities_dropped",
+                "gRPC frontend requests whose :authority (e.g. a socket path) was removed because the HTTP/2 layer refuses it",
+                self.h2_filter.authorities_dropped.clone(),
+            );
+            s.register(
+                "frontend_bad_header_blocks",
+                "gRPC frontend connections closed for an undecodable or oversize HTTP/2 header block",
+                self.h2_filter.bad_header_blocks.clone(),
             );
         }
         root

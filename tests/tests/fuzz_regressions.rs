@@ -54,6 +54,11 @@ fn http_connect_inputs() {
 }
 
 #[test]
+fn h2_authority_inputs() {
+    replay("h2_authority", harness::h2_authority_with);
+}
+
+#[test]
 fn identifiers_inputs() {
     replay("identifiers", harness::identifiers_with);
 }

@@ -6,6 +6,7 @@ pub mod backoff;
 pub mod connect_head;
 pub mod flags;
 pub mod flow;
+pub mod h2_authority;
 pub mod identifiers;
 pub mod klog;
 pub mod logging;

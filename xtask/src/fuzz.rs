@@ -24,6 +24,7 @@ pub const TARGETS: &[&str] = &[
     "packets_server",
     "packets_agent",
     "http_connect",
+    "h2_authority",
     "identifiers",
     "flags",
 ];

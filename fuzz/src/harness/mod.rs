@@ -7,10 +7,12 @@
 //! [`KnownBug`].
 #![allow(dead_code)]
 
+mod h2;
 mod http;
 mod packets;
 mod text;
 
+pub use h2::h2_authority_with;
 pub use http::http_connect_with;
 pub use packets::{packets_agent_with, packets_server_with};
 pub use text::{flags_with, identifiers_with};
@@ -60,6 +62,10 @@ pub fn packets_agent(data: &[u8]) {
 
 pub fn http_connect(data: &[u8]) {
     http_connect_with(data, Checks::from_env());
+}
+
+pub fn h2_authority(data: &[u8]) {
+    h2_authority_with(data, Checks::from_env());
 }
 
 pub fn identifiers(data: &[u8]) {
