@@ -1,6 +1,7 @@
 //! spoke-agent: the node half of Spoke. Keeps mTLS tunnels to every proxy server and
 //! dials local endpoints (kubelet, pods, services) for them; node-local legs can ride the
 //! eBPF socket fast path, and an XDP guard can close protected ports to the network.
+mod backoff;
 mod dial;
 pub mod ebpf;
 mod metrics;
@@ -14,13 +15,13 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
+use backoff::{jitter, Backoff};
 use clap::Parser;
 use ebpf::Ebpf;
 use metrics::AgentMetrics;
 use options::Options;
 use server_stream::ServerStream;
-use spoke_tunnel::admin::{self, bind_addr};
-use spoke_tunnel::backoff::{jitter, Backoff};
+use spoke_process::admin::{self, bind_addr};
 use spoke_tunnel::packet;
 use spoke_tunnel::tls::{CertFiles, ClientTlsFiles, Reloading};
 use std::collections::HashMap;
@@ -77,7 +78,7 @@ impl Agent {
 fn main() {
     let mut opts = Options::parse();
     opts.klog.init_logging();
-    spoke_tunnel::memory::spawn_trimmer();
+    spoke_process::memory::spawn_trimmer();
     if let Err(e) = opts.validate().and_then(|_| run(opts)) {
         eprintln!("spoke-agent: {e:#}");
         std::process::exit(1);

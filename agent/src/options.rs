@@ -3,9 +3,9 @@ use crate::ebpf::EbpfArgs;
 use anyhow::{bail, Result};
 use clap::ArgAction::Set;
 use clap::Parser;
-use spoke_tunnel::flags::{byte_size, go_duration, string_list};
+use spoke_process::flags::{byte_size, go_duration, string_list};
+use spoke_process::klog::KlogFlags;
 use spoke_tunnel::identifiers::AgentIdentifiers;
-use spoke_tunnel::klog::KlogFlags;
 use std::time::Duration;
 
 fn list(s: &str) -> Result<Vec<String>, String> {

@@ -17,9 +17,9 @@ use axum::Router;
 use clap::Parser;
 use futures::StreamExt;
 use options::{Mode, Options};
+use spoke_process::admin::{self, bind_addr};
 use spoke_proto::agent_service_server::AgentServiceServer;
 use spoke_proto::proxy_service_server::ProxyServiceServer;
-use spoke_tunnel::admin::{self, bind_addr};
 use spoke_tunnel::h2_authority::AuthorityFilter;
 use spoke_tunnel::listen::{tls_incoming, TlsIo};
 use spoke_tunnel::tls::{CertFiles, Reloading, ServerTlsFiles, TlsPolicy};
@@ -39,7 +39,7 @@ const TLS_RELOAD_EVERY: Duration = Duration::from_secs(5);
 fn main() {
     let mut opts = Options::parse();
     opts.klog.init_logging();
-    spoke_tunnel::memory::spawn_trimmer();
+    spoke_process::memory::spawn_trimmer();
     if let Err(e) = opts.validate().and_then(|()| run(opts)) {
         eprintln!("spoke-server: {e:#}");
         std::process::exit(1);

@@ -2,8 +2,8 @@
 use anyhow::{bail, Result};
 use clap::ArgAction::Set;
 use clap::Parser;
-use spoke_tunnel::flags::{byte_size, go_duration, string_list};
-use spoke_tunnel::klog::KlogFlags;
+use spoke_process::flags::{byte_size, go_duration, string_list};
+use spoke_process::klog::KlogFlags;
 use std::time::Duration;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -81,7 +81,7 @@ fn go_duration_out_of_range_is_an_error() {
         "1e400s",
         &format!("{}s", "9".repeat(400)),
     ] {
-        let r = std::panic::catch_unwind(|| spoke_tunnel::flags::go_duration(s));
+        let r = std::panic::catch_unwind(|| spoke_process::flags::go_duration(s));
         assert!(matches!(r, Ok(Err(_))), "{s:?}: {r:?}");
     }
 }

@@ -1,16 +1,10 @@
-//! Spoke's tunnel core, shared by spoke-agent and spoke-server: Konnectivity packets,
-//! the per-stream send queues, per-connection flow control and relay, TLS, metrics,
-//! the health/admin HTTP server and upstream-compatible flag parsing.
-pub mod admin;
-pub mod backoff;
+//! Spoke's data plane, shared by spoke-agent and spoke-server: Konnectivity packets, the
+//! per-stream send queues, per-connection flow control and relay, TLS, listeners, the
+//! frontends' request parsers and the data-path metrics.
 pub mod connect_head;
-pub mod flags;
 pub mod flow;
 pub mod h2_authority;
 pub mod identifiers;
-pub mod klog;
-pub mod logging;
-pub mod memory;
 pub mod metrics;
 pub mod outbound;
 pub mod packet;

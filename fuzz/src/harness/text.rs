@@ -1,7 +1,7 @@
 //! Agent identifiers and Go-style flag values: strings from the command line and from
 //! agent metadata.
 use super::Checks;
-use spoke_tunnel::flags::{byte_size, go_duration, string_list};
+use spoke_process::flags::{byte_size, go_duration, string_list};
 use spoke_tunnel::identifiers::{dial_host, AgentIdentifiers};
 
 /// Input: one byte of options, then the text (invalid UTF-8 is replaced, as metadata

@@ -68,7 +68,7 @@ pub fn metrics_route(registry: Arc<Registry>) -> Router {
                         header::CONTENT_TYPE,
                         "text/plain; version=0.0.4; charset=utf-8",
                     )],
-                    crate::metrics::encode(&registry),
+                    crate::exposition::encode(&registry),
                 )
                     .into_response()
             }
