@@ -6,7 +6,7 @@
 //! long-lived echo connections run while agent 1 is drained, its replacement (agent 3) starts
 //! and agent 2 is drained. No request may fail, new dials must leave the draining agents while a
 //! non-draining one is there, and every long-lived connection must finish its transfer intact.
-//! Agent 1 leaves at its `--drain-timeout`, agent 2 at a second signal once the rollout is done.
+//! Agent 2 leaves at its `--drain-timeout`, agent 1 at a second signal once the rollout is done.
 //!
 //! Single agent: the node's only agent is drained; requests, new dials included, keep
 //! succeeding through it until its drain timeout (upstream's `TestProxyHandle_AfterDrain`).
@@ -27,7 +27,7 @@ use spoke_tests::faultnet::signal;
 use spoke_tests::grpc;
 use spoke_tests::http;
 use spoke_tests::metrics::names;
-use spoke_tests::wait::poll_until;
+use spoke_tests::wait::{poll_until, within};
 use spoke_tests::BoxIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
@@ -46,9 +46,10 @@ const LONG_PER_AGENT: usize = 2;
 /// Each long-lived connection echoes this much every `LONG_EVERY`.
 const LONG_CHUNK: usize = 16 * 1024;
 const LONG_EVERY: Duration = Duration::from_millis(50);
-/// Agent 1's drain: long enough for the whole rollout to happen inside it.
-const ROLLOUT_DRAIN: Duration = Duration::from_secs(8);
-/// Agent 2's drain: longer than the test, so the second signal is what ends it.
+/// Agent 2's drain: long enough for the end of the rollout (50 requests, the long-lived
+/// connections finishing) to happen inside it.
+const ROLLOUT_DRAIN: Duration = Duration::from_secs(5);
+/// Agent 1's drain: longer than the test, so the second signal is what ends it.
 const LONG_DRAIN: Duration = Duration::from_secs(120);
 /// The single agent's drain.
 const SINGLE_DRAIN: Duration = Duration::from_secs(4);
@@ -324,7 +325,13 @@ async fn open_long_lived(front: &Front, echo: &str, agents: &[&Agent]) -> Vec<Lo
         // One round trip: the agent has dialled and counts the connection.
         let mut probe = [0u8; 4];
         io.write_all(b"ping").await.unwrap();
-        io.read_exact(&mut probe).await.unwrap();
+        within(
+            "the first echo",
+            Duration::from_secs(10),
+            io.read_exact(&mut probe),
+        )
+        .await
+        .unwrap();
         longs.push(Long::start(io, seed));
     }
     panic!("40 long-lived connections did not reach every agent {LONG_PER_AGENT} times");
@@ -383,8 +390,8 @@ async fn rolling_update(mode: Mode) {
     let env = Env::new(&format!("r_rollout_{name}"));
     let server = env.server(server_opts(mode)).await;
     let (backend, echo) = (backends::http().await, backends::echo().await);
-    let mut a1 = node_agent(&env, &server, "agent-1", ROLLOUT_DRAIN).await;
-    let mut a2 = node_agent(&env, &server, "agent-2", LONG_DRAIN).await;
+    let mut a1 = node_agent(&env, &server, "agent-1", LONG_DRAIN).await;
+    let mut a2 = node_agent(&env, &server, "agent-2", ROLLOUT_DRAIN).await;
     server.wait_agent_streams(2).await;
     let front = Front::of(&server, mode);
 
@@ -402,19 +409,22 @@ async fn rolling_update(mode: Mode) {
     let a1_frozen = dial_reqs(&a1).await;
 
     // Its replacement comes up.
-    let mut a3 = node_agent(&env, &server, "agent-3", ROLLOUT_DRAIN).await;
+    let mut a3 = node_agent(&env, &server, "agent-3", LONG_DRAIN).await;
     server.wait_agent_streams(3).await;
     load.wait_succeeded_since(marked, 50, "while agent 1 drains")
         .await;
 
     // Agent 2 drains: new dials go to agent 3 only.
+    let t2 = Instant::now();
     signal(a2.proc.pid(), libc::SIGTERM);
     server.wait_agent_draining("agent-2").await;
     let marked = Instant::now();
     load.wait_settled(marked).await;
     let a2_frozen = dial_reqs(&a2).await;
     let a3_before = dial_reqs(&a3).await;
-    load.wait_succeeded_since(marked, 50, "while agents 1 and 2 drain")
+    // Every request started from here on dials after that reading.
+    let counted_from = Instant::now();
+    load.wait_succeeded_since(counted_from, 50, "while agents 1 and 2 drain")
         .await;
     let (a1_now, a2_now, a3_now) = (
         dial_reqs(&a1).await,
@@ -432,7 +442,7 @@ async fn rolling_update(mode: Mode) {
     );
     assert!(
         a3_now - a3_before >= 50,
-        "agent 3 got {} dials of the last 50+ requests",
+        "agent 3 got {} dials of the 50+ requests since its reading",
         a3_now - a3_before
     );
 
@@ -445,28 +455,31 @@ async fn rolling_update(mode: Mode) {
         println!("long-lived connection {i}: {bytes} bytes echoed and verified");
     }
 
-    // Agent 1 leaves at its drain timeout, not before, with status 0.
-    let (exit, took) = a1
+    // Agent 2 leaves at its drain timeout, not before, with status 0.
+    let (exit, took) = a2
         .proc
-        .wait_exit(t1, ROLLOUT_DRAIN + SLACK, "agent 1 after SIGTERM")
+        .wait_exit(t2, ROLLOUT_DRAIN + SLACK, "agent 2 after SIGTERM")
         .await;
     assert!(
         took >= ROLLOUT_DRAIN - Duration::from_millis(50) && exit.code() == Some(0),
-        "agent 1 exited {took:?} after SIGTERM ({exit}); its drain timeout is {ROLLOUT_DRAIN:?}"
+        "agent 2 exited {took:?} after SIGTERM ({exit}); its drain timeout is {ROLLOUT_DRAIN:?}"
     );
-    // The rollout is done: a second signal ends agent 2's drain at once.
-    a2.proc.assert_running();
-    signal(a2.proc.pid(), libc::SIGTERM);
-    let (exit, took) = a2
+    // The rollout is done: a second signal ends agent 1's drain at once.
+    a1.proc.assert_running();
+    signal(a1.proc.pid(), libc::SIGTERM);
+    let (exit, second) = a1
         .proc
         .wait_exit(
             Instant::now(),
             Duration::from_secs(1),
-            "agent 2 after a second SIGTERM",
+            "agent 1 after a second SIGTERM",
         )
         .await;
-    assert_eq!(exit.code(), Some(0), "agent 2: {exit}");
-    println!("agent 1 exited at its drain timeout; agent 2 {took:?} after its second signal");
+    assert_eq!(exit.code(), Some(0), "agent 1: {exit}");
+    println!(
+        "agent 2 exited {took:?} after SIGTERM (its drain timeout); agent 1 {second:?} after its second signal ({:?} after the first)",
+        t1.elapsed()
+    );
     let done = Instant::now();
     server.wait_agent_streams(1).await;
     load.wait_succeeded_since(done, 50, "after the rollout")
