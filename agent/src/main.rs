@@ -22,15 +22,15 @@ use metrics::AgentMetrics;
 use options::Options;
 use server_stream::ServerStream;
 use spoke_process::admin::{self, bind_addr};
-use spoke_tunnel::packet;
 use spoke_tunnel::tls::{CertFiles, ClientTlsFiles, Reloading};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 const TLS_RELOAD_EVERY: Duration = Duration::from_secs(5);
 
@@ -43,7 +43,9 @@ pub struct Agent {
     pub destinations: policy::Destinations,
     servers: Mutex<HashMap<String, Arc<ServerStream>>>,
     server_count: AtomicU32,
-    draining: AtomicBool,
+    /// Cancelled on the first SIGTERM/SIGINT; every server stream's task sends DRAIN on it.
+    pub drain: CancellationToken,
+    drain_started: OnceLock<Instant>,
     streams_changed: Notify,
 }
 
@@ -54,6 +56,15 @@ impl Agent {
 
     fn connected(&self) -> usize {
         self.servers().len()
+    }
+
+    fn draining(&self) -> bool {
+        self.drain.is_cancelled()
+    }
+
+    fn start_drain(&self) {
+        self.drain_started.get_or_init(Instant::now);
+        self.drain.cancel();
     }
 
     /// The flag of the limit a new dial would pass, if any (existing connections go on).
@@ -112,7 +123,8 @@ fn run(opts: Options) -> Result<()> {
         destinations,
         servers: Mutex::new(HashMap::new()),
         server_count: AtomicU32::new(1),
-        draining: AtomicBool::new(false),
+        drain: CancellationToken::new(),
+        drain_started: OnceLock::new(),
         streams_changed: Notify::new(),
     });
     let health = start_health(&agent, Arc::new(registry))?;
@@ -140,8 +152,7 @@ async fn sync_loop(agent: Arc<Agent>) {
     let mut backoff = Backoff::new(o.sync_interval, o.sync_interval_cap);
     loop {
         let want = agent.server_count.load(Ordering::Relaxed).max(1) as usize;
-        if agent.draining.load(Ordering::Relaxed) || (agent.connected() >= want && !o.sync_forever)
-        {
+        if agent.draining() || (agent.connected() >= want && !o.sync_forever) {
             tokio::select! {
                 _ = agent.streams_changed.notified() => {}
                 _ = tokio::time::sleep(jitter(o.sync_interval)) => {}
@@ -191,8 +202,12 @@ async fn sync_loop(agent: Arc<Agent>) {
     }
 }
 
-/// First SIGTERM/SIGINT: drain (DRAIN to every server, no new tunnels, serve open
-/// connections until they end or --drain-timeout). Second: exit at once.
+/// First SIGTERM/SIGINT: drain as upstream's agent does. Every server stream sends DRAIN (from
+/// its own task, so an idle stream sends it at once), the sync loop opens no new tunnels, and
+/// open and new dials are still served: a server whose agents all drain keeps routing to them,
+/// so a node is not cut off while its replacement agent starts. The drain ends at
+/// `--drain-timeout` (when set) or at a second signal; it does not end when the agent is idle,
+/// since new dials may still come.
 async fn signals(agent: Arc<Agent>) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (
@@ -201,35 +216,39 @@ async fn signals(agent: Arc<Agent>) {
     ) else {
         return std::future::pending().await;
     };
-    let next = async {
-        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-    };
-    next.await;
-    agent.draining.store(true, Ordering::Relaxed);
-    let streams: Vec<_> = agent.servers().values().cloned().collect();
-    for s in &streams {
-        let _ = s.outbound.control(packet::drain());
-    }
-    tracing::info!(servers = streams.len(), "draining: told the servers; serving open connections until they end (signal again to exit now)");
-    let idle = async {
-        loop {
-            if agent.metrics.open_endpoint_connections.get() == 0 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    };
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    agent.start_drain();
+    let timeout = agent.opts.drain_timeout;
+    tracing::info!(
+        servers = agent.connected(),
+        drain_timeout = ?timeout,
+        "draining: telling the servers, opening no new tunnels, still serving dials until the drain timeout or a second signal"
+    );
     let deadline = async {
-        match agent.opts.drain_timeout {
+        match timeout {
             d if d.is_zero() => std::future::pending().await,
             d => tokio::time::sleep(d).await,
         }
     };
     tokio::select! {
-        _ = async { tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} } } => tracing::info!("second signal: exiting"),
-        _ = idle => tracing::info!("drained: no open connections left"),
+        _ = term.recv() => tracing::info!("second signal: exiting"),
+        _ = int.recv() => tracing::info!("second signal: exiting"),
         _ = deadline => tracing::info!(open = agent.metrics.open_endpoint_connections.get(), "drain timeout reached: exiting"),
     }
+}
+
+/// The verbose readiness line of a draining agent. Readiness itself stays as upstream has it
+/// (a draining agent with a tunnel is still ready: it still serves dials).
+fn drain_line(agent: &Agent) -> Option<String> {
+    let since = agent.drain_started.get()?.elapsed();
+    let until = match agent.opts.drain_timeout {
+        d if d.is_zero() => "a second signal".to_string(),
+        d => format!("--drain-timeout={d:?} or a second signal"),
+    };
+    Some(format!(
+        "[+]draining ok (for {:.1}s: servers told, no new tunnels, dials still served until {until})\n",
+        since.as_secs_f64()
+    ))
 }
 
 fn start_health(
@@ -247,14 +266,15 @@ fn start_health(
                 });
                 let connected = agent.connected();
                 let ebpf = agent.ebpf.status().summary();
+                let draining = drain_line(&agent).unwrap_or_default();
                 if connected == 0 {
                     return admin::text(
                         StatusCode::SERVICE_UNAVAILABLE,
-                        "[+]ping ok\n[-]server-connected failed: no servers connected\nreadyz check failed\n",
+                        format!("[+]ping ok\n[-]server-connected failed: no servers connected\n{draining}readyz check failed\n"),
                     );
                 }
                 if verbose {
-                    admin::text(StatusCode::OK, format!("[+]ping ok\n[+]server-connected ok ({connected} servers)\n[+]ebpf ok ({ebpf})\nreadyz check passed\n"))
+                    admin::text(StatusCode::OK, format!("[+]ping ok\n[+]server-connected ok ({connected} servers)\n[+]ebpf ok ({ebpf})\n{draining}readyz check passed\n"))
                 } else {
                     admin::text(StatusCode::OK, "ok")
                 }
@@ -288,7 +308,7 @@ fn start_admin(agent: &Arc<Agent>, health: SocketAddr) -> Result<()> {
                     .collect();
                 let body = serde_json::json!({
                     "agent_id": agent.opts.agent_id,
-                    "draining": agent.draining.load(Ordering::Relaxed),
+                    "draining": agent.draining(),
                     "server_count": agent.server_count.load(Ordering::Relaxed),
                     "servers": servers,
                     "open_endpoint_connections": agent.metrics.open_endpoint_connections.get(),

@@ -95,8 +95,8 @@ pub struct Options {
     /// range (`node:10250,10.0.0.0/8,[fd00::/64]:443`). Empty: anywhere, as upstream.
     #[arg(long, value_parser = list, default_value = "")]
     pub allowed_destinations: std::vec::Vec<String>,
-    /// Spoke: after the first SIGTERM, how long open connections may run before the agent
-    /// exits (0: until they end).
+    /// Spoke: after the first SIGTERM, how long the draining agent keeps serving (open and
+    /// new dials) before it exits with status 0 (0: until a second signal, as upstream).
     #[arg(long, value_parser = go_duration, default_value = "0")]
     pub drain_timeout: Duration,
     /// Spoke: most open endpoint connections; dials past it are refused.

@@ -180,10 +180,20 @@ impl Connected {
             mut inbound,
             ..
         } = self;
+        // DRAIN goes out as soon as the agent starts draining, whenever this stream came up
+        // (also one that connected while the signal arrived), without waiting for a packet.
+        let mut drain_sent = false;
         let reason = loop {
             let msg = tokio::select! {
                 m = inbound.next() => m,
                 _ = stream.outbound.closed.cancelled() => break "stream failed".to_string(),
+                _ = agent.drain.cancelled(), if !drain_sent => {
+                    drain_sent = true;
+                    if stream.outbound.control(packet::drain()).is_ok() {
+                        tracing::info!(server_id = %stream.server_id, "sent DRAIN");
+                    }
+                    continue;
+                }
             };
             match msg {
                 Some(Ok(p)) => {

@@ -297,6 +297,33 @@ pub async fn http() -> Backend {
     .await
 }
 
+/// Client side of [`http`] over an open tunnel: `GET /bytes/<len>?seed=<seed>`, then requires a
+/// 200 with `Content-Length: len`, exactly `len` bytes of `Pattern(seed)` and the server's close.
+pub async fn http_get_pattern(io: &mut crate::BoxIo, len: u64, seed: u64) -> anyhow::Result<()> {
+    io.write_all(
+        format!("GET /bytes/{len}?seed={seed} HTTP/1.1\r\nHost: backend\r\n\r\n").as_bytes(),
+    )
+    .await
+    .context("sending the request")?;
+    io.flush().await?;
+    let head = crate::connect::read_head(io).await?;
+    anyhow::ensure!(
+        head.starts_with("HTTP/1.1 200 ")
+            && head
+                .lines()
+                .any(|l| l.eq_ignore_ascii_case(&format!("content-length: {len}"))),
+        "unexpected response head {head:?}"
+    );
+    recv_pattern(io, seed, len).await.context("response body")?;
+    let mut extra = [0u8; 1];
+    let n = io
+        .read(&mut extra)
+        .await
+        .context("waiting for the server's close")?;
+    anyhow::ensure!(n == 0, "bytes after the {len}-byte body");
+    Ok(())
+}
+
 /// Reserves a 127.0.0.1 port that refuses connections: the socket is bound but never listens, so
 /// nothing else can take the port while the guard lives and every SYN gets a RST.
 pub fn refusing_port() -> (tokio::net::TcpSocket, SocketAddr) {

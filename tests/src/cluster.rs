@@ -398,6 +398,47 @@ impl Server {
     pub async fn metrics(&self) -> anyhow::Result<Metrics> {
         crate::metrics::scrape(self.health_addr).await
     }
+    /// The admin port's `/status` JSON.
+    pub async fn status(&self) -> Result<serde_json::Value, String> {
+        let r = crate::http::get(self.admin_addr, "/status")
+            .await
+            .map_err(|e| format!("{e:#}"))?;
+        if r.status != 200 {
+            return Err(format!("/status answered {} {:?}", r.status, r.body));
+        }
+        serde_json::from_str(&r.body).map_err(|e| format!("/status is not JSON ({e}): {}", r.body))
+    }
+    /// Polls until the server holds exactly `n` agent streams (10 s).
+    pub async fn wait_agent_streams(&self, n: usize) {
+        crate::wait::poll_until(
+            &format!("server to hold {n} agent streams"),
+            Duration::from_secs(10),
+            || async {
+                let m = self.metrics().await.map_err(|e| format!("{e:#}"))?;
+                match gauge(&m, names::SERVER_READY_BACKENDS)? {
+                    v if v == n as f64 => Ok(()),
+                    v => Err(format!("ready_backend_connections={v}")),
+                }
+            },
+        )
+        .await;
+    }
+    /// Polls `/status` until agent `id` shows as draining: its DRAIN arrived (5 s).
+    pub async fn wait_agent_draining(&self, id: &str) {
+        crate::wait::poll_until(
+            &format!("the server to mark {id} draining"),
+            Duration::from_secs(5),
+            || async {
+                let v = self.status().await?;
+                let agents = v["agents"].as_array().cloned().unwrap_or_default();
+                match agents.iter().find(|a| a["agent_id"] == id) {
+                    Some(a) if a["draining"] == true => Ok(()),
+                    _ => Err(format!("agents: {}", v["agents"])),
+                }
+            },
+        )
+        .await;
+    }
     /// The Unix socket path (panics for a TLS frontend).
     pub fn uds_path(&self) -> PathBuf {
         self.uds.clone().expect("server has no UDS frontend")

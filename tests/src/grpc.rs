@@ -13,10 +13,13 @@ use spoke_proto::agent_service_client::AgentServiceClient;
 use spoke_proto::packet::Payload;
 use spoke_proto::proxy_service_client::ProxyServiceClient;
 use spoke_proto::{CloseRequest, Data, DialRequest, DialResponse, Packet, PacketType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
+
+use crate::BoxIo;
 
 /// Decoding limit of the test clients (generous: they must see what the server sends).
 const CLIENT_MAX_MESSAGE: usize = 256 * 1024 * 1024;
@@ -249,4 +252,62 @@ pub async fn echo_roundtrip(channel: Channel, echo: &str) -> anyhow::Result<()> 
 /// [`echo_roundtrip`] over a fresh connection to the Unix socket at `path`.
 pub async fn uds_echo_roundtrip(path: &Path, echo: &str) -> anyhow::Result<()> {
     echo_roundtrip(uds_channel(path).await?, echo).await
+}
+
+/// Dials `address` through a Proxy stream on `channel` and hands the tunnel back as a byte
+/// stream, as konnectivity-client gives kube-apiserver a `net.Conn`, so the same client code
+/// runs over either frontend. Written bytes go out as DATA; received DATA is read back; reads
+/// see EOF when the server sends CLOSE_RSP or ends the stream (anything else, an error status
+/// included, is printed and also ends it: a caller that expects more bytes then fails). Closing
+/// or dropping the stream sends CLOSE_REQ (the protocol has no half-close).
+pub async fn tunnel(channel: Channel, address: &str) -> anyhow::Result<BoxIo> {
+    let (stream, rsp) = dial(channel, address, random_id()).await?;
+    anyhow::ensure!(
+        rsp.error.is_empty() && rsp.connect_id != 0,
+        "dial {address} failed: {rsp:?}"
+    );
+    let id = rsp.connect_id;
+    let PacketStream { tx, mut rx, .. } = stream;
+    let (mine, theirs) = tokio::io::duplex(crate::backends::CHUNK);
+    let (mut from_client, mut to_client) = tokio::io::split(mine);
+    // Up and down are separate tasks, so a client that writes without reading cannot stall
+    // the packets coming back.
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; crate::backends::CHUNK];
+        loop {
+            match from_client.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if tx.send(data(id, buf[..n].to_vec())).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = tx.send(close_request(id)).await;
+    });
+    tokio::spawn(async move {
+        let end = loop {
+            match rx.message().await {
+                Ok(Some(Packet {
+                    payload: Some(Payload::Data(d)),
+                    ..
+                })) if d.connect_id == id => {
+                    if to_client.write_all(&d.data).await.is_err() {
+                        // The client is gone; keep reading until the server confirms.
+                        continue;
+                    }
+                }
+                Ok(Some(p)) if kind(&p) == Ok(PacketType::CloseRsp) => break None,
+                Ok(Some(p)) => break Some(format!("unexpected packet {p:?}")),
+                Ok(None) => break Some("stream ended without CLOSE_RSP".to_string()),
+                Err(s) => break Some(format!("stream error {:?}: {}", s.code(), s.message())),
+            }
+        };
+        if let Some(why) = end {
+            eprintln!("gRPC tunnel to connection {id}: {why}");
+        }
+        let _ = to_client.shutdown().await;
+    });
+    Ok(Box::new(theirs))
 }

@@ -22,6 +22,9 @@ pub mod names {
         "konnectivity_network_proxy_agent_open_endpoint_connections";
     /// Agent: open tunnels to servers.
     pub const AGENT_OPEN_SERVERS: &str = "konnectivity_network_proxy_agent_open_server_connections";
+    /// Agent: packets on its server streams by segment and type (`to_agent`/`DIAL_REQ`: dials
+    /// it was asked for).
+    pub const AGENT_PACKETS: &str = "konnectivity_network_proxy_agent_stream_packets_total";
     /// Agent: destination dial failures by reason.
     pub const AGENT_DIAL_FAILURES: &str =
         "konnectivity_network_proxy_agent_endpoint_dial_failure_total";

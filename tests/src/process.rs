@@ -3,7 +3,8 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
 /// Lines of a process log printed when a test fails.
 const LOG_TAIL_LINES: usize = 150;
@@ -67,6 +68,36 @@ impl Proc {
                 self.name,
                 self.log_tail()
             );
+        }
+    }
+
+    /// How the process ended, if it has. Reaping is fine: the child keeps its status, so this
+    /// (and [`Proc::is_running`]) can be asked again and gives the same answer.
+    pub fn exit_status(&mut self) -> Option<ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Polls until the process exits; panics (with the log) if it still runs `limit` after
+    /// `since`. Returns its exit status and when it ended, measured from `since`.
+    pub async fn wait_exit(
+        &mut self,
+        since: Instant,
+        limit: Duration,
+        what: &str,
+    ) -> (ExitStatus, Duration) {
+        loop {
+            if let Some(status) = self.exit_status() {
+                return (status, since.elapsed());
+            }
+            assert!(
+                since.elapsed() < limit,
+                "{what}: still running {:?} after the signal (limit {limit:?}); log:\n{}",
+                since.elapsed(),
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 

@@ -3,10 +3,6 @@
 //! never ends, the exact `/readyz` / `/ready` (and `?verbose`) answers of both health ports
 //! before and after an agent connects, and certificate rotation on the server's mTLS TCP
 //! frontend (`--server-cert` / `--server-key`), including a broken file.
-//!
-//! Exit codes are read with `waitid(WNOWAIT)`, which looks at a child's exit without reaping
-//! it, so the harness's `Proc` guard still reaps (and, on failure, prints the log of) the
-//! process afterwards.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -88,88 +84,19 @@ async fn status_json(addr: SocketAddr) -> Result<serde_json::Value, String> {
     serde_json::from_str(&r.body).map_err(|e| format!("/status is not JSON ({e}): {}", r.body))
 }
 
-// ---------------------------------------------------------------------------------------------
-// Exit status without reaping
-
-/// How a child process ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Exit {
-    /// `exit(code)` / return from main.
-    Code(i32),
-    /// Killed by this signal.
-    Signal(i32),
-}
-
-/// The exit of child `pid` if it has ended, without reaping it (`WNOWAIT`), so the harness's
-/// `Proc` can still reap it. Never call `Proc::is_running` / `assert_running` on a process
-/// watched with this before it has exited: they reap it and its status is gone.
-fn peek_exit(pid: u32) -> Option<Exit> {
-    // SAFETY: siginfo_t is plain data; all-zero is a valid value (si_pid 0 = "no child ended").
-    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-    // SAFETY: waitid writes only the siginfo_t we pass; WNOWAIT leaves the child waitable.
-    let rc = unsafe {
-        libc::waitid(
-            libc::P_PID,
-            pid as libc::id_t,
-            &mut info,
-            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
-        )
-    };
-    assert_eq!(
-        rc,
-        0,
-        "waitid({pid}): {} (was the process reaped already?)",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: for SIGCHLD-style siginfo filled by waitid, si_pid/si_status are the valid fields.
-    let (si_pid, si_status) = unsafe { (info.si_pid(), info.si_status()) };
-    if si_pid == 0 {
-        return None;
-    }
-    Some(match info.si_code {
-        libc::CLD_EXITED => Exit::Code(si_status),
-        _ => Exit::Signal(si_status),
-    })
-}
-
-/// Polls until `proc` exits; panics if that takes longer than `limit` after `since`. Returns
-/// how it ended and when (measured from `since`).
-async fn wait_exit(proc: &Proc, since: Instant, limit: Duration, what: &str) -> (Exit, Duration) {
-    let pid = proc.pid();
-    loop {
-        if let Some(exit) = peek_exit(pid) {
-            return (exit, since.elapsed());
-        }
-        assert!(
-            since.elapsed() < limit,
-            "{what}: still running {:?} after the signal (limit {limit:?}); log:\n{}",
-            since.elapsed(),
-            proc.log_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Panics if `proc` has exited (without reaping it).
-fn assert_alive(proc: &Proc, what: &str) {
-    if let Some(exit) = peek_exit(proc.pid()) {
-        panic!("{what}: exited early ({exit:?}); log:\n{}", proc.log_tail());
-    }
-}
-
 /// Keeps `held` relaying echo round trips through the shutdown window: from now until
 /// `until` after `since`, `proc` must stay up and every round trip must succeed. Returns how
 /// many round trips were made.
 async fn relay_until(
     held: &mut BoxIo,
-    proc: &Proc,
+    proc: &mut Proc,
     since: Instant,
     until: Duration,
     what: &str,
 ) -> usize {
     let mut rounds = 0;
     while since.elapsed() < until {
-        assert_alive(proc, what);
+        proc.assert_running();
         echo_once(held, format!("{what} round {rounds}").as_bytes())
             .await
             .unwrap_or_else(|e| {
@@ -181,7 +108,7 @@ async fn relay_until(
         rounds += 1;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_alive(proc, what);
+    proc.assert_running();
     rounds
 }
 
@@ -197,7 +124,7 @@ async fn agent_drain_timeout_expiry_relays_until_the_timeout_then_exits_and_clos
     const DRAIN: Duration = Duration::from_secs(2);
     const SLACK: Duration = Duration::from_millis(1500);
     let env = Env::new("l_drain_timeout");
-    let (mut server, agent) = env
+    let (mut server, mut agent) = env
         .pair(uds(), |a| {
             a.arg(&format!("--drain-timeout={}s", DRAIN.as_secs()))
         })
@@ -235,7 +162,7 @@ async fn agent_drain_timeout_expiry_relays_until_the_timeout_then_exits_and_clos
     // Until shortly before the timeout the open connection keeps working.
     let rounds = relay_until(
         &mut held,
-        &agent.proc,
+        &mut agent.proc,
         termed,
         DRAIN - Duration::from_millis(300),
         "agent draining",
@@ -247,16 +174,19 @@ async fn agent_drain_timeout_expiry_relays_until_the_timeout_then_exits_and_clos
         "only {rounds} round trips during a {DRAIN:?} drain"
     );
 
-    let (exit, took) = wait_exit(&agent.proc, termed, DRAIN + SLACK, "agent after SIGTERM").await;
+    let (exit, took) = agent
+        .proc
+        .wait_exit(termed, DRAIN + SLACK, "agent after SIGTERM")
+        .await;
     println!("agent exited {took:?} after SIGTERM: {exit:?}");
     assert!(
         took >= DRAIN - Duration::from_millis(50),
         "agent exited {took:?} after SIGTERM, before its {DRAIN:?} drain timeout"
     );
     assert_eq!(
-        exit,
-        Exit::Code(0),
-        "an agent whose drain timed out exits by itself with status 0"
+        exit.code(),
+        Some(0),
+        "an agent whose drain timed out exits by itself with status 0 ({exit})"
     );
     assert!(
         agent.proc.log().contains("drain timeout reached: exiting"),
@@ -305,7 +235,7 @@ async fn server_graceful_shutdown_timeout_expiry_closes_a_never_ending_tls_front
     const GRACE: Duration = Duration::from_secs(3);
     const SLACK: Duration = Duration::from_millis(1500);
     let env = Env::new("l_grace_timeout");
-    let (server, _agent) = env
+    let (mut server, _agent) = env
         .pair(
             ServerOpts::new(Mode::HttpConnect, Transport::Tls)
                 .arg(&format!("--graceful-shutdown-timeout={}s", GRACE.as_secs())),
@@ -348,7 +278,7 @@ async fn server_graceful_shutdown_timeout_expiry_closes_a_never_ending_tls_front
 
     let rounds = relay_until(
         &mut held,
-        &server.proc,
+        &mut server.proc,
         termed,
         GRACE - Duration::from_millis(300),
         "server in graceful shutdown",
@@ -357,14 +287,21 @@ async fn server_graceful_shutdown_timeout_expiry_closes_a_never_ending_tls_front
     println!("{rounds} echo round trips during the graceful shutdown");
     assert!(rounds >= 8, "only {rounds} round trips during {GRACE:?}");
 
-    let (exit, took) = wait_exit(&server.proc, termed, GRACE + SLACK, "server after SIGTERM").await;
+    let (exit, took) = server
+        .proc
+        .wait_exit(termed, GRACE + SLACK, "server after SIGTERM")
+        .await;
     println!("server exited {took:?} after SIGTERM: {exit:?}");
     assert!(
         took >= GRACE - Duration::from_millis(50),
         "server exited {took:?} after SIGTERM, before its {GRACE:?} graceful shutdown timeout \
          although a connection was still open"
     );
-    assert_eq!(exit, Exit::Code(0), "graceful shutdown ends with status 0");
+    assert_eq!(
+        exit.code(),
+        Some(0),
+        "graceful shutdown ends with status 0 ({exit})"
+    );
     let log = server.proc.log();
     assert!(
         log.contains("graceful shutdown timeout reached"),

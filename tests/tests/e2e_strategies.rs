@@ -27,8 +27,6 @@ use tokio::task::{JoinHandle, JoinSet};
 
 /// Per-strategy gauge (upstream name; label `proxy_strategy`).
 const READY_BACKENDS: &str = "konnectivity_network_proxy_server_ready_backends";
-/// Packets by segment and type; on the agent `to_agent` counts what it received.
-const AGENT_PACKETS: &str = "konnectivity_network_proxy_agent_stream_packets_total";
 /// HTTP CONNECT body when no strategy finds an agent (upstream: `"currently no tunnels
 /// available: %v"` with `ErrNotFound`'s "No agent available").
 const NO_AGENT_BODY: &str = "currently no tunnels available: No agent available";
@@ -184,7 +182,7 @@ async fn dial_reqs(agents: &[&Agent]) -> Vec<u64> {
     for a in agents {
         let m = a.metrics().await.expect("agent metrics");
         let v = m.counter(
-            AGENT_PACKETS,
+            names::AGENT_PACKETS,
             &[("segment", "to_agent"), ("packet_type", "DIAL_REQ")],
         );
         out.push(v as u64);
