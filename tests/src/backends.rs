@@ -12,6 +12,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 
+use crate::certs::CertKey;
 use crate::data::{Pattern, Verifier};
 
 /// I/O chunk size used by backends and clients.
@@ -244,6 +245,37 @@ impl PatternRequest {
         drop(w);
         Ok(())
     }
+}
+
+/// TLS echo server presenting `identity` (a kubelet stand-in: the client speaks first, with its
+/// ClientHello): handshake, then echoes every byte until the client closes.
+pub async fn tls_echo(identity: &CertKey) -> Backend {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_slice_iter(identity.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .expect("backend certificate PEM");
+    let key = PrivateKeyDer::from_pem_slice(identity.key_pem.as_bytes()).expect("backend key PEM");
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("protocol versions")
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .expect("backend certificate");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    serve(move |sock, _| {
+        let acceptor = acceptor.clone();
+        async move {
+            let tls = acceptor.accept(sock).await.context("TLS handshake")?;
+            let (mut r, mut w) = tokio::io::split(tls);
+            tokio::io::copy(&mut r, &mut w).await?;
+            w.shutdown().await?;
+            Ok(())
+        }
+    })
+    .await
 }
 
 /// Duplex pattern server: reads a [`PatternRequest`] header, then concurrently sends the requested

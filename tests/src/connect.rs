@@ -55,9 +55,23 @@ pub struct Reply {
 
 /// Sends `CONNECT target` on `io` and reads the response header byte by byte, so no tunnel byte
 /// is consumed. For a non-200 answer the body is read until the proxy closes (5 s at most).
-pub async fn connect_on(mut io: BoxIo, target: &str) -> anyhow::Result<(Reply, BoxIo)> {
-    io.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
-        .await?;
+pub async fn connect_on(io: BoxIo, target: &str) -> anyhow::Result<(Reply, BoxIo)> {
+    request_on(
+        io,
+        &format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n"),
+    )
+    .await
+}
+
+/// The CONNECT head kube-apiserver's egress dialer writes (`proxyProtocol: HTTPConnect`, over
+/// the Unix socket or mTLS): exactly this, no other header.
+pub fn kube_apiserver_head(target: &str) -> String {
+    format!("CONNECT {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+}
+
+/// Like [`connect_on`] with the request head written as given.
+pub async fn request_on(mut io: BoxIo, head: &str) -> anyhow::Result<(Reply, BoxIo)> {
+    io.write_all(head.as_bytes()).await?;
     io.flush().await?;
     let head = read_head(&mut io).await?;
     let status = head
@@ -140,4 +154,19 @@ pub async fn echo_roundtrip(frontend: &Frontend, echo: &str) -> anyhow::Result<(
         String::from_utf8_lossy(&back)
     );
     Ok(())
+}
+
+/// Fails if the proxy sends anything (bytes or EOF) within `quiet` after its answer, before the
+/// client has spoken: kube-apiserver refuses a tunnel with bytes buffered behind the 200 head.
+pub async fn nothing_follows(io: &mut BoxIo, quiet: Duration) -> anyhow::Result<()> {
+    let mut early = [0u8; 64];
+    match tokio::time::timeout(quiet, io.read(&mut early)).await {
+        Err(_) => Ok(()),
+        Ok(Ok(0)) => anyhow::bail!("the proxy closed the tunnel right after its answer"),
+        Ok(Ok(n)) => anyhow::bail!(
+            "{n} byte(s) followed the answer before the client spoke: {:?}",
+            String::from_utf8_lossy(&early[..n])
+        ),
+        Ok(Err(e)) => anyhow::bail!("reading after the answer failed: {e}"),
+    }
 }

@@ -31,6 +31,12 @@ const APT_PACKAGES: &[&str] = &[
     "openssh-client",
     "libcap2-bin",
     "util-linux",
+    // tests/conformance.rs: a real grpc-go client (tests/real-clients/goclient), built offline
+    // in GOPATH mode from Debian's Go sources.
+    "golang-go",
+    "golang-google-grpc-dev",
+    "golang-golang-x-net-dev",
+    "golang-github-golang-protobuf-1-3-dev",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
