@@ -168,7 +168,7 @@ pub type Fields = Vec<(String, String)>;
 pub fn decode_blocks<'a>(
     blocks: impl IntoIterator<Item = &'a [u8]>,
 ) -> anyhow::Result<Vec<Fields>> {
-    let mut decoder = fluke_hpack::Decoder::new();
+    let mut decoder = loona_hpack::Decoder::new();
     blocks
         .into_iter()
         .enumerate()
@@ -179,7 +179,7 @@ pub fn decode_blocks<'a>(
 }
 
 fn decode_with(
-    decoder: &mut fluke_hpack::Decoder<'static>,
+    decoder: &mut loona_hpack::Decoder<'static>,
     block: &[u8],
 ) -> anyhow::Result<Fields> {
     let fields = decoder
@@ -337,7 +337,7 @@ impl std::fmt::Display for Event {
 pub struct H2Conn {
     io: BoxIo,
     rbuf: BytesMut,
-    decoder: fluke_hpack::Decoder<'static>,
+    decoder: loona_hpack::Decoder<'static>,
     /// Header block being assembled from HEADERS + CONTINUATION: (stream, end_stream, bytes).
     partial: Option<(u32, bool, Vec<u8>)>,
     /// Unfinished gRPC messages per stream.
@@ -360,7 +360,7 @@ impl H2Conn {
         Self {
             io,
             rbuf: BytesMut::with_capacity(64 * 1024),
-            decoder: fluke_hpack::Decoder::new(),
+            decoder: loona_hpack::Decoder::new(),
             partial: None,
             messages: HashMap::new(),
             ready: VecDeque::new(),
