@@ -1,12 +1,96 @@
-//! Dialing local endpoints, with error texts as Go's net package words them: upstream
-//! servers map them to HTTP statuses and clients match phrases like "connection refused".
+//! Opening local endpoints for the server's dials: the agent's limits, `--allowed-destinations`,
+//! the eBPF fast path, and error texts as Go's net package words them (upstream servers map
+//! them to HTTP statuses and clients match phrases like "connection refused").
 use crate::ebpf::Ebpf;
+use crate::metrics::AgentMetrics;
 use crate::policy::Destinations;
+use spoke_proto::DialRequest;
+use spoke_tunnel::relay::SplitIo;
+use spoke_tunnel::session::{AgentEnd, EndpointDialer, Session};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// The agent's limits on endpoint connections (`--max-*` flags).
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub connections: usize,
+    pub pending_dials: usize,
+    pub buffered_bytes: usize,
+}
+
+/// What opening an endpoint needs; every agent stream dials through it.
+pub struct Endpoints {
+    pub ebpf: Ebpf,
+    pub destinations: Destinations,
+    pub metrics: AgentMetrics,
+    pub limits: Limits,
+    pub dial_timeout: Duration,
+}
+
+impl EndpointDialer for Endpoints {
+    /// The flag of the limit a new dial would pass, if any (existing connections go on).
+    fn refuse(&self) -> Option<String> {
+        let m = &self.metrics;
+        let l = &self.limits;
+        let (reason, flag) = if m.open_endpoint_connections.get() as usize >= l.connections {
+            ("limit_connections", "--max-connections")
+        } else if m.pending_dials.get() as usize >= l.pending_dials {
+            ("limit_pending_dials", "--max-pending-dials")
+        } else if m.relay.buffered_bytes.get() as usize >= l.buffered_bytes {
+            ("limit_buffered_bytes", "--max-buffered-bytes")
+        } else {
+            return None;
+        };
+        spoke_tunnel::metrics::count(&m.refused_dials, reason);
+        tracing::warn!(limit = flag, "refusing a dial: limit reached");
+        Some(format!("agent limit reached: {flag}"))
+    }
+
+    /// Dials in its own task (a slow endpoint never holds up the stream), then relays.
+    fn start(
+        self: Arc<Self>,
+        session: Arc<Session<AgentEnd>>,
+        req: DialRequest,
+        cancel: CancellationToken,
+    ) {
+        self.metrics.pending_dials.inc();
+        tokio::spawn(async move {
+            let m = &self.metrics;
+            let started = Instant::now();
+            let result = tokio::select! {
+                r = dial(&req.address, self.dial_timeout, &self.ebpf, &self.destinations) => Some(r),
+                _ = cancel.cancelled() => None,
+            };
+            m.pending_dials.dec();
+            let tcp = match result {
+                None => return,
+                Some(Err(f)) => {
+                    m.dial_failure(f.reason);
+                    tracing::info!(address = %req.address, error = %f.text, "dial failed");
+                    session.dial_failed(req.random, f.text);
+                    return;
+                }
+                Some(Ok(tcp)) => tcp,
+            };
+            // None: cancelled while finishing; the socket is dropped.
+            let Some((id, parts)) = session.dial_succeeded(req.random) else {
+                return;
+            };
+            m.dial_duration.observe(started.elapsed().as_secs_f64());
+            tracing::debug!(address = %req.address, connection_id = id, "endpoint connected");
+            m.open_endpoint_connections.inc();
+            let (reader, writer) = tcp.split_io();
+            session.relay(id, parts).run(reader, writer).await;
+            m.open_endpoint_connections.dec();
+            tracing::debug!(connection_id = id, "endpoint connection closed");
+        });
+    }
+}
 
 /// A failed dial: Go-style text and the metric reason (`timeout` or `unknown`).
 #[derive(Debug)]

@@ -32,6 +32,12 @@ pub struct AgentMetrics {
     pub refused_dials: Family<ReasonLabels, Counter>,
 }
 
+impl Default for AgentMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl AgentMetrics {
     pub fn new() -> Self {
         Self {

@@ -7,6 +7,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use spoke_tunnel::metrics::{count, ReasonLabels, RelayMetrics, StreamMetrics, TlsMetrics};
+use spoke_tunnel::session::SessionMetrics;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MethodLabel {
@@ -62,6 +63,12 @@ pub struct ServerMetrics {
     pub h2_filter: spoke_tunnel::h2_authority::FilterMetrics,
 }
 
+impl Default for ServerMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl ServerMetrics {
     pub fn new() -> Self {
         let frontend_write_duration = Histogram::new(DIAL_BUCKETS);
@@ -91,6 +98,16 @@ impl ServerMetrics {
 
     pub fn reject(&self, reason: &'static str) {
         count(&self.rejected, reason);
+    }
+
+    /// What an agent stream's session counts (`received`: upstream's segment label).
+    pub fn session(&self, received: &'static str) -> SessionMetrics {
+        SessionMetrics {
+            stream: self.stream.clone(),
+            received,
+            relay: self.relay.clone(),
+            rejected: self.rejected.clone(),
+        }
     }
 
     /// Counts an established end-to-end connection until the guard drops, then records its

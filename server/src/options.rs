@@ -17,6 +17,8 @@ pub enum Strategy {
     Default,
     DestHost,
     DefaultRoute,
+    /// Spoke's own: the agent with the fewest connections (upstream #15).
+    LeastLoaded,
 }
 
 impl Strategy {
@@ -25,6 +27,7 @@ impl Strategy {
             Strategy::Default => "default",
             Strategy::DestHost => "destHost",
             Strategy::DefaultRoute => "defaultRoute",
+            Strategy::LeastLoaded => "leastLoaded",
         }
     }
 }
@@ -39,8 +42,9 @@ fn strategies(s: &str) -> Result<Vec<Strategy>, String> {
             "default" => Ok(Strategy::Default),
             "destHost" => Ok(Strategy::DestHost),
             "defaultRoute" => Ok(Strategy::DefaultRoute),
+            "leastLoaded" => Ok(Strategy::LeastLoaded),
             other => Err(format!(
-                "unknown proxy strategy {other:?} (known: default, destHost, defaultRoute)"
+                "unknown proxy strategy {other:?} (known: default, destHost, defaultRoute, leastLoaded)"
             )),
         })
         .collect()
@@ -136,7 +140,7 @@ pub struct Options {
     #[arg(long, default_value = "application/vnd.kubernetes.protobuf")]
     pub kube_api_content_type: String,
 
-    /// Ordered backend selection: default, destHost, defaultRoute.
+    /// Ordered agent selection: default, destHost, defaultRoute (upstream), leastLoaded (Spoke).
     #[arg(long, value_parser = strategies, default_value = "default")]
     pub proxy_strategies: std::vec::Vec<Strategy>,
     #[arg(long, value_parser = list, default_value = "")]

@@ -101,13 +101,13 @@ fn huge_credit_does_not_exhaust_the_window() {
 /// Fuzz input: `fuzz/regressions/packets_agent/fixed-empty-data-unbounded`.
 #[test]
 fn empty_data_cannot_grow_an_inbox_without_bound() {
-    use spoke_tunnel::relay::{new_conn, ConnTable, Delivery, FlowConfig};
+    use spoke_tunnel::conns::{new_conn, ConnTable, Delivery, FlowConfig};
     let metrics = spoke_tunnel::metrics::RelayMetrics::default();
     let flow = FlowConfig {
         buffer_cap: 1024,
         peer_window: None,
     };
-    let (entry, mut parts) = new_conn(flow, &metrics);
+    let (entry, mut parts) = new_conn(flow, [metrics.buffered_bytes.clone(), Default::default()]);
     let table = ConnTable::default();
     assert!(table.insert(1, entry));
     for _ in 0..100_000 {

@@ -32,7 +32,8 @@ struct Shared {
     /// Wakes the consumer; a notification sent while nobody waits is kept as a permit.
     ready: Notify,
     buffered: AtomicUsize,
-    total: Gauge,
+    /// Sums of buffered bytes this inbox adds to: the process's and its agent stream's.
+    totals: [Gauge; 2],
 }
 
 #[derive(Debug, Default)]
@@ -50,7 +51,9 @@ impl Shared {
 
     fn release(&self, n: usize) {
         self.buffered.fetch_sub(n, Ordering::AcqRel);
-        self.total.dec_by(n as i64);
+        for t in &self.totals {
+            t.dec_by(n as i64);
+        }
     }
 }
 
@@ -67,14 +70,14 @@ pub struct InboxRx {
     shared: Arc<Shared>,
 }
 
-/// A connection's receive buffer holding at most about `cap` bytes; `total` sums all
-/// connections' buffered bytes for the metrics.
-pub fn inbox(cap: usize, total: Gauge) -> (Inbox, InboxRx) {
+/// A connection's receive buffer holding at most about `cap` bytes; `totals` sum the
+/// buffered bytes of many connections (the process's gauge, the agent stream's load).
+pub fn inbox(cap: usize, totals: [Gauge; 2]) -> (Inbox, InboxRx) {
     let shared = Arc::new(Shared {
         queue: Mutex::new(Queue::default()),
         ready: Notify::new(),
         buffered: AtomicUsize::new(0),
-        total,
+        totals,
     });
     (
         Inbox {
@@ -103,7 +106,9 @@ impl Inbox {
             return Err(PushError::Overflow);
         }
         self.shared.buffered.fetch_add(len, Ordering::AcqRel);
-        self.shared.total.inc_by(len as i64);
+        for t in &self.shared.totals {
+            t.inc_by(len as i64);
+        }
         q.chunks.push_back(data);
         drop(q);
         self.shared.ready.notify_one();
@@ -255,7 +260,7 @@ mod tests {
 
     #[tokio::test]
     async fn inbox_enforces_cap_and_frees_on_consume() {
-        let (tx, mut rx) = inbox(10, Gauge::default());
+        let (tx, mut rx) = inbox(10, Default::default());
         tx.push(Bytes::from_static(b"123456")).unwrap();
         assert_eq!(
             tx.push(Bytes::from_static(b"123456")),
@@ -269,7 +274,7 @@ mod tests {
 
     #[tokio::test]
     async fn oversize_chunk_fits_into_empty_inbox_only() {
-        let (tx, _rx) = inbox(4, Gauge::default());
+        let (tx, _rx) = inbox(4, Default::default());
         tx.push(Bytes::from_static(b"123456")).unwrap();
         assert_eq!(tx.push(Bytes::from_static(b"1")), Err(PushError::Overflow));
     }
@@ -277,7 +282,7 @@ mod tests {
     #[tokio::test]
     async fn dropped_consumer_closes_and_releases() {
         let total = Gauge::default();
-        let (tx, rx) = inbox(100, total.clone());
+        let (tx, rx) = inbox(100, [total.clone(), Gauge::default()]);
         tx.push(Bytes::from_static(b"abc")).unwrap();
         assert_eq!(total.get(), 3);
         drop(rx);
@@ -302,7 +307,7 @@ mod tests {
 
     #[tokio::test]
     async fn empty_chunks_are_not_queued_and_grants_saturate() {
-        let (tx, mut rx) = inbox(10, Gauge::default());
+        let (tx, mut rx) = inbox(10, Default::default());
         for _ in 0..1000 {
             tx.push(Bytes::new()).unwrap();
         }

@@ -2,16 +2,19 @@
 //! per-stream send queues, per-connection flow control and relay, TLS, listeners, the
 //! frontends' request parsers and the data-path metrics.
 pub mod connect_head;
+pub mod conns;
 pub mod flow;
 pub mod h2_authority;
 pub mod identifiers;
+pub mod listen;
+pub mod metadata;
 pub mod metrics;
 pub mod outbound;
 pub mod packet;
 pub mod relay;
+pub mod session;
 pub mod tls;
 
 /// Metadata key by which Spoke peers advertise their per-connection receive window
 /// (bytes). Upstream peers never send it, so they never receive credit packets.
 pub const FLOW_CONTROL_HEADER: &str = "spoke-flow-control";
-pub mod listen;

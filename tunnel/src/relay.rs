@@ -1,21 +1,20 @@
-//! Tunnelled connections: the per-stream connection table and the relay between a local
-//! byte stream (a backend socket on the agent, an HTTP CONNECT socket on the server) and
-//! the tunnel.
+//! The relay: moves one connection's bytes between its local end and the agent stream.
 //!
-//! Closing rule: whoever removes a connection from its table owns the close. The relay
-//! removes it when its local side ends and tells the peer; the stream's dispatch loop
-//! removes it on the peer's close and hands the relay the reply to send (if any), which
-//! the relay queues after the DATA it already queued, so a close never overtakes data.
-use crate::flow::{inbox, CreditReturn, Inbox, InboxRx, PushError, SendWindow};
+//! The local end is what this process holds of the connection: on the agent the endpoint
+//! socket, on the server the frontend (an HTTP CONNECT socket, or a gRPC `Proxy` stream through
+//! an adapter). Toward the tunnel the relay sends DATA within the peer's credit; toward the
+//! local end it writes what the peer sent, returning credit as it drains. Closing follows
+//! the rule of [`crate::conns`]: whoever removes the connection from the table owns the close.
+use crate::conns::{ConnParts, ConnTable, FlowConfig, PeerClose};
+use crate::flow::{CreditReturn, InboxRx, SendWindow};
 use crate::metrics::{RelayMetrics, TO_ENDPOINT, TO_TUNNEL};
 use crate::outbound::Outbound;
 use crate::packet;
 use bytes::{Bytes, BytesMut};
 use spoke_proto::Packet;
-use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
@@ -23,210 +22,55 @@ use tokio_util::sync::CancellationToken;
 
 /// Largest DATA payload we produce. Upstream peers accept messages up to 4 MiB.
 pub const CHUNK: usize = 64 * 1024;
-/// How long a closing connection may keep flushing buffered bytes to a slow endpoint.
+/// How long a closing connection may keep flushing buffered bytes to a slow local end.
 const FLUSH_GRACE: Duration = Duration::from_secs(10);
+/// How long a local end that asked for a close waits for the peer's answer (upstream's
+/// konnectivity-client waits as long for CLOSE_RSP).
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Reads smaller than this are copied into a right-sized buffer, so a trickling
 /// connection does not pin a whole chunk allocation per packet.
 const SMALL_READ: usize = 8 * 1024;
 
-/// The peer (or the stream) closed a connection.
+/// What the relay reads from its local end.
 #[derive(Debug)]
-pub struct PeerClose {
-    /// Packet to send back after our queued data (the agent's CLOSE_RSP to a CLOSE_REQ).
-    pub reply: Option<Packet>,
+pub enum Read {
+    /// Bytes for the peer: they become a DATA payload as they are.
+    Bytes(Bytes),
+    /// The local end is done (a byte stream's EOF): the connection closes now.
+    Eof,
+    /// The local end asks to close and still takes what the peer sends until the peer
+    /// answers (a gRPC frontend's CLOSE_REQ).
+    CloseRequested,
 }
 
-/// What a stream's dispatch loop holds for one connection.
-#[derive(Debug)]
-pub struct ConnEntry {
-    inbox: Inbox,
-    window: Arc<SendWindow>,
-    closer: oneshot::Sender<PeerClose>,
-    /// Tells this connection apart from a later one a peer opens under the same id.
-    generation: u64,
+/// The reading half of a local end.
+pub trait LocalRead: Send {
+    /// Up to `max` bytes, or the end.
+    fn read_chunk(&mut self, max: usize) -> impl Future<Output = io::Result<Read>> + Send;
 }
 
-/// What the connection's relay holds.
-#[derive(Debug)]
-pub struct ConnParts {
-    pub inbox: InboxRx,
-    pub window: Arc<SendWindow>,
-    pub closer: oneshot::Receiver<PeerClose>,
-    pub generation: u64,
+/// The writing half of a local end.
+pub trait LocalWrite: Send {
+    fn write_chunk(&mut self, bytes: Bytes) -> impl Future<Output = io::Result<()>> + Send;
+    /// Nothing more will be written (a byte stream shuts down its write side).
+    fn finish(&mut self) -> impl Future<Output = ()> + Send;
 }
 
-/// Flow-control settings of one tunnel stream.
-#[derive(Clone, Copy, Debug)]
-pub struct FlowConfig {
-    /// Our per-connection receive cap (and the credit we advertise).
-    pub buffer_cap: usize,
-    /// The peer's advertised per-connection window, if it speaks Spoke credits.
-    pub peer_window: Option<usize>,
-}
-
-impl FlowConfig {
-    /// Whether we owe the peer credit returns (it only sends what we granted).
-    pub fn credits(&self) -> bool {
-        self.peer_window.is_some()
-    }
-}
-
-pub fn new_conn(flow: FlowConfig, metrics: &RelayMetrics) -> (ConnEntry, ConnParts) {
-    let (tx, rx) = inbox(flow.buffer_cap, metrics.buffered_bytes.clone());
-    let window = match flow.peer_window {
-        Some(w) => SendWindow::with_credit(w),
-        None => SendWindow::unlimited(),
-    };
-    let (ctx, crx) = oneshot::channel();
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-    let generation = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    (
-        ConnEntry {
-            inbox: tx,
-            window: window.clone(),
-            closer: ctx,
-            generation,
-        },
-        ConnParts {
-            inbox: rx,
-            window,
-            closer: crx,
-            generation,
-        },
-    )
-}
-
-/// Result of delivering peer data to a connection.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Delivery {
-    Queued,
-    Unknown,
-    /// The connection's buffer is full and the peer ignored flow control; it was closed.
-    Overflow,
-}
-
-/// Established connections of one tunnel stream, by connectID.
-#[derive(Debug, Default)]
-pub struct ConnTable {
-    conns: Mutex<HashMap<i64, ConnEntry>>,
-}
-
-impl ConnTable {
-    fn lock(&self) -> MutexGuard<'_, HashMap<i64, ConnEntry>> {
-        // A panic while holding this lock would be a bug elsewhere; the map stays usable.
-        self.conns.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Adds a connection; false if the id is taken.
-    pub fn insert(&self, id: i64, entry: ConnEntry) -> bool {
-        let mut conns = self.lock();
-        if conns.contains_key(&id) {
-            return false;
-        }
-        conns.insert(id, entry);
-        true
-    }
-
-    pub fn contains(&self, id: i64) -> bool {
-        self.lock().contains_key(&id)
-    }
-
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Queues peer data for the connection; on overflow the connection is closed and
-    /// `overflow_reply` handed to its relay.
-    pub fn deliver(&self, id: i64, data: Bytes, overflow_reply: Option<Packet>) -> Delivery {
-        let mut conns = self.lock();
-        let Some(entry) = conns.get(&id) else {
-            return Delivery::Unknown;
-        };
-        match entry.inbox.push(data) {
-            Ok(()) => Delivery::Queued,
-            // The relay is already ending and will remove the entry itself.
-            Err(PushError::Closed) => Delivery::Queued,
-            Err(PushError::Overflow) => {
-                if let Some(e) = conns.remove(&id) {
-                    let _ = e.closer.send(PeerClose {
-                        reply: overflow_reply,
-                    });
-                }
-                Delivery::Overflow
-            }
-        }
-    }
-
-    /// Adds peer credit to a connection's send window; false if unknown.
-    pub fn grant(&self, id: i64, bytes: i64) -> bool {
-        match self.lock().get(&id) {
-            Some(e) => {
-                e.window.grant(bytes);
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// The peer closed the connection: remove it and let its relay finish. False if unknown.
-    pub fn close(&self, id: i64, reply: Option<Packet>) -> bool {
-        let entry = self.lock().remove(&id);
-        match entry {
-            Some(e) => {
-                let _ = e.closer.send(PeerClose { reply });
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// The stream is gone: close every connection on it.
-    pub fn close_all(&self) -> usize {
-        let all: Vec<_> = self.lock().drain().collect();
-        let n = all.len();
-        for (_, e) in all {
-            let _ = e.closer.send(PeerClose { reply: None });
-        }
-        n
-    }
-
-    /// Removes the entry only if it is still this relay's own (same generation).
-    fn remove(&self, id: i64, generation: u64) -> bool {
-        let mut conns = self.lock();
-        if conns.get(&id).is_some_and(|e| e.generation == generation) {
-            conns.remove(&id);
-            true
-        } else {
-            false
-        }
-    }
-}
-
-/// Reading a local endpoint in chunks that become DATA payloads without another copy.
-pub trait ChunkRead: Send {
-    /// Up to `max` bytes; `None` at end of stream.
-    fn read_chunk(&mut self, max: usize) -> impl Future<Output = io::Result<Option<Bytes>>> + Send;
-}
-
-fn finish_read(mut buf: BytesMut, n: usize) -> Option<Bytes> {
+fn finish_read(mut buf: BytesMut, n: usize) -> Read {
     if n == 0 {
-        None
+        Read::Eof
     } else if n < SMALL_READ {
-        Some(Bytes::copy_from_slice(&buf[..n]))
+        Read::Bytes(Bytes::copy_from_slice(&buf[..n]))
     } else {
-        Some(buf.split_to(n).freeze())
+        Read::Bytes(buf.split_to(n).freeze())
     }
 }
 
-macro_rules! readiness_chunk_read {
+macro_rules! readiness_read {
     ($t:ty) => {
-        impl ChunkRead for $t {
+        impl LocalRead for $t {
             // Wait for readability before allocating: idle connections hold no buffer.
-            async fn read_chunk(&mut self, max: usize) -> io::Result<Option<Bytes>> {
+            async fn read_chunk(&mut self, max: usize) -> io::Result<Read> {
                 loop {
                     self.readable().await?;
                     let mut buf = BytesMut::with_capacity(max);
@@ -240,21 +84,33 @@ macro_rules! readiness_chunk_read {
         }
     };
 }
-readiness_chunk_read!(tokio::net::tcp::OwnedReadHalf);
-readiness_chunk_read!(tokio::net::unix::OwnedReadHalf);
+readiness_read!(tokio::net::tcp::OwnedReadHalf);
+readiness_read!(tokio::net::unix::OwnedReadHalf);
 
 /// Any `AsyncRead` (e.g. a TLS stream), read into a fresh buffer per chunk.
 pub struct BufferedRead<R>(pub R);
 
-impl<R: AsyncRead + Unpin + Send> ChunkRead for BufferedRead<R> {
-    async fn read_chunk(&mut self, max: usize) -> io::Result<Option<Bytes>> {
+impl<R: AsyncRead + Unpin + Send> LocalRead for BufferedRead<R> {
+    async fn read_chunk(&mut self, max: usize) -> io::Result<Read> {
         let mut buf = BytesMut::with_capacity(max);
         let n = self.0.read_buf(&mut buf).await?;
         Ok(finish_read(buf, n))
     }
 }
 
-/// One connection's relay between a local endpoint and the tunnel.
+/// The writing half of a byte stream.
+pub struct ByteWriter<W>(pub W);
+
+impl<W: AsyncWrite + Unpin + Send> LocalWrite for ByteWriter<W> {
+    async fn write_chunk(&mut self, bytes: Bytes) -> io::Result<()> {
+        self.0.write_all(&bytes).await
+    }
+    async fn finish(&mut self) {
+        let _ = self.0.shutdown().await;
+    }
+}
+
+/// One connection's relay between its local end and the agent stream.
 pub struct Relay {
     pub id: i64,
     pub table: Arc<ConnTable>,
@@ -268,8 +124,8 @@ pub struct Relay {
 
 impl Relay {
     /// Runs until both directions are done. Bytes already pushed by the peer are flushed to
-    /// the endpoint (for at most [`FLUSH_GRACE`]) before the write side is shut down.
-    pub async fn run<R: ChunkRead, W: AsyncWrite + Unpin + Send>(self, reader: R, writer: W) {
+    /// the local end (for at most [`FLUSH_GRACE`]) before it is finished.
+    pub async fn run<R: LocalRead, W: LocalWrite>(self, reader: R, writer: W) {
         let local_fail = CancellationToken::new();
         let Relay {
             id,
@@ -310,7 +166,7 @@ impl Relay {
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn read_loop<R: ChunkRead>(
+async fn read_loop<R: LocalRead>(
     (id, generation): (i64, u64),
     mut reader: R,
     table: &ConnTable,
@@ -341,19 +197,42 @@ async fn read_loop<R: ChunkRead>(
             } => r,
         };
         match read {
-            Ok(Some(bytes)) => {
+            Ok(Read::Bytes(bytes)) => {
                 window.spend(bytes.len());
                 metrics.relayed(TO_TUNNEL, bytes.len());
                 if outbound.data(packet::data(id, bytes)).await.is_err() {
                     return;
                 }
             }
-            Ok(None) => {
+            Ok(Read::Eof) => {
                 metrics.closed("endpoint_eof");
                 break;
             }
+            Ok(Read::CloseRequested) => {
+                // Ask the peer to close, keeping the entry: what it still sends reaches the
+                // local end, until its answer (which removes the entry) or the timeout.
+                let _ = outbound.data(local_close).await;
+                let answer = tokio::select! {
+                    a = tokio::time::timeout(CLOSE_TIMEOUT, &mut closer) => a,
+                    _ = outbound.closed.cancelled() => return,
+                };
+                match answer {
+                    Ok(Ok(PeerClose { reply: Some(p) })) => {
+                        let _ = outbound.data(p).await;
+                    }
+                    Ok(_) => {}
+                    Err(_) => {
+                        tracing::debug!(
+                            connection_id = id,
+                            "peer did not answer the close in time"
+                        );
+                        table.remove(id, generation);
+                    }
+                }
+                return;
+            }
             Err(e) => {
-                tracing::debug!(connection_id = id, error = %e, "endpoint read failed");
+                tracing::debug!(connection_id = id, error = %e, "local end read failed");
                 metrics.closed("endpoint_error");
                 break;
             }
@@ -367,7 +246,7 @@ async fn read_loop<R: ChunkRead>(
     }
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(
+async fn write_loop<W: LocalWrite>(
     id: i64,
     mut writer: W,
     mut inbox: InboxRx,
@@ -381,8 +260,8 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         // Out of the buffer from here on, even if the write fails or is cancelled.
         inbox.consumed(n);
         let started = metrics.write_started();
-        if let Err(e) = writer.write_all(&bytes).await {
-            tracing::debug!(connection_id = id, error = %e, "endpoint write failed");
+        if let Err(e) = writer.write_chunk(bytes).await {
+            tracing::debug!(connection_id = id, error = %e, "local end write failed");
             metrics.closed("endpoint_error");
             local_fail.cancel();
             return;
@@ -393,29 +272,31 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             let _ = outbound.control(packet::credit(id, grant as i64));
         }
     }
-    let _ = writer.shutdown().await;
+    writer.finish().await;
 }
 
-/// A local byte stream that splits into a chunk reader and a writer for [`Relay::run`].
+/// A local byte stream that splits into the two halves [`Relay::run`] takes.
 pub trait SplitIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
-    type Reader: ChunkRead + 'static;
+    type Reader: LocalRead + 'static;
     type Writer: AsyncWrite + Unpin + Send + 'static;
-    fn split_io(self) -> (Self::Reader, Self::Writer);
+    fn split_io(self) -> (Self::Reader, ByteWriter<Self::Writer>);
 }
 
 impl SplitIo for tokio::net::TcpStream {
     type Reader = tokio::net::tcp::OwnedReadHalf;
     type Writer = tokio::net::tcp::OwnedWriteHalf;
-    fn split_io(self) -> (Self::Reader, Self::Writer) {
-        self.into_split()
+    fn split_io(self) -> (Self::Reader, ByteWriter<Self::Writer>) {
+        let (r, w) = self.into_split();
+        (r, ByteWriter(w))
     }
 }
 
 impl SplitIo for tokio::net::UnixStream {
     type Reader = tokio::net::unix::OwnedReadHalf;
     type Writer = tokio::net::unix::OwnedWriteHalf;
-    fn split_io(self) -> (Self::Reader, Self::Writer) {
-        self.into_split()
+    fn split_io(self) -> (Self::Reader, ByteWriter<Self::Writer>) {
+        let (r, w) = self.into_split();
+        (r, ByteWriter(w))
     }
 }
 
@@ -424,8 +305,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static> SplitIo
 {
     type Reader = BufferedRead<tokio::io::ReadHalf<Self>>;
     type Writer = tokio::io::WriteHalf<Self>;
-    fn split_io(self) -> (Self::Reader, Self::Writer) {
+    fn split_io(self) -> (Self::Reader, ByteWriter<Self::Writer>) {
         let (r, w) = tokio::io::split(self);
-        (BufferedRead(r), w)
+        (BufferedRead(r), ByteWriter(w))
     }
 }

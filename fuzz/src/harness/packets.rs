@@ -15,12 +15,13 @@ use bytes::Bytes;
 use futures::Stream;
 use spoke_proto::packet::Payload;
 use spoke_proto::{Packet, PacketType};
+use spoke_tunnel::conns::{
+    new_conn, ConnEntry, ConnParts, ConnTable, Delivery, FlowConfig, PeerClose,
+};
 use spoke_tunnel::metrics::RelayMetrics;
 use spoke_tunnel::outbound::{outbound, Outbound, OutboundRx};
 use spoke_tunnel::packet;
-use spoke_tunnel::relay::{
-    new_conn, ConnEntry, ConnParts, ConnTable, Delivery, FlowConfig, PeerClose, CHUNK,
-};
+use spoke_tunnel::relay::CHUNK;
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::pin;
@@ -215,7 +216,10 @@ impl Tunnel {
 
     fn new_conn(&mut self) -> (ConnEntry, ConnParts, RelayMetrics) {
         let metrics = RelayMetrics::default();
-        let (entry, parts) = new_conn(self.flow, &metrics);
+        let (entry, parts) = new_conn(
+            self.flow,
+            [metrics.buffered_bytes.clone(), Default::default()],
+        );
         (entry, parts, metrics)
     }
 

@@ -1,21 +1,15 @@
-//! What every part of the server shares.
-use crate::backends::{Backend, Backends, DialOutcome};
-use crate::metrics::ServerMetrics;
-use crate::options::Options;
-use spoke_tunnel::packet;
+//! kube-apiserver's side of the server: the frontends (gRPC `Proxy` streams and HTTP CONNECT)
+//! and what they share, a dial from admission to the agent's answer.
+pub mod grpc;
+pub mod http_connect;
+
+use crate::registry::AgentStream;
+use crate::Server;
+use spoke_tunnel::conns::ConnParts;
+use spoke_tunnel::session::DialOutcome;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
-
-pub struct State {
-    pub opts: Options,
-    pub backends: Backends,
-    pub metrics: ServerMetrics,
-    /// Set on SIGTERM: no new dials, not ready, open connections may finish.
-    pub shutting_down: std::sync::atomic::AtomicBool,
-    /// Agent token authentication (TokenReview), when configured.
-    pub auth: Option<crate::auth::TokenAuth>,
-}
 
 /// Why a dial did not produce a connection, with upstream's HTTP CONNECT status.
 #[derive(Debug)]
@@ -23,7 +17,7 @@ pub enum DialError {
     NoAgent,
     Agent(String),
     Timeout,
-    BackendGone,
+    AgentGone,
     /// A limit of this server; the text names it.
     Limit(&'static str),
     ShuttingDown,
@@ -35,7 +29,7 @@ impl DialError {
             DialError::NoAgent => "No agent available".into(),
             DialError::Agent(e) => e.clone(),
             DialError::Timeout => "timed out waiting for backend dial".into(),
-            DialError::BackendGone => "Backend context error".into(),
+            DialError::AgentGone => "Backend context error".into(),
             DialError::Limit(what) => format!("server limit reached: {what}"),
             DialError::ShuttingDown => "server is shutting down".into(),
         }
@@ -46,7 +40,7 @@ impl DialError {
         match self {
             DialError::NoAgent => 500,
             DialError::Timeout => 504,
-            DialError::BackendGone => 502,
+            DialError::AgentGone => 502,
             DialError::Limit(_) | DialError::ShuttingDown => 503,
             DialError::Agent(e) => {
                 let e = e.to_ascii_lowercase();
@@ -65,49 +59,47 @@ impl DialError {
     }
 }
 
-/// A dial in flight: dropping it before completion cancels it toward the agent.
+/// A dial in flight: dropping it before the answer cancels it toward the agent.
 pub struct Dial {
-    pub backend: Arc<Backend>,
+    pub agent: Arc<AgentStream>,
     pub random: i64,
     rx: Option<oneshot::Receiver<DialOutcome>>,
-    state: Arc<State>,
+    server: Arc<Server>,
 }
 
-impl State {
-    /// Picks an agent and sends it the DIAL_REQ.
-    pub fn start_dial(self: &Arc<Self>, address: &str, random: i64) -> Result<Dial, DialError> {
+impl Server {
+    /// Admits a frontend's dial, picks an agent and sends it the DIAL_REQ.
+    pub fn dial(self: &Arc<Self>, address: &str, random: i64) -> Result<Dial, DialError> {
         self.admit()?;
-        let Some(backend) = self.backends.pick(address) else {
+        let Some(agent) = self.registry.pick(address) else {
             self.metrics.dial_failure("no_agent");
             return Err(DialError::NoAgent);
         };
-        let (tx, rx) = oneshot::channel();
-        if !backend.start_dial(random, packet::dial_req(address.to_string(), random), tx) {
+        let Some(rx) = agent.send_dial(random, address.to_string()) else {
             self.metrics.dial_failure("send_rsp");
-            return Err(DialError::BackendGone);
-        }
+            return Err(DialError::AgentGone);
+        };
         self.metrics.pending_backend_dials.inc();
-        tracing::debug!(address, random, agent_id = %backend.agent_id, "dial sent to agent");
+        tracing::debug!(address, random, agent_id = %agent.end.agent_id, "dial sent to agent");
         Ok(Dial {
-            backend,
+            agent,
             random,
             rx: Some(rx),
-            state: self.clone(),
+            server: self.clone(),
         })
     }
-}
 
-impl State {
     /// Refuses new work past a limit (existing connections are unaffected).
     fn admit(&self) -> Result<(), DialError> {
         let m = &self.metrics;
         let o = &self.opts;
-        let refused = if self
+        if self
             .shutting_down
             .load(std::sync::atomic::Ordering::Relaxed)
         {
             return Err(DialError::ShuttingDown);
-        } else if m.established_connections.get() as usize >= o.max_connections {
+        }
+        let refused = if m.established_connections.get() as usize >= o.max_connections {
             Some(("limit_connections", "--max-connections"))
         } else if m.pending_backend_dials.get() as usize >= o.max_pending_dials {
             Some(("limit_pending_dials", "--max-pending-dials"))
@@ -129,16 +121,16 @@ impl State {
 
 impl Dial {
     /// Waits for the agent's answer, bounded by `--backend-dial-timeout` when set.
-    pub async fn outcome(&mut self) -> Result<(i64, spoke_tunnel::relay::ConnParts), DialError> {
+    pub async fn outcome(&mut self) -> Result<(i64, ConnParts), DialError> {
         let Some(rx) = self.rx.as_mut() else {
-            return Err(DialError::BackendGone);
+            return Err(DialError::AgentGone);
         };
-        let timeout = self.state.opts.backend_dial_timeout;
+        let timeout = self.server.opts.backend_dial_timeout;
         let answer = if timeout > Duration::ZERO {
             match tokio::time::timeout(timeout, rx).await {
                 Ok(a) => a,
                 Err(_) => {
-                    self.state.metrics.dial_failure("backend_dial_timeout");
+                    self.server.metrics.dial_failure("backend_dial_timeout");
                     return Err(DialError::Timeout);
                 }
             }
@@ -146,11 +138,11 @@ impl Dial {
             rx.await
         };
         self.rx = None;
-        self.state.metrics.pending_backend_dials.dec();
+        self.server.metrics.pending_backend_dials.dec();
         match answer {
             Ok(DialOutcome::Established { connect_id, parts }) => Ok((connect_id, parts)),
             Ok(DialOutcome::Failed(e)) => Err(DialError::Agent(e)),
-            Err(_) => Err(DialError::BackendGone),
+            Err(_) => Err(DialError::AgentGone),
         }
     }
 }
@@ -158,12 +150,20 @@ impl Dial {
 impl Drop for Dial {
     fn drop(&mut self) {
         if self.rx.is_some() {
-            // Abandoned (client gone, timeout): forget it and tell the agent to stop.
-            self.state.metrics.pending_backend_dials.dec();
-            if self.backend.take_pending(self.random).is_some() {
-                self.state.metrics.dial_failure("frontend_close");
-            }
-            let _ = self.backend.outbound.control(packet::dial_cls(self.random));
+            // Abandoned (frontend gone, timeout): forget it and tell the agent to stop.
+            self.server.metrics.pending_backend_dials.dec();
+            self.agent.abandon_dial(self.random);
         }
+    }
+}
+
+/// The frontend went away after its connection was established: close toward the agent,
+/// unless the agent closed first.
+pub async fn frontend_gone(agent: &AgentStream, id: i64) {
+    if agent.conns.close(id, None) {
+        let _ = agent
+            .outbound
+            .data(spoke_tunnel::packet::close_req(id))
+            .await;
     }
 }

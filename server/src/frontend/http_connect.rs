@@ -1,12 +1,14 @@
 //! HTTP CONNECT frontend, as kube-apiserver's HTTPConnect egress uses it:
 //! `CONNECT host:port HTTP/1.1` → `200 Connection Established` (nothing after the header),
 //! then raw bytes both ways until either side closes.
-use crate::state::{Dial, DialError, State};
+use super::{frontend_gone, Dial, DialError};
+use crate::Server;
 use bytes::BytesMut;
 use rand::Rng;
 use spoke_tunnel::connect_head::{self, Head};
+use spoke_tunnel::conns::ConnParts;
 use spoke_tunnel::packet;
-use spoke_tunnel::relay::{ConnParts, Relay, SplitIo, CHUNK};
+use spoke_tunnel::relay::{SplitIo, CHUNK};
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -46,8 +48,9 @@ async fn respond<S: AsyncWriteExt + Unpin>(io: &mut S, code: u16, body: &str) {
     let _ = io.shutdown().await;
 }
 
-struct Gauge<'a>(&'a prometheus_client::metrics::gauge::Gauge);
-impl Drop for Gauge<'_> {
+/// Counts a live frontend connection in a gauge until dropped.
+struct Live<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+impl Drop for Live<'_> {
     fn drop(&mut self) {
         self.0.dec();
     }
@@ -75,11 +78,11 @@ async fn wait_watching_client<S: AsyncReadExt + Unpin>(
 }
 
 /// Serves one accepted frontend connection (Unix socket or TLS).
-pub async fn serve<S: SplitIo>(state: Arc<State>, mut io: S) {
-    state.metrics.http_connections.inc();
-    let _live = Gauge(&state.metrics.http_connections);
+pub async fn serve<S: SplitIo>(server: Arc<Server>, mut io: S) {
+    server.metrics.http_connections.inc();
+    let _live = Live(&server.metrics.http_connections);
     let head =
-        match tokio::time::timeout(state.opts.frontend_header_timeout, read_head(&mut io)).await {
+        match tokio::time::timeout(server.opts.frontend_header_timeout, read_head(&mut io)).await {
             Ok(Ok(Some(h))) => h,
             Ok(Ok(None)) => return,
             Ok(Err(e)) => {
@@ -87,7 +90,7 @@ pub async fn serve<S: SplitIo>(state: Arc<State>, mut io: S) {
                 return;
             }
             Err(_) => {
-                state.metrics.reject("header_timeout");
+                server.metrics.reject("header_timeout");
                 tracing::info!("frontend sent no complete request head in time; closing");
                 return;
             }
@@ -95,18 +98,18 @@ pub async fn serve<S: SplitIo>(state: Arc<State>, mut io: S) {
     let (address, mut rest) = match head {
         Head::Connect { address, rest } => (address, rest),
         Head::Refuse(code, why) => {
-            state.metrics.reject("bad_request");
+            server.metrics.reject("bad_request");
             tracing::info!(code, why, "refused frontend request");
             respond(&mut io, code, why).await;
             return;
         }
     };
     let random = rand::rng().random_range(1..i64::MAX);
-    let outcome = match state.start_dial(&address, random) {
+    let outcome = match server.dial(&address, random) {
         Ok(mut dial) => {
-            let backend = dial.backend.clone();
+            let agent = dial.agent.clone();
             match wait_watching_client(&mut dial, &mut io, &mut rest).await {
-                Some(answer) => answer.map(|c| (backend, c)),
+                Some(answer) => answer.map(|c| (agent, c)),
                 None => {
                     // Dropping `dial` frees its slot and sends DIAL_CLS to the agent.
                     tracing::debug!(address, "frontend went away while its dial was pending");
@@ -116,7 +119,7 @@ pub async fn serve<S: SplitIo>(state: Arc<State>, mut io: S) {
         }
         Err(e) => Err(e),
     };
-    let (backend, (connect_id, parts)) = match outcome {
+    let (agent, (connect_id, parts)) = match outcome {
         Ok(ok) => ok,
         Err(e) => {
             let body = match &e {
@@ -128,37 +131,25 @@ pub async fn serve<S: SplitIo>(state: Arc<State>, mut io: S) {
             return;
         }
     };
-    tracing::debug!(address, connection_id = connect_id, agent_id = %backend.agent_id, "tunnel established");
+    tracing::debug!(address, connection_id = connect_id, agent_id = %agent.end.agent_id, "tunnel established");
     if io
         .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
         .await
         .is_err()
     {
-        if backend.conns.close(connect_id, None) {
-            let _ = backend.outbound.data(packet::close_req(connect_id)).await;
-        }
+        frontend_gone(&agent, connect_id).await;
         return;
     }
     // Bytes the client sent right behind its request head belong to the tunnel.
     if !rest.is_empty() {
         parts.window.spend(rest.len());
-        let _ = backend
+        let _ = agent
             .outbound
             .data(packet::data(connect_id, rest.freeze()))
             .await;
     }
-    let _established = state.metrics.established();
+    let _established = server.metrics.established();
     let (reader, writer) = io.split_io();
-    Relay {
-        id: connect_id,
-        table: backend.conns.clone(),
-        outbound: backend.outbound.clone(),
-        parts,
-        flow: backend.flow,
-        local_close: packet::close_req(connect_id),
-        metrics: state.metrics.relay.clone(),
-    }
-    .run(reader, writer)
-    .await;
+    agent.relay(connect_id, parts).run(reader, writer).await;
     tracing::debug!(connection_id = connect_id, "tunnel closed");
 }

@@ -1,0 +1,26 @@
+//! spoke-server: the control-plane half of Spoke. Agents dial in on the agent port and each
+//! of their streams joins the registry; kube-apiserver's egress frontends (gRPC or HTTP
+//! CONNECT, over a Unix socket or mTLS TCP) dial through them.
+pub mod agent_port;
+pub mod auth;
+pub mod frontend;
+pub mod health;
+pub mod metrics;
+pub mod options;
+pub mod registry;
+mod run;
+
+pub use run::run;
+
+use std::sync::atomic::AtomicBool;
+
+/// What every part of the server shares.
+pub struct Server {
+    pub opts: options::Options,
+    pub registry: registry::Registry,
+    pub metrics: metrics::ServerMetrics,
+    /// Set on SIGTERM: no new dials, not ready, open connections may finish.
+    pub shutting_down: AtomicBool,
+    /// Agent token authentication (TokenReview), when configured.
+    pub auth: Option<auth::TokenAuth>,
+}

@@ -1,0 +1,303 @@
+//! Wiring: the listeners, the runtime, serving, and shutdown.
+use crate::agent_port::AgentSvc;
+use crate::frontend::{grpc::ProxySvc, http_connect};
+use crate::options::{Mode, Options};
+use crate::{auth, health, metrics, registry, Server};
+use anyhow::{Context, Result};
+use futures::StreamExt;
+use spoke_process::admin::bind_addr;
+use spoke_proto::agent_service_server::AgentServiceServer;
+use spoke_proto::proxy_service_server::ProxyServiceServer;
+use spoke_tunnel::h2_authority::AuthorityFilter;
+use spoke_tunnel::listen::{tls_incoming, TlsIo};
+use spoke_tunnel::tls::{CertFiles, Reloading, ServerTlsFiles, TlsPolicy};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, UnixListener};
+use tonic::transport::Server as GrpcServer;
+
+/// HTTP/2 windows sized for bulk transfer over long links (8 MiB per stream, 16 MiB per
+/// connection): the default 64 KiB window caps a 50 ms link at about 1 MiB/s.
+const STREAM_WINDOW: u32 = 8 << 20;
+const CONN_WINDOW: u32 = 16 << 20;
+const TLS_RELOAD_EVERY: Duration = Duration::from_secs(5);
+
+/// Runs spoke-server with validated options until it is told to stop.
+pub fn run(opts: Options) -> Result<()> {
+    let auth = if opts.token_auth() {
+        Some(
+            auth::TokenAuth::new(
+                &opts.kubeconfig,
+                &opts.agent_namespace,
+                &opts.agent_service_account,
+                &opts.authentication_audience,
+            )?
+            .with_rate_limit(opts.kubeconfig_qps, opts.kubeconfig_burst),
+        )
+    } else {
+        None
+    };
+    let metrics = metrics::ServerMetrics::new();
+    let server = Arc::new(Server {
+        registry: registry::Registry::new(opts.proxy_strategies.clone(), metrics.clone()),
+        metrics,
+        opts,
+        shutting_down: Default::default(),
+        auth,
+    });
+    // One single-threaded runtime for the data path: on a 2-vCPU node it beats a work-
+    // stealing pool (fewer cross-thread wakeups per packet) and leaves a core for the agent.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    rt.block_on(serve(server))
+}
+
+fn server_tls(
+    server: &Server,
+    cert_flag: &'static str,
+    cert: &str,
+    key_flag: &'static str,
+    key: &str,
+    ca: Option<(&'static str, &str)>,
+    alpn: &[&[u8]],
+) -> Result<Arc<Reloading<ServerTlsFiles>>> {
+    let tls = Reloading::new(
+        ServerTlsFiles {
+            identity: CertFiles {
+                cert_flag,
+                cert: PathBuf::from(cert),
+                key_flag,
+                key: PathBuf::from(key),
+            },
+            client_ca: ca
+                .filter(|(_, p)| !p.is_empty())
+                .map(|(f, p)| (f, PathBuf::from(p))),
+            alpn: alpn.iter().map(|a| a.to_vec()).collect(),
+            policy: TlsPolicy::new(&server.opts.tls_min_version, &server.opts.cipher_suites)?,
+        },
+        server.metrics.tls.clone(),
+    )?;
+    tls.watch(TLS_RELOAD_EVERY);
+    Ok(tls)
+}
+
+fn grpc_server(keepalive: Duration) -> GrpcServer {
+    GrpcServer::builder()
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONN_WINDOW)
+        .max_frame_size(Some(1 << 20))
+        .http2_keepalive_interval(Some(keepalive))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .tcp_nodelay(true)
+}
+
+async fn serve(server: Arc<Server>) -> Result<()> {
+    let o = &server.opts;
+    let max_msg = o.max_grpc_message_size;
+
+    // Agent listener: always TLS, mutual when --cluster-ca-cert is given.
+    let agent_tls = server_tls(
+        &server,
+        "--cluster-cert",
+        &o.cluster_cert,
+        "--cluster-key",
+        &o.cluster_key,
+        Some(("--cluster-ca-cert", &o.cluster_ca_cert)),
+        &[b"h2"],
+    )?;
+    let agent_addr = bind_addr(&o.agent_bind_address, o.agent_port)?;
+    let agent_listener = TcpListener::bind(agent_addr)
+        .await
+        .with_context(|| format!("agent listener: cannot listen on {agent_addr}"))?;
+    tracing::info!(%agent_addr, server_id = %o.server_id, server_count = o.server_count, "listening for agents");
+    let agents = tls_incoming(
+        "agent",
+        agent_listener,
+        agent_tls,
+        server.metrics.tls.clone(),
+    )
+    .map(|r| r.map(TlsIo));
+    let agent_svc = AgentServiceServer::new(AgentSvc {
+        server: server.clone(),
+    })
+    .max_decoding_message_size(max_msg)
+    .max_encoding_message_size(max_msg);
+    let agent_server = grpc_server(o.keepalive_time)
+        .add_service(agent_svc)
+        .serve_with_incoming(agents);
+
+    let frontend_listener = bind_frontend(&server).await?;
+    // Every listener is bound: now the health port may say so.
+    health::start(&server)?;
+    let frontend = serve_frontend(server.clone(), frontend_listener);
+    let serving = async {
+        tokio::select! {
+            r = agent_server => r.context("agent server failed"),
+            r = frontend => r,
+        }
+    };
+    tokio::pin!(serving);
+    tokio::select! {
+        r = &mut serving => r?,
+        _ = shutdown_signal() => {
+            let grace = server.opts.graceful_shutdown_timeout;
+            server.shutting_down.store(true, std::sync::atomic::Ordering::Relaxed);
+            if !grace.is_zero() {
+                tracing::info!(?grace, "SIGTERM: refusing new dials, letting open connections finish");
+                tokio::select! {
+                    r = &mut serving => r?,
+                    _ = drained(&server, grace) => {}
+                    _ = shutdown_signal() => tracing::info!("second signal: stopping now"),
+                }
+            }
+            tracing::info!(open = server.metrics.established_connections.get(), "shutting down");
+        }
+    }
+    if !server.opts.uds_name.is_empty() {
+        let _ = std::fs::remove_file(&server.opts.uds_name);
+    }
+    Ok(())
+}
+
+/// The frontend's listener, bound before anything reports healthy.
+enum FrontendListener {
+    Uds(UnixListener),
+    Tls(TcpListener, Arc<Reloading<ServerTlsFiles>>),
+}
+
+async fn bind_frontend(server: &Server) -> Result<FrontendListener> {
+    let o = &server.opts;
+    if !o.uds_name.is_empty() {
+        let listener = bind_uds(&o.uds_name, o.delete_existing_uds_file)?;
+        tracing::info!(path = %o.uds_name, mode = ?o.mode, "frontend listening on Unix socket");
+        return Ok(FrontendListener::Uds(listener));
+    }
+    let alpn: &[&[u8]] = match o.mode {
+        Mode::Grpc => &[b"h2"],
+        // kube-apiserver speaks HTTP/1.1 CONNECT over TLS; HTTP/2 is not offered.
+        Mode::HttpConnect => &[b"http/1.1"],
+    };
+    let tls = server_tls(
+        server,
+        "--server-cert",
+        &o.server_cert,
+        "--server-key",
+        &o.server_key,
+        Some(("--server-ca-cert", &o.server_ca_cert)),
+        alpn,
+    )?;
+    let addr = bind_addr(&o.server_bind_address, o.server_port)?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("frontend: cannot listen on {addr}"))?;
+    tracing::info!(%addr, mode = ?o.mode, "frontend listening (mTLS)");
+    Ok(FrontendListener::Tls(listener, tls))
+}
+
+async fn serve_frontend(server: Arc<Server>, listener: FrontendListener) -> Result<()> {
+    let o = &server.opts;
+    let max_msg = o.max_grpc_message_size;
+    let proxy_svc = || {
+        ProxyServiceServer::new(ProxySvc {
+            server: server.clone(),
+        })
+        .max_decoding_message_size(max_msg)
+        .max_encoding_message_size(max_msg)
+    };
+    // grpc-go clients may send an authority `h2` refuses; see h2_authority.
+    let m = &server.metrics.h2_filter;
+    match (listener, o.mode) {
+        (FrontendListener::Uds(l), Mode::Grpc) => grpc_server(o.frontend_keepalive_time)
+            .add_service(proxy_svc())
+            .serve_with_incoming(
+                tokio_stream::wrappers::UnixListenerStream::new(l)
+                    .map(|r| r.map(|s| AuthorityFilter::new(s, m.clone()))),
+            )
+            .await
+            .context("frontend server failed"),
+        (FrontendListener::Uds(l), Mode::HttpConnect) => loop {
+            match l.accept().await {
+                Ok((s, _)) => {
+                    tokio::spawn(http_connect::serve(server.clone(), s));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "frontend accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        },
+        (FrontendListener::Tls(l, tls), mode) => {
+            let mut incoming = tls_incoming("frontend", l, tls, server.metrics.tls.clone());
+            match mode {
+                Mode::Grpc => grpc_server(o.frontend_keepalive_time)
+                    .add_service(proxy_svc())
+                    .serve_with_incoming(
+                        incoming.map(|r| r.map(|s| AuthorityFilter::new(TlsIo(s), m.clone()))),
+                    )
+                    .await
+                    .context("frontend server failed"),
+                Mode::HttpConnect => {
+                    while let Some(s) = incoming.next().await {
+                        if let Ok(s) = s {
+                            tokio::spawn(http_connect::serve(server.clone(), s));
+                        }
+                    }
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+/// Resolves when no connection or dial is left, or after `grace`.
+async fn drained(server: &Server, grace: Duration) {
+    let idle = async {
+        while server.metrics.established_connections.get() > 0
+            || server.metrics.pending_backend_dials.get() > 0
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    if tokio::time::timeout(grace, idle).await.is_err() {
+        tracing::warn!(
+            open = server.metrics.established_connections.get(),
+            "graceful shutdown timeout reached"
+        );
+    }
+}
+
+fn bind_uds(path: &str, delete_existing: bool) -> Result<UnixListener> {
+    if delete_existing && std::path::Path::new(path).exists() {
+        std::fs::remove_file(path)
+            .with_context(|| format!("--uds-name {path}: cannot remove the old socket"))?;
+    }
+    if let Some(dir) = std::path::Path::new(path).parent() {
+        if !dir.as_os_str().is_empty() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("--uds-name {path}: cannot create its directory"))?;
+        }
+    }
+    // Socket mode 0770, as upstream (umask 0007 while binding).
+    let old = unsafe { libc::umask(0o007) };
+    let listener = UnixListener::bind(path);
+    unsafe { libc::umask(old) };
+    listener.with_context(|| format!("--uds-name {path}: cannot listen"))
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}
