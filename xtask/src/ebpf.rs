@@ -8,6 +8,7 @@ use std::{
     ffi::OsString,
     path::{Path, PathBuf},
     process::Command,
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context};
@@ -48,6 +49,58 @@ const EBPF_BIN: &str = "spoke-agent-ebpf";
 
 fn step(msg: &str) {
     println!("[setup] {msg}");
+}
+
+/// "2 min 35 s", "48 s", "0.4 s".
+pub fn human(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s < 10.0 {
+        format!("{s:.1} s")
+    } else if s < 60.0 {
+        format!("{s:.0} s")
+    } else {
+        format!("{} min {:02} s", d.as_secs() / 60, d.as_secs() % 60)
+    }
+}
+
+/// Runs one slow step: says what it does and how long it should take, then how long it took.
+pub fn timed<T>(
+    what: &str,
+    estimate: &str,
+    f: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    step(&format!("{what} ({estimate})…"));
+    let t = Instant::now();
+    let r = f();
+    match &r {
+        Ok(_) => step(&format!("  done in {}", human(t.elapsed()))),
+        Err(_) => step(&format!("  failed after {}", human(t.elapsed()))),
+    }
+    r
+}
+
+/// Rough seconds `apt-get install` takes for `missing` on a fresh Debian 12 machine (2 cores):
+/// the Rust and LLVM packages dominate.
+fn apt_estimate(missing: &[&str]) -> u64 {
+    let rust = missing
+        .iter()
+        .any(|p| p.starts_with("rust") || *p == "cargo-web");
+    let llvm = missing
+        .iter()
+        .any(|p| p.starts_with("llvm") || p.starts_with("libpolly"));
+    let others = missing
+        .iter()
+        .filter(|p| !(p.starts_with("rust") || p.starts_with("llvm") || p.starts_with("libpolly")))
+        .count() as u64;
+    10 + if rust { 25 } else { 0 } + if llvm { 20 } else { 0 } + 2 * others
+}
+
+fn about(secs: u64) -> String {
+    if secs < 90 {
+        format!("about {secs} s")
+    } else {
+        format!("about {} min", (secs + 30) / 60)
+    }
 }
 
 fn workspace_root() -> PathBuf {
@@ -151,6 +204,15 @@ fn bpf_linker_ok() -> bool {
 /// Installs the apt packages and bpf-linker that builds and tests need. Idempotent: only what
 /// is missing is installed.
 pub fn setup() -> anyhow::Result<()> {
+    ensure_toolchain()?;
+    report_kernel();
+    step("ready: run `cargo xtask build-ebpf` to build the eBPF object");
+    Ok(())
+}
+
+/// The apt packages and bpf-linker, each step announced with an estimate and timed; what is
+/// present is only checked (a second or so in all).
+pub fn ensure_toolchain() -> anyhow::Result<()> {
     let missing: Vec<&str> = APT_PACKAGES
         .iter()
         .copied()
@@ -159,42 +221,103 @@ pub fn setup() -> anyhow::Result<()> {
     if missing.is_empty() {
         step(&format!("apt: all {} packages present", APT_PACKAGES.len()));
     } else {
-        step(&format!("apt: installing {}", missing.join(" ")));
-        run(privileged("apt-get")?
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["-q", "update"]))?;
-        run(privileged("apt-get")?
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing))?;
-        step("apt: done");
+        step(&format!(
+            "apt: {} of {} packages missing: {}",
+            missing.len(),
+            APT_PACKAGES.len(),
+            missing.join(" ")
+        ));
+        // Fails early, with the reason, when neither root nor password-less sudo is there.
+        privileged("apt-get")?;
+        timed("apt-get update", "about 10 s", || {
+            run(privileged("apt-get")?
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .args(["-q", "update"]))
+        })?;
+        timed(
+            &format!("apt-get install ({} packages)", missing.len()),
+            &format!("{} on 2 cores", about(apt_estimate(&missing))),
+            || {
+                run(privileged("apt-get")?
+                    .env("DEBIAN_FRONTEND", "noninteractive")
+                    .args(["install", "-y", "-q", "--no-install-recommends"])
+                    .args(&missing))
+            },
+        )?;
     }
 
     if bpf_linker_ok() {
         step(&format!("bpf-linker {BPF_LINKER_VERSION}: present"));
     } else {
-        step(&format!(
-            "bpf-linker {BPF_LINKER_VERSION}: building against LLVM 22 (about 3 minutes on 2 cores)"
-        ));
-        // The rustup cargo on PATH builds bpf-linker (a normal host tool); LLVM_PREFIX is what
-        // its build script reads (Debian ships no plain `llvm-config`).
-        run(clean_command("cargo")
-            .env("LLVM_PREFIX", LLVM_PREFIX)
-            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
-            .args(["--no-default-features", "--features", "llvm-22", "--locked"]))?;
-        if !bpf_linker_ok() {
-            bail!("bpf-linker installed but `bpf-linker --version` does not report {BPF_LINKER_VERSION}");
-        }
-        step("bpf-linker: done");
+        timed(
+            &format!("installing bpf-linker {BPF_LINKER_VERSION}, built against LLVM 22"),
+            "about 3 min on 2 cores",
+            || {
+                // The rustup cargo on PATH builds bpf-linker (a normal host tool); LLVM_PREFIX
+                // is what its build script reads (Debian ships no plain `llvm-config`).
+                run(clean_command("cargo")
+                    .env("LLVM_PREFIX", LLVM_PREFIX)
+                    .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+                    .args(["--no-default-features", "--features", "llvm-22", "--locked"]))?;
+                if !bpf_linker_ok() {
+                    bail!("bpf-linker installed but `bpf-linker --version` does not report {BPF_LINKER_VERSION}");
+                }
+                Ok(())
+            },
+        )?;
     }
-
-    report_kernel();
-    step("ready: run `cargo xtask build-ebpf` to build the eBPF object");
     Ok(())
 }
 
+/// What the demo needs for the agent's fast path, set up here when missing: root, a cgroup2
+/// mount, the toolchain and the eBPF object (which the agent embeds at build time, so this
+/// runs before the release build). Returns why the fast path cannot run, if it cannot; each
+/// step says what it does, how long it should take and how long it took.
+pub fn prepare_for_demo() -> Result<PathBuf, String> {
+    let (release, cgroup2) = kernel_facts();
+    step(&format!(
+        "kernel {release}, cgroup2 at {}, {}",
+        cgroup2.as_deref().unwrap_or("(not mounted)"),
+        if is_root() {
+            "running as root"
+        } else {
+            "not root"
+        }
+    ));
+    if !is_root() {
+        return Err(
+            "not running as root: installing the eBPF toolchain and loading the \
+                    agent's programs (CAP_BPF, CAP_NET_ADMIN) need root"
+                .into(),
+        );
+    }
+    if cgroup2.is_none() {
+        return Err(
+            "no cgroup2 mount in /proc/mounts: the fast path's sock_ops program attaches to a \
+             cgroup v2 directory"
+                .into(),
+        );
+    }
+    ensure_toolchain().map_err(|e| format!("eBPF toolchain setup failed: {e:#}"))?;
+    let estimate = if object_path().exists() {
+        "under 2 s when up to date, a few seconds after a change"
+    } else {
+        "first build compiles `core` for BPF: about 1.5 min on 2 cores"
+    };
+    timed("building the eBPF object", estimate, build_ebpf)
+        .map_err(|e| format!("eBPF object build failed: {e:#}"))
+}
 /// Prints the kernel facts the eBPF features depend on (informational only).
 fn report_kernel() {
+    let (release, cgroup2) = kernel_facts();
+    step(&format!(
+        "kernel {release}, cgroup2 at {}",
+        cgroup2.as_deref().unwrap_or("not mounted")
+    ));
+}
+
+/// The kernel release and where cgroup2 is mounted, if it is.
+fn kernel_facts() -> (String, Option<String>) {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let cgroup2 = std::fs::read_to_string("/proc/mounts")
         .unwrap_or_default()
@@ -203,9 +326,8 @@ fn report_kernel() {
             let mut f = l.split_whitespace();
             let (_, dir, fstype) = (f.next(), f.next(), f.next());
             (fstype == Some("cgroup2")).then(|| dir.unwrap_or("?").to_string())
-        })
-        .unwrap_or_else(|| "not mounted".into());
-    step(&format!("kernel {}, cgroup2 at {cgroup2}", release.trim()));
+        });
+    (release.trim().to_string(), cgroup2)
 }
 
 /// Builds the kernel programs (release, with BTF) and returns the object's path.

@@ -26,7 +26,8 @@ enum Cmd {
     Setup,
     /// Build the eBPF object (release, with BTF).
     BuildEbpf,
-    /// Run server, agent and a kubelet-like backend here and send requests through them.
+    /// Run server, agent and a kubelet-like backend here and send requests through them; sets
+    /// up the agent's eBPF fast path first (toolchain, object) and shows what it saves.
     Demo {
         /// Exit after the first round instead of running until Ctrl-C.
         #[arg(long)]
@@ -64,6 +65,8 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench(a) => bench::run(a),
         // The light xtask (`cargo xtask`) hands these over to the full one.
         #[cfg(not(feature = "runner"))]
-        Cmd::Demo { .. } | Cmd::Bench(_) => build::hand_over(),
+        Cmd::Demo { .. } => build::hand_over(true),
+        #[cfg(not(feature = "runner"))]
+        Cmd::Bench(_) => build::hand_over(false),
     }
 }

@@ -11,10 +11,10 @@ mod env;
 mod io;
 mod netns;
 mod pki;
-mod procs;
+pub(crate) mod procs;
 mod report;
 mod scenarios;
-mod stats;
+pub(crate) mod stats;
 mod svg;
 
 use anyhow::{bail, Context, Result};
