@@ -44,23 +44,25 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        // SIGTERM first so both binaries take their shutdown path, then make sure.
-        // SAFETY: kill has no memory preconditions; the pid is our unreaped child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + STOP_GRACE;
-        let how = loop {
-            match self.child.try_wait() {
-                Ok(Some(_)) => break "",
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
+        // SIGTERM so both binaries take their shutdown path; a spoke-agent drains on the first
+        // (it keeps serving, as upstream's does) and exits on the second. Then make sure.
+        let mut how = " (killed after 5 s)";
+        'stop: for grace in [Duration::from_secs(1), STOP_GRACE] {
+            // SAFETY: kill has no memory preconditions; the pid is our unreaped child.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + grace;
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    how = "";
+                    break 'stop;
                 }
-                _ => {
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
-                    break " (killed after 5 s)";
-                }
+                std::thread::sleep(Duration::from_millis(20));
             }
-        };
+        }
+        if !how.is_empty() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
         println!("   stopped {} (pid {}){how}", self.name, self.child.id());
     }
 }

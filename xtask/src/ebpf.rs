@@ -13,10 +13,9 @@ use std::{
 
 use anyhow::{bail, Context};
 
-/// Everything the builds and the test suite need from apt.
-const APT_PACKAGES: &[&str] = &[
-    // eBPF toolchain: a compiler able to build `core` for bpfel-unknown-none, its std source,
-    // and LLVM 22 for bpf-linker.
+/// The eBPF toolchain from apt (what the demo needs): a compiler able to build `core` for
+/// bpfel-unknown-none, its std source, and LLVM 22 for bpf-linker.
+const TOOLCHAIN_PACKAGES: &[&str] = &[
     "rustc-web",
     "cargo-web",
     "rust-web-src",
@@ -24,7 +23,10 @@ const APT_PACKAGES: &[&str] = &[
     "libpolly-22-dev",
     "zlib1g-dev",
     "libzstd-dev",
-    // Test suite.
+];
+
+/// What the test suite needs from apt besides the toolchain.
+const TEST_PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
     "curl",
@@ -204,48 +206,17 @@ fn bpf_linker_ok() -> bool {
 /// Installs the apt packages and bpf-linker that builds and tests need. Idempotent: only what
 /// is missing is installed.
 pub fn setup() -> anyhow::Result<()> {
+    ensure_apt("test suite", TEST_PACKAGES)?;
     ensure_toolchain()?;
     report_kernel();
     step("ready: run `cargo xtask build-ebpf` to build the eBPF object");
     Ok(())
 }
 
-/// The apt packages and bpf-linker, each step announced with an estimate and timed; what is
-/// present is only checked (a second or so in all).
+/// The toolchain's apt packages and bpf-linker, each step announced with an estimate and
+/// timed; what is present is only checked (a second or so in all).
 pub fn ensure_toolchain() -> anyhow::Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| !apt_installed(p))
-        .collect();
-    if missing.is_empty() {
-        step(&format!("apt: all {} packages present", APT_PACKAGES.len()));
-    } else {
-        step(&format!(
-            "apt: {} of {} packages missing: {}",
-            missing.len(),
-            APT_PACKAGES.len(),
-            missing.join(" ")
-        ));
-        // Fails early, with the reason, when neither root nor password-less sudo is there.
-        privileged("apt-get")?;
-        timed("apt-get update", "about 10 s", || {
-            run(privileged("apt-get")?
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .args(["-q", "update"]))
-        })?;
-        timed(
-            &format!("apt-get install ({} packages)", missing.len()),
-            &format!("{} on 2 cores", about(apt_estimate(&missing))),
-            || {
-                run(privileged("apt-get")?
-                    .env("DEBIAN_FRONTEND", "noninteractive")
-                    .args(["install", "-y", "-q", "--no-install-recommends"])
-                    .args(&missing))
-            },
-        )?;
-    }
-
+    ensure_apt("eBPF toolchain", TOOLCHAIN_PACKAGES)?;
     if bpf_linker_ok() {
         step(&format!("bpf-linker {BPF_LINKER_VERSION}: present"));
     } else {
@@ -263,6 +234,46 @@ pub fn ensure_toolchain() -> anyhow::Result<()> {
                     bail!("bpf-linker installed but `bpf-linker --version` does not report {BPF_LINKER_VERSION}");
                 }
                 Ok(())
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// Installs whichever of `packages` are missing.
+fn ensure_apt(what: &str, packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| !apt_installed(p))
+        .collect();
+    if missing.is_empty() {
+        step(&format!(
+            "apt ({what}): all {} packages present",
+            packages.len()
+        ));
+    } else {
+        step(&format!(
+            "apt ({what}): {} of {} packages missing: {}",
+            missing.len(),
+            packages.len(),
+            missing.join(" ")
+        ));
+        // Fails early, with the reason, when neither root nor password-less sudo is there.
+        privileged("apt-get")?;
+        timed("apt-get update", "about 10 s", || {
+            run(privileged("apt-get")?
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .args(["-q", "update"]))
+        })?;
+        timed(
+            &format!("apt-get install ({} packages)", missing.len()),
+            &format!("{} on 2 cores", about(apt_estimate(&missing))),
+            || {
+                run(privileged("apt-get")?
+                    .env("DEBIAN_FRONTEND", "noninteractive")
+                    .args(["install", "-y", "-q", "--no-install-recommends"])
+                    .args(&missing))
             },
         )?;
     }
