@@ -1,0 +1,447 @@
+//! The bytes under a connection: a socket, and TLS on it (rustls' unbuffered API) or not (h2c
+//! over a Unix socket).
+//!
+//! The buffers are the connection's own and live as long as it: ciphertext is read into
+//! `tls_in` in large reads, decrypted records land in `plain` (where HTTP/2 frames are split
+//! off without a copy), and outgoing plaintext is encrypted straight into `tls_out`, written
+//! with as few calls as the socket takes. Nothing is allocated per record once the buffers
+//! have grown to their working size.
+use bytes::{Bytes, BytesMut};
+use rustls::client::UnbufferedClientConnection;
+use rustls::server::UnbufferedServerConnection;
+use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
+use std::io;
+use std::task::{Context, Poll};
+use tokio::io::Interest;
+
+/// How much one read asks the socket for.
+const READ_SIZE: usize = 256 * 1024;
+/// Plaintext is gathered in blocks of this size (HTTP/2 frames are split off it).
+const PLAIN_BLOCK: usize = 256 * 1024;
+/// The most ciphertext written per write call.
+const WRITE_SIZE: usize = 256 * 1024;
+
+/// A stream socket driven by readiness (TCP or Unix).
+pub trait Socket: Send + Sync + 'static {
+    fn poll_ready(&self, cx: &mut Context<'_>, interest: Interest) -> Poll<io::Result<()>>;
+    fn try_read_into(&self, buf: &mut [u8]) -> io::Result<usize>;
+    fn try_read_bytes(&self, buf: &mut BytesMut) -> io::Result<usize>;
+    fn try_write_from(&self, buf: &[u8]) -> io::Result<usize>;
+    fn try_write_vectored_from(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize>;
+}
+
+macro_rules! socket {
+    ($t:ty) => {
+        impl Socket for $t {
+            fn poll_ready(&self, cx: &mut Context<'_>, interest: Interest) -> Poll<io::Result<()>> {
+                if interest.is_readable() {
+                    self.poll_read_ready(cx)
+                } else {
+                    self.poll_write_ready(cx)
+                }
+            }
+            fn try_read_into(&self, buf: &mut [u8]) -> io::Result<usize> {
+                self.try_read(buf)
+            }
+            fn try_read_bytes(&self, buf: &mut BytesMut) -> io::Result<usize> {
+                self.try_read_buf(buf)
+            }
+            fn try_write_from(&self, buf: &[u8]) -> io::Result<usize> {
+                self.try_write(buf)
+            }
+            fn try_write_vectored_from(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+                self.try_write_vectored(bufs)
+            }
+        }
+    };
+}
+socket!(tokio::net::TcpStream);
+socket!(tokio::net::UnixStream);
+
+/// TLS on the connection, or none.
+pub enum Crypto {
+    Plain,
+    Client(Box<UnbufferedClientConnection>),
+    Server(Box<UnbufferedServerConnection>),
+}
+
+/// What TLS did with the input it was given.
+#[derive(Debug, PartialEq, Eq)]
+enum Progress {
+    /// Needs more bytes from the peer.
+    NeedInput,
+    /// The peer sent close_notify: nothing more will come.
+    PeerClosed,
+}
+
+/// A buffer that is filled and drained by cursors, allocated once and reused.
+#[derive(Default)]
+struct Ring {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Ring {
+    fn filled(&mut self) -> &mut [u8] {
+        &mut self.buf[self.start..self.end]
+    }
+    fn len(&self) -> usize {
+        self.end - self.start
+    }
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+    /// Room for at least `n` more bytes at the end (moving what is left to the front, or
+    /// growing once), returned as a slice to write into.
+    fn spare(&mut self, n: usize) -> &mut [u8] {
+        if self.buf.len() - self.end < n {
+            if self.start > 0 {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            }
+            if self.buf.len() - self.end < n {
+                self.buf.resize(self.end + n, 0);
+            }
+        }
+        &mut self.buf[self.end..]
+    }
+    fn filled_by(&mut self, n: usize) {
+        self.end += n;
+    }
+}
+
+/// A socket with TLS (or not) and its buffers.
+pub struct Io<S> {
+    pub socket: S,
+    crypto: Crypto,
+    tls_in: Ring,
+    tls_out: Ring,
+    /// Decrypted bytes not yet taken as frames.
+    pub plain: BytesMut,
+    /// Plaintext waiting to be encrypted (TLS) or written (plain), and its length.
+    pending: std::collections::VecDeque<Bytes>,
+    pending_len: usize,
+    /// Bytes added to `plain` that no read has reported yet (decrypted while flushing).
+    fresh: usize,
+    peer_closed: bool,
+}
+
+fn tls_err(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+impl<S: Socket> Io<S> {
+    pub fn new(socket: S, crypto: Crypto) -> Io<S> {
+        Io {
+            socket,
+            crypto,
+            tls_in: Ring::default(),
+            tls_out: Ring::default(),
+            plain: BytesMut::new(),
+            pending: Default::default(),
+            pending_len: 0,
+            fresh: 0,
+            peer_closed: false,
+        }
+    }
+
+    pub fn crypto(&self) -> &Crypto {
+        &self.crypto
+    }
+
+    /// Completes the TLS handshake (nothing to do without TLS).
+    pub async fn handshake(&mut self) -> io::Result<()> {
+        loop {
+            let need_input = self.process()? == Progress::NeedInput;
+            std::future::poll_fn(|cx| self.poll_flush(cx)).await?;
+            let handshaking = match &self.crypto {
+                Crypto::Plain => false,
+                Crypto::Client(c) => c.is_handshaking(),
+                Crypto::Server(c) => c.is_handshaking(),
+            };
+            if !handshaking {
+                return Ok(());
+            }
+            if need_input {
+                let n = std::future::poll_fn(|cx| self.poll_read_tls(cx)).await?;
+                if n == 0 {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+            }
+        }
+    }
+
+    /// Queues plaintext to send (encrypted on the next [`Io::poll_flush`]).
+    pub fn queue(&mut self, piece: Bytes) {
+        if !piece.is_empty() {
+            self.pending_len += piece.len();
+            self.pending.push_back(piece);
+        }
+    }
+
+    /// Bytes queued or encrypted and not yet written.
+    pub fn unsent(&self) -> usize {
+        self.tls_out.len() + self.pending_len
+    }
+
+    /// Reads what the socket has (one large read) and decrypts it into `plain`. `Ready(0)`
+    /// means the peer closed the connection.
+    pub fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        loop {
+            if self.fresh > 0 {
+                return Poll::Ready(Ok(std::mem::take(&mut self.fresh)));
+            }
+            if self.peer_closed {
+                return Poll::Ready(Ok(0));
+            }
+            if let Crypto::Plain = self.crypto {
+                return self.poll_read_plain(cx);
+            }
+            let n = std::task::ready!(self.poll_read_tls(cx))?;
+            if n == 0 {
+                return Poll::Ready(Ok(0));
+            }
+            self.process()?;
+        }
+    }
+
+    fn poll_read_plain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        loop {
+            if self.plain.capacity() - self.plain.len() < READ_SIZE / 4 {
+                self.plain.reserve(PLAIN_BLOCK);
+            }
+            match self.socket.try_read_bytes(&mut self.plain) {
+                Ok(n) => return Poll::Ready(Ok(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::task::ready!(self.socket.poll_ready(cx, Interest::READABLE))?
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    fn poll_read_tls(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        loop {
+            let spare = self.tls_in.spare(READ_SIZE);
+            match self.socket.try_read_into(spare) {
+                Ok(n) => {
+                    self.tls_in.filled_by(n);
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::task::ready!(self.socket.poll_ready(cx, Interest::READABLE))?
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    /// Runs rustls over the ciphertext held: answers the handshake, decrypts application data
+    /// into `plain`, and encrypts pending plaintext once it may.
+    fn process(&mut self) -> io::Result<Progress> {
+        let before = self.plain.len();
+        let Io {
+            crypto,
+            tls_in,
+            tls_out,
+            plain,
+            pending,
+            ..
+        } = self;
+        let progress = match crypto {
+            Crypto::Plain => {
+                while let Some(p) = pending.pop_front() {
+                    let n = p.len();
+                    tls_out.spare(n)[..n].copy_from_slice(&p);
+                    tls_out.filled_by(n);
+                }
+                Progress::NeedInput
+            }
+            Crypto::Client(c) => loop {
+                let status = c.process_tls_records(tls_in.filled());
+                let (discard, progress) = step(status, tls_out, plain, pending)?;
+                tls_in.consume(discard);
+                if let Some(p) = progress {
+                    break p;
+                }
+            },
+            Crypto::Server(c) => loop {
+                let status = c.process_tls_records(tls_in.filled());
+                let (discard, progress) = step(status, tls_out, plain, pending)?;
+                tls_in.consume(discard);
+                if let Some(p) = progress {
+                    break p;
+                }
+            },
+        };
+        if self.pending.is_empty() {
+            self.pending_len = 0;
+        }
+        self.fresh += self.plain.len() - before;
+        if progress == Progress::PeerClosed {
+            self.peer_closed = true;
+        }
+        Ok(progress)
+    }
+
+    /// Writes out what is encrypted (encrypting what is pending first). Ready once all is
+    /// written.
+    pub fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.pending.is_empty() {
+            if let Crypto::Plain = self.crypto {
+                return self.poll_flush_plain(cx);
+            }
+            self.process()?;
+        }
+        while self.tls_out.len() > 0 {
+            let n = self.tls_out.len().min(WRITE_SIZE);
+            let start = self.tls_out.start;
+            match self
+                .socket
+                .try_write_from(&self.tls_out.buf[start..start + n])
+            {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(n) => self.tls_out.consume(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::task::ready!(self.socket.poll_ready(cx, Interest::WRITABLE))?
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Without TLS the queued pieces go out as they are, gathered into one call.
+    fn poll_flush_plain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.pending.is_empty() {
+            let slices: Vec<io::IoSlice<'_>> = self
+                .pending
+                .iter()
+                .take(64)
+                .map(|b| io::IoSlice::new(b))
+                .collect();
+            match self.socket.try_write_vectored_from(&slices) {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(mut n) => {
+                    while n > 0 {
+                        let Some(front) = self.pending.front_mut() else {
+                            break;
+                        };
+                        if front.len() <= n {
+                            n -= front.len();
+                            self.pending_len -= front.len();
+                            self.pending.pop_front();
+                        } else {
+                            let _ = front.split_to(n);
+                            self.pending_len -= n;
+                            n = 0;
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::task::ready!(self.socket.poll_ready(cx, Interest::WRITABLE))?
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Queues TLS close_notify (when the handshake is done) ahead of closing.
+    pub fn close_notify(&mut self) {
+        self.process().ok();
+        let Io {
+            crypto, tls_out, ..
+        } = self;
+        let _ = match crypto {
+            Crypto::Plain => return,
+            Crypto::Client(c) => close_notify(c.process_tls_records(&mut []), tls_out),
+            Crypto::Server(c) => close_notify(c.process_tls_records(&mut []), tls_out),
+        };
+    }
+}
+
+fn close_notify<Data>(status: UnbufferedStatus<'_, '_, Data>, out: &mut Ring) -> Option<()> {
+    if let Ok(ConnectionState::WriteTraffic(mut w)) = status.state {
+        let spare = out.spare(64);
+        if let Ok(n) = w.queue_close_notify(spare) {
+            out.filled_by(n);
+        }
+    }
+    Some(())
+}
+
+/// One turn of rustls' state machine: how many input bytes it is done with, and `Some` when
+/// it needs more input or the peer closed.
+fn step<Data>(
+    status: UnbufferedStatus<'_, '_, Data>,
+    tls_out: &mut Ring,
+    plain: &mut BytesMut,
+    pending: &mut std::collections::VecDeque<Bytes>,
+) -> io::Result<(usize, Option<Progress>)> {
+    let UnbufferedStatus { mut discard, state } = status;
+    let result = match state.map_err(tls_err)? {
+        ConnectionState::ReadTraffic(mut r) => {
+            while let Some(record) = r.next_record() {
+                let record = record.map_err(tls_err)?;
+                discard += record.discard;
+                if plain.capacity() - plain.len() < record.payload.len() {
+                    plain.reserve(PLAIN_BLOCK.max(record.payload.len()));
+                }
+                plain.extend_from_slice(record.payload);
+            }
+            None
+        }
+        ConnectionState::EncodeTlsData(mut e) => {
+            let mut want = 4096;
+            loop {
+                match e.encode(tls_out.spare(want)) {
+                    Ok(n) => {
+                        tls_out.filled_by(n);
+                        break;
+                    }
+                    Err(EncodeError::InsufficientSize(s)) => want = s.required_size,
+                    Err(EncodeError::AlreadyEncoded) => break,
+                }
+            }
+            None
+        }
+        // The encoded bytes stay in `tls_out`, written in order by whoever flushes.
+        ConnectionState::TransmitTlsData(t) => {
+            t.done();
+            None
+        }
+        ConnectionState::BlockedHandshake => Some(Progress::NeedInput),
+        ConnectionState::WriteTraffic(mut w) => {
+            while let Some(p) = pending.pop_front() {
+                // Records add 22 bytes per 16 KiB; ask for room generously.
+                let mut want = p.len() + p.len() / 512 + 64;
+                loop {
+                    match w.encrypt(&p, tls_out.spare(want)) {
+                        Ok(n) => {
+                            tls_out.filled_by(n);
+                            break;
+                        }
+                        Err(EncryptError::InsufficientSize(s)) => want = s.required_size,
+                        Err(e) => return Err(io::Error::other(e.to_string())),
+                    }
+                }
+            }
+            Some(Progress::NeedInput)
+        }
+        ConnectionState::PeerClosed | ConnectionState::Closed => Some(Progress::PeerClosed),
+        _ => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "unexpected TLS state (early data is not accepted)",
+            ))
+        }
+    };
+    Ok((discard, result))
+}
