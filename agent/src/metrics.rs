@@ -7,6 +7,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use spoke_tunnel::metrics::{count, ReasonLabels, RelayMetrics, StreamMetrics, TlsMetrics};
+use spoke_tunnel::session::SessionMetrics;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabel {
@@ -67,6 +68,16 @@ impl AgentMetrics {
 
     pub fn reject(&self, reason: &'static str) {
         count(&self.rejected, reason);
+    }
+
+    /// What an agent stream's session counts (`received`: upstream's segment label).
+    pub fn session(&self, received: &'static str) -> SessionMetrics {
+        SessionMetrics {
+            stream: self.stream.clone(),
+            received,
+            relay: self.relay.clone(),
+            rejected: self.rejected.clone(),
+        }
     }
 
     pub fn registry(&self) -> Registry {

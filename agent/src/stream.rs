@@ -2,23 +2,25 @@
 //! headers) and serving the stream through the shared engine until it ends.
 use crate::Agent;
 use anyhow::{anyhow, Result};
-use hyper_util::rt::TokioIo;
-use spoke_proto::agent_service_client::AgentServiceClient;
-use spoke_proto::Packet;
+use rustls::client::UnbufferedClientConnection;
 use spoke_tunnel::conns::FlowConfig;
-use spoke_tunnel::metadata::{insert, one_value};
+use spoke_tunnel::http2::conn::Config;
+use spoke_tunnel::http2::driver::{Driver, Ended, Options};
+use spoke_tunnel::http2::grpc;
+use spoke_tunnel::http2::headers::Headers;
+use spoke_tunnel::http2::io::{Crypto, Io};
 use spoke_tunnel::outbound::outbound;
 use spoke_tunnel::packet;
-use spoke_tunnel::session::{AgentEnd, Session};
+use spoke_tunnel::session::{AgentEnd, Session, SessionEnd};
 use spoke_tunnel::FLOW_CONTROL_HEADER;
-use std::sync::Arc;
-use tonic::transport::Endpoint;
-use tonic::Streaming;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpStream;
 
-/// HTTP/2 windows sized for bulk transfer over long links.
-const STREAM_WINDOW: u32 = 8 << 20;
-const CONN_WINDOW: u32 = 16 << 20;
-const MAX_FRAME: u32 = 1 << 20;
+/// How long connecting (TCP and the TLS handshake) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a keepalive ping may go unanswered.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// One agent stream, from the agent's end.
 pub type AgentStream = Session<AgentEnd>;
@@ -27,125 +29,119 @@ pub type AgentStream = Session<AgentEnd>;
 pub struct Connected {
     pub stream: Arc<AgentStream>,
     pub server_count: u32,
-    inbound: Streaming<Packet>,
+    driver: Driver<TcpStream>,
+    /// How the stream ended, once it has.
+    ended: Arc<Mutex<Option<Ended>>>,
 }
 
 /// The one value of header `key` the server must send.
-fn header(md: &tonic::metadata::MetadataMap, key: &str) -> Result<String> {
-    one_value(md, key)
-        .map_err(|e| anyhow!("server header: {e}"))?
-        .ok_or_else(|| anyhow!("expected one {key} header from the server, got 0"))
+fn header(h: &Headers, key: &str) -> Result<String> {
+    let mut values = h.get_all(key);
+    match (values.next(), values.next()) {
+        (Some(v), None) => std::str::from_utf8(v)
+            .map(str::to_string)
+            .map_err(|_| anyhow!("{key} header is not text")),
+        (None, _) => Err(anyhow!("expected one {key} header from the server, got 0")),
+        (Some(_), Some(_)) => Err(anyhow!(
+            "expected one {key} header from the server, got several"
+        )),
+    }
+}
+
+/// The HTTP/2 settings and limits of an agent stream's connection.
+pub fn transport_options(o: &crate::options::Options) -> Options {
+    Options {
+        http2: Config::default(),
+        max_message: o.max_grpc_message_size,
+        keepalive: o.keepalive_time,
+        keepalive_timeout: KEEPALIVE_TIMEOUT,
+    }
 }
 
 /// Opens a new TCP+TLS connection and a `Connect` stream on it.
 pub async fn connect(agent: &Arc<Agent>) -> Result<Connected> {
     let o = &agent.opts;
-    let tls = tokio_rustls::TlsConnector::from(agent.tls.current());
-    let name = spoke_tunnel::tls::server_name(&o.proxy_server_host)?;
-    let target = (o.proxy_server_host.clone(), o.proxy_server_port);
-    let connector = tower::service_fn(move |_: http::Uri| {
-        let (tls, name, target) = (tls.clone(), name.clone(), target.clone());
-        async move {
-            let tcp = tokio::net::TcpStream::connect((target.0.as_str(), target.1)).await?;
-            tcp.set_nodelay(true)?;
-            let s = tls.connect(name, tcp).await?;
-            Ok::<_, std::io::Error>(TokioIo::new(s))
-        }
-    });
-    let channel = Endpoint::from_shared(format!(
-        "https://{}:{}",
-        o.proxy_server_host, o.proxy_server_port
-    ))?
-    .initial_stream_window_size(STREAM_WINDOW)
-    .initial_connection_window_size(CONN_WINDOW)
-    // Let the server send our 64 KiB DATA payloads in one HTTP/2 frame (default 16 KiB).
-    .max_frame_size(MAX_FRAME)
-    .http2_keep_alive_interval(o.keepalive_time)
-    .keep_alive_while_idle(true)
-    .connect_timeout(std::time::Duration::from_secs(10))
-    .tcp_nodelay(true)
-    .connect_with_connector(connector)
+    let (host, port) = (&o.proxy_server_host, o.proxy_server_port);
+    let unreachable =
+        |e: &dyn std::fmt::Display| anyhow!("cannot reach proxy server {host}:{port}: {e}");
+    let name = spoke_tunnel::tls::server_name(host)?;
+    let tls =
+        UnbufferedClientConnection::new(agent.tls.current(), name).map_err(|e| unreachable(&e))?;
+    let io = tokio::time::timeout(CONNECT_TIMEOUT, async {
+        let tcp = TcpStream::connect((host.as_str(), port)).await?;
+        tcp.set_nodelay(true)?;
+        let mut io = Io::new(tcp, Crypto::Client(Box::new(tls)));
+        io.handshake().await?;
+        Ok::<_, std::io::Error>(io)
+    })
     .await
-    .map_err(|e| {
-        anyhow!(
-            "cannot reach proxy server {}:{}: {}",
-            o.proxy_server_host,
-            o.proxy_server_port,
-            error_chain(&e)
-        )
-    })?;
-    let mut client = AgentServiceClient::new(channel)
-        .max_decoding_message_size(o.max_grpc_message_size)
-        .max_encoding_message_size(o.max_grpc_message_size);
+    .map_err(|_| unreachable(&format!("no connection within {CONNECT_TIMEOUT:?}")))?
+    .map_err(|e| unreachable(&e))?;
+    let mut driver = Driver::client(io, transport_options(o));
 
-    let (out, out_rx) = outbound(Some((agent.metrics.stream.clone(), "from_agent")));
-    let mut req = tonic::Request::new(out_rx);
-    let md = req.metadata_mut();
-    let meta = |md: &mut _, key, value: &str| insert(md, key, value).map_err(|e| anyhow!(e));
-    meta(md, "agentid", &o.agent_id)?;
-    meta(md, "agentidentifiers", &o.agent_identifiers)?;
+    let user_agent = concat!("spoke-agent/", env!("CARGO_PKG_VERSION"));
+    let authority = format!("{host}:{port}");
+    let mut req = grpc::request("https", &authority, "/AgentService/Connect", user_agent);
+    let meta = |h: &mut Headers, key: &'static str, value: &str| {
+        grpc::metadata(h, key, value).map_err(|e| anyhow!(e))
+    };
+    meta(&mut req, "agentid", &o.agent_id)?;
+    meta(&mut req, "agentidentifiers", &o.agent_identifiers)?;
     let window = o.max_connection_buffer_bytes.to_string();
-    meta(md, FLOW_CONTROL_HEADER, &window)?;
+    meta(&mut req, FLOW_CONTROL_HEADER, &window)?;
     if !o.service_account_token_path.is_empty() {
         // Re-read on every connect so rotated projected tokens are picked up.
         let path = &o.service_account_token_path;
         let token = std::fs::read_to_string(path)
             .map_err(|e| anyhow!("--service-account-token-path {path}: {e}"))?;
-        meta(md, "authorization", &format!("Bearer {}", token.trim_end()))?;
+        meta(
+            &mut req,
+            "authorization",
+            &format!("Bearer {}", token.trim_end()),
+        )?;
     }
-    let rsp = client
-        .connect(req)
-        .await
-        .map_err(|s| anyhow!("server refused the tunnel: {:?}: {}", s.code(), s.message()))?;
-    let headers = rsp.metadata();
-    let server_id = header(headers, "serverid")?;
-    let server_count: u32 = header(headers, "servercount")?
+    let (id, headers) = driver.open(&req).await.map_err(|e| match e {
+        Ended::Status(code, m) => anyhow!("server refused the tunnel: {code:?}: {m}"),
+        other => anyhow!("server refused the tunnel: {other}"),
+    })?;
+    let server_id = header(&headers, "serverid")?;
+    let server_count: u32 = header(&headers, "servercount")?
         .parse()
         .map_err(|_| anyhow!("servercount header is not a number"))?;
-    let peer_window = one_value(headers, FLOW_CONTROL_HEADER)
-        .ok()
-        .flatten()
+    let peer_window = headers
+        .get(FLOW_CONTROL_HEADER)
         .and_then(|v| v.parse().ok())
         .filter(|w| *w > 0);
     let flow = FlowConfig {
         buffer_cap: o.max_connection_buffer_bytes,
         peer_window,
     };
+    let (out, out_rx) = outbound(Some((agent.metrics.stream.clone(), "from_agent")));
     let end = AgentEnd::new(server_id, agent.endpoints.clone());
-    let m = &agent.metrics;
-    let metrics = spoke_tunnel::session::SessionMetrics {
-        stream: m.stream.clone(),
-        received: "to_agent",
-        relay: m.relay.clone(),
-        rejected: m.rejected.clone(),
-    };
+    let stream = Session::new(end, out, flow, agent.metrics.session("to_agent"));
+    let ended = Arc::new(Mutex::new(None));
+    let record = ended.clone();
+    let on_end: spoke_tunnel::session::OnEnd = Box::new(move |how| {
+        *record.lock().unwrap_or_else(|e| e.into_inner()) = Some(how.clone());
+    });
+    let end = SessionEnd::new(stream.clone(), out_rx, Some(on_end));
+    driver.bind(id, Box::new(end));
     Ok(Connected {
-        stream: Session::new(end, out, flow, metrics),
+        stream,
         server_count,
-        inbound: rsp.into_inner(),
+        driver,
+        ended,
     })
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        // hyper and tonic often repeat their cause in their own text.
-        let text = c.to_string();
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        cur = c.source();
-    }
-    s
 }
 
 impl Connected {
     /// Serves the stream until it ends, then closes everything that rode on it.
     pub async fn serve(self, agent: Arc<Agent>) -> String {
         let Connected {
-            stream, inbound, ..
+            stream,
+            driver,
+            ended,
+            ..
         } = self;
         // DRAIN goes out as soon as the agent starts draining, from its own task so an idle
         // stream sends it at once (also one that connected while the signal arrived).
@@ -162,7 +158,13 @@ impl Connected {
                 }
             })
         };
-        let reason = stream.run(inbound).await;
+        let lost = driver.run().await.err();
+        let how = ended.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let reason = match (how, lost) {
+            (Some(how), _) => how.to_string(),
+            (None, Some(e)) => e.to_string(),
+            (None, None) => "connection closed".to_string(),
+        };
         let (conns, _) = stream.close();
         drain.abort();
         tracing::info!(server_id = %stream.end.server_id, conns, "tunnel to server closed: {reason}");

@@ -1,104 +1,182 @@
-//! `/AgentService/Connect` on the agent port: each stream an agent opens becomes an
-//! [`AgentStream`] in the registry until it ends.
+//! The agent port: agents connect with mTLS and open `/AgentService/Connect`; each stream
+//! becomes an [`AgentStream`] in the registry until it ends. Served by Spoke's own HTTP/2
+//! (tunnel::http2): one task per connection, packets dispatched inline.
 use crate::metrics::MethodLabel;
 use crate::registry::AgentStream;
 use crate::Server;
-use futures::StreamExt;
-use spoke_proto::agent_service_server::AgentService;
-use spoke_proto::Packet;
+use futures::future::BoxFuture;
+use rustls::server::UnbufferedServerConnection;
 use spoke_tunnel::conns::FlowConfig;
+use spoke_tunnel::http2::conn::Config;
+use spoke_tunnel::http2::driver::{Accepted, Acceptor, Driver, Ended, Options, StreamEnd};
+use spoke_tunnel::http2::grpc;
+use spoke_tunnel::http2::headers::Headers;
+use spoke_tunnel::http2::io::{Crypto, Io};
 use spoke_tunnel::identifiers::AgentIdentifiers;
-use spoke_tunnel::metadata::{insert, one_value};
+use spoke_tunnel::metadata::one_value;
 use spoke_tunnel::outbound::outbound;
-use spoke_tunnel::session::{ServerEnd, Session};
+use spoke_tunnel::session::{ServerEnd, Session, SessionEnd};
+use spoke_tunnel::tls::{Reloading, ServerTlsFiles};
 use spoke_tunnel::FLOW_CONTROL_HEADER;
-use std::pin::Pin;
 use std::sync::Arc;
-use tonic::{Request, Response, Status, Streaming};
-
-pub struct AgentSvc {
-    pub server: Arc<Server>,
-}
-
-type PacketStream = Pin<Box<dyn futures::Stream<Item = Result<Packet, Status>> + Send>>;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tonic::Code;
 
 const CONNECT: MethodLabel = MethodLabel {
     service_method: "Connect",
 };
+/// How long a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a keepalive ping may go unanswered.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
-#[tonic::async_trait]
-impl AgentService for AgentSvc {
-    type ConnectStream = PacketStream;
-
-    async fn connect(
-        &self,
-        req: Request<Streaming<Packet>>,
-    ) -> Result<Response<PacketStream>, Status> {
-        let server = &self.server;
-        if let Some(auth) = &server.auth {
-            auth.authenticate(req.metadata()).await?;
-        }
-        let md = req.metadata();
-        let invalid = Status::invalid_argument;
-        let agent_id = one_value(md, "agentid").map_err(invalid)?;
-        let agent_id =
-            agent_id.ok_or_else(|| invalid("expected one agentid value, got none".to_string()))?;
-        let identifiers = one_value(md, "agentidentifiers").map_err(invalid)?;
-        let identifiers =
-            AgentIdentifiers::parse(&identifiers.unwrap_or_default(), false).unwrap_or_default();
-        let peer_window = one_value(md, FLOW_CONTROL_HEADER)
-            .map_err(invalid)?
-            .and_then(|v| v.parse::<usize>().ok())
-            .filter(|w| *w > 0);
-        let flow = FlowConfig {
-            buffer_cap: server.opts.max_connection_buffer_bytes,
-            peer_window,
+/// Accepts agents until the listener fails for good.
+pub async fn serve(
+    server: Arc<Server>,
+    listener: TcpListener,
+    tls: Arc<Reloading<ServerTlsFiles>>,
+) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(listener = "agent", error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
-        let m = &server.metrics;
-        let (out, out_rx) = outbound(Some((m.stream.clone(), "to_agent")));
-        let end = ServerEnd::new(
-            agent_id,
-            identifiers,
-            m.dial_failures.clone(),
-            m.dial_duration.clone(),
-        );
-        let stream = Session::new(end, out, flow, m.session("from_agent"));
-        tracing::info!(
-            agent_id = %stream.end.agent_id,
-            stream = stream.end.stream_id,
-            credits = flow.credits(),
-            "agent connected"
-        );
-        server.registry.add(stream.clone());
-        m.grpc_connections.get_or_create(&CONNECT).inc();
-        tokio::spawn(serve(server.clone(), stream, req.into_inner()));
-
-        let mut rsp = Response::new(Box::pin(out_rx.map(Ok::<_, Status>)) as PacketStream);
-        let headers = rsp.metadata_mut();
-        let internal = Status::internal;
-        insert(headers, "serverid", &server.opts.server_id).map_err(internal)?;
-        insert(
-            headers,
-            "servercount",
-            &server.opts.server_count.to_string(),
-        )
-        .map_err(internal)?;
-        if flow.credits() {
-            insert(headers, FLOW_CONTROL_HEADER, &flow.buffer_cap.to_string()).map_err(internal)?;
-        }
-        Ok(rsp)
+        let (server, config) = (server.clone(), tls.current());
+        tokio::spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            let conn = match UnbufferedServerConnection::new(config) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start a TLS session");
+                    return;
+                }
+            };
+            let mut io = Io::new(tcp, Crypto::Server(Box::new(conn)));
+            let tls_metrics = &server.metrics.tls;
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, io.handshake()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tls_metrics.refused(spoke_tunnel::tls::handshake_failure_reason(&e));
+                    tracing::info!(listener = "agent", %peer, error = %e, "TLS handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    tls_metrics.refused("timeout");
+                    tracing::info!(listener = "agent", %peer, "TLS handshake timed out");
+                    return;
+                }
+            }
+            let o = &server.opts;
+            let opts = Options {
+                http2: Config {
+                    max_concurrent_streams: 100,
+                    ..Config::default()
+                },
+                max_message: o.max_grpc_message_size,
+                keepalive: o.keepalive_time,
+                keepalive_timeout: KEEPALIVE_TIMEOUT,
+            };
+            let acceptor = Box::new(AgentPort {
+                server: server.clone(),
+            });
+            if let Err(e) = Driver::<TcpStream>::server(io, opts, acceptor).run().await {
+                tracing::debug!(%peer, error = %e, "agent connection ended");
+            }
+        });
     }
 }
 
-/// Runs one agent stream until it ends, then takes it out of the registry.
-async fn serve(server: Arc<Server>, stream: Arc<AgentStream>, inbound: Streaming<Packet>) {
-    let reason = stream.run(inbound).await;
-    server.registry.remove(&stream);
+/// Takes `/AgentService/Connect` streams.
+struct AgentPort {
+    server: Arc<Server>,
+}
+
+impl Acceptor for AgentPort {
+    fn accept(&mut self, path: &str, headers: Headers) -> BoxFuture<'static, Accepted> {
+        let server = self.server.clone();
+        let known = path == "/AgentService/Connect";
+        let path = path.to_string();
+        Box::pin(async move {
+            if !known {
+                return Err((Code::Unimplemented, format!("unknown method {path}")));
+            }
+            connect(server, headers).await
+        })
+    }
+}
+
+/// Checks an agent's stream (metadata, token) and registers it.
+async fn connect(server: Arc<Server>, headers: Headers) -> Accepted {
+    let md = grpc::metadata_map(&headers);
+    if let Some(auth) = &server.auth {
+        auth.authenticate(&md)
+            .await
+            .map_err(|s| (s.code(), s.message().to_string()))?;
+    }
+    let invalid = |e: String| (Code::InvalidArgument, e);
+    let agent_id = one_value(&md, "agentid")
+        .map_err(invalid)?
+        .ok_or_else(|| invalid("expected one agentid value, got none".into()))?;
+    let identifiers = one_value(&md, "agentidentifiers").map_err(invalid)?;
+    let identifiers =
+        AgentIdentifiers::parse(&identifiers.unwrap_or_default(), false).unwrap_or_default();
+    let peer_window = one_value(&md, FLOW_CONTROL_HEADER)
+        .map_err(invalid)?
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|w| *w > 0);
+    let flow = FlowConfig {
+        buffer_cap: server.opts.max_connection_buffer_bytes,
+        peer_window,
+    };
+    let m = &server.metrics;
+    let (out, out_rx) = outbound(Some((m.stream.clone(), "to_agent")));
+    let end = ServerEnd::new(
+        agent_id,
+        identifiers,
+        m.dial_failures.clone(),
+        m.dial_duration.clone(),
+    );
+    let stream = Session::new(end, out, flow, m.session("from_agent"));
+    tracing::info!(
+        agent_id = %stream.end.agent_id,
+        stream = stream.end.stream_id,
+        credits = flow.credits(),
+        "agent connected"
+    );
+    let mut rsp = grpc::response();
+    let internal = |e: String| (Code::Internal, e);
+    grpc::metadata(&mut rsp, "serverid", &server.opts.server_id).map_err(internal)?;
+    let count = server.opts.server_count.to_string();
+    grpc::metadata(&mut rsp, "servercount", &count).map_err(internal)?;
+    if flow.credits() {
+        let window = flow.buffer_cap.to_string();
+        grpc::metadata(&mut rsp, FLOW_CONTROL_HEADER, &window).map_err(internal)?;
+    }
+    server.registry.add(stream.clone());
+    m.grpc_connections.get_or_create(&CONNECT).inc();
+    let on_end = {
+        let (server, stream) = (server.clone(), stream.clone());
+        Box::new(move |how: &Ended| disconnected(&server, &stream, how))
+    };
+    let end: Box<dyn StreamEnd> = Box::new(SessionEnd::new(stream, out_rx, Some(on_end)));
+    Ok((rsp, end))
+}
+
+/// An agent stream ended: out of the registry, everything on it closed.
+fn disconnected(server: &Server, stream: &AgentStream, how: &Ended) {
+    server.registry.remove(stream);
     let (conns, dials) = stream.close();
     server
         .metrics
         .grpc_connections
         .get_or_create(&CONNECT)
         .dec();
+    let reason = how.to_string();
     tracing::info!(agent_id = %stream.end.agent_id, stream = stream.end.stream_id, reason, conns, dials, "agent disconnected");
 }

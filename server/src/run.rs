@@ -1,12 +1,10 @@
 //! Wiring: the listeners, the runtime, serving, and shutdown.
-use crate::agent_port::AgentSvc;
 use crate::frontend::{grpc::ProxySvc, http_connect};
 use crate::options::{Mode, Options};
-use crate::{auth, health, metrics, registry, Server};
+use crate::{agent_port, auth, health, metrics, registry, Server};
 use anyhow::{Context, Result};
 use futures::StreamExt;
 use spoke_process::admin::bind_addr;
-use spoke_proto::agent_service_server::AgentServiceServer;
 use spoke_proto::proxy_service_server::ProxyServiceServer;
 use spoke_tunnel::h2_authority::AuthorityFilter;
 use spoke_tunnel::listen::{tls_incoming, TlsIo};
@@ -96,7 +94,6 @@ fn grpc_server(keepalive: Duration) -> GrpcServer {
 
 async fn serve(server: Arc<Server>) -> Result<()> {
     let o = &server.opts;
-    let max_msg = o.max_grpc_message_size;
 
     // Agent listener: always TLS, mutual when --cluster-ca-cert is given.
     let agent_tls = server_tls(
@@ -113,21 +110,7 @@ async fn serve(server: Arc<Server>) -> Result<()> {
         .await
         .with_context(|| format!("agent listener: cannot listen on {agent_addr}"))?;
     tracing::info!(%agent_addr, server_id = %o.server_id, server_count = o.server_count, "listening for agents");
-    let agents = tls_incoming(
-        "agent",
-        agent_listener,
-        agent_tls,
-        server.metrics.tls.clone(),
-    )
-    .map(|r| r.map(TlsIo));
-    let agent_svc = AgentServiceServer::new(AgentSvc {
-        server: server.clone(),
-    })
-    .max_decoding_message_size(max_msg)
-    .max_encoding_message_size(max_msg);
-    let agent_server = grpc_server(o.keepalive_time)
-        .add_service(agent_svc)
-        .serve_with_incoming(agents);
+    let agent_server = agent_port::serve(server.clone(), agent_listener, agent_tls);
 
     let frontend_listener = bind_frontend(&server).await?;
     // Every listener is bound: now the health port may say so.
@@ -135,7 +118,7 @@ async fn serve(server: Arc<Server>) -> Result<()> {
     let frontend = serve_frontend(server.clone(), frontend_listener);
     let serving = async {
         tokio::select! {
-            r = agent_server => r.context("agent server failed"),
+            _ = agent_server => Err(anyhow::anyhow!("agent port stopped")),
             r = frontend => r,
         }
     };

@@ -24,6 +24,8 @@ use tonic::Code;
 const OUTPUT_HIGH: usize = 512 * 1024;
 /// Turns of the loop before the task yields to others.
 const BUDGET: usize = 64;
+/// A connection with nothing to do for this long gives its buffers back.
+const IDLE_TRIM: Duration = Duration::from_secs(2);
 
 /// How a stream ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -119,6 +121,9 @@ pub struct Driver<S> {
     max_message: usize,
     /// Scratch for messages cut from DATA.
     messages: Vec<Bytes>,
+    /// Checks for idleness, and whether anything happened since the last check.
+    trim_timer: Pin<Box<tokio::time::Sleep>>,
+    active: bool,
 }
 
 impl<S: Socket> Driver<S> {
@@ -148,6 +153,8 @@ impl<S: Socket> Driver<S> {
             keepalive,
             max_message: opts.max_message,
             messages: Vec::new(),
+            trim_timer: Box::pin(tokio::time::sleep(IDLE_TRIM)),
+            active: false,
         }
     }
 
@@ -278,11 +285,23 @@ impl<S: Socket> Driver<S> {
             while let Some(b) = self.conn.take_output() {
                 self.io.queue(b);
             }
+            let unsent = self.io.unsent();
             if let Poll::Ready(Err(e)) = self.io.poll_flush(cx) {
                 return Poll::Ready(Err(Ended::Connection(e.to_string())));
             }
+            // Room made in the output lets the streams send more: go round again.
+            progress |= self.io.unsent() < unsent;
             if let Err(e) = self.poll_keepalive(cx) {
                 return Poll::Ready(Err(e));
+            }
+            self.active |= progress;
+            if self.trim_timer.as_mut().poll(cx).is_ready() {
+                if !std::mem::take(&mut self.active) {
+                    self.io.trim();
+                }
+                let next = tokio::time::Instant::now() + IDLE_TRIM;
+                self.trim_timer.as_mut().reset(next);
+                let _ = self.trim_timer.as_mut().poll(cx);
             }
             if self.conn.role() == Role::Client
                 && self.streams.is_empty()

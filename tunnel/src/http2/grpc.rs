@@ -171,6 +171,30 @@ pub fn request(scheme: &str, authority: &str, path: &str, user_agent: &str) -> H
     h
 }
 
+/// Adds custom metadata, refusing a value HTTP/2 may not carry (control characters).
+pub fn metadata(h: &mut Headers, key: &'static str, value: &str) -> Result<(), String> {
+    http::HeaderValue::from_str(value).map_err(|_| format!("invalid {key} value"))?;
+    h.push(key, value.to_string());
+    Ok(())
+}
+
+/// The custom metadata of a header list (pseudo-headers left out), as tonic holds it.
+pub fn metadata_map(h: &Headers) -> tonic::metadata::MetadataMap {
+    let mut map = http::HeaderMap::new();
+    for (n, v) in h.iter() {
+        if n.starts_with(b":") {
+            continue;
+        }
+        if let (Ok(n), Ok(v)) = (
+            http::HeaderName::from_bytes(n),
+            http::HeaderValue::from_bytes(v),
+        ) {
+            map.append(n, v);
+        }
+    }
+    tonic::metadata::MetadataMap::from_headers(map)
+}
+
 /// The headers of a response that goes on.
 pub fn response() -> Headers {
     let mut h = Headers::new();

@@ -6,7 +6,7 @@
 //! off without a copy), and outgoing plaintext is encrypted straight into `tls_out`, written
 //! with as few calls as the socket takes. Nothing is allocated per record once the buffers
 //! have grown to their working size.
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use rustls::client::UnbufferedClientConnection;
 use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
@@ -14,10 +14,10 @@ use std::io;
 use std::task::{Context, Poll};
 use tokio::io::Interest;
 
-/// How much one read asks the socket for.
-const READ_SIZE: usize = 256 * 1024;
-/// Plaintext is gathered in blocks of this size (HTTP/2 frames are split off it).
-const PLAIN_BLOCK: usize = 256 * 1024;
+/// Reads start this large and double while the socket fills them, up to `MAX_READ`: an idle
+/// connection keeps small buffers, a busy one makes few large reads.
+const MIN_READ: usize = 16 * 1024;
+const MAX_READ: usize = 256 * 1024;
 /// The most ciphertext written per write call.
 const WRITE_SIZE: usize = 256 * 1024;
 
@@ -83,9 +83,6 @@ struct Ring {
 }
 
 impl Ring {
-    fn filled(&mut self) -> &mut [u8] {
-        &mut self.buf[self.start..self.end]
-    }
     fn len(&self) -> usize {
         self.end - self.start
     }
@@ -120,8 +117,10 @@ impl Ring {
 pub struct Io<S> {
     pub socket: S,
     crypto: Crypto,
-    tls_in: Ring,
+    tls_in: BytesMut,
     tls_out: Ring,
+    /// What the next read asks for.
+    read_size: usize,
     /// Decrypted bytes not yet taken as frames.
     pub plain: BytesMut,
     /// Plaintext waiting to be encrypted (TLS) or written (plain), and its length.
@@ -141,8 +140,9 @@ impl<S: Socket> Io<S> {
         Io {
             socket,
             crypto,
-            tls_in: Ring::default(),
+            tls_in: BytesMut::new(),
             tls_out: Ring::default(),
+            read_size: MIN_READ,
             plain: BytesMut::new(),
             pending: Default::default(),
             pending_len: 0,
@@ -158,7 +158,15 @@ impl<S: Socket> Io<S> {
     /// Completes the TLS handshake (nothing to do without TLS).
     pub async fn handshake(&mut self) -> io::Result<()> {
         loop {
-            let need_input = self.process()? == Progress::NeedInput;
+            let need_input = match self.process() {
+                Ok(p) => p == Progress::NeedInput,
+                Err(e) => {
+                    // Tell the peer why (the alert is encoded already), as far as it listens.
+                    let flush = std::future::poll_fn(|cx| self.poll_flush(cx));
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), flush).await;
+                    return Err(e);
+                }
+            };
             std::future::poll_fn(|cx| self.poll_flush(cx)).await?;
             let handshaking = match &self.crypto {
                 Crypto::Plain => false,
@@ -213,11 +221,12 @@ impl<S: Socket> Io<S> {
 
     fn poll_read_plain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         loop {
-            if self.plain.capacity() - self.plain.len() < READ_SIZE / 4 {
-                self.plain.reserve(PLAIN_BLOCK);
-            }
+            let room = reserve(&mut self.plain, self.read_size);
             match self.socket.try_read_bytes(&mut self.plain) {
-                Ok(n) => return Poll::Ready(Ok(n)),
+                Ok(n) => {
+                    self.grow_reads(n, room);
+                    return Poll::Ready(Ok(n));
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     std::task::ready!(self.socket.poll_ready(cx, Interest::READABLE))?
                 }
@@ -228,10 +237,10 @@ impl<S: Socket> Io<S> {
 
     fn poll_read_tls(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         loop {
-            let spare = self.tls_in.spare(READ_SIZE);
-            match self.socket.try_read_into(spare) {
+            let room = reserve(&mut self.tls_in, self.read_size);
+            match self.socket.try_read_bytes(&mut self.tls_in) {
                 Ok(n) => {
-                    self.tls_in.filled_by(n);
+                    self.grow_reads(n, room);
                     return Poll::Ready(Ok(n));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -240,6 +249,27 @@ impl<S: Socket> Io<S> {
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
+    }
+
+    /// A read that filled its buffer asks for twice as much next time.
+    fn grow_reads(&mut self, got: usize, room: usize) {
+        if got == room && self.read_size < MAX_READ {
+            self.read_size *= 2;
+        }
+    }
+
+    /// Gives back the memory of buffers that hold nothing (an idle connection).
+    pub fn trim(&mut self) {
+        if self.tls_in.is_empty() {
+            self.tls_in = BytesMut::new();
+        }
+        if self.plain.is_empty() {
+            self.plain = BytesMut::new();
+        }
+        if self.tls_out.len() == 0 {
+            self.tls_out = Ring::default();
+        }
+        self.read_size = MIN_READ;
     }
 
     /// Runs rustls over the ciphertext held: answers the handshake, decrypts application data
@@ -264,17 +294,36 @@ impl<S: Socket> Io<S> {
                 Progress::NeedInput
             }
             Crypto::Client(c) => loop {
-                let status = c.process_tls_records(tls_in.filled());
-                let (discard, progress) = step(status, tls_out, plain, pending)?;
-                tls_in.consume(discard);
+                let status = c.process_tls_records(&mut tls_in[..]);
+                let (discard, progress) = match step(status, tls_out, plain, pending) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        // The fatal alert rustls queued goes out before we hang up.
+                        while let ConnectionStateKind::Encoded =
+                            encode_pending(c.process_tls_records(&mut tls_in[..]), tls_out)
+                        {
+                        }
+                        return Err(e);
+                    }
+                };
+                tls_in.advance(discard);
                 if let Some(p) = progress {
                     break p;
                 }
             },
             Crypto::Server(c) => loop {
-                let status = c.process_tls_records(tls_in.filled());
-                let (discard, progress) = step(status, tls_out, plain, pending)?;
-                tls_in.consume(discard);
+                let status = c.process_tls_records(&mut tls_in[..]);
+                let (discard, progress) = match step(status, tls_out, plain, pending) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        while let ConnectionStateKind::Encoded =
+                            encode_pending(c.process_tls_records(&mut tls_in[..]), tls_out)
+                        {
+                        }
+                        return Err(e);
+                    }
+                };
+                tls_in.advance(discard);
                 if let Some(p) = progress {
                     break p;
                 }
@@ -357,14 +406,52 @@ impl<S: Socket> Io<S> {
     pub fn close_notify(&mut self) {
         self.process().ok();
         let Io {
-            crypto, tls_out, ..
+            crypto,
+            tls_in,
+            tls_out,
+            ..
         } = self;
+        // rustls must see the same input buffer on every call (it keeps offsets into it).
         let _ = match crypto {
             Crypto::Plain => return,
-            Crypto::Client(c) => close_notify(c.process_tls_records(&mut []), tls_out),
-            Crypto::Server(c) => close_notify(c.process_tls_records(&mut []), tls_out),
+            Crypto::Client(c) => close_notify(c.process_tls_records(&mut tls_in[..]), tls_out),
+            Crypto::Server(c) => close_notify(c.process_tls_records(&mut tls_in[..]), tls_out),
         };
     }
+}
+
+/// Whether a call after an error still had TLS data (an alert) to encode.
+enum ConnectionStateKind {
+    Encoded,
+    Done,
+}
+
+fn encode_pending<Data>(
+    status: UnbufferedStatus<'_, '_, Data>,
+    out: &mut Ring,
+) -> ConnectionStateKind {
+    match status.state {
+        Ok(ConnectionState::EncodeTlsData(mut e)) => {
+            if let Ok(n) = e.encode(out.spare(1024)) {
+                out.filled_by(n);
+            }
+            ConnectionStateKind::Encoded
+        }
+        Ok(ConnectionState::TransmitTlsData(t)) => {
+            t.done();
+            ConnectionStateKind::Encoded
+        }
+        _ => ConnectionStateKind::Done,
+    }
+}
+
+/// Room for at least `want` more bytes in `buf` (a fresh block when the old one is shared
+/// with frames handed out); returns the room there is.
+fn reserve(buf: &mut BytesMut, want: usize) -> usize {
+    if buf.capacity() - buf.len() < want / 2 {
+        buf.reserve(want);
+    }
+    buf.capacity() - buf.len()
 }
 
 fn close_notify<Data>(status: UnbufferedStatus<'_, '_, Data>, out: &mut Ring) -> Option<()> {
@@ -392,7 +479,7 @@ fn step<Data>(
                 let record = record.map_err(tls_err)?;
                 discard += record.discard;
                 if plain.capacity() - plain.len() < record.payload.len() {
-                    plain.reserve(PLAIN_BLOCK.max(record.payload.len()));
+                    plain.reserve(MAX_READ.max(record.payload.len()));
                 }
                 plain.extend_from_slice(record.payload);
             }

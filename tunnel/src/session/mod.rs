@@ -9,9 +9,11 @@
 //! ([`AgentEnd`]) serves dials to its endpoints.
 mod agent_end;
 mod server_end;
+mod stream_end;
 
 pub use agent_end::{AgentEnd, EndpointDialer};
 pub use server_end::{DialOutcome, PendingDial, ServerEnd};
+pub use stream_end::{OnEnd, SessionEnd};
 
 use crate::conns::{new_conn, ConnParts, ConnTable, Delivery, FlowConfig};
 use crate::metrics::{count, ReasonLabels, RelayMetrics, StreamMetrics};
@@ -199,10 +201,7 @@ impl<E: End> Session<E> {
                 _ = self.outbound.closed.cancelled() => return "stream failed".to_string(),
             };
             match next {
-                Some(Ok(p)) => {
-                    self.metrics.stream.packet(self.metrics.received, p.r#type);
-                    self.dispatch(p);
-                }
+                Some(Ok(p)) => self.receive(p),
                 None => return "peer closed the stream".to_string(),
                 Some(Err(status)) => {
                     let m = &self.metrics;
@@ -224,6 +223,12 @@ impl<E: End> Session<E> {
             E::dial_cancelled(self, p, Cancelled::StreamGone);
         }
         (conns, n)
+    }
+
+    /// A packet from the peer, counted and dispatched.
+    pub fn receive(self: &Arc<Self>, p: Packet) {
+        self.metrics.stream.packet(self.metrics.received, p.r#type);
+        self.dispatch(p);
     }
 
     /// Handles one packet from the peer. Never waits: replies go to the control queue.
