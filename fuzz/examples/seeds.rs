@@ -1,12 +1,14 @@
 //! Writes the seed corpus (`fuzz/seeds/<target>/`): well-formed conversations that take
 //! the fuzzer straight into established connections. `cargo run --example seeds`.
 use bytes::Bytes;
+use spoke_proto::packet::Payload;
+use spoke_proto::{DialRequest, Packet, PacketType};
 use spoke_tunnel::packet;
 use std::path::Path;
 use tonic_prost::prost::Message;
 
 /// Operation 0 of the packet targets: a wire packet.
-fn wire(p: spoke_proto::Packet) -> Vec<u8> {
+fn wire(p: Packet) -> Vec<u8> {
     let b = p.encode_to_vec();
     let mut v = vec![0];
     v.extend_from_slice(&(b.len() as u16).to_le_bytes());
@@ -23,46 +25,75 @@ fn write(target: &str, name: &str, data: &[u8]) {
 }
 
 fn main() {
-    // Server: cap 36, credits with a peer window of 1; dial, answer, data, credit, close.
+    // Server (`packets_server`), with credits (cap 36, peer window 1) and without (cap 22).
     for (name, cfg) in [("server-credits", 0x25u8), ("server-plain", 0x03)] {
         let mut s = vec![cfg];
-        s.extend([3, 5]); // frontend dials random 5
-        s.extend([10, 4]); // agent reads the DIAL_REQ
+        s.extend([3, 5]); // a frontend dials random 5
+        s.extend([10, 4]); // the agent reads the DIAL_REQ
         s.extend(wire(packet::dial_ok(5, 7)));
-        s.extend([5, 0]); // frontend picks up the connection
+        s.extend([5, 0]); // the frontend takes connection 7 and starts its relay
         s.extend(wire(packet::data(7, Bytes::from_static(b"hello"))));
-        s.extend(wire(packet::data(7, Bytes::from(vec![b'x'; 40]))));
-        s.extend([6, 0, 0, 3]); // relay drains 3 chunks
+        s.extend(wire(packet::data(7, Bytes::from(vec![b'x'; 40])))); // past the cap
+        s.extend([6, 0, 0, 3]); // the relay drains 3 chunks
         s.extend(wire(packet::credit(7, 100)));
-        s.extend([6, 1, 0, 50, 0]); // relay reads 50 bytes from its endpoint
+        s.extend([6, 1, 0, 50, 0]); // the relay reads 50 bytes from its frontend
         s.extend([10, 8]);
         s.extend(wire(packet::close_rsp(7, "")));
-        s.extend([6, 3, 0]); // relay notices the close
+        s.extend([6, 3, 0]); // the relay sees the close
         s.extend([3, 6]);
         s.extend(wire(packet::dial_err(6, "dial tcp: refused".into())));
-        s.extend([5, 0]);
+        s.extend([5, 0]); // the frontend takes the failure
+        s.extend([3, 8, 4, 0, 0]); // dial 8, and its frontend gives up (abandon_dial)
+        s.extend([3, 9, 4, 0, 1]); // dial 9, dropped while the answer is on its way
+        s.extend(wire(packet::dial_ok(9, 11))); // nobody takes it: CLOSE_REQ
+        s.extend([3, 10, 3, 10]); // a second dial under pending id 10 is refused
+        s.extend(wire(packet::dial_cls(10))); // the agent cancels dial 10
+        s.extend([4, 0, 0]); // its frontend hangs up before reading the failure
+        s.extend([3, 12]);
+        s.extend(wire(packet::dial_ok(12, 13)));
+        s.extend([5, 0, 6, 2, 0]); // connection 13 starts and its frontend goes away
+        s.extend(wire(packet::data(13, Bytes::from_static(b"late")))); // unknown now
+        s.extend(wire(packet::dial_ok(99, 14))); // answers no dial
+        s.extend([3, 15, 10, 20]); // dial 15 is pending when the stream ends
         s.extend(wire(packet::drain()));
         write("packets_server", name, &s);
     }
-    // Agent: dial request, dial completes, data both ways, close from the server.
+    // Agent (`packets_agent`): dials served, refused, cancelled, failed; data both ways.
     for (name, cfg) in [("agent-credits", 0x65u8), ("agent-plain", 0x02)] {
         let mut a = vec![cfg];
         a.extend(wire(packet::dial_req("10.0.0.1:10250".into(), 9)));
-        a.extend(wire(packet::dial_req("10.0.0.1:10250".into(), 9)));
-        a.extend([3, 0, 1]); // dial 9 succeeds: connection 1
+        a.extend(wire(packet::dial_req("10.0.0.1:10250".into(), 9))); // duplicate id
+        a.extend([3, 0, 1]); // dial 9 connects: connection 1
         a.extend(wire(packet::data(
             1,
             Bytes::from_static(b"GET / HTTP/1.1\r\n\r\n"),
         )));
-        a.extend([4, 0, 0, 2]);
+        a.extend([4, 0, 0, 2]); // the relay drains 2 chunks
         a.extend(wire(packet::credit(1, 64)));
-        a.extend([4, 1, 0, 20, 0]);
-        a.extend([9, 8]);
+        a.extend([4, 1, 0, 20, 0]); // the relay reads 20 bytes from its endpoint
+        a.extend([9, 8]); // the server reads
         a.extend(wire(packet::close_req(1)));
-        a.extend([4, 3, 0]);
+        a.extend([4, 3, 0]); // the relay sees the close
         a.extend(wire(packet::dial_req("10.0.0.2:22".into(), 10)));
         a.extend(wire(packet::dial_cls(10)));
-        a.extend(wire(packet::data(99, Bytes::new())));
+        a.extend([3, 0, 1]); // dial 10 connects as it is cancelled: nothing to answer
+        a.extend(wire(packet::dial_req("10.0.0.2:22".into(), 10)));
+        a.extend([3, 0, 0]); // the new dial 10 fails
+        a.extend(wire(packet::data(99, Bytes::new()))); // unknown connection
+        a.extend([10]); // the agent's limits are reached
+        a.extend(wire(packet::dial_req("10.0.0.3:443".into(), 11))); // refused
+        a.extend([10]);
+        a.extend(wire(Packet {
+            r#type: PacketType::DialReq as i32,
+            payload: Some(Payload::DialRequest(DialRequest {
+                protocol: "udp".into(),
+                address: "10.0.0.3:53".into(),
+                random: 12,
+            })),
+        }));
+        a.extend(wire(packet::dial_req("10.0.0.1:10250".into(), 13)));
+        a.extend([3, 0, 1, 4, 2, 0]); // connection 2 opens and its endpoint closes it
+        a.extend(wire(packet::dial_req("10.0.0.1:10250".into(), 14))); // pending at the end
         write("packets_agent", name, &a);
     }
     let heads: [&[u8]; 5] = [
@@ -100,7 +131,10 @@ fn main() {
         (":method", "POST"),
         (":scheme", "http"),
         (":path", "/ProxyService/Proxy"),
-        (":authority", "/etc/kubernetes/konnectivity-server/konnectivity-server.socket"),
+        (
+            ":authority",
+            "/etc/kubernetes/konnectivity-server/konnectivity-server.socket",
+        ),
         ("content-type", "application/grpc"),
         ("te", "trailers"),
     ]);

@@ -52,6 +52,8 @@ pub struct ServerOpts {
     id: Option<String>,
     count: u32,
     cluster_cert: Option<CertKey>,
+    /// Whether agents must present a certificate of the main CA (`--cluster-ca-cert`).
+    agent_certs: bool,
     extra: Vec<String>,
 }
 
@@ -64,6 +66,7 @@ impl ServerOpts {
             id: None,
             count: 1,
             cluster_cert: None,
+            agent_certs: true,
             extra: Vec::new(),
         }
     }
@@ -82,10 +85,19 @@ impl ServerOpts {
         self.cluster_cert = Some(ck);
         self
     }
+    /// No `--cluster-ca-cert`: agents authenticate with a token instead of a certificate.
+    pub fn agent_tokens(mut self) -> Self {
+        self.agent_certs = false;
+        self
+    }
     /// Extra `--flag=value`.
     pub fn arg(mut self, a: &str) -> Self {
         self.extra.push(a.to_string());
         self
+    }
+    /// kube-apiserver's usual set-up: HTTP CONNECT over the Unix socket.
+    pub fn uds() -> Self {
+        Self::new(Mode::HttpConnect, Transport::Uds)
     }
 }
 
@@ -94,6 +106,7 @@ impl ServerOpts {
 pub struct AgentOpts {
     server: SocketAddr,
     cert: Option<CertKey>,
+    token: Option<PathBuf>,
     ca: Option<PathBuf>,
     id: String,
     extra: Vec<String>,
@@ -105,6 +118,7 @@ impl AgentOpts {
         Self {
             server,
             cert: None,
+            token: None,
             ca: None,
             id: "agent-1".into(),
             extra: Vec::new(),
@@ -113,6 +127,11 @@ impl AgentOpts {
     /// Client certificate (default: main CA's agent cert).
     pub fn cert(mut self, ck: CertKey) -> Self {
         self.cert = Some(ck);
+        self
+    }
+    /// Authenticate with the service-account token in `path` and no client certificate.
+    pub fn token(mut self, path: PathBuf) -> Self {
+        self.token = Some(path);
         self
     }
     /// CA used to verify the server (default: main CA).
@@ -257,7 +276,6 @@ impl Env {
             flag("agent-port", agent_port),
             file_flag("cluster-cert", &cluster.cert),
             file_flag("cluster-key", &cluster.key),
-            file_flag("cluster-ca-cert", &main.ca),
             flag("health-bind-address", "127.0.0.1"),
             flag("health-port", health_port),
             flag("admin-bind-address", "127.0.0.1"),
@@ -265,6 +283,9 @@ impl Env {
             flag("server-id", &id),
             flag("server-count", opts.count),
         ]);
+        if opts.agent_certs {
+            args.push(file_flag("cluster-ca-cert", &main.ca));
+        }
         args.extend(opts.extra);
         let proc = Proc::spawn(
             &format!("spoke-server {id}"),
@@ -295,8 +316,6 @@ impl Env {
             flag("proxy-server-host", opts.server.ip()),
             flag("proxy-server-port", opts.server.port()),
             file_flag("ca-cert", opts.ca.as_ref().unwrap_or(&main.ca)),
-            file_flag("agent-cert", &cert.cert),
-            file_flag("agent-key", &cert.key),
             flag("agent-id", &opts.id),
             flag("health-server-host", "127.0.0.1"),
             flag("health-server-port", health_port),
@@ -306,6 +325,13 @@ impl Env {
             flag("sync-interval-cap", "1s"),
             flag("ebpf", "off"),
         ];
+        match &opts.token {
+            Some(path) => args.push(file_flag("service-account-token-path", path)),
+            None => args.extend([
+                file_flag("agent-cert", &cert.cert),
+                file_flag("agent-key", &cert.key),
+            ]),
+        }
         args.extend(opts.extra);
         let log = self.dir.join(&format!("{}.log", opts.id));
         let proc = Proc::spawn(
@@ -383,39 +409,18 @@ impl Server {
         })
         .await;
     }
-    /// Waits for /readyz 200 (≥1 agent connected).
-    pub async fn wait_ready(&mut self) {
-        wait_status(
-            &mut self.proc,
-            self.health_addr,
-            "/readyz",
-            200,
-            STARTUP_TIMEOUT,
-        )
-        .await;
-    }
-    /// Scrapes /metrics on the health port.
-    pub async fn metrics(&self) -> anyhow::Result<Metrics> {
-        crate::metrics::scrape(self.health_addr).await
-    }
-    /// The admin port's `/status` JSON.
-    pub async fn status(&self) -> Result<serde_json::Value, String> {
-        let r = crate::http::get(self.admin_addr, "/status")
-            .await
-            .map_err(|e| format!("{e:#}"))?;
-        if r.status != 200 {
-            return Err(format!("/status answered {} {:?}", r.status, r.body));
-        }
-        serde_json::from_str(&r.body).map_err(|e| format!("/status is not JSON ({e}): {}", r.body))
-    }
     /// Polls until the server holds exactly `n` agent streams (10 s).
     pub async fn wait_agent_streams(&self, n: usize) {
+        self.wait_agent_streams_within(n, Duration::from_secs(10))
+            .await
+    }
+    /// Polls until the server holds exactly `n` agent streams, for at most `limit`.
+    pub async fn wait_agent_streams_within(&self, n: usize, limit: Duration) {
         crate::wait::poll_until(
             &format!("server to hold {n} agent streams"),
-            Duration::from_secs(10),
+            limit,
             || async {
-                let m = self.metrics().await.map_err(|e| format!("{e:#}"))?;
-                match gauge(&m, names::SERVER_READY_BACKENDS)? {
+                match self.gauge(names::SERVER_READY_BACKENDS).await? {
                     v if v == n as f64 => Ok(()),
                     v => Err(format!("ready_backend_connections={v}")),
                 }
@@ -439,29 +444,61 @@ impl Server {
         )
         .await;
     }
+    /// Restarts the process and waits until its agent port accepts again; returns when it did.
+    pub async fn restart(&mut self) -> std::time::Instant {
+        self.proc.restart();
+        let agent_addr = self.agent_addr;
+        crate::wait::poll_until(
+            "restarted server's agent port to accept",
+            STARTUP_TIMEOUT,
+            || async move {
+                TcpStream::connect(agent_addr)
+                    .await
+                    .map(|_| std::time::Instant::now())
+                    .map_err(|e| e.to_string())
+            },
+        )
+        .await
+    }
     /// The Unix socket path (panics for a TLS frontend).
     pub fn uds_path(&self) -> PathBuf {
         self.uds.clone().expect("server has no UDS frontend")
     }
 }
 
-impl Agent {
-    /// Waits for /readyz 200 (a tunnel is up).
-    pub async fn wait_ready(&mut self) {
-        wait_status(
-            &mut self.proc,
-            self.health_addr,
-            "/readyz",
-            200,
-            STARTUP_TIMEOUT,
-        )
-        .await;
-    }
-    /// Scrapes /metrics on the health port.
-    pub async fn metrics(&self) -> anyhow::Result<Metrics> {
-        crate::metrics::scrape(self.health_addr).await
-    }
+/// What a server and an agent both serve: readiness and metrics on the health port, `/status`
+/// on the admin port.
+macro_rules! health_and_admin {
+    ($process:ty, $ready:literal) => {
+        impl $process {
+            #[doc = $ready]
+            pub async fn wait_ready(&mut self) {
+                wait_status(
+                    &mut self.proc,
+                    self.health_addr,
+                    "/readyz",
+                    200,
+                    STARTUP_TIMEOUT,
+                )
+                .await;
+            }
+            /// Scrapes /metrics on the health port.
+            pub async fn metrics(&self) -> anyhow::Result<Metrics> {
+                crate::metrics::scrape(self.health_addr).await
+            }
+            /// Gauge `name` from a fresh scrape, as an error string if unreadable.
+            pub async fn gauge(&self, name: &str) -> Result<f64, String> {
+                gauge(&self.metrics().await.map_err(|e| format!("{e:#}"))?, name)
+            }
+            /// The admin port's `/status` JSON.
+            pub async fn status(&self) -> Result<serde_json::Value, String> {
+                crate::http::status_json(self.admin_addr).await
+            }
+        }
+    };
 }
+health_and_admin!(Server, "Waits for /readyz 200 (≥1 agent connected).");
+health_and_admin!(Agent, "Waits for /readyz 200 (a tunnel is up).");
 
 /// Reads gauge `name` from a scrape, as an error string if absent.
 pub fn gauge(m: &Metrics, name: &str) -> Result<f64, String> {

@@ -56,11 +56,12 @@ pub struct Reply {
 /// Sends `CONNECT target` on `io` and reads the response header byte by byte, so no tunnel byte
 /// is consumed. For a non-200 answer the body is read until the proxy closes (5 s at most).
 pub async fn connect_on(io: BoxIo, target: &str) -> anyhow::Result<(Reply, BoxIo)> {
-    request_on(
-        io,
-        &format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n"),
-    )
-    .await
+    request_on(io, &head(target)).await
+}
+
+/// The request head of a CONNECT to `target`, as curl writes it.
+pub fn head(target: &str) -> String {
+    format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n")
 }
 
 /// The CONNECT head kube-apiserver's egress dialer writes (`proxyProtocol: HTTPConnect`, over
@@ -151,6 +152,20 @@ pub async fn echo_roundtrip(frontend: &Frontend, echo: &str) -> anyhow::Result<(
     anyhow::ensure!(
         &back == msg,
         "echo returned {:?}",
+        String::from_utf8_lossy(&back)
+    );
+    Ok(())
+}
+
+/// One echo round trip of `msg` on an open tunnel to an echo server (5 s at most).
+pub async fn echo_once(io: &mut BoxIo, msg: &[u8]) -> anyhow::Result<()> {
+    io.write_all(msg).await?;
+    let mut back = vec![0u8; msg.len()];
+    tokio::time::timeout(Duration::from_secs(5), io.read_exact(&mut back)).await??;
+    anyhow::ensure!(
+        back == msg,
+        "echo mismatch: sent {:?}, got {:?}",
+        String::from_utf8_lossy(msg),
         String::from_utf8_lossy(&back)
     );
     Ok(())

@@ -1,10 +1,10 @@
-//! Fault-injection plumbing for e2e_faults / e2e_ops: running code and creating sockets inside a
-//! network namespace (per thread, so the test process itself never leaves the root namespace),
-//! a TCP relay that can hold every chunk for a fixed delay (a userspace "long link"), two
+//! Fault-injection plumbing for e2e_faults / e2e_ops: sockets inside a network namespace (made
+//! by a thread that joined it, so the test process itself never leaves the root namespace), a
+//! TCP relay that can hold every chunk for a fixed delay (a userspace "long link"), two
 //! namespaces joined by a veth pair, and signals for processes under test.
 //!
-//! Nothing is added to the root namespace: addresses and links live only in namespaces created
-//! here (deleted on drop by [`crate::nsguard::NetNs`]).
+//! Nothing is added to the root namespace: addresses and links live only in namespaces of
+//! [`crate::netns`].
 
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -17,45 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::nsguard::NetNs;
-
-fn setns(name: &str) -> anyhow::Result<()> {
-    let path = format!("/var/run/netns/{name}");
-    let file = std::fs::File::open(&path).with_context(|| format!("open {path}"))?;
-    // SAFETY: setns on a valid namespace fd only changes the calling thread's network namespace.
-    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-    anyhow::ensure!(
-        rc == 0,
-        "setns({path}): {}",
-        std::io::Error::last_os_error()
-    );
-    Ok(())
-}
-
-/// Runs `f` on a scoped thread that joined namespace `ns` (borrows allowed). Processes spawned
-/// and sockets created by `f` live in the namespace. Panics propagate.
-pub fn in_ns<T: Send>(ns: &NetNs, f: impl FnOnce() -> T + Send) -> T {
-    let name = ns.name().to_string();
-    std::thread::scope(|s| {
-        s.spawn(move || {
-            setns(&name).expect("enter namespace");
-            f()
-        })
-        .join()
-        .unwrap_or_else(|e| std::panic::resume_unwind(e))
-    })
-}
-
-/// Like [`in_ns`] with a fresh current-thread tokio runtime around `fut`.
-pub fn block_in_ns<T: Send>(ns: &NetNs, fut: impl std::future::Future<Output = T> + Send) -> T {
-    in_ns(ns, move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime")
-            .block_on(fut)
-    })
-}
+use crate::netns::{veth, NetNs};
 
 /// Binds a TCP listener at `addr` inside `ns` (root namespace if `None`).
 pub fn listen_in(ns: Option<&NetNs>, addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
@@ -65,7 +27,7 @@ pub fn listen_in(ns: Option<&NetNs>, addr: SocketAddr) -> anyhow::Result<std::ne
         Ok(l)
     };
     match ns {
-        Some(ns) => in_ns(ns, bind),
+        Some(ns) => ns.run(bind),
         None => bind(),
     }
 }
@@ -79,12 +41,11 @@ pub async fn connect_in(ns: Option<String>, addr: SocketAddr) -> std::io::Result
                 .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect"))?
         }
         Some(name) => tokio::task::spawn_blocking(move || {
-            std::thread::spawn(move || {
-                setns(&name).map_err(std::io::Error::other)?;
-                std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-            })
-            .join()
-            .map_err(|_| std::io::Error::other("connect thread panicked"))?
+            NetNs::named(&name)
+                .spawn(move || std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)))
+                .join()
+                .map_err(|_| std::io::Error::other("connect thread panicked"))?
+                .map_err(std::io::Error::other)?
         })
         .await
         .map_err(std::io::Error::other)??,
@@ -213,82 +174,28 @@ pub const LEFT_IP: [u8; 4] = [10, 213, 7, 1];
 /// Address of the right end.
 pub const RIGHT_IP: [u8; 4] = [10, 213, 7, 2];
 
-fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = std::process::Command::new("ip").args(args).output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
 impl Link {
-    /// Creates both namespaces and the veth pair (created inside `left`, so the root namespace
-    /// never sees it).
+    /// Makes both namespaces and the veth pair (inside `left`, so the root namespace never
+    /// sees it).
     pub fn create() -> anyhow::Result<Self> {
-        let left = NetNs::create()?;
-        let right = NetNs::create()?;
-        ip(&[
-            "-n",
-            left.name(),
-            "link",
-            "add",
+        let left = NetNs::create("left")?;
+        let right = NetNs::create("right")?;
+        veth(
+            &left,
             "vl",
-            "type",
-            "veth",
-            "peer",
-            "name",
+            &["10.213.7.1/30"],
+            &right,
             "vr",
-            "netns",
-            right.name(),
-        ])?;
-        ip(&[
-            "-n",
-            left.name(),
-            "addr",
-            "add",
-            "10.213.7.1/30",
-            "dev",
-            "vl",
-        ])?;
-        ip(&[
-            "-n",
-            right.name(),
-            "addr",
-            "add",
-            "10.213.7.2/30",
-            "dev",
-            "vr",
-        ])?;
-        ip(&["-n", left.name(), "link", "set", "vl", "up"])?;
-        ip(&["-n", right.name(), "link", "set", "vr", "up"])?;
+            &["10.213.7.2/30"],
+        )?;
         Ok(Self { left, right })
     }
 
     /// `ip link set vl up|down` in the left namespace (silently cuts or restores the path).
     pub fn set_up(&self, up: bool) -> anyhow::Result<()> {
-        ip(&[
-            "-n",
-            self.left.name(),
-            "link",
-            "set",
-            "vl",
-            if up { "up" } else { "down" },
-        ])
+        let state = if up { "up" } else { "down" };
+        self.left.ip(&["link", "set", "vl", state]).map(drop)
     }
-}
-
-/// Whether `ip` and `nft` exist (for namespace tests).
-pub fn have_tools() -> bool {
-    ["ip", "nft"].iter().all(|t| {
-        std::process::Command::new(t)
-            .arg("-V")
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    })
 }
 
 /// Sends `sig` to `pid`.

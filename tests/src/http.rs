@@ -76,6 +76,28 @@ async fn request_inner(
     parse_response(&raw)
 }
 
+/// Polls `GET path` on `addr` until it answers `want`, for at most `limit`; returns the body.
+pub async fn wait_code(addr: SocketAddr, path: &str, want: u16, limit: Duration) -> String {
+    crate::wait::poll_until(&format!("GET {path} -> {want}"), limit, || async {
+        let r = get(addr, path).await.map_err(|e| format!("{e:#}"))?;
+        if r.status == want {
+            Ok(r.body)
+        } else {
+            Err(format!("status {} body {:?}", r.status, r.body))
+        }
+    })
+    .await
+}
+
+/// The `/status` JSON of the admin port at `addr`.
+pub async fn status_json(addr: SocketAddr) -> Result<serde_json::Value, String> {
+    let r = get(addr, "/status").await.map_err(|e| format!("{e:#}"))?;
+    if r.status != 200 {
+        return Err(format!("/status answered {} {:?}", r.status, r.body));
+    }
+    serde_json::from_str(&r.body).map_err(|e| format!("/status is not JSON ({e}): {}", r.body))
+}
+
 /// Parses a complete HTTP/1.1 response (Content-Length, chunked, or read-to-close body).
 pub fn parse_response(raw: &[u8]) -> anyhow::Result<Response> {
     let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {

@@ -5,6 +5,7 @@
 pub mod backends;
 pub mod bins;
 pub mod certs;
+pub mod cgroup;
 pub mod cluster;
 pub mod connect;
 pub mod curl;
@@ -17,7 +18,7 @@ pub mod grpc;
 pub mod h2wire;
 pub mod http;
 pub mod metrics;
-pub mod nsguard;
+pub mod netns;
 pub mod ports;
 pub mod process;
 pub mod procfs;

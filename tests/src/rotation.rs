@@ -1,87 +1,21 @@
-//! Certificate rotation: a throwaway CA issuing leaves, atomic file replacement and a probe for
-//! the certificate a TLS port serves.
+//! Certificate rotation: atomic file replacement and a probe for the certificate a TLS port
+//! serves (the certificates come from [`crate::certs::Ca`]).
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 
 use crate::certs::CertKey;
 use crate::wait::poll_until;
 
-/// A CA apart from the harness's PKI, issuing the certificates a test rotates in.
-pub struct RotCa {
-    /// The CA certificate (PEM).
-    pub ca_pem: String,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-impl RotCa {
-    /// A fresh self-signed CA named `cn`.
-    pub fn new(cn: &str) -> Self {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, cn);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let key = KeyPair::generate().unwrap();
-        let ca_pem = params.self_signed(&key).unwrap().pem();
-        Self {
-            ca_pem,
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    /// A serving certificate for `localhost` / `127.0.0.1`; returns (cert PEM, key PEM).
-    pub fn server_leaf(&self, cn: &str) -> (String, String) {
-        self.sign(server_params(cn))
-    }
-
-    /// Like [`RotCa::server_leaf`], valid until `year`-01-01; also returns notAfter as Unix time.
-    pub fn server_leaf_until(&self, cn: &str, year: i32) -> (String, String, i64) {
-        let mut params = server_params(cn);
-        params.not_after = rcgen::date_time_ymd(year, 1, 1);
-        let not_after = params.not_after.unix_timestamp();
-        let (cert, key) = self.sign(params);
-        (cert, key, not_after)
-    }
-
-    /// A client certificate; returns (cert PEM, key PEM).
-    pub fn client_leaf(&self, cn: &str) -> (String, String) {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, cn);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        self.sign(params)
-    }
-
-    fn sign(&self, params: CertificateParams) -> (String, String) {
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap().pem();
-        (cert, key.serialize_pem())
-    }
-}
-
-fn server_params(cn: &str) -> CertificateParams {
-    let mut params =
-        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-    params.distinguished_name.push(DnType::CommonName, cn);
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    params
-}
-
 /// Replaces `path` with `content` by a rename, as a secret volume update does.
 pub fn write_atomically(path: &Path, content: &str) {
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, content).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
+    std::fs::write(&tmp, content).unwrap_or_else(|e| panic!("write {}: {e}", tmp.display()));
+    std::fs::rename(&tmp, path).unwrap_or_else(|e| panic!("rename to {}: {e}", path.display()));
 }
 
 /// The DER of the first certificate in `pem`.

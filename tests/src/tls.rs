@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::{ClientConfig, RootCertStore};
+use rustls::{ClientConfig, RootCertStore, SupportedCipherSuite, SupportedProtocolVersion};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
@@ -14,15 +14,29 @@ use crate::certs::CertKey;
 
 /// Client config trusting `ca_pem`, presenting `client` (if any), offering `alpn`.
 pub fn client_config(ca_pem: &str, client: Option<&CertKey>, alpn: &[&[u8]]) -> Arc<ClientConfig> {
+    restricted_client_config(ca_pem, client, alpn, rustls::DEFAULT_VERSIONS, None)
+}
+
+/// Like [`client_config`], restricted to `versions` and, if given, to exactly `suites`.
+pub fn restricted_client_config(
+    ca_pem: &str,
+    client: Option<&CertKey>,
+    alpn: &[&[u8]],
+    versions: &[&'static SupportedProtocolVersion],
+    suites: Option<Vec<SupportedCipherSuite>>,
+) -> Arc<ClientConfig> {
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
         roots.add(cert.expect("CA PEM")).expect("add CA");
     }
-    let builder =
-        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .expect("protocol versions")
-            .with_root_certificates(roots);
+    let mut provider = rustls::crypto::ring::default_provider();
+    if let Some(suites) = suites {
+        provider.cipher_suites = suites;
+    }
+    let builder = ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(versions)
+        .expect("client versions and suites fit")
+        .with_root_certificates(roots);
     let mut config = match client {
         Some(ck) => {
             let chain: Vec<CertificateDer<'static>> =

@@ -53,3 +53,21 @@ pub async fn within<T>(what: &str, timeout: Duration, fut: impl Future<Output = 
         Err(_) => panic!("{what} did not finish within {timeout:?}"),
     }
 }
+
+/// Awaits every task, all within `timeout` (panicking past it, or if a task panicked), and
+/// returns how each failed one failed: `#index: error`.
+pub async fn failures<T>(
+    what: &str,
+    timeout: Duration,
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<T>>>,
+) -> Vec<String> {
+    let results = within(what, timeout, futures::future::join_all(tasks)).await;
+    results
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, r)| {
+            let r = r.unwrap_or_else(|e| panic!("{what}: task #{i} did not finish: {e}"));
+            r.err().map(|e| format!("#{i}: {e:#}"))
+        })
+        .collect()
+}

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use spoke_tests::bins::bin_dir;
-use spoke_tests::nsguard::require_root;
+use spoke_tests::netns::require_root;
 
 fn xtask_bin() -> PathBuf {
     let path = bin_dir().join("xtask");
@@ -40,7 +40,11 @@ fn values(json: &str, key: &str) -> Vec<f64> {
 
 #[test]
 fn bench_harness_tiny_run() {
-    if !require_root("bench_harness_tiny_run") {
+    if !require_root(
+        "bench_harness_tiny_run",
+        "root (network namespaces, nftables)",
+        &[],
+    ) {
         return;
     }
     // Make sure the binaries under test exist before starting the clock.

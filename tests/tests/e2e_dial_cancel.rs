@@ -19,7 +19,7 @@ use spoke_tests::cluster::{
 };
 use spoke_tests::grpc::{self, PacketStream};
 use spoke_tests::metrics::{names, Metrics};
-use spoke_tests::nsguard::{require_root, NetNs};
+use spoke_tests::netns::{require_root, NetNs};
 use spoke_tests::wait::{holds_for, poll_until};
 
 /// Port inside the namespace whose SYNs are dropped: a dial to it hangs.
@@ -53,19 +53,10 @@ where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: Future<Output = ()>,
 {
-    let ns = NetNs::create().expect("create network namespace");
-    ns.nft(&format!(
-        "table inet spoke_e2e {{\n chain out {{\n  type filter hook output priority 0; policy accept;\n  \
-         ip daddr 127.0.0.1 tcp dport {FILTERED_PORT} tcp flags & (syn | ack) == syn drop\n }}\n}}\n"
-    ))
-    .expect("nft rule dropping SYNs");
-    ns.run(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("tokio runtime");
-        rt.block_on(test())
-    });
+    let ns = NetNs::create("filtered").expect("create network namespace");
+    ns.drop_syns_to(FILTERED_PORT)
+        .expect("nft rule dropping SYNs");
+    ns.block_on(test);
 }
 
 /// A server (gRPC over UDS) and one agent with `--dial-timeout` [`DIAL_TIMEOUT`] and debug logs.
@@ -235,7 +226,11 @@ async fn expect_no_packet_within(stream: &mut PacketStream, window: Duration) {
 
 #[test]
 fn dial_cls_cancels_a_hanging_dial_on_server_and_agent_in_netns() {
-    if !require_root("dial_cls_cancels_a_hanging_dial_on_server_and_agent_in_netns") {
+    if !require_root(
+        "dial_cls_cancels_a_hanging_dial_on_server_and_agent_in_netns",
+        "root (network namespaces, nftables)",
+        &[],
+    ) {
         return;
     }
     in_filtered_netns(|| async {
@@ -363,6 +358,8 @@ fn dial_cls_cancels_a_hanging_dial_on_server_and_agent_in_netns() {
 fn without_dial_cls_a_hanging_dial_stays_pending_until_the_dial_timeout_in_netns() {
     if !require_root(
         "without_dial_cls_a_hanging_dial_stays_pending_until_the_dial_timeout_in_netns",
+        "root (network namespaces, nftables)",
+        &[],
     ) {
         return;
     }

@@ -7,22 +7,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use spoke_tests::backends::{self, recv_pattern, PatternRequest};
-use spoke_tests::cluster::{
-    gauge, status, wait_tables_empty, Agent, AgentOpts, Env, Mode, Server, ServerOpts, Transport,
-};
+use spoke_tests::cluster::{status, wait_tables_empty, Agent, AgentOpts, Env, Server, ServerOpts};
 use spoke_tests::connect;
-use spoke_tests::faultnet::{self, block_in_ns, listen_in, Link, Relay};
+use spoke_tests::faultnet::{self, listen_in, Link, Relay};
 use spoke_tests::metrics::names;
-use spoke_tests::nsguard::require_root;
+use spoke_tests::netns::require_root;
 use spoke_tests::procfs;
-use spoke_tests::wait::{poll_until, within};
+use spoke_tests::wait::{self, poll_until, within};
 use spoke_tests::BoxIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-
-fn uds() -> ServerOpts {
-    ServerOpts::new(Mode::HttpConnect, Transport::Uds)
-}
+use tokio::net::TcpListener;
 
 /// Reads until EOF or error; returns (bytes read, how it ended).
 async fn read_until_closed(mut io: BoxIo) -> (u64, String) {
@@ -35,14 +29,6 @@ async fn read_until_closed(mut io: BoxIo) -> (u64, String) {
             Err(e) => return (total, format!("error: {e}")),
         }
     }
-}
-
-async fn agent_gauge(agent: &Agent, name: &str) -> Result<f64, String> {
-    gauge(&agent.metrics().await.map_err(|e| format!("{e:#}"))?, name)
-}
-
-async fn server_gauge(server: &Server, name: &str) -> Result<f64, String> {
-    gauge(&server.metrics().await.map_err(|e| format!("{e:#}"))?, name)
 }
 
 /// Dials repeatedly until one echo round trip works; panics if none within `limit` of `since`.
@@ -70,7 +56,7 @@ async fn dial_works_within(server: &Server, echo: &str, since: Instant, limit: D
 async fn server_sigkill_mid_transfer_closes_frontends_agent_reconnects_no_fd_leak() {
     const TUNNELS: u64 = 10;
     let env = Env::new("f_srvkill");
-    let (mut server, mut agent) = env.pair(uds(), |a| a).await;
+    let (mut server, mut agent) = env.pair(ServerOpts::uds(), |a| a).await;
     let pattern = backends::pattern().await;
     let echo = backends::echo().await;
     connect::echo_roundtrip(&server.frontend, &echo.target())
@@ -114,7 +100,7 @@ async fn server_sigkill_mid_transfer_closes_frontends_agent_reconnects_no_fd_lea
         "agent to close its endpoint connections (open_endpoint_connections 0, backend handlers done)",
         Duration::from_secs(10),
         || async {
-            let open = agent_gauge(&agent, names::AGENT_OPEN_ENDPOINTS).await?;
+            let open = agent.gauge(names::AGENT_OPEN_ENDPOINTS).await?;
             let (acc, done, failed) = pattern.stats.snapshot();
             if open == 0.0 && acc == done + failed {
                 Ok(())
@@ -125,18 +111,7 @@ async fn server_sigkill_mid_transfer_closes_frontends_agent_reconnects_no_fd_lea
     )
     .await;
 
-    server.proc.restart();
-    let back = poll_until(
-        "restarted server's agent port to accept",
-        Duration::from_secs(20),
-        || async {
-            TcpStream::connect(server.agent_addr)
-                .await
-                .map(|_| Instant::now())
-                .map_err(|e| e.to_string())
-        },
-    )
-    .await;
+    let back = server.restart().await;
     dial_works_within(&server, &echo.target(), back, Duration::from_secs(2)).await;
     agent.wait_ready().await;
     wait_tables_empty(&server, &[&agent]).await;
@@ -162,7 +137,7 @@ async fn server_sigkill_mid_transfer_closes_frontends_agent_reconnects_no_fd_lea
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_sigkill_closes_its_frontends_readyz_follows_and_dials_go_to_the_other_agent() {
     let env = Env::new("f_agentkill");
-    let (mut server, mut a) = env.pair(uds(), |o| o.id("agent-a")).await;
+    let (mut server, mut a) = env.pair(ServerOpts::uds(), |o| o.id("agent-a")).await;
     let echo = backends::echo().await;
     let mut held = Vec::new();
     for _ in 0..5 {
@@ -178,18 +153,8 @@ async fn agent_sigkill_closes_its_frontends_readyz_follows_and_dials_go_to_the_o
         .agent(AgentOpts::new(server.agent_addr).id("agent-b"))
         .await;
     b.wait_ready().await;
-    poll_until(
-        "server to count 2 agents",
-        Duration::from_secs(10),
-        || async {
-            match server_gauge(&server, names::SERVER_READY_BACKENDS).await? {
-                2.0 => Ok(()),
-                v => Err(format!("ready_backend_connections={v}")),
-            }
-        },
-    )
-    .await;
-    assert_eq!(agent_gauge(&a, names::AGENT_OPEN_ENDPOINTS).await, Ok(5.0));
+    server.wait_agent_streams(2).await;
+    assert_eq!(a.gauge(names::AGENT_OPEN_ENDPOINTS).await, Ok(5.0));
 
     a.proc.kill();
     let killed = Instant::now();
@@ -208,17 +173,8 @@ async fn agent_sigkill_closes_its_frontends_readyz_follows_and_dials_go_to_the_o
         Ok(200),
         "agent-b is still connected"
     );
-    poll_until(
-        "server to drop agent-a",
-        Duration::from_secs(10),
-        || async {
-            match server_gauge(&server, names::SERVER_READY_BACKENDS).await? {
-                1.0 => Ok(()),
-                v => Err(format!("ready_backend_connections={v}")),
-            }
-        },
-    )
-    .await;
+    // The server drops agent-a.
+    server.wait_agent_streams(1).await;
     // New dials go to agent-b.
     let mut io = connect::tunnel(&server.frontend, &echo.target())
         .await
@@ -226,7 +182,7 @@ async fn agent_sigkill_closes_its_frontends_readyz_follows_and_dials_go_to_the_o
     io.write_all(b"pong").await.unwrap();
     let mut buf = [0u8; 4];
     io.read_exact(&mut buf).await.unwrap();
-    assert_eq!(agent_gauge(&b, names::AGENT_OPEN_ENDPOINTS).await, Ok(1.0));
+    assert_eq!(b.gauge(names::AGENT_OPEN_ENDPOINTS).await, Ok(1.0));
     drop(io);
     wait_tables_empty(&server, &[&b]).await;
 
@@ -288,7 +244,7 @@ async fn backend_reset_and_black_hole_affect_only_their_own_connections() {
     const GOOD: usize = 20;
     const LEN: u64 = 4 << 20;
     let env = Env::new("f_backend");
-    let (server, agent) = env.pair(uds(), |a| a).await;
+    let (server, agent) = env.pair(ServerOpts::uds(), |a| a).await;
     let pattern = backends::pattern().await;
     let (rst_addr, rst_task) = resetting_backend().await;
     let (hole_addr, hole_task) = black_hole_backend().await;
@@ -350,16 +306,12 @@ async fn backend_reset_and_black_hole_affect_only_their_own_connections() {
         );
         println!("reset connection: {n} bytes then {how}");
     }
-    let results = within(
+    let failures = wait::failures(
         "20 duplex transfers next to reset and black-holed connections",
         Duration::from_secs(60),
-        futures::future::join_all(good),
+        good,
     )
     .await;
-    let failures: Vec<String> = results
-        .into_iter()
-        .filter_map(|r| r.unwrap().err().map(|e| format!("{e:#}")))
-        .collect();
     assert!(
         failures.is_empty(),
         "{} of {GOOD} transfers failed: {failures:?}",
@@ -403,19 +355,7 @@ struct Remote {
 }
 
 fn ns_test_allowed(test: &str) -> bool {
-    if !require_root(test) {
-        return false;
-    }
-    if !faultnet::have_tools() {
-        let why = format!("{test} needs `ip` and `nft`");
-        assert!(
-            !spoke_tests::in_ci(),
-            "{why}, and this is a CI run: refusing to skip"
-        );
-        println!("SKIP: {why}");
-        return false;
-    }
-    true
+    require_root(test, "root (network namespaces, nftables)", &["ip", "nft"])
 }
 
 async fn remote_agent(
@@ -456,7 +396,7 @@ async fn remote_agent(
         opts = opts.arg(a);
     }
     relays.push(r1);
-    let mut agent = tokio::task::block_in_place(|| block_in_ns(&link.left, env.agent(opts)));
+    let mut agent = tokio::task::block_in_place(|| link.left.block_on(|| env.agent(opts)));
     let health = Relay::start(
         listen_in(None, any([127, 0, 0, 1])).unwrap(),
         Some(link.left.name().to_string()),
@@ -483,7 +423,9 @@ async fn silent_path_loss_is_detected_by_keepalive_and_the_agent_reconnects() {
     }
     let env = Env::new("f_silent");
     let link = Link::create().expect("namespaces + veth");
-    let mut server = env.server(uds().arg("--keepalive-time=2s")).await;
+    let mut server = env
+        .server(ServerOpts::uds().arg("--keepalive-time=2s"))
+        .await;
     let echo = backends::echo().await;
     let mut remote = remote_agent(
         &env,
@@ -513,7 +455,7 @@ async fn silent_path_loss_is_detected_by_keepalive_and_the_agent_reconnects() {
         Duration::from_secs(35),
         || async {
             let r = status(server.health_addr, "/readyz").await?;
-            let n = server_gauge(&server, names::SERVER_READY_BACKENDS).await?;
+            let n = server.gauge(names::SERVER_READY_BACKENDS).await?;
             if r == 500 && n == 0.0 {
                 Ok(())
             } else {
@@ -527,7 +469,7 @@ async fn silent_path_loss_is_detected_by_keepalive_and_the_agent_reconnects() {
         "agent open_server_connections 0",
         Duration::from_secs(35).saturating_sub(cut.elapsed()) + Duration::from_secs(1),
         || async {
-            match agent_gauge(&remote.agent, names::AGENT_OPEN_SERVERS).await? {
+            match remote.agent.gauge(names::AGENT_OPEN_SERVERS).await? {
                 0.0 => Ok(()),
                 v => Err(format!("open_server_connections={v}")),
             }
@@ -557,7 +499,7 @@ async fn silent_path_loss_is_detected_by_keepalive_and_the_agent_reconnects() {
     println!("held connection across the cut ended with {how}");
     for name in [names::SERVER_ESTABLISHED, names::SERVER_PENDING] {
         assert_eq!(
-            server_gauge(&server, name).await,
+            server.gauge(name).await,
             Ok(0.0),
             "{name} after the silent agent was dropped"
         );
@@ -596,7 +538,7 @@ async fn hundred_transfers_over_200ms_rtt_with_1pct_loss_arrive_intact() {
              iifname \"vl\" numgen random mod 100 < 1 counter drop\n }\n}\n",
         )
         .expect("nft loss rules");
-    let server = env.server(uds()).await;
+    let server = env.server(ServerOpts::uds()).await;
     let pattern = backends::pattern().await;
     // 50 ms per direction in each of the two relays: 100 ms each way, 200 ms RTT.
     let remote = remote_agent(
@@ -626,29 +568,15 @@ async fn hundred_transfers_over_200ms_rtt_with_1pct_loss_arrive_intact() {
             })
         })
         .collect();
-    let results = within(
+    let failures = wait::failures(
         "100 x 1 MiB duplex transfers over the long lossy link",
         Duration::from_secs(100),
-        futures::future::join_all(tasks),
+        tasks,
     )
     .await;
-    let failures: Vec<String> = results
-        .into_iter()
-        .filter_map(|r| r.unwrap().err().map(|e| format!("{e:#}")))
-        .collect();
-    let drops = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            link.left.name(),
-            "nft",
-            "list",
-            "table",
-            "inet",
-            "spoke_loss",
-        ])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+    let drops = link
+        .left
+        .exec(&["nft", "list", "table", "inet", "spoke_loss"])
         .unwrap_or_default();
     let dropped: Vec<&str> = drops
         .lines()
@@ -706,7 +634,7 @@ async fn soak_sequential_dials_and_long_connections_return_to_baseline() {
     let full = std::env::var("SPOKE_SOAK_FULL").as_deref() == Ok("1");
     let (dials, longs) = if full { (100_000, 1_000) } else { (2_000, 200) };
     let env = Env::new("f_soak");
-    let (server, agent) = env.pair(uds(), |a| a).await;
+    let (server, agent) = env.pair(ServerOpts::uds(), |a| a).await;
     let echo = backends::echo().await;
     for _ in 0..50 {
         connect::echo_roundtrip(&server.frontend, &echo.target())
@@ -746,16 +674,7 @@ async fn soak_sequential_dials_and_long_connections_return_to_baseline() {
             })
         })
         .collect();
-    let results = within(
-        "long connections",
-        Duration::from_secs(60),
-        futures::future::join_all(tasks),
-    )
-    .await;
-    let failures: Vec<String> = results
-        .into_iter()
-        .filter_map(|r| r.unwrap().err().map(|e| format!("{e:#}")))
-        .collect();
+    let failures = wait::failures("long connections", Duration::from_secs(60), tasks).await;
     assert!(
         failures.is_empty(),
         "{} of {longs} long connections failed: {:?}",
@@ -807,7 +726,9 @@ async fn agent_max_connections_503_and_allowed_destinations_502() {
     let other = backends::echo().await;
     let allowed = format!("--allowed-destinations=127.0.0.1/32:{}", echo.addr.port());
     let (server, agent) = env
-        .pair(uds(), |a| a.arg("--max-connections=5").arg(&allowed))
+        .pair(ServerOpts::uds(), |a| {
+            a.arg("--max-connections=5").arg(&allowed)
+        })
         .await;
     let mut live = Vec::new();
     for _ in 0..5 {

@@ -9,34 +9,17 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use spoke_tests::backends;
+use spoke_tests::certs::Ca;
 use spoke_tests::cluster::{gauge, AgentOpts, Env, Mode, Server, ServerOpts, Transport};
 use spoke_tests::connect::{self, Frontend};
 use spoke_tests::faultnet::signal;
 use spoke_tests::http;
 use spoke_tests::metrics::names;
 use spoke_tests::process::Proc;
-use spoke_tests::rotation::{der, served_cert, wait_served, write_atomically, RotCa};
+use spoke_tests::rotation::{der, served_cert, wait_served, write_atomically};
 use spoke_tests::wait::{poll_until, within};
 use spoke_tests::BoxIo;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn uds() -> ServerOpts {
-    ServerOpts::new(Mode::HttpConnect, Transport::Uds)
-}
-
-/// One echo round trip on an open tunnel (5 s at most).
-async fn echo_once(io: &mut BoxIo, msg: &[u8]) -> anyhow::Result<()> {
-    io.write_all(msg).await?;
-    let mut back = vec![0u8; msg.len()];
-    tokio::time::timeout(Duration::from_secs(5), io.read_exact(&mut back)).await??;
-    anyhow::ensure!(
-        back == msg,
-        "echo mismatch: sent {:?}, got {:?}",
-        String::from_utf8_lossy(msg),
-        String::from_utf8_lossy(&back)
-    );
-    Ok(())
-}
+use tokio::io::AsyncReadExt;
 
 /// Requires the far end to close `io` (EOF or an error such as a TLS stream cut without
 /// close_notify) within `limit`.
@@ -60,30 +43,6 @@ async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     (r.status, r.body)
 }
 
-/// Polls `GET path` until it answers `want`; returns the body.
-async fn wait_code(addr: SocketAddr, path: &str, want: u16, limit: Duration) -> String {
-    poll_until(&format!("GET {path} -> {want}"), limit, || async {
-        let r = http::get(addr, path).await.map_err(|e| format!("{e:#}"))?;
-        if r.status == want {
-            Ok(r.body)
-        } else {
-            Err(format!("status {} body {:?}", r.status, r.body))
-        }
-    })
-    .await
-}
-
-/// The admin port's `/status` JSON.
-async fn status_json(addr: SocketAddr) -> Result<serde_json::Value, String> {
-    let r = http::get(addr, "/status")
-        .await
-        .map_err(|e| format!("{e:#}"))?;
-    if r.status != 200 {
-        return Err(format!("/status answered {} {:?}", r.status, r.body));
-    }
-    serde_json::from_str(&r.body).map_err(|e| format!("/status is not JSON ({e}): {}", r.body))
-}
-
 /// Keeps `held` relaying echo round trips through the shutdown window: from now until
 /// `until` after `since`, `proc` must stay up and every round trip must succeed. Returns how
 /// many round trips were made.
@@ -97,7 +56,7 @@ async fn relay_until(
     let mut rounds = 0;
     while since.elapsed() < until {
         proc.assert_running();
-        echo_once(held, format!("{what} round {rounds}").as_bytes())
+        connect::echo_once(held, format!("{what} round {rounds}").as_bytes())
             .await
             .unwrap_or_else(|e| {
                 panic!(
@@ -125,7 +84,7 @@ async fn agent_drain_timeout_expiry_relays_until_the_timeout_then_exits_and_clos
     const SLACK: Duration = Duration::from_millis(1500);
     let env = Env::new("l_drain_timeout");
     let (mut server, mut agent) = env
-        .pair(uds(), |a| {
+        .pair(ServerOpts::uds(), |a| {
             a.arg(&format!("--drain-timeout={}s", DRAIN.as_secs()))
         })
         .await;
@@ -133,7 +92,9 @@ async fn agent_drain_timeout_expiry_relays_until_the_timeout_then_exits_and_clos
     let mut held = connect::tunnel(&server.frontend, &echo.target())
         .await
         .unwrap();
-    echo_once(&mut held, b"before SIGTERM").await.unwrap();
+    connect::echo_once(&mut held, b"before SIGTERM")
+        .await
+        .unwrap();
     assert_eq!(
         gauge(&agent.metrics().await.unwrap(), names::AGENT_OPEN_ENDPOINTS),
         Ok(1.0)
@@ -147,7 +108,7 @@ async fn agent_drain_timeout_expiry_relays_until_the_timeout_then_exits_and_clos
         "server /status to show the agent as draining",
         Duration::from_millis(1500),
         || async {
-            let s = status_json(server.admin_addr).await?;
+            let s = server.status().await?;
             match s["agents"].as_array().map(|a| a.as_slice()) {
                 Some([a]) if a["draining"] == true => Ok(()),
                 _ => Err(format!("agents: {}", s["agents"])),
@@ -155,7 +116,7 @@ async fn agent_drain_timeout_expiry_relays_until_the_timeout_then_exits_and_clos
         },
     )
     .await;
-    let a = status_json(agent.admin_addr).await.unwrap();
+    let a = agent.status().await.unwrap();
     assert_eq!(a["draining"], true, "agent /status: {a}");
     assert_eq!(a["open_endpoint_connections"], 1, "agent /status: {a}");
 
@@ -202,7 +163,7 @@ async fn agent_drain_timeout_expiry_relays_until_the_timeout_then_exits_and_clos
         "frontend connection after the agent exited",
     )
     .await;
-    let body = wait_code(server.health_addr, "/readyz", 500, Duration::from_secs(5)).await;
+    let body = http::wait_code(server.health_addr, "/readyz", 500, Duration::from_secs(5)).await;
     assert_eq!(body, "no connection to any proxy agent");
     poll_until(
         "server connection table to empty",
@@ -247,12 +208,14 @@ async fn server_graceful_shutdown_timeout_expiry_closes_a_never_ending_tls_front
     let mut held = connect::tunnel(&server.frontend, &echo.target())
         .await
         .unwrap();
-    echo_once(&mut held, b"before SIGTERM").await.unwrap();
+    connect::echo_once(&mut held, b"before SIGTERM")
+        .await
+        .unwrap();
 
     signal(server.proc.pid(), libc::SIGTERM);
     let termed = Instant::now();
 
-    let body = wait_code(server.health_addr, "/readyz", 500, Duration::from_secs(1)).await;
+    let body = http::wait_code(server.health_addr, "/readyz", 500, Duration::from_secs(1)).await;
     assert_eq!(
         body, "shutting down",
         "/readyz body during graceful shutdown"
@@ -348,7 +311,7 @@ async fn assert_agent_not_ready(addr: SocketAddr) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_and_verbose_bodies_on_server_and_agent_before_and_after_an_agent_connects() {
     let env = Env::new("l_ready_bodies");
-    let mut server = env.server(uds()).await;
+    let mut server = env.server(ServerOpts::uds()).await;
     for path in ["/healthz", "/healthz?verbose"] {
         assert_eq!(
             get(server.health_addr, path).await,
@@ -432,7 +395,7 @@ async fn ready_and_verbose_bodies_on_server_and_agent_before_and_after_an_agent_
 
     // The server goes away again: the agent falls back to 503 with the same lines.
     server.proc.kill();
-    wait_code(agent.health_addr, "/ready", 503, Duration::from_secs(10)).await;
+    http::wait_code(agent.health_addr, "/ready", 503, Duration::from_secs(10)).await;
     assert_agent_not_ready(agent.health_addr).await;
     agent.proc.assert_running();
 }
@@ -485,7 +448,7 @@ async fn frontend_expiry(server: &Server) -> Result<f64, String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frontend_cert_rotation_keeps_open_tunnels_and_a_broken_file_keeps_the_last_good_cert() {
     let env = Env::new("l_frontend_rotate");
-    let rot = RotCa::new("spoke e2e frontend rotation CA");
+    let rot = Ca::new("spoke e2e frontend rotation CA");
     let (c1, k1, exp1) = rot.server_leaf_until("spoke frontend one", 2040);
     let (c2, k2, exp2) = rot.server_leaf_until("spoke frontend two", 2041);
     let (c3, k3, exp3) = rot.server_leaf_until("spoke frontend three", 2042);
@@ -493,7 +456,7 @@ async fn frontend_cert_rotation_keeps_open_tunnels_and_a_broken_file_keeps_the_l
     let key = env.dir.join("frontend.key");
     std::fs::write(&cert, &c1).unwrap();
     std::fs::write(&key, &k1).unwrap();
-    let mut server = server_with_frontend_cert(&env, &cert, &key, &rot.ca_pem).await;
+    let mut server = server_with_frontend_cert(&env, &cert, &key, &rot.cert_pem).await;
     let addr = server.tcp.unwrap();
     let mut agent = env.agent(AgentOpts::new(server.agent_addr)).await;
     agent.wait_ready().await;
@@ -501,7 +464,7 @@ async fn frontend_cert_rotation_keeps_open_tunnels_and_a_broken_file_keeps_the_l
     let client = env.pki.main.frontend.clone();
 
     assert_eq!(
-        served_cert(addr, &rot.ca_pem, &client, &[]).await,
+        served_cert(addr, &rot.cert_pem, &client, &[]).await,
         Ok(der(&c1)),
         "the frontend serves another certificate than --server-cert"
     );
@@ -510,14 +473,16 @@ async fn frontend_cert_rotation_keeps_open_tunnels_and_a_broken_file_keeps_the_l
     let mut held = connect::tunnel(&server.frontend, &echo.target())
         .await
         .unwrap();
-    echo_once(&mut held, b"before rotation").await.unwrap();
+    connect::echo_once(&mut held, b"before rotation")
+        .await
+        .unwrap();
 
     // Rotation: key first, then certificate, each by an atomic rename.
     write_atomically(&key, &k2);
     write_atomically(&cert, &c2);
     let took = wait_served(
         addr,
-        &rot.ca_pem,
+        &rot.cert_pem,
         &client,
         &[],
         &c2,
@@ -525,7 +490,7 @@ async fn frontend_cert_rotation_keeps_open_tunnels_and_a_broken_file_keeps_the_l
     )
     .await;
     println!("rotated frontend certificate served {took:?} after the write");
-    echo_once(&mut held, b"after rotation")
+    connect::echo_once(&mut held, b"after rotation")
         .await
         .expect("a tunnel opened before the rotation keeps relaying");
     connect::echo_roundtrip(&server.frontend, &echo.target())
@@ -576,12 +541,12 @@ async fn frontend_cert_rotation_keeps_open_tunnels_and_a_broken_file_keeps_the_l
         server.proc.log_tail()
     );
     assert_eq!(
-        served_cert(addr, &rot.ca_pem, &client, &[]).await,
+        served_cert(addr, &rot.cert_pem, &client, &[]).await,
         Ok(der(&c2)),
         "after a broken file the frontend must keep the last good certificate"
     );
     assert_eq!(frontend_expiry(&server).await, Ok(exp2 as f64));
-    echo_once(&mut held, b"after the broken file")
+    connect::echo_once(&mut held, b"after the broken file")
         .await
         .unwrap();
     connect::echo_roundtrip(&server.frontend, &echo.target())
@@ -594,7 +559,7 @@ async fn frontend_cert_rotation_keeps_open_tunnels_and_a_broken_file_keeps_the_l
     write_atomically(&cert, &c3);
     let took = wait_served(
         addr,
-        &rot.ca_pem,
+        &rot.cert_pem,
         &client,
         &[],
         &c3,
@@ -603,7 +568,7 @@ async fn frontend_cert_rotation_keeps_open_tunnels_and_a_broken_file_keeps_the_l
     .await;
     println!("third frontend certificate served {took:?} after the write");
     assert_eq!(frontend_expiry(&server).await, Ok(exp3 as f64));
-    echo_once(&mut held, b"after the third certificate")
+    connect::echo_once(&mut held, b"after the third certificate")
         .await
         .unwrap();
     drop(held);

@@ -8,9 +8,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use spoke_tests::backends::{self, recv_pattern, PatternRequest};
-use spoke_tests::cluster::{
-    gauge, wait_tables_empty, Agent, Env, Mode, Server, ServerOpts, Transport,
-};
+use spoke_tests::cluster::{wait_tables_empty, Agent, Env, Server, ServerOpts};
 use spoke_tests::connect::{self, Frontend, Reply};
 use spoke_tests::faultnet::signal;
 use spoke_tests::http;
@@ -30,18 +28,6 @@ const SERVER_HTTP_CONNECTIONS: &str = "konnectivity_network_proxy_server_http_co
 const AGENT_REFUSED: &str = "spoke_agent_refused_dials_total";
 /// Agent: dials to local endpoints in progress.
 const AGENT_PENDING: &str = "spoke_agent_pending_dials";
-
-fn uds() -> ServerOpts {
-    ServerOpts::new(Mode::HttpConnect, Transport::Uds)
-}
-
-async fn server_gauge(server: &Server, name: &str) -> Result<f64, String> {
-    gauge(&server.metrics().await.map_err(|e| format!("{e:#}"))?, name)
-}
-
-async fn agent_gauge(agent: &Agent, name: &str) -> Result<f64, String> {
-    gauge(&agent.metrics().await.map_err(|e| format!("{e:#}"))?, name)
-}
 
 async fn server_counter(server: &Server, name: &str, reason: &str) -> f64 {
     server
@@ -63,9 +49,9 @@ async fn agent_counter(agent: &Agent, name: &str, reason: &str) -> f64 {
 async fn wait_gauges(what: &str, server: (&Server, &str, f64), agent: Option<(&Agent, &str, f64)>) {
     poll_until(what, Duration::from_secs(10), || async {
         let (s, sn, sw) = server;
-        let sv = server_gauge(s, sn).await?;
+        let sv = s.gauge(sn).await?;
         let av = match agent {
-            Some((a, an, _)) => Some(agent_gauge(a, an).await?),
+            Some((a, an, _)) => Some(a.gauge(an).await?),
             None => None,
         };
         let agent_ok = match (agent, av) {
@@ -134,7 +120,7 @@ async fn connect_reply(server: &Server, target: &str) -> Reply {
 /// as long as the agent's dial does.
 async fn connect_and_hold(frontend: &Frontend, target: &str) -> BoxIo {
     let mut io = frontend.open().await.expect("open frontend");
-    io.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+    io.write_all(connect::head(target).as_bytes())
         .await
         .unwrap();
     io.flush().await.unwrap();
@@ -193,7 +179,10 @@ async fn server_max_connections_503_keeps_the_open_ones_and_frees_a_slot_on_clos
     let env = Env::new("l_srv_maxconn");
     let echo = backends::echo().await;
     let (server, agent) = env
-        .pair(uds().arg(&format!("--max-connections={N}")), |a| a)
+        .pair(
+            ServerOpts::uds().arg(&format!("--max-connections={N}")),
+            |a| a,
+        )
         .await;
     let mut live = Vec::new();
     for i in 0..N {
@@ -223,7 +212,7 @@ async fn server_max_connections_503_keeps_the_open_ones_and_frees_a_slot_on_clos
         "the refused CONNECT reached the destination"
     );
     assert_eq!(
-        agent_gauge(&agent, names::AGENT_OPEN_ENDPOINTS).await,
+        agent.gauge(names::AGENT_OPEN_ENDPOINTS).await,
         Ok(N as f64),
         "the refused CONNECT was dialled by the agent"
     );
@@ -377,7 +366,7 @@ async fn server_max_pending_dials_refuses_the_extra_dial_with_503() {
     let env = Env::new("l_srv_pending");
     let echo = backends::echo().await;
     let (server, agent, _hole, held) =
-        two_held_dials(&env, uds().arg("--max-pending-dials=2"), None).await;
+        two_held_dials(&env, ServerOpts::uds().arg("--max-pending-dials=2"), None).await;
     let base = server_counter(&server, SERVER_REJECTED, "limit_pending_dials").await;
 
     // A third dial, even to a destination that would answer, is refused by the server.
@@ -395,8 +384,8 @@ async fn server_max_pending_dials_refuses_the_extra_dial_with_503() {
     );
     assert_eq!(
         (
-            server_gauge(&server, names::SERVER_PENDING).await,
-            agent_gauge(&agent, AGENT_PENDING).await
+            server.gauge(names::SERVER_PENDING).await,
+            agent.gauge(AGENT_PENDING).await
         ),
         (Ok(2.0), Ok(2.0)),
         "the held dials must still be pending and the refused one never sent to the agent"
@@ -409,7 +398,7 @@ async fn agent_max_pending_dials_refuses_the_extra_dial_and_the_server_answers_5
     let env = Env::new("l_agent_pending");
     let echo = backends::echo().await;
     let (server, agent, _hole, held) =
-        two_held_dials(&env, uds(), Some("--max-pending-dials=2")).await;
+        two_held_dials(&env, ServerOpts::uds(), Some("--max-pending-dials=2")).await;
     let base = agent_counter(&agent, AGENT_REFUSED, "limit_pending_dials").await;
 
     third_connect_refused(
@@ -425,7 +414,7 @@ async fn agent_max_pending_dials_refuses_the_extra_dial_and_the_server_answers_5
         "{AGENT_REFUSED}{{reason=limit_pending_dials}}"
     );
     assert_eq!(
-        agent_gauge(&agent, AGENT_PENDING).await,
+        agent.gauge(AGENT_PENDING).await,
         Ok(2.0),
         "the held dials must still be pending"
     );
@@ -442,7 +431,7 @@ async fn abandoned_connect_frees_its_pending_dial_slot_at_once() {
     let echo = backends::echo().await;
     let hole = BlackHole::new().await;
     let (server, agent) = env
-        .pair(uds().arg("--max-pending-dials=1"), |a| {
+        .pair(ServerOpts::uds().arg("--max-pending-dials=1"), |a| {
             a.arg("--dial-timeout=60s")
         })
         .await;
@@ -464,8 +453,8 @@ async fn abandoned_connect_frees_its_pending_dial_slot_at_once() {
         "the abandoned dial to leave server and agent (agent --dial-timeout is 60 s)",
         Duration::from_secs(3),
         || async {
-            let s = server_gauge(&server, names::SERVER_PENDING).await?;
-            let a = agent_gauge(&agent, AGENT_PENDING).await?;
+            let s = server.gauge(names::SERVER_PENDING).await?;
+            let a = agent.gauge(AGENT_PENDING).await?;
             if (s, a) == (0.0, 0.0) {
                 Ok(())
             } else {
@@ -489,7 +478,9 @@ async fn server_max_buffered_bytes_refuses_new_dials_until_the_slow_reader_catch
     let env = Env::new("l_srv_buffered");
     let pattern = backends::pattern().await;
     let echo = backends::echo().await;
-    let (server, agent) = env.pair(uds().arg("--max-buffered-bytes=1Mi"), |a| a).await;
+    let (server, agent) = env
+        .pair(ServerOpts::uds().arg("--max-buffered-bytes=1Mi"), |a| a)
+        .await;
     // A client that asks for 16 MiB and does not read: the server holds what the agent sent.
     let mut slow = connect::tunnel(&server.frontend, &pattern.target())
         .await
@@ -500,7 +491,7 @@ async fn server_max_buffered_bytes_refuses_new_dials_until_the_slow_reader_catch
         "the server to buffer more than --max-buffered-bytes",
         Duration::from_secs(10),
         || async {
-            match server_gauge(&server, SERVER_BUFFERED).await? {
+            match server.gauge(SERVER_BUFFERED).await? {
                 v if v >= LIMIT => Ok(v),
                 v => Err(format!("{SERVER_BUFFERED}={v}")),
             }
@@ -537,7 +528,7 @@ async fn server_max_buffered_bytes_refuses_new_dials_until_the_slow_reader_catch
         "the server's buffer to empty",
         Duration::from_secs(10),
         || async {
-            match server_gauge(&server, SERVER_BUFFERED).await? {
+            match server.gauge(SERVER_BUFFERED).await? {
                 0.0 => Ok(()),
                 v => Err(format!("{SERVER_BUFFERED}={v}")),
             }
@@ -560,7 +551,7 @@ async fn frontend_header_timeout_closes_half_sent_heads_and_other_clients_are_se
     let env = Env::new("l_hdr_timeout");
     let echo = backends::echo().await;
     let (server, agent) = env
-        .pair(uds().arg("--frontend-header-timeout=2s"), |a| a)
+        .pair(ServerOpts::uds().arg("--frontend-header-timeout=2s"), |a| a)
         .await;
     let base = server_counter(&server, SERVER_REJECTED, "header_timeout").await;
     let target = echo.target();
@@ -576,7 +567,7 @@ async fn frontend_header_timeout_closes_half_sent_heads_and_other_clients_are_se
     // the timeout bounds the whole head, so it is closed too.
     let trickle = {
         let mut io = server.frontend.open().await.unwrap();
-        let head = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
+        let head = connect::head(&target);
         tokio::spawn(async move {
             let start = Instant::now();
             let mut sent = 0;
@@ -669,7 +660,7 @@ async fn frontend_header_timeout_closes_half_sent_heads_and_other_clients_are_se
         "only the normal client to be left on the frontend",
         Duration::from_secs(5),
         || async {
-            match server_gauge(&server, SERVER_HTTP_CONNECTIONS).await? {
+            match server.gauge(SERVER_HTTP_CONNECTIONS).await? {
                 1.0 => Ok(()),
                 v => Err(format!("{SERVER_HTTP_CONNECTIONS}={v}")),
             }
@@ -687,7 +678,9 @@ async fn frontend_header_timeout_closes_half_sent_heads_and_other_clients_are_se
 async fn second_sigterm_makes_a_draining_agent_exit_at_once() {
     let env = Env::new("l_second_term");
     let echo = backends::echo().await;
-    let (server, mut agent) = env.pair(uds(), |a| a.arg("--drain-timeout=120s")).await;
+    let (server, mut agent) = env
+        .pair(ServerOpts::uds(), |a| a.arg("--drain-timeout=120s"))
+        .await;
     let mut long = connect::tunnel(&server.frontend, &echo.target())
         .await
         .unwrap();

@@ -2,45 +2,21 @@
 //! SIGTERM drain, cluster certificate rotation, and server graceful shutdown.
 
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use spoke_tests::backends;
-use spoke_tests::certs::CertKey;
-use spoke_tests::cluster::{
-    gauge, status, wait_tables_empty, Agent, AgentOpts, Env, Mode, Server, ServerOpts, Transport,
-};
+use spoke_tests::certs::{Ca, CertKey};
+use spoke_tests::cluster::{gauge, status, wait_tables_empty, AgentOpts, Env, Server, ServerOpts};
 use spoke_tests::connect;
 use spoke_tests::faultnet::signal;
 use spoke_tests::http;
 use spoke_tests::metrics::names;
-use spoke_tests::rotation::{der, served_cert, wait_served, write_atomically, RotCa};
+use spoke_tests::rotation::{der, served_cert, wait_served, write_atomically};
 use spoke_tests::wait::{holds_for, poll_until, within};
-use spoke_tests::BoxIo;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn uds() -> ServerOpts {
-    ServerOpts::new(Mode::HttpConnect, Transport::Uds)
-}
-
-async fn echo_once(io: &mut BoxIo, msg: &[u8]) -> anyhow::Result<()> {
-    io.write_all(msg).await?;
-    let mut back = vec![0u8; msg.len()];
-    tokio::time::timeout(Duration::from_secs(5), io.read_exact(&mut back)).await??;
-    anyhow::ensure!(back == msg, "echo mismatch");
-    Ok(())
-}
-
-async fn agent_gauge(agent: &Agent, name: &str) -> Result<f64, String> {
-    gauge(&agent.metrics().await.map_err(|e| format!("{e:#}"))?, name)
-}
-
-async fn server_gauge(server: &Server, name: &str) -> Result<f64, String> {
-    gauge(&server.metrics().await.map_err(|e| format!("{e:#}"))?, name)
-}
+use tokio::io::AsyncReadExt;
 
 // ---------------------------------------------------------------------------------------------
 // 1. metrics
@@ -197,7 +173,7 @@ impl Checker {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_have_upstream_names_types_labels_and_help() {
     let env = Env::new("o_metrics");
-    let (server, agent) = env.pair(uds(), |a| a).await;
+    let (server, agent) = env.pair(ServerOpts::uds(), |a| a).await;
     let echo = backends::echo().await;
     for _ in 0..3 {
         connect::echo_roundtrip(&server.frontend, &echo.target())
@@ -406,30 +382,18 @@ async fn metrics_have_upstream_names_types_labels_and_help() {
 // ---------------------------------------------------------------------------------------------
 // 2. readiness transitions
 
-async fn wait_code(addr: std::net::SocketAddr, path: &str, want: u16, within_: Duration) -> String {
-    poll_until(&format!("GET {path} -> {want}"), within_, || async {
-        let r = http::get(addr, path).await.map_err(|e| format!("{e:#}"))?;
-        if r.status == want {
-            Ok(r.body)
-        } else {
-            Err(format!("status {} body {:?}", r.status, r.body))
-        }
-    })
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_follows_agents_servers_and_drain() {
     let env = Env::new("o_ready");
-    let mut server = env.server(uds()).await;
-    let body = wait_code(server.health_addr, "/readyz", 500, Duration::from_secs(2)).await;
+    let mut server = env.server(ServerOpts::uds()).await;
+    let body = http::wait_code(server.health_addr, "/readyz", 500, Duration::from_secs(2)).await;
     println!("server without agents: 500 {body:?}");
     let mut agent = env
         .agent(AgentOpts::new(server.agent_addr).arg("--drain-timeout=30s"))
         .await;
     agent.wait_ready().await;
     server.wait_ready().await;
-    let verbose = wait_code(
+    let verbose = http::wait_code(
         agent.health_addr,
         "/readyz?verbose",
         200,
@@ -443,12 +407,12 @@ async fn readiness_follows_agents_servers_and_drain() {
     );
 
     server.proc.kill();
-    let body = wait_code(agent.health_addr, "/readyz", 503, Duration::from_secs(10)).await;
+    let body = http::wait_code(agent.health_addr, "/readyz", 503, Duration::from_secs(10)).await;
     assert!(
         body.contains("server-connected"),
         "503 body names the failed check: {body:?}"
     );
-    let verbose = wait_code(
+    let verbose = http::wait_code(
         agent.health_addr,
         "/readyz?verbose",
         503,
@@ -461,7 +425,7 @@ async fn readiness_follows_agents_servers_and_drain() {
     );
     server.proc.restart();
     server.wait_healthy().await;
-    wait_code(agent.health_addr, "/readyz", 200, Duration::from_secs(10)).await;
+    http::wait_code(agent.health_addr, "/readyz", 200, Duration::from_secs(10)).await;
     server.wait_ready().await;
 
     // Drain of the only agent: the server still counts it and still uses it as a fallback.
@@ -507,7 +471,7 @@ async fn readiness_follows_agents_servers_and_drain() {
         Duration::from_secs(1),
         || async {
             let r = status(server.health_addr, "/readyz").await?;
-            let n = server_gauge(&server, names::SERVER_READY_BACKENDS).await?;
+            let n = server.gauge(names::SERVER_READY_BACKENDS).await?;
             if r == 200 && n == 1.0 {
                 Ok(())
             } else {
@@ -519,7 +483,7 @@ async fn readiness_follows_agents_servers_and_drain() {
     connect::echo_roundtrip(&server.frontend, &echo.target())
         .await
         .expect("a draining agent is still the fallback when it is the only one");
-    echo_once(&mut held, b"held").await.unwrap();
+    connect::echo_once(&mut held, b"held").await.unwrap();
     agent.proc.assert_running();
 }
 
@@ -531,28 +495,22 @@ async fn sigterm_drain_keeps_the_open_connection_and_new_dials_go_to_the_other_a
     const NEW: usize = 8;
     let env = Env::new("o_drain");
     let (server, mut a) = env
-        .pair(uds(), |o| o.id("agent-a").arg("--drain-timeout=60s"))
+        .pair(ServerOpts::uds(), |o| {
+            o.id("agent-a").arg("--drain-timeout=60s")
+        })
         .await;
     let echo = backends::echo().await;
     let mut long = connect::tunnel(&server.frontend, &echo.target())
         .await
         .unwrap();
-    echo_once(&mut long, b"before drain").await.unwrap();
+    connect::echo_once(&mut long, b"before drain")
+        .await
+        .unwrap();
     let mut b = env
         .agent(AgentOpts::new(server.agent_addr).id("agent-b"))
         .await;
     b.wait_ready().await;
-    poll_until(
-        "server to count 2 agents",
-        Duration::from_secs(10),
-        || async {
-            match server_gauge(&server, names::SERVER_READY_BACKENDS).await? {
-                2.0 => Ok(()),
-                v => Err(format!("ready_backend_connections={v}")),
-            }
-        },
-    )
-    .await;
+    server.wait_agent_streams(2).await;
 
     signal(a.proc.pid(), libc::SIGTERM);
     let termed = Instant::now();
@@ -562,11 +520,11 @@ async fn sigterm_drain_keeps_the_open_connection_and_new_dials_go_to_the_other_a
         let mut io = connect::tunnel(&server.frontend, &echo.target())
             .await
             .unwrap();
-        echo_once(&mut io, b"new").await.unwrap();
+        connect::echo_once(&mut io, b"new").await.unwrap();
         fresh.push(io);
     }
-    let on_a = agent_gauge(&a, names::AGENT_OPEN_ENDPOINTS).await;
-    let on_b = agent_gauge(&b, names::AGENT_OPEN_ENDPOINTS).await;
+    let on_a = a.gauge(names::AGENT_OPEN_ENDPOINTS).await;
+    let on_b = b.gauge(names::AGENT_OPEN_ENDPOINTS).await;
     println!("after SIGTERM of agent-a: open endpoints a={on_a:?} b={on_b:?}");
     assert_eq!(
         (on_a, on_b),
@@ -574,7 +532,7 @@ async fn sigterm_drain_keeps_the_open_connection_and_new_dials_go_to_the_other_a
         "new dials must go to the non-draining agent-b; agent-a keeps only the old connection"
     );
     for i in 0..10 {
-        echo_once(&mut long, format!("during drain {i}").as_bytes())
+        connect::echo_once(&mut long, format!("during drain {i}").as_bytes())
             .await
             .expect("the connection through the draining agent keeps working");
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -586,7 +544,7 @@ async fn sigterm_drain_keeps_the_open_connection_and_new_dials_go_to_the_other_a
         "agent-a to close its last endpoint connection",
         Duration::from_secs(5),
         || async {
-            match agent_gauge(&a, names::AGENT_OPEN_ENDPOINTS).await? {
+            match a.gauge(names::AGENT_OPEN_ENDPOINTS).await? {
                 0.0 => Ok(()),
                 v => Err(format!("open endpoint connections {v}")),
             }
@@ -676,33 +634,16 @@ async fn recording_server(
     (addr, presented, task)
 }
 
-/// Writes `<name>.crt` and `<name>.key` into `dir`: the files a process under test reads.
-fn cert_files(dir: &Path, name: &str, cert_pem: &str, key_pem: &str) -> CertKey {
-    let (cert, key) = (
-        dir.join(format!("{name}.crt")),
-        dir.join(format!("{name}.key")),
-    );
-    std::fs::write(&cert, cert_pem).unwrap();
-    std::fs::write(&key, key_pem).unwrap();
-    CertKey {
-        cert,
-        key,
-        cert_pem: cert_pem.to_string(),
-        key_pem: key_pem.to_string(),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_cert_rotation_applies_to_new_handshakes_and_a_broken_file_is_refused() {
     let env = Env::new("o_rotate");
-    let rot = RotCa::new("spoke e2e rotation CA");
-    let ca_path = env.dir.join("rot-ca.crt");
-    std::fs::write(&ca_path, &rot.ca_pem).unwrap();
+    let rot = Ca::new("spoke e2e rotation CA");
+    let ca_path = rot.write(env.dir.path(), "rot-ca");
     let (c1, k1) = rot.server_leaf("spoke cluster one");
     let (c2, k2) = rot.server_leaf("spoke cluster two");
-    let ck = cert_files(env.dir.path(), "cluster", &c1, &k1);
+    let ck = CertKey::write(env.dir.path(), "cluster", &c1, &k1);
     let (cert, key) = (ck.cert.clone(), ck.key.clone());
-    let mut server = env.server(uds().cluster_cert(ck)).await;
+    let mut server = env.server(ServerOpts::uds().cluster_cert(ck)).await;
     let mut a = env
         .agent(
             AgentOpts::new(server.agent_addr)
@@ -714,20 +655,22 @@ async fn cluster_cert_rotation_applies_to_new_handshakes_and_a_broken_file_is_re
     server.wait_ready().await;
     let client = env.pki.main.agent.clone();
     assert_eq!(
-        served_cert(server.agent_addr, &rot.ca_pem, &client, &[b"h2"]).await,
+        served_cert(server.agent_addr, &rot.cert_pem, &client, &[b"h2"]).await,
         Ok(der(&c1))
     );
     let echo = backends::echo().await;
     let mut held = connect::tunnel(&server.frontend, &echo.target())
         .await
         .unwrap();
-    echo_once(&mut held, b"before rotation").await.unwrap();
+    connect::echo_once(&mut held, b"before rotation")
+        .await
+        .unwrap();
 
     write_atomically(&key, &k2);
     write_atomically(&cert, &c2);
     let took = wait_served(
         server.agent_addr,
-        &rot.ca_pem,
+        &rot.cert_pem,
         &client,
         &[b"h2"],
         &c2,
@@ -735,10 +678,10 @@ async fn cluster_cert_rotation_applies_to_new_handshakes_and_a_broken_file_is_re
     )
     .await;
     println!("rotated certificate served {took:?} after the write");
-    echo_once(&mut held, b"after rotation")
+    connect::echo_once(&mut held, b"after rotation")
         .await
         .expect("open tunnel survives rotation");
-    assert_eq!(agent_gauge(&a, names::AGENT_OPEN_SERVERS).await, Ok(1.0));
+    assert_eq!(a.gauge(names::AGENT_OPEN_SERVERS).await, Ok(1.0));
     let mut b = env
         .agent(
             AgentOpts::new(server.agent_addr)
@@ -747,17 +690,7 @@ async fn cluster_cert_rotation_applies_to_new_handshakes_and_a_broken_file_is_re
         )
         .await;
     b.wait_ready().await;
-    poll_until(
-        "server to count both agents",
-        Duration::from_secs(10),
-        || async {
-            match server_gauge(&server, names::SERVER_READY_BACKENDS).await? {
-                2.0 => Ok(()),
-                v => Err(format!("ready_backend_connections={v}")),
-            }
-        },
-    )
-    .await;
+    server.wait_agent_streams(2).await;
 
     const FAILURES: &str = "spoke_server_tls_reload_failures_total";
     let before = server.metrics().await.unwrap().counter(FAILURES, &[]);
@@ -787,11 +720,13 @@ async fn cluster_cert_rotation_applies_to_new_handshakes_and_a_broken_file_is_re
         "server log must say the new file cannot be used"
     );
     assert_eq!(
-        served_cert(server.agent_addr, &rot.ca_pem, &client, &[b"h2"]).await,
+        served_cert(server.agent_addr, &rot.cert_pem, &client, &[b"h2"]).await,
         Ok(der(&c2)),
         "after a broken file the last good certificate stays"
     );
-    echo_once(&mut held, b"after broken file").await.unwrap();
+    connect::echo_once(&mut held, b"after broken file")
+        .await
+        .unwrap();
     connect::echo_roundtrip(&server.frontend, &echo.target())
         .await
         .unwrap();
@@ -816,13 +751,16 @@ async fn wait_exit(server: &mut Server, limit: Duration) -> Duration {
 async fn graceful_shutdown_refuses_new_dials_and_lets_the_open_connection_finish() {
     let env = Env::new("o_graceful");
     let (mut server, _agent) = env
-        .pair(uds().arg("--graceful-shutdown-timeout=5s"), |a| a)
+        .pair(
+            ServerOpts::uds().arg("--graceful-shutdown-timeout=5s"),
+            |a| a,
+        )
         .await;
     let echo = backends::echo().await;
     let mut held = connect::tunnel(&server.frontend, &echo.target())
         .await
         .unwrap();
-    echo_once(&mut held, b"before").await.unwrap();
+    connect::echo_once(&mut held, b"before").await.unwrap();
     signal(server.proc.pid(), libc::SIGTERM);
     let termed = Instant::now();
     let reply = poll_until(
@@ -838,13 +776,13 @@ async fn graceful_shutdown_refuses_new_dials_and_lets_the_open_connection_finish
     )
     .await;
     println!("CONNECT during shutdown: {} / {}", reply.head, reply.body);
-    let body = wait_code(server.health_addr, "/readyz", 500, Duration::from_secs(2)).await;
+    let body = http::wait_code(server.health_addr, "/readyz", 500, Duration::from_secs(2)).await;
     assert!(
         body.contains("shutting down"),
         "readyz body during shutdown: {body:?}"
     );
     for i in 0..5 {
-        echo_once(&mut held, format!("during shutdown {i}").as_bytes())
+        connect::echo_once(&mut held, format!("during shutdown {i}").as_bytes())
             .await
             .expect("the open connection keeps working during graceful shutdown");
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -869,13 +807,16 @@ async fn graceful_shutdown_refuses_new_dials_and_lets_the_open_connection_finish
 async fn graceful_shutdown_timeout_bounds_the_wait_for_a_connection_that_never_ends() {
     let env = Env::new("o_gracefultm");
     let (mut server, _agent) = env
-        .pair(uds().arg("--graceful-shutdown-timeout=5s"), |a| a)
+        .pair(
+            ServerOpts::uds().arg("--graceful-shutdown-timeout=5s"),
+            |a| a,
+        )
         .await;
     let echo = backends::echo().await;
     let mut held = connect::tunnel(&server.frontend, &echo.target())
         .await
         .unwrap();
-    echo_once(&mut held, b"x").await.unwrap();
+    connect::echo_once(&mut held, b"x").await.unwrap();
     signal(server.proc.pid(), libc::SIGTERM);
     let took = wait_exit(&mut server, Duration::from_secs(9)).await;
     println!("server with a never-ending connection exited {took:?} after SIGTERM");
@@ -909,7 +850,7 @@ async fn log_filter(addr: std::net::SocketAddr, method: &str, body: &str) -> (u1
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn log_level_changes_at_run_time_through_the_admin_port() {
     let env = Env::new("o_loglevel");
-    let mut server = env.server(uds()).await;
+    let mut server = env.server(ServerOpts::uds()).await;
     let mut agent = env.agent(AgentOpts::new(server.agent_addr)).await;
     agent.wait_ready().await;
     server.wait_ready().await;
@@ -1000,7 +941,9 @@ async fn log_level_changes_at_run_time_through_the_admin_port() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_are_json_lines_with_connection_events_at_debug() {
     let env = Env::new("o_logs");
-    let (server, agent) = env.pair(uds().arg("--v=5"), |a| a.arg("--v=5")).await;
+    let (server, agent) = env
+        .pair(ServerOpts::uds().arg("--v=5"), |a| a.arg("--v=5"))
+        .await;
     let echo = backends::echo().await;
     connect::echo_roundtrip(&server.frontend, &echo.target())
         .await
@@ -1042,7 +985,7 @@ async fn logs_are_json_lines_with_connection_events_at_debug() {
     }
 
     // --log-format=text on a file: plain text lines, no JSON.
-    let text = env.server(uds().arg("--log-format=text")).await;
+    let text = env.server(ServerOpts::uds().arg("--log-format=text")).await;
     let log = poll_until(
         "the text-format server to log",
         Duration::from_secs(5),
@@ -1075,14 +1018,14 @@ async fn logs_are_json_lines_with_connection_events_at_debug() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_cert_rotation_applies_to_new_handshakes_and_a_broken_file_is_refused() {
     let env = Env::new("o_agent_rotate");
-    let rot = RotCa::new("spoke e2e rotation CA");
-    let ca_path = env.dir.join("rot-ca.crt");
-    std::fs::write(&ca_path, &rot.ca_pem).unwrap();
+    let rot = Ca::new("spoke e2e rotation CA");
+    let ca_path = rot.write(env.dir.path(), "rot-ca");
     let (server_cert, server_key) = rot.server_leaf("stand-in proxy server");
-    let (addr, presented, _server) = recording_server(&rot.ca_pem, &server_cert, &server_key).await;
+    let (addr, presented, _server) =
+        recording_server(&rot.cert_pem, &server_cert, &server_key).await;
     let (c1, k1) = rot.client_leaf("agent cert one");
     let (c2, k2) = rot.client_leaf("agent cert two");
-    let ck = cert_files(env.dir.path(), "agent", &c1, &k1);
+    let ck = CertKey::write(env.dir.path(), "agent", &c1, &k1);
     let (cert, key) = (ck.cert.clone(), ck.key.clone());
     let agent = env
         .agent(AgentOpts::new(addr).cert(ck).ca(ca_path.clone()))

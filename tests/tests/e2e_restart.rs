@@ -1,12 +1,11 @@
 //! Server restart: the agent reconnects and dials work again quickly.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use spoke_tests::backends;
 use spoke_tests::cluster::{status, Env, Mode, ServerOpts, Transport};
 use spoke_tests::connect;
 use spoke_tests::wait::poll_until;
-use tokio::net::TcpStream;
 
 const RECOVERY: Duration = Duration::from_secs(2);
 
@@ -34,18 +33,7 @@ async fn agent_reconnects_within_2s_after_server_sigkill_and_restart() {
     )
     .await;
 
-    server.proc.restart();
-    let back = poll_until(
-        "restarted server's agent port to accept",
-        Duration::from_secs(20),
-        || async {
-            TcpStream::connect(server.agent_addr)
-                .await
-                .map(|_| Instant::now())
-                .map_err(|e| e.to_string())
-        },
-    )
-    .await;
+    let back = server.restart().await;
     let mut last = String::new();
     while back.elapsed() < RECOVERY {
         let left = RECOVERY.saturating_sub(back.elapsed());

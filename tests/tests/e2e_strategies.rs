@@ -127,22 +127,6 @@ async fn server_metrics(server: &Server) -> Result<Metrics, String> {
     server.metrics().await.map_err(|e| format!("{e:#}"))
 }
 
-/// Waits until the server holds exactly `n` agent streams.
-async fn wait_streams(server: &Server, n: usize) {
-    poll_until(
-        &format!("server ready_backend_connections == {n}"),
-        WAIT,
-        || async {
-            let m = server_metrics(server).await?;
-            match gauge(&m, names::SERVER_READY_BACKENDS)? {
-                v if v == n as f64 => Ok(()),
-                v => Err(format!("ready_backend_connections = {v}")),
-            }
-        },
-    )
-    .await;
-}
-
 /// `ready_backends{proxy_strategy=s}` for each of `strategies`; `None` where the series is absent.
 fn ready_backends(m: &Metrics, strategies: &[&str]) -> Vec<Option<f64>> {
     strategies
@@ -296,7 +280,7 @@ async fn dest_host_then_default_routes_claimed_addresses_to_their_agent() {
     let mut server = env.server(server_opts("destHost,default")).await;
     let a = agent(&env, &server, "agent-a", "ipv4=127.0.0.2&host=localhost").await;
     let b = agent(&env, &server, "agent-b", "ipv4=127.0.0.3").await;
-    wait_streams(&server, 2).await;
+    server.wait_agent_streams_within(2, WAIT).await;
     assert_ready(&mut server).await;
     let (echo1, echo2, echo3) = (
         Echo::on(LO1).await,
@@ -506,7 +490,7 @@ async fn strategies_are_tried_in_order() {
     let plain = agent(&env, &server, "agent-plain", "").await;
     let h = agent(&env, &server, "agent-h", "ipv4=127.0.0.2").await;
     let mut d = agent(&env, &server, "agent-d", "default-route=true").await;
-    wait_streams(&server, 3).await;
+    server.wait_agent_streams_within(3, WAIT).await;
     assert_ready(&mut server).await;
     let (echo1, echo2) = (Echo::on(LO1).await, Echo::on(LO2).await);
     let all = [&plain, &h, &d];
@@ -527,7 +511,7 @@ async fn strategies_are_tried_in_order() {
 
     // Without a default-route agent, `default` is reached: any agent (H included).
     d.proc.kill();
-    wait_streams(&server, 2).await;
+    server.wait_agent_streams_within(2, WAIT).await;
     let rest = [&plain, &h];
     let spread = dials(&server, &rest, &echo1.target(), 30).await;
     assert!(
@@ -583,7 +567,7 @@ async fn default_route_value_is_parsed_like_go_parse_bool() {
     let server = env.server(server_opts("defaultRoute")).await;
     let one = agent(&env, &server, "agent-one", "default-route=1").await;
     let odd = agent(&env, &server, "agent-odd", "default-route=tRuE").await;
-    wait_streams(&server, 2).await;
+    server.wait_agent_streams_within(2, WAIT).await;
     wait_gauges(&server, &["defaultRoute"], &[1.0], 2).await;
     let echo = backends::echo().await;
     assert_eq!(
@@ -600,7 +584,7 @@ async fn ready_backends_dest_host_counts_identifiers_like_upstream() {
     let env = Env::new("strat_gauge_keys");
     let server = env.server(server_opts("destHost")).await;
     let _a = agent(&env, &server, "agent-a", "ipv4=127.0.0.2&host=node-a").await;
-    wait_streams(&server, 1).await;
+    server.wait_agent_streams_within(1, WAIT).await;
     wait_gauges(&server, &["destHost"], &[2.0], 1).await;
     // A second agent sharing one of those identifiers adds only its new ones.
     let _b = agent(&env, &server, "agent-b", "host=node-a&ipv4=127.0.0.3").await;

@@ -11,7 +11,7 @@ use spoke_tests::cluster::{wait_tables_empty, Agent, Env, Mode, Server, ServerOp
 use spoke_tests::connect;
 use spoke_tests::data::Verifier;
 use spoke_tests::procfs;
-use spoke_tests::wait::{poll_until, within};
+use spoke_tests::wait::{self, poll_until, within};
 use tokio::io::AsyncReadExt;
 
 const CONNS: usize = 500;
@@ -280,16 +280,12 @@ async fn stalled_reader_does_not_block_others_and_agent_memory_stays_bounded() {
             })
         })
         .collect();
-    let results = within(
+    let failures = wait::failures(
         "50 x 16 MiB transfers next to the stalled connection",
         Duration::from_secs(90),
-        futures::future::join_all(tasks),
+        tasks,
     )
     .await;
-    let failures: Vec<String> = results
-        .into_iter()
-        .filter_map(|r| r.unwrap().err().map(|e| format!("{e:#}")))
-        .collect();
     assert!(
         failures.is_empty(),
         "{} of {OTHERS} transfers failed: {:?}",

@@ -8,19 +8,15 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
+use rcgen::ExtendedKeyUsagePurpose;
 use rustls::crypto::ring::cipher_suite as cs;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::CertificateDer;
 use rustls::{
-    AlertDescription, ClientConfig, ProtocolVersion, RootCertStore, SupportedCipherSuite,
-    SupportedProtocolVersion,
+    AlertDescription, ClientConfig, ProtocolVersion, SupportedCipherSuite, SupportedProtocolVersion,
 };
 use spoke_tests::backends;
-use spoke_tests::certs::{CaSet, CertKey};
+use spoke_tests::certs::{Ca, CaSet, CertKey};
 use spoke_tests::cluster::{Agent, Env, Mode, Server, ServerOpts, Transport};
 use spoke_tests::connect;
 use spoke_tests::metrics::Metrics;
@@ -56,64 +52,28 @@ static TLS13: &[&SupportedProtocolVersion] = &[&rustls::version::TLS13];
 // ---------------------------------------------------------------------------------------------
 // helpers
 
-/// A rustls client trusting `ca_pem`, presenting `cert`, restricted to `versions` and (if given)
-/// to exactly `suites`, offering `alpn`.
-fn client(
-    ca_pem: &str,
-    cert: Option<&CertKey>,
-    versions: &[&'static SupportedProtocolVersion],
-    suites: Option<Vec<SupportedCipherSuite>>,
-    alpn: &[&[u8]],
-) -> Arc<ClientConfig> {
-    let mut roots = RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(c.expect("CA PEM")).expect("add CA");
-    }
-    let mut provider = rustls::crypto::ring::default_provider();
-    if let Some(suites) = suites {
-        provider.cipher_suites = suites;
-    }
-    let builder = ClientConfig::builder_with_provider(Arc::new(provider))
-        .with_protocol_versions(versions)
-        .expect("client versions and suites fit")
-        .with_root_certificates(roots);
-    let mut config = match cert {
-        Some(ck) => builder
-            .with_client_auth_cert(
-                CertificateDer::pem_slice_iter(ck.cert_pem.as_bytes())
-                    .collect::<Result<Vec<_>, _>>()
-                    .expect("cert PEM"),
-                PrivateKeyDer::from_pem_slice(ck.key_pem.as_bytes()).expect("key PEM"),
-            )
-            .expect("client auth cert"),
-        None => builder.with_no_client_auth(),
-    };
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    Arc::new(config)
-}
-
-/// [`client`] with `main`'s frontend certificate, offering `http/1.1`.
+/// A client with `main`'s frontend certificate, offering `http/1.1`.
 fn frontend_client(
     main: &CaSet,
     versions: &[&'static SupportedProtocolVersion],
     suites: Option<Vec<SupportedCipherSuite>>,
 ) -> Arc<ClientConfig> {
-    client(
+    tls::restricted_client_config(
         &main.ca_pem,
         Some(&main.frontend),
+        &[b"http/1.1"],
         versions,
         suites,
-        &[b"http/1.1"],
     )
 }
 
-/// [`client`] with `main`'s agent certificate, offering `h2`.
+/// A client with `main`'s agent certificate, offering `h2`.
 fn agent_client(
     main: &CaSet,
     versions: &[&'static SupportedProtocolVersion],
     suites: Option<Vec<SupportedCipherSuite>>,
 ) -> Arc<ClientConfig> {
-    client(&main.ca_pem, Some(&main.agent), versions, suites, &[b"h2"])
+    tls::restricted_client_config(&main.ca_pem, Some(&main.agent), &[b"h2"], versions, suites)
 }
 
 /// The rustls error inside an I/O error from tokio-rustls, if any.
@@ -373,40 +333,17 @@ fn not_after_pem(pem: &str) -> i64 {
 /// is exactly `not_after` (Unix seconds): unlike the harness's certificates (rcgen's default,
 /// 4096-01-01) this one expires at a realistic, odd second.
 fn ca_with_server_leaf(dir: &Path, not_after: i64) -> (std::path::PathBuf, CertKey) {
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "spoke e2e expiry CA");
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let key = KeyPair::generate().unwrap();
-    let ca_pem = params.self_signed(&key).unwrap().pem();
-    let issuer = Issuer::new(params, key);
-    let mut leaf = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
-    leaf.distinguished_name
-        .push(DnType::CommonName, "spoke e2e expiring server");
-    leaf.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
-    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    leaf.not_after = rcgen::date_time_ymd(1970, 1, 1) + Duration::from_secs(not_after as u64);
-    let key = KeyPair::generate().unwrap();
-    let cert_pem = leaf.signed_by(&key, &issuer).unwrap().pem();
-    let key_pem = key.serialize_pem();
-    let write = |name: &str, content: &str| {
-        let p = dir.join(name);
-        std::fs::write(&p, content).unwrap();
-        p
-    };
-    let ca = write("expiry-ca.crt", &ca_pem);
-    let ck = CertKey {
-        cert: write("expiry-server.crt", &cert_pem),
-        key: write("expiry-server.key", &key_pem),
-        cert_pem,
-        key_pem,
-    };
-    (ca, ck)
+    let ca = Ca::new("spoke e2e expiry CA");
+    let (cert, key) = ca.leaf(
+        "spoke e2e expiring server",
+        &["localhost", "127.0.0.1"],
+        &[ExtendedKeyUsagePurpose::ServerAuth],
+        Some(not_after),
+    );
+    (
+        ca.write(dir, "expiry-ca"),
+        CertKey::write(dir, "expiry-server", &cert, &key),
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -608,19 +545,19 @@ async fn refused_handshakes_are_counted_by_reason() {
         (
             "frontend client without a certificate",
             frontend,
-            client(&main.ca_pem, None, TLS13, None, &[b"http/1.1"]),
+            tls::restricted_client_config(&main.ca_pem, None, &[b"http/1.1"], TLS13, None),
             AlertDescription::CertificateRequired,
             "no_client_certificate",
         ),
         (
             "frontend client with a certificate from a foreign CA",
             frontend,
-            client(
+            tls::restricted_client_config(
                 &main.ca_pem,
                 Some(&rogue.frontend),
+                &[b"http/1.1"],
                 TLS13,
                 None,
-                &[b"http/1.1"],
             ),
             AlertDescription::UnknownCA,
             "unknown_ca",
@@ -635,14 +572,14 @@ async fn refused_handshakes_are_counted_by_reason() {
         (
             "agent-port client without a certificate",
             server.agent_addr,
-            client(&main.ca_pem, None, TLS13, None, &[b"h2"]),
+            tls::restricted_client_config(&main.ca_pem, None, &[b"h2"], TLS13, None),
             AlertDescription::CertificateRequired,
             "no_client_certificate",
         ),
         (
             "agent-port client with a certificate from a foreign CA",
             server.agent_addr,
-            client(&main.ca_pem, Some(&rogue.agent), TLS13, None, &[b"h2"]),
+            tls::restricted_client_config(&main.ca_pem, Some(&rogue.agent), &[b"h2"], TLS13, None),
             AlertDescription::UnknownCA,
             "unknown_ca",
         ),
@@ -693,9 +630,12 @@ async fn certificate_expiry_gauges_carry_the_real_not_after() {
 
     // What each listener really serves.
     let served = |addr: SocketAddr, ca_pem: String, cert: CertKey, alpn: &'static [u8]| async move {
-        let s = tls::connect(addr, client(&ca_pem, Some(&cert), TLS13, None, &[alpn]))
-            .await
-            .unwrap_or_else(|e| panic!("handshake with {addr}: {e:?}"));
+        let s = tls::connect(
+            addr,
+            tls::restricted_client_config(&ca_pem, Some(&cert), &[alpn], TLS13, None),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("handshake with {addr}: {e:?}"));
         let leaf = s
             .get_ref()
             .1

@@ -13,10 +13,10 @@ use std::time::Duration;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use spoke_tests::backends;
-use spoke_tests::cluster::{status, wait_status, Env, STARTUP_TIMEOUT};
-use spoke_tests::connect::{self, Frontend};
+use spoke_tests::cluster::{status, Agent, AgentOpts, Env, Server, ServerOpts, STARTUP_TIMEOUT};
+use spoke_tests::connect;
 use spoke_tests::ports::free_port;
-use spoke_tests::process::Proc;
+use spoke_tests::rotation::write_atomically;
 use spoke_tests::wait::{holds_for, poll_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -488,134 +488,37 @@ impl JsonParser<'_> {
 // ---------------------------------------------------------------------------------------------
 // Processes.
 
-struct Server {
-    proc: Proc,
-    agent_addr: SocketAddr,
-    health_addr: SocketAddr,
-    frontend: Frontend,
-}
-
-struct Agent {
-    proc: Proc,
-    health_addr: SocketAddr,
-}
-
-fn local(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
 /// spoke-server with token authentication (no `--cluster-ca-cert`), HTTP CONNECT over a Unix socket.
 async fn token_server(env: &Env, kubeconfig: &Path) -> Server {
-    let main = &env.pki.main;
-    let (agent_port, health_port, admin_port) = (free_port(), free_port(), free_port());
-    let uds = env.dir.join("server.sock");
-    let args = vec![
-        "--mode=http-connect".to_string(),
-        format!("--uds-name={}", uds.display()),
-        "--server-port=0".into(),
-        "--agent-bind-address=127.0.0.1".into(),
-        format!("--agent-port={agent_port}"),
-        format!("--cluster-cert={}", main.server.cert.display()),
-        format!("--cluster-key={}", main.server.key.display()),
-        "--health-bind-address=127.0.0.1".into(),
-        format!("--health-port={health_port}"),
-        "--admin-bind-address=127.0.0.1".into(),
-        format!("--admin-port={admin_port}"),
-        "--server-id=token-server".into(),
-        "--server-count=1".into(),
-        format!("--agent-namespace={NAMESPACE}"),
-        format!("--agent-service-account={SERVICE_ACCOUNT}"),
-        format!("--authentication-audience={AUDIENCE}"),
-        format!("--kubeconfig={}", kubeconfig.display()),
-    ];
-    let proc = Proc::spawn(
-        "spoke-server token-server",
-        &spoke_tests::bins::server_bin(),
-        args,
-        env.dir.join("token-server.log"),
-    );
-    let mut server = Server {
-        proc,
-        agent_addr: local(agent_port),
-        health_addr: local(health_port),
-        frontend: Frontend::Uds(uds),
-    };
-    wait_status(
-        &mut server.proc,
-        server.health_addr,
-        "/healthz",
-        200,
-        STARTUP_TIMEOUT,
-    )
-    .await;
-    server
+    let opts = ServerOpts::uds()
+        .id("token-server")
+        .agent_tokens()
+        .arg(&format!("--agent-namespace={NAMESPACE}"))
+        .arg(&format!("--agent-service-account={SERVICE_ACCOUNT}"))
+        .arg(&format!("--authentication-audience={AUDIENCE}"))
+        .arg(&format!("--kubeconfig={}", kubeconfig.display()));
+    env.server(opts).await
 }
 
 /// spoke-agent authenticating with the token in `token_file` only (no client certificate).
 async fn token_agent(env: &Env, server: &Server, token_file: &Path) -> Agent {
-    let (health_port, admin_port) = (free_port(), free_port());
-    let args = vec![
-        format!("--proxy-server-host={}", server.agent_addr.ip()),
-        format!("--proxy-server-port={}", server.agent_addr.port()),
-        format!("--ca-cert={}", env.pki.main.ca.display()),
-        format!("--service-account-token-path={}", token_file.display()),
-        "--agent-id=token-agent".into(),
-        "--health-server-host=127.0.0.1".into(),
-        format!("--health-server-port={health_port}"),
-        "--admin-bind-address=127.0.0.1".into(),
-        format!("--admin-server-port={admin_port}"),
-        "--sync-interval=100ms".into(),
-        "--sync-interval-cap=1s".into(),
-        "--ebpf=off".into(),
-    ];
-    let proc = Proc::spawn(
-        "spoke-agent token-agent",
-        &spoke_tests::bins::agent_bin(),
-        args,
-        env.dir.join("token-agent.log"),
-    );
-    let mut agent = Agent {
-        proc,
-        health_addr: local(health_port),
-    };
-    wait_status(
-        &mut agent.proc,
-        agent.health_addr,
-        "/healthz",
-        200,
-        STARTUP_TIMEOUT,
-    )
-    .await;
-    agent
+    let opts = AgentOpts::new(server.agent_addr)
+        .id("token-agent")
+        .token(token_file.to_path_buf());
+    env.agent(opts).await
 }
 
 fn write_token(env: &Env, token: &str) -> PathBuf {
     let path = env.dir.join("sa-token");
     // Rewritten through a rename, as the kubelet does for projected tokens.
-    let tmp = env.dir.join("sa-token.tmp");
-    std::fs::write(&tmp, token).expect("write token");
-    std::fs::rename(&tmp, &path).expect("rename token");
+    write_atomically(&path, token);
     path
 }
 
 /// Both sides ready: the server has the agent, the agent has a tunnel.
 async fn wait_ready(server: &mut Server, agent: &mut Agent) {
-    wait_status(
-        &mut agent.proc,
-        agent.health_addr,
-        "/readyz",
-        200,
-        STARTUP_TIMEOUT,
-    )
-    .await;
-    wait_status(
-        &mut server.proc,
-        server.health_addr,
-        "/readyz",
-        200,
-        STARTUP_TIMEOUT,
-    )
-    .await;
+    agent.wait_ready().await;
+    server.wait_ready().await;
 }
 
 /// The refused agent never becomes ready and the server never counts it, for [`REFUSED_FOR`].
@@ -638,20 +541,26 @@ async fn assert_refused(
         },
     )
     .await;
-    let (s, a) = (server.health_addr, agent.health_addr);
-    holds_for(
+    stays_unready(
+        server,
+        agent,
         "server /readyz 500 and agent /readyz not 200 (connect refused)",
-        REFUSED_FOR,
-        || async move {
-            match (status(s, "/readyz").await, status(a, "/readyz").await) {
-                (Ok(500), Ok(sa)) if sa != 200 => Ok(()),
-                other => Err(format!("(server, agent) /readyz = {other:?}")),
-            }
-        },
     )
     .await;
     server.proc.assert_running();
     agent.proc.assert_running();
+}
+
+/// For [`REFUSED_FOR`]: server /readyz 500 and agent /readyz anything but 200.
+async fn stays_unready(server: &Server, agent: &Agent, what: &str) {
+    let (s, a) = (server.health_addr, agent.health_addr);
+    holds_for(what, REFUSED_FOR, || async move {
+        match (status(s, "/readyz").await, status(a, "/readyz").await) {
+            (Ok(500), Ok(sa)) if sa != 200 => Ok(()),
+            other => Err(format!("(server, agent) /readyz = {other:?}")),
+        }
+    })
+    .await;
 }
 
 fn assert_logged_refusal(server: &Server, needle: &str, secrets: &[&str]) {
@@ -781,18 +690,7 @@ async fn tokenreview_endpoint_down_refuses_until_it_is_back() {
         },
     )
     .await;
-    let (s, a) = (server.health_addr, agent.health_addr);
-    holds_for(
-        "no readiness while the apiserver is down",
-        REFUSED_FOR,
-        || async move {
-            match (status(s, "/readyz").await, status(a, "/readyz").await) {
-                (Ok(500), Ok(sa)) if sa != 200 => Ok(()),
-                other => Err(format!("(server, agent) /readyz = {other:?}")),
-            }
-        },
-    )
-    .await;
+    stays_unready(&server, &agent, "no readiness while the apiserver is down").await;
     assert!(api.log().is_empty());
     assert_logged_refusal(&server, "Unavailable", &[token]);
 
@@ -829,15 +727,7 @@ async fn rotated_token_file_is_used_on_the_next_connect() {
     api.revoke(old);
     let before = api.log().len();
     // Force a reconnect: the server restarts, the agent re-reads the file.
-    server.proc.restart();
-    wait_status(
-        &mut server.proc,
-        server.health_addr,
-        "/healthz",
-        200,
-        STARTUP_TIMEOUT,
-    )
-    .await;
+    server.restart().await;
     wait_ready(&mut server, &mut agent).await;
     let after: Vec<Review> = api.log().split_off(before);
     assert!(

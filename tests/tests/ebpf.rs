@@ -18,15 +18,10 @@
 //!
 //! Both binaries come from `cargo build --workspace --bins` (same profile as the tests).
 //! Tests run one at a time (they share bpftool views, fixed ports and measure CPU).
-#[path = "../src/netns.rs"]
-#[allow(dead_code)]
-mod netns;
-
 use std::{
     collections::HashMap,
     fs::File,
     io::{Read, Write},
-    mem::ManuallyDrop,
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     os::unix::net::UnixStream,
     path::PathBuf,
@@ -39,10 +34,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use netns::{require_root, veth, Cgroup, Netns};
 use spoke_tests::{
     bins::{agent_bin, server_bin},
     certs::{CaSet, Pki},
+    cgroup::Cgroup,
+    connect, http,
+    netns::{self, veth, NetNs},
     testdir::TestDir,
 };
 
@@ -62,21 +59,14 @@ const AGENT_ADMIN: &str = "127.0.0.1:8094";
 const SERVER_ADMIN: &str = "127.0.0.1:8095";
 const STARTUP: Duration = Duration::from_secs(30);
 
-/// A handle for entering namespace `name` that does not delete it when dropped (the test's
-/// [`Node`] owns the namespaces).
-fn ns_ref(name: &str) -> ManuallyDrop<Netns> {
-    ManuallyDrop::new(Netns {
-        name: name.to_string(),
-    })
+/// Runs `f` on a thread inside namespace `ns` (owned by the test's [`Node`]).
+fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    NetNs::named(ns).run(f)
 }
 
-/// Runs `f` on a thread inside namespace `ns` and returns its result.
-fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    ns_ref(ns)
-        .spawn(f)
-        .join()
-        .expect("namespace thread panicked")
-        .expect("enter netns")
+/// Whether an eBPF test may run (see [`netns::require_root`]).
+fn require_root(test: &str, what: &str) -> bool {
+    netns::require_root(test, what, &["bpftool", "ip"])
 }
 
 // ---------------------------------------------------------------------------------------
@@ -186,35 +176,9 @@ fn http_get(ns: &str, addr: &str, path: &str) -> Result<(u16, String), String> {
         let mut raw = Vec::new();
         c.read_to_end(&mut raw)
             .map_err(|e| format!("read {addr}: {e}"))?;
-        let raw = String::from_utf8_lossy(&raw);
-        let (head, body) = raw
-            .split_once("\r\n\r\n")
-            .ok_or_else(|| format!("incomplete answer from {addr}{path}: {raw:?}"))?;
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| format!("bad status line from {addr}{path}: {head:?}"))?;
-        let chunked = head
-            .to_ascii_lowercase()
-            .contains("transfer-encoding: chunked");
-        Ok((status, if chunked { dechunk(body) } else { body.into() }))
+        let r = http::parse_response(&raw).map_err(|e| format!("{addr}{path}: {e:#}"))?;
+        Ok((r.status, r.body))
     })
-}
-
-fn dechunk(mut rest: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, tail)) = rest.split_once("\r\n") {
-        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if size == 0 || tail.len() < size {
-            break;
-        }
-        out.push_str(&tail[..size]);
-        rest = tail[size..].trim_start_matches("\r\n");
-    }
-    out
 }
 
 /// Polls `GET path` until it answers `want` (or `proc` exits, or `timeout` passes).
@@ -271,7 +235,7 @@ impl SpokeServer {
         ]);
         let mut server = SpokeServer {
             proc: Proc::spawn("spoke-server", cmd, &n.dir),
-            ns: n.outside.name.clone(),
+            ns: n.outside.name().to_string(),
             uds,
         };
         wait_status(
@@ -339,7 +303,7 @@ impl SpokeServer {
             .unwrap_or_else(|e| panic!("connect {}: {e}", self.uds.display()));
         s.set_read_timeout(Some(Duration::from_secs(30)))
             .expect("read timeout");
-        s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        s.write_all(connect::head(target).as_bytes())
             .expect("write CONNECT");
         // Byte by byte, so no tunnel byte is consumed with the head.
         let mut head = Vec::new();
@@ -407,7 +371,7 @@ impl Agent {
         .args(extra);
         Agent {
             proc: Proc::spawn("spoke-agent", cmd, &n.dir),
-            ns: n.node.name.clone(),
+            ns: n.node.name().to_string(),
         }
     }
 
@@ -511,7 +475,7 @@ enum Behaviour {
 }
 
 impl Backend {
-    fn start(ns: &Netns, addr: &str, behaviour: Behaviour) -> Backend {
+    fn start(ns: &NetNs, addr: &str, behaviour: Behaviour) -> Backend {
         let addr: SocketAddr = addr.parse().expect("backend addr");
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel();
@@ -540,7 +504,7 @@ impl Backend {
         }
         Backend {
             addr,
-            ns: ns.name.clone(),
+            ns: ns.name().to_string(),
             stop,
         }
     }
@@ -583,7 +547,7 @@ impl Drop for Backend {
         self.stop.store(true, Ordering::Relaxed);
         // Wake the accept loop.
         let addr = self.addr;
-        let _ = ns_ref(&self.ns)
+        let _ = NetNs::named(&self.ns)
             .spawn(move || TcpStream::connect_timeout(&addr, Duration::from_secs(1)))
             .join();
     }
@@ -635,7 +599,7 @@ fn tunnel_echo(server: &SpokeServer, target: &str, data: &Arc<Vec<u8>>) {
 
 /// Sends `data` to an echo service at `addr` directly (from inside `ns`, no tunnel) and checks
 /// it comes back intact.
-fn echo_roundtrip(ns: &Netns, addr: &str, data: Arc<Vec<u8>>) {
+fn echo_roundtrip(ns: &NetNs, addr: &str, data: Arc<Vec<u8>>) {
     let addr: SocketAddr = addr.parse().expect("addr");
     let h = ns.spawn(move || {
         let conn = TcpStream::connect(addr).expect("connect");
@@ -675,9 +639,9 @@ struct Node {
     // Drop order: processes are locals of the tests (dropped first); then the cgroup, the
     // namespaces and the scratch directory.
     cgroup: Cgroup,
-    node: Netns,
-    pod: Netns,
-    outside: Netns,
+    node: NetNs,
+    pod: NetNs,
+    outside: NetNs,
     /// Certificates, the server's Unix socket and the process logs.
     dir: TestDir,
     /// The PKI's trusted set; its server certificate also names 10.212.0.2.
@@ -686,12 +650,11 @@ struct Node {
 
 impl Node {
     fn new(test: &str) -> Node {
-        netns::remove_stale_namespaces();
         let cgroup = Cgroup::new().expect("cgroup");
         cgroup.enter().expect("enter cgroup");
-        let node = Netns::new("node").expect("node ns");
-        let pod = Netns::new("pod").expect("pod ns");
-        let outside = Netns::new("out").expect("outside ns");
+        let node = NetNs::create("node").expect("node ns");
+        let pod = NetNs::create("pod").expect("pod ns");
+        let outside = NetNs::create("out").expect("outside ns");
         veth(
             &node,
             "n-pod",
@@ -839,7 +802,7 @@ fn fast_path_redirects_agent_legs_only() {
 /// Tries to open TCP to `to` from inside `ns` for up to `timeout`. Returns whether it
 /// connected and how many SYNs the socket sent (1 + its retransmissions, from TCP_INFO):
 /// exact for this socket, whatever else the namespace sends meanwhile.
-fn try_connect(ns: &Netns, to: &str, timeout: Duration) -> (bool, u32) {
+fn try_connect(ns: &NetNs, to: &str, timeout: Duration) -> (bool, u32) {
     let to: SocketAddr = to.parse().expect("addr");
     ns.spawn(move || {
         let family = if to.is_ipv4() {
@@ -952,7 +915,7 @@ fn xdp_guard_protects_kubelet_port() {
             ],
         )
     };
-    let connect = |ns: &Netns, to: &str| try_connect(ns, to, Duration::from_millis(1500)).0;
+    let connect = |ns: &NetNs, to: &str| try_connect(ns, to, Duration::from_millis(1500)).0;
     let data = Arc::new(payload(1 << 20, 11));
 
     {

@@ -5,7 +5,7 @@
 //!
 //! A bug found and reported but not fixed yet gets a `KnownBug` variant (its check then
 //! runs only in strict mode) and an `#[ignore = "open bug: ..."]` test here; once fixed,
-//! drop both. None are open.
+//! drop both. Two are open: `AbandonedAnswer` and `CancelledDialAnswers`.
 use std::path::{Path, PathBuf};
 
 #[path = "../../fuzz/src/harness/mod.rs"]
@@ -117,6 +117,110 @@ fn empty_data_cannot_grow_an_inbox_without_bound() {
         );
     }
     assert!(parts.inbox.try_recv().is_none(), "empty chunks were queued");
+}
+
+// ---- Open bugs (`KnownBug`), reproduced on the engine: these fail until fixed. ----
+
+fn session_metrics() -> spoke_tunnel::session::SessionMetrics {
+    spoke_tunnel::session::SessionMetrics {
+        stream: Default::default(),
+        received: "test",
+        relay: Default::default(),
+        rejected: Default::default(),
+    }
+}
+
+const FLOW: spoke_tunnel::conns::FlowConfig = spoke_tunnel::conns::FlowConfig {
+    buffer_cap: 1024,
+    peer_window: None,
+};
+
+/// `KnownBug::AbandonedAnswer`: the agent's answer to a dial arrives, and the frontend's
+/// client hangs up in the same poll; the frontend's select takes the hang-up and drops its
+/// `Dial` with the answer unread. `Dial::drop` calls `abandon_dial`, which finds nothing
+/// pending, so connection 7 stays in the stream's table with no frontend to close it (and
+/// the agent keeps the endpoint open) until the agent closes it or the stream ends.
+#[test]
+#[ignore = "open bug: KnownBug::AbandonedAnswer"]
+fn a_dial_abandoned_with_its_answer_unread_leaves_no_connection() {
+    use spoke_tunnel::session::{ServerEnd, Session};
+    let (out, _out_rx) = spoke_tunnel::outbound::outbound(None);
+    let end = ServerEnd::new(
+        "agent".into(),
+        Default::default(),
+        Default::default(),
+        prometheus_client::metrics::histogram::Histogram::new([1.0]),
+    );
+    let session = Session::new(end, out, FLOW, session_metrics());
+    let answer = session.send_dial(5, "10.0.0.1:443".into());
+    assert!(answer.is_some(), "dial not sent");
+    session.dispatch(spoke_tunnel::packet::dial_ok(5, 7));
+    assert!(
+        session.conns.contains(7),
+        "the answer did not establish connection 7"
+    );
+    // What `Dial::drop` does for a frontend that never read its answer.
+    session.abandon_dial(5);
+    drop(answer);
+    assert!(
+        !session.conns.contains(7),
+        "connection 7 stays in the table with no frontend to close it"
+    );
+}
+
+/// `KnownBug::CancelledDialAnswers`: the server cancels dial 9 (DIAL_CLS) and dials again
+/// under the same id. The first dial's connect completes as its cancellation lands, and its
+/// task's select takes the connect: its `dial_succeeded(9)` answers the second dial with
+/// the first dial's endpoint (10.0.0.1 instead of 10.0.0.2).
+#[test]
+#[ignore = "open bug: KnownBug::CancelledDialAnswers"]
+fn a_cancelled_dial_does_not_answer_a_later_dial_under_its_id() {
+    use spoke_tunnel::session::{AgentEnd, EndpointDialer, Session};
+    use std::sync::{Arc, Mutex, PoisonError};
+    use tokio_util::sync::CancellationToken;
+    /// Records the dials it is asked to start; the test finishes them.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<CancellationToken>>);
+    impl EndpointDialer for Recorder {
+        fn refuse(&self) -> Option<String> {
+            None
+        }
+        fn start(
+            self: Arc<Self>,
+            _: Arc<Session<AgentEnd>>,
+            _: spoke_proto::DialRequest,
+            cancel: CancellationToken,
+        ) {
+            self.0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(cancel);
+        }
+    }
+    let dialer = Arc::new(Recorder::default());
+    let (out, _out_rx) = spoke_tunnel::outbound::outbound(None);
+    let end = AgentEnd::new("server".into(), dialer.clone());
+    let session = Session::new(end, out, FLOW, session_metrics());
+    session.dispatch(spoke_tunnel::packet::dial_req("10.0.0.1:80".into(), 9));
+    session.dispatch(spoke_tunnel::packet::dial_cls(9));
+    session.dispatch(spoke_tunnel::packet::dial_req("10.0.0.2:80".into(), 9));
+    let started: Vec<bool> = dialer
+        .0
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .iter()
+        .map(CancellationToken::is_cancelled)
+        .collect();
+    assert_eq!(
+        started,
+        [true, false],
+        "the first dial is cancelled, the second runs"
+    );
+    // The first dial's task, its connect done: what it calls next.
+    assert!(
+        session.dial_succeeded(9).is_none(),
+        "the cancelled dial to 10.0.0.1 answered the dial to 10.0.0.2"
+    );
 }
 
 /// Every saved input again in strict mode (checks of open `KnownBug`s included).

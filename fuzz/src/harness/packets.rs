@@ -1,36 +1,48 @@
-//! A hostile peer on one tunnel stream, end to end through the shared data-path pieces.
+//! A hostile peer on one agent stream, against the engine both binaries ship.
 //!
-//! The packet dispatch of each side lives in a binary (`server/src/agent_service.rs`
-//! `handle_packet`, `agent/src/server_stream.rs` `ServerStream::handle`); the models below
-//! follow them statement by statement over the real `ConnTable`, `Inbox`, `SendWindow`,
-//! `Outbound` and `packet` helpers, interleaved with what the local side does meanwhile
-//! (frontends dialling and giving up, relays draining, reading, closing). TODO-lead: once
-//! the dispatch functions are reachable from a library target, call them instead.
+//! Each target runs a real `spoke_tunnel::session::Session`, whose `dispatch` is the packet
+//! dispatch of spoke-server and spoke-agent alike, and between the peer's packets does what
+//! that end's local side does, through the API the binaries use:
+//! - `packets_server`: a `Session<ServerEnd>`. Frontends dial (`send_dial`), give up
+//!   (`abandon_dial`, as dropping a pending `Dial` does) and take their `DialOutcome`.
+//! - `packets_agent`: a `Session<AgentEnd>` whose `EndpointDialer` opens nothing: it records
+//!   the dials it is asked to start, and later operations finish them (`dial_succeeded`,
+//!   `dial_failed`) or let them see their cancellation; the input also makes it refuse dials.
 //!
-//! Input: one config byte, then operations. Operation 0 is a wire packet (two length
-//! bytes, then a protobuf `Packet`; bytes that do not decode end the stream like a gRPC
-//! decode error does); the others are local events. The end of the input ends the stream.
-use super::{Checks, Input};
+//! Relays are modelled step by step over the real `ConnParts` that `Session::relay` hands out
+//! (the write loop draining, the read loop sending within credit, the local end ending, the
+//! read loop seeing the peer's close): `Relay::run` needs a runtime and would hide exactly
+//! those interleavings. The stream ends with `Session::close`, as it does in both binaries.
+//!
+//! Input: one config byte, then operations. Operations 0 to 2 are a wire packet (two length
+//! bytes, then a protobuf `Packet`; bytes that do not decode end the stream as a gRPC decode
+//! error does); the others are local events. The end of the input ends the stream.
+use super::{Checks, Input, KnownBug};
 use bytes::Bytes;
 use futures::Stream;
+use prometheus_client::metrics::histogram::Histogram;
 use spoke_proto::packet::Payload;
-use spoke_proto::{Packet, PacketType};
-use spoke_tunnel::conns::{
-    new_conn, ConnEntry, ConnParts, ConnTable, Delivery, FlowConfig, PeerClose,
-};
-use spoke_tunnel::metrics::RelayMetrics;
-use spoke_tunnel::outbound::{outbound, Outbound, OutboundRx};
+use spoke_proto::{DialRequest, Packet, PacketType};
+use spoke_tunnel::conns::{ConnParts, PeerClose};
+use spoke_tunnel::flow::CreditReturn;
+use spoke_tunnel::identifiers::AgentIdentifiers;
+use spoke_tunnel::outbound::{outbound, OutboundRx};
 use spoke_tunnel::packet;
-use spoke_tunnel::relay::CHUNK;
+use spoke_tunnel::relay::{Relay, CHUNK};
+use spoke_tunnel::session::{
+    AgentEnd, DialOutcome, End, EndpointDialer, ServerEnd, Session, SessionMetrics,
+};
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::pin::pin;
-use std::sync::Arc;
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 use tonic_prost::prost::Message;
 
-/// Most packets the peer gets to send in one run: keeps an execution fast.
+/// Most operations in one run: keeps an execution fast.
 const MAX_OPS: usize = 4096;
 
 fn poll_once<F: Future>(f: F) -> Option<F::Output> {
@@ -57,110 +69,139 @@ fn decode(bytes: &[u8]) -> Option<Packet> {
     Some(p)
 }
 
-/// What the model knows about one connection's inbox.
+/// The next wire packet of the input; `None` when it does not decode.
+fn next_packet(input: &mut Input) -> Option<Packet> {
+    let len = usize::from(input.u16() % 2048);
+    decode(input.bytes(len))
+}
+
+/// The packet's type, when its payload is the one that type carries (what `dispatch` acts on).
+fn kind(p: &Packet) -> Option<PacketType> {
+    let t = PacketType::try_from(p.r#type).ok()?;
+    let fits = matches!(
+        (t, &p.payload),
+        (PacketType::DialReq, Some(Payload::DialRequest(_)))
+            | (PacketType::DialRsp, Some(Payload::DialResponse(_)))
+            | (PacketType::DialCls, Some(Payload::CloseDial(_)))
+            | (PacketType::Data, Some(Payload::Data(_)))
+            | (PacketType::SpokeCredit, Some(Payload::Credit(_)))
+            | (PacketType::Drain, _)
+    );
+    fits.then_some(t)
+}
+
+/// What the harness knows about one connection's inbox: what the dispatch queued into it,
+/// less what the relay took.
 #[derive(Default)]
 struct Stats {
-    /// Chunks queued and not yet taken by the write loop (empty DATA is not queued).
+    /// Chunks queued and not yet taken (empty DATA is not queued).
     queued: usize,
+    /// Bytes queued and not yet released.
+    bytes: usize,
     /// Largest chunk ever queued (an oversize chunk may enter an empty inbox).
     largest: usize,
 }
 
 impl Stats {
-    fn check(&self, cap: usize, _checks: Checks) {
+    fn push(&mut self, len: usize) {
+        if len > 0 {
+            self.queued += 1;
+            self.bytes += len;
+            self.largest = self.largest.max(len);
+        }
+    }
+
+    /// Whether the inbox must refuse `len` more bytes (it takes any chunk while empty).
+    fn overflows(&self, len: usize, cap: usize) -> bool {
+        len > 0 && self.bytes > 0 && self.bytes + len > cap
+    }
+
+    fn check(&self, cap: usize) {
         // Every queued chunk holds a byte; past the cap the inbox refuses more.
         assert!(
             self.queued <= cap + 1,
             "{} chunks queued, cap {cap}",
             self.queued
         );
-    }
-}
-
-/// One connection's relay, as `Relay::run` holds it, plus what the model knows about it.
-struct RelayModel {
-    parts: ConnParts,
-    /// Per-connection metrics, so the buffered-bytes gauge is this inbox's fill level.
-    metrics: RelayMetrics,
-    stats: Stats,
-    /// A chunk taken from the inbox whose write has not finished.
-    writing: Option<usize>,
-    credit_back: Option<spoke_tunnel::flow::CreditReturn>,
-    /// Send credit per the model: initial + positive grants - spent.
-    credit: i128,
-    limited: bool,
-}
-
-impl RelayModel {
-    fn new(parts: ConnParts, metrics: RelayMetrics, flow: FlowConfig, stats: Stats) -> Self {
-        let limited = parts.window.is_limited();
-        RelayModel {
-            parts,
-            metrics,
-            stats,
-            writing: None,
-            credit_back: flow
-                .credits()
-                .then(|| spoke_tunnel::flow::CreditReturn::new(flow.buffer_cap)),
-            credit: flow.peer_window.unwrap_or(0) as i128,
-            limited,
-        }
-    }
-
-    fn check(&self, cap: usize, checks: Checks) {
-        let buffered = self.metrics.buffered_bytes.get();
-        assert!(buffered >= 0, "negative buffered bytes {buffered}");
-        let buffered = buffered as usize;
         assert!(
-            buffered <= cap.max(self.stats.largest),
-            "inbox holds {buffered} bytes, cap {cap}, largest chunk {}",
-            self.stats.largest
+            self.bytes <= cap.max(self.largest),
+            "inbox holds {} bytes, cap {cap}, largest chunk {}",
+            self.bytes,
+            self.largest
         );
-        self.stats.check(cap, checks);
-        if self.limited {
+    }
+}
+
+/// One connection's relay, as `Relay::run` holds it, one step at a time.
+struct RelayModel {
+    relay: Relay,
+    /// A chunk taken from the inbox whose write to the local end has not finished.
+    writing: Option<usize>,
+    credit_back: Option<CreditReturn>,
+}
+
+/// One connection of the stream, from its establishment until its local side lets go.
+struct Conn {
+    id: i64,
+    stats: Stats,
+    /// Send credit per the harness: the peer's window, plus positive grants, less bytes sent.
+    credit: i128,
+    /// Its relay, once running (a server frontend starts it when it takes its answer).
+    relay: Option<RelayModel>,
+}
+
+impl Conn {
+    fn check(&self, cap: usize) {
+        self.stats.check(cap);
+        let Some(r) = &self.relay else { return };
+        let window = &r.relay.parts.window;
+        if window.is_limited() {
             assert_eq!(
-                self.parts.window.exhausted(),
+                window.exhausted(),
                 self.credit <= 0,
                 "send window disagrees with credit {}",
                 self.credit
             );
         } else {
-            assert!(!self.parts.window.exhausted(), "unlimited window exhausted");
+            assert!(!window.exhausted(), "unlimited window exhausted");
         }
     }
 
     /// The write loop takes up to `n` chunks and writes them.
-    fn drain(&mut self, n: u8, out: &Outbound, id: i64) {
+    fn drain(&mut self, n: u8) {
+        let Some(r) = self.relay.as_mut() else { return };
         for _ in 0..n {
-            if let Some(len) = self.writing.take() {
-                self.parts.inbox.consumed(len);
-                if let Some(grant) = self.credit_back.as_mut().and_then(|c| c.drained(len)) {
+            if let Some(len) = r.writing.take() {
+                // The write finished: the write loop returns credit as it goes.
+                if let Some(grant) = r.credit_back.as_mut().and_then(|c| c.drained(len)) {
                     assert!(grant > 0);
-                    let _ = out.control(packet::credit(id, grant as i64));
+                    let _ = r
+                        .relay
+                        .outbound
+                        .control(packet::credit(self.id, grant as i64));
                 }
             }
-            match self.parts.inbox.try_recv() {
-                Some(chunk) => {
-                    assert!(self.stats.queued > 0, "inbox yielded a chunk never queued");
-                    self.stats.queued -= 1;
-                    assert!(!chunk.is_empty(), "empty chunk queued");
-                    self.writing = Some(chunk.len());
-                }
-                None => {
-                    assert_eq!(self.stats.queued, 0, "queued chunks vanished");
-                    break;
-                }
-            }
+            let Some(chunk) = r.relay.parts.inbox.try_recv() else {
+                assert_eq!(self.stats.queued, 0, "queued chunks vanished");
+                break;
+            };
+            assert!(self.stats.queued > 0, "inbox yielded a chunk never queued");
+            assert!(!chunk.is_empty(), "empty chunk queued");
+            self.stats.queued -= 1;
+            // Out of the buffer once taken, as the write loop releases it before writing.
+            r.relay.parts.inbox.consumed(chunk.len());
+            self.stats.bytes = (self.stats.bytes.checked_sub(chunk.len()))
+                .expect("inbox released more bytes than were queued");
+            r.writing = Some(chunk.len());
         }
     }
 
-    /// The read loop reads `want` bytes from the endpoint and sends them, if it may.
-    fn read(&mut self, want: usize, out: &Outbound, id: i64) {
-        let Some(max) = poll_once(self.parts.window.ready(CHUNK)) else {
-            assert!(
-                self.parts.window.exhausted(),
-                "window not ready yet not exhausted"
-            );
+    /// The read loop reads up to `want` bytes from the local end and sends them, if it may.
+    fn read(&mut self, want: usize) {
+        let Some(r) = self.relay.as_mut() else { return };
+        let window = &r.relay.parts.window;
+        let Some(max) = poll_once(window.ready(CHUNK)) else {
+            assert!(window.exhausted(), "window not ready yet not exhausted");
             return;
         };
         assert!(max > 0 && max <= CHUNK);
@@ -169,561 +210,719 @@ impl RelayModel {
             return;
         }
         // `Outbound::data` waits while the stream is full; the model retries later.
-        if let Some(Ok(())) = poll_once(out.data(packet::data(id, Bytes::from(vec![b'x'; n])))) {
-            self.parts.window.spend(n);
-            if self.limited {
+        let bytes = Bytes::from(vec![b'x'; n]);
+        if let Some(Ok(())) = poll_once(r.relay.outbound.data(packet::data(self.id, bytes))) {
+            window.spend(n);
+            if window.is_limited() {
                 self.credit -= n as i128;
             }
         }
     }
 }
 
-/// The shared half of both sides: the stream's queues, table and relays.
-struct Tunnel {
-    out: Outbound,
+/// One end's session under a hostile peer, and the local side's connections.
+struct Harness<E: End> {
+    session: Arc<Session<E>>,
     out_rx: OutboundRx,
-    conns: Arc<ConnTable>,
-    relays: BTreeMap<i64, RelayModel>,
-    /// Connections in the table whose relay has not started yet (server: the frontend
-    /// has not picked up its dial answer).
-    pre: HashMap<i64, Stats>,
-    flow: FlowConfig,
-    checks: Checks,
+    /// By `ConnParts::generation`: a connection and a later one under its id are two.
+    conns: BTreeMap<u64, Conn>,
+    /// The generation each connectID last stood for.
+    current: HashMap<i64, u64>,
     /// Connections ever established: the table can never hold more.
     established: usize,
+    /// What this end tells the peer when its local end closes first.
+    local_close: fn(i64) -> Packet,
 }
 
-impl Tunnel {
-    fn new(cfg: u8, checks: Checks) -> Self {
+impl<E: End> Harness<E> {
+    fn new(cfg: u8, end: E, local_close: fn(i64) -> Packet) -> Self {
         let (out, out_rx) = outbound(None);
         // Small caps so overflow, oversize chunks and credit batching all happen.
-        let buffer_cap = 1 + usize::from(cfg & 0x1f) * 7;
-        let peer_window = (cfg & 0x20 != 0).then_some(1 + usize::from(cfg >> 6) * 5);
-        Tunnel {
-            out,
-            out_rx,
-            conns: Arc::new(ConnTable::default()),
-            relays: BTreeMap::new(),
-            pre: HashMap::new(),
-            flow: FlowConfig {
-                buffer_cap,
-                peer_window,
-            },
-            checks,
-            established: 0,
-        }
-    }
-
-    fn new_conn(&mut self) -> (ConnEntry, ConnParts, RelayMetrics) {
-        let metrics = RelayMetrics::default();
-        let (entry, parts) = new_conn(
-            self.flow,
-            [metrics.buffered_bytes.clone(), Default::default()],
-        );
-        (entry, parts, metrics)
-    }
-
-    /// `ConnTable::insert`, counted.
-    fn insert(&mut self, id: i64, entry: ConnEntry) -> bool {
-        let ok = self.conns.insert(id, entry);
-        if ok {
-            // A hostile peer may reuse the id of a connection it closed; the old relay
-            // was told to close when its entry went and has finished by now.
-            if let Some(old) = self.relays.remove(&id) {
-                let mut closer = old.parts.closer;
-                assert!(closer.try_recv().is_ok(), "entry {id} replaced while live");
-            }
-            self.established += 1;
-            self.pre.insert(id, Stats::default());
-        }
-        ok
-    }
-
-    fn add_relay(&mut self, id: i64, parts: ConnParts, metrics: RelayMetrics) {
-        let stats = self.pre.remove(&id).unwrap_or_default();
-        let prev = self
-            .relays
-            .insert(id, RelayModel::new(parts, metrics, self.flow, stats));
-        assert!(prev.is_none(), "two relays for connection {id}");
-    }
-
-    /// Bookkeeping after `ConnTable::deliver` queued a chunk for `id`.
-    fn delivered(&mut self, id: i64, len: usize, result: &Delivery) {
-        let stats = match self.relays.get_mut(&id) {
-            Some(r) => Some(&mut r.stats),
-            None => self.pre.get_mut(&id),
+        let flow = spoke_tunnel::conns::FlowConfig {
+            buffer_cap: 1 + usize::from(cfg & 0x1f) * 7,
+            peer_window: (cfg & 0x20 != 0).then_some(1 + usize::from(cfg >> 6) * 5),
         };
-        match result {
-            Delivery::Queued => {
-                if let (Some(st), true) = (stats, len > 0) {
-                    st.queued += 1;
-                    st.largest = st.largest.max(len);
+        let metrics = SessionMetrics {
+            stream: Default::default(),
+            received: "fuzz",
+            relay: Default::default(),
+            rejected: Default::default(),
+        };
+        Harness {
+            session: Session::new(end, out, flow, metrics),
+            out_rx,
+            conns: BTreeMap::new(),
+            current: HashMap::new(),
+            established: 0,
+            local_close,
+        }
+    }
+
+    fn cap(&self) -> usize {
+        self.session.flow.buffer_cap
+    }
+
+    /// Whether the table's entry for `id` is connection `generation`'s.
+    fn owns_entry(&self, generation: u64, id: i64) -> bool {
+        self.current.get(&id) == Some(&generation) && self.session.conns.contains(id)
+    }
+
+    /// Hands `p` to the engine's dispatch and follows what it did to a connection's inbox
+    /// and send window.
+    fn dispatch(&mut self, p: Packet) {
+        let target = match (kind(&p), &p.payload) {
+            (Some(PacketType::Data), Some(Payload::Data(d))) => {
+                Some((d.connect_id, Some(d.data.len()), 0))
+            }
+            (Some(PacketType::SpokeCredit), Some(Payload::Credit(c))) => {
+                Some((c.connect_id, None, c.bytes))
+            }
+            _ => None,
+        };
+        let known = target.is_some_and(|(id, ..)| self.session.conns.contains(id));
+        self.session.dispatch(p);
+        let Some((id, data, grant)) = target else {
+            return;
+        };
+        let still = self.session.conns.contains(id);
+        if !known {
+            assert!(!still, "a packet for unknown connection {id} created it");
+            return;
+        }
+        let cap = self.cap();
+        // A connection whose local side let go (strict mode only) is not followed.
+        let Some(c) = self.current.get(&id).and_then(|g| self.conns.get_mut(g)) else {
+            return;
+        };
+        match data {
+            Some(len) => {
+                assert_eq!(
+                    !still,
+                    c.stats.overflows(len, cap),
+                    "connection {id} holding {} bytes, cap {cap}: {len} more {}",
+                    c.stats.bytes,
+                    if still { "queued" } else { "overflowed" }
+                );
+                if still {
+                    c.stats.push(len);
                 }
             }
-            Delivery::Overflow => {
-                assert!(
-                    stats.is_some(),
-                    "overflow on a connection never established"
-                );
-                assert!(
-                    !self.conns.contains(id),
-                    "overflowed connection still in table"
-                );
-            }
-            Delivery::Unknown => assert!(!self.conns.contains(id), "known connection {id} unknown"),
-        }
-    }
-
-    fn granted(&mut self, id: i64, bytes: i64, known: bool) {
-        if let Some(r) = self.relays.get_mut(&id) {
-            if known && r.limited && bytes > 0 {
-                r.credit += bytes as i128;
+            None => {
+                assert!(still, "credit closed connection {id}");
+                if self.session.flow.peer_window.is_some() && grant > 0 {
+                    c.credit += i128::from(grant);
+                }
             }
         }
     }
 
-    fn pick(&self, k: u8) -> Option<i64> {
-        if self.relays.is_empty() {
-            return None;
-        }
-        self.relays
-            .keys()
-            .nth(usize::from(k) % self.relays.len())
-            .copied()
+    /// Connection `id` entered the table as `generation`.
+    fn connected(&mut self, id: i64, generation: u64) {
+        assert!(
+            self.session.conns.contains(id),
+            "connection {id} not in the table"
+        );
+        let credit = self.session.flow.peer_window.unwrap_or(0) as i128;
+        let conn = Conn {
+            id,
+            stats: Stats::default(),
+            credit,
+            relay: None,
+        };
+        assert!(
+            self.conns.insert(generation, conn).is_none(),
+            "generation {generation} handed out twice"
+        );
+        self.current.insert(id, generation);
     }
 
-    /// A local relay event; `local_close` is what the relay sends when its endpoint ends.
-    fn relay_event(&mut self, op: u8, input: &mut Input, local_close: impl Fn(i64) -> Packet) {
-        let k = input.u8();
-        let Some(id) = self.pick(k) else { return };
+    /// The local side starts the relay of connection `id`.
+    fn start_relay(&mut self, id: i64, parts: ConnParts) {
+        let generation = parts.generation;
+        let flow = self.session.flow;
+        let relay = self.session.relay(id, parts);
+        assert_eq!(relay.local_close, (self.local_close)(id), "relay's close");
+        let Some(c) = self.conns.get_mut(&generation) else {
+            panic!("relay for connection {id}, which was never established");
+        };
+        assert_eq!(c.id, id);
+        assert!(c.relay.is_none(), "two relays for connection {id}");
+        c.relay = Some(RelayModel {
+            relay,
+            writing: None,
+            credit_back: flow.credits().then(|| CreditReturn::new(flow.buffer_cap)),
+        });
+    }
+
+    /// A relay's step: `op` 0 the write loop drains, 1 the read loop sends, 2 the local end
+    /// ends, 3 the read loop looks for the peer's close.
+    fn relay_event(&mut self, op: u8, input: &mut Input) {
+        let k = usize::from(input.u8());
+        let running = self.conns.values().filter(|c| c.relay.is_some()).count();
+        if running == 0 {
+            return;
+        }
+        let Some(generation) = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.relay.is_some())
+            .nth(k % running)
+            .map(|(g, _)| *g)
+        else {
+            return;
+        };
         match op {
-            // Write loop drains.
             0 => {
                 let n = input.u8();
-                let out = self.out.clone();
-                self.relays.get_mut(&id).unwrap().drain(n, &out, id);
+                self.conns.entry(generation).and_modify(|c| c.drain(n));
             }
-            // Read loop sends endpoint bytes.
             1 => {
                 let want = usize::from(input.u16());
-                let out = self.out.clone();
-                self.relays.get_mut(&id).unwrap().read(want, &out, id);
+                self.conns.entry(generation).and_modify(|c| c.read(want));
             }
-            // Endpoint ended: whoever removes the entry owns the close.
-            2 => {
-                let r = self.relays.remove(&id).unwrap();
-                if self.conns.close(id, None) {
-                    let _ = poll_once(self.out.data(local_close(id)));
-                } else {
-                    // The peer closed first: its reply is waiting for us.
-                    let mut closer = r.parts.closer;
-                    if let Ok(PeerClose { reply: Some(p) }) = closer.try_recv() {
-                        let _ = poll_once(self.out.data(p));
-                    }
+            2 => self.local_end_gone(generation),
+            _ => self.notice_peer_close(generation),
+        }
+    }
+
+    /// The local end is done: whoever takes the entry out of the table owns the close.
+    fn local_end_gone(&mut self, generation: u64) {
+        let Some(c) = self.conns.remove(&generation) else {
+            return;
+        };
+        let Some(r) = c.relay else { return };
+        let out = &self.session.outbound;
+        if self.current.get(&c.id) == Some(&generation) && self.session.conns.close(c.id, None) {
+            // The relay took its entry out (the server's `frontend_gone` does the same): it
+            // tells the peer.
+            let _ = poll_once(out.data(r.relay.local_close));
+            return;
+        }
+        // The peer closed first: its reply, if any, waits for the relay.
+        let mut closer = r.relay.parts.closer;
+        match closer.try_recv() {
+            Ok(PeerClose { reply }) => {
+                if let Some(p) = reply {
+                    let _ = poll_once(out.data(p));
                 }
             }
-            // Read loop notices a peer close.
-            _ => {
-                let r = self.relays.get_mut(&id).unwrap();
-                match r.parts.closer.try_recv() {
-                    Ok(PeerClose { reply }) => {
-                        assert!(!self.conns.contains(id), "closed connection still in table");
-                        if let Some(p) = reply {
-                            let _ = poll_once(self.out.data(p));
-                        }
-                        self.relays.remove(&id);
-                    }
-                    Err(oneshot::error::TryRecvError::Empty) => {
-                        assert!(self.conns.contains(id), "relay live but entry gone");
-                    }
-                    Err(oneshot::error::TryRecvError::Closed) => {
-                        panic!("connection {id} dropped without a close")
-                    }
+            Err(e) => panic!("connection {} left the table untold: {e:?}", c.id),
+        }
+    }
+
+    fn notice_peer_close(&mut self, generation: u64) {
+        let Some(c) = self.conns.get(&generation) else {
+            return;
+        };
+        let owned = self.owns_entry(generation, c.id);
+        let Some(c) = self.conns.get_mut(&generation) else {
+            return;
+        };
+        let Some(r) = c.relay.as_mut() else { return };
+        match r.relay.parts.closer.try_recv() {
+            Ok(PeerClose { reply }) => {
+                assert!(!owned, "closed connection {} still in the table", c.id);
+                if let Some(p) = reply {
+                    let _ = poll_once(self.session.outbound.data(p));
                 }
+                // The relay ends; its write side flushes what is queued and drops the inbox.
+                self.conns.remove(&generation);
+            }
+            Err(oneshot::error::TryRecvError::Empty) => {
+                assert!(owned, "relay of {} live but its entry is gone", c.id);
+            }
+            Err(oneshot::error::TryRecvError::Closed) => {
+                panic!("connection {} dropped without a close", c.id)
             }
         }
     }
 
     /// The peer reads up to `n` packets off the stream.
-    fn peer_reads(&mut self, n: u8) -> Vec<Packet> {
-        let mut got = Vec::new();
+    fn peer_reads(&mut self, n: u8) {
         let mut cx = Context::from_waker(Waker::noop());
         for _ in 0..n {
-            match std::pin::Pin::new(&mut self.out_rx).poll_next(&mut cx) {
-                Poll::Ready(Some(p)) => {
-                    let bytes = p.encode_to_vec();
-                    assert_eq!(decode(&bytes).as_ref(), Some(&p));
-                    if let Some(Payload::Credit(c)) = &p.payload {
-                        assert!(c.bytes > 0, "credit packet with {} bytes", c.bytes);
-                    }
-                    if let Some(Payload::Data(d)) = &p.payload {
-                        assert!(d.data.len() <= CHUNK, "DATA larger than a chunk");
-                    }
-                    got.push(p);
-                }
-                _ => break,
+            let Poll::Ready(Some(p)) = Pin::new(&mut self.out_rx).poll_next(&mut cx) else {
+                break;
+            };
+            let bytes = p.encode_to_vec();
+            assert_eq!(decode(&bytes).as_ref(), Some(&p));
+            if let Some(Payload::Credit(c)) = &p.payload {
+                assert!(c.bytes > 0, "credit packet with {} bytes", c.bytes);
+            }
+            if let Some(Payload::Data(d)) = &p.payload {
+                assert!(d.data.len() <= CHUNK, "DATA larger than a chunk");
             }
         }
-        got
     }
 
-    fn check(&self) {
+    /// Invariants after every operation; `pending` is how many dials the session should hold.
+    fn check(&self, pending: usize) {
+        let table = &self.session.conns;
+        let entries = table.len();
         assert!(
-            self.conns.len() <= self.established,
-            "table holds {} connections, {} ever established",
-            self.conns.len(),
+            entries <= self.established,
+            "table holds {entries} connections, {} ever established",
             self.established
         );
-        for r in self.relays.values() {
-            r.check(self.flow.buffer_cap, self.checks);
-        }
-        for st in self.pre.values() {
-            st.check(self.flow.buffer_cap, self.checks);
+        // Every entry leaves on every path: only through a local side that holds it.
+        let held = self
+            .conns
+            .iter()
+            .filter(|(g, c)| self.owns_entry(**g, c.id))
+            .count();
+        assert_eq!(
+            held, entries,
+            "{entries} connections in the table, {held} held by a local side"
+        );
+        let load = self.session.load();
+        assert_eq!(
+            load.connections,
+            entries + pending,
+            "the session counts {} connections and dials; {entries} connections, {pending} dials pending",
+            load.connections
+        );
+        let buffered: usize = self.conns.values().map(|c| c.stats.bytes).sum();
+        assert_eq!(
+            load.buffered_bytes, buffered as u64,
+            "stream's buffered bytes"
+        );
+        assert_eq!(
+            self.session.metrics.relay.buffered_bytes.get(),
+            buffered as i64,
+            "process's buffered bytes"
+        );
+        for c in self.conns.values() {
+            c.check(self.cap());
         }
     }
 
-    /// The stream ended: every connection on it must close, leaving nothing behind.
-    fn end(mut self) {
-        self.out.closed.cancel();
-        let n = self.conns.close_all();
-        assert!(n <= self.relays.len() + self.established);
-        assert!(self.conns.is_empty(), "table not empty after close_all");
-        assert_eq!(self.conns.close_all(), 0);
-        for (id, r) in std::mem::take(&mut self.relays) {
-            let mut closer = r.parts.closer;
+    /// The stream ends as both binaries end it: every connection and dial on it ends.
+    fn close(&mut self, pending: usize) {
+        let entries = self.session.conns.len();
+        assert_eq!(
+            self.session.close(),
+            (entries, pending),
+            "close ended other connections and dials than were open"
+        );
+        assert!(self.session.conns.is_empty(), "table not empty after close");
+        assert_eq!(self.session.close(), (0, 0), "a second close found more");
+        assert_eq!(self.session.load().connections, 0);
+    }
+
+    /// After [`Harness::close`] and the local side's own checks: every relay was told to close,
+    /// nothing stays buffered, and the response stream is over.
+    fn finish(mut self) -> Arc<Session<E>> {
+        for (_, c) in std::mem::take(&mut self.conns) {
+            let Some(r) = c.relay else {
+                panic!("connection {} has no local side at the end", c.id)
+            };
+            let mut closer = r.relay.parts.closer;
             assert!(
                 closer.try_recv().is_ok(),
-                "connection {id} not told to close"
+                "connection {} not told to close",
+                c.id
             );
-            // The relay finishes its write and drops its inbox: nothing stays counted.
-            if let Some(n) = r.writing {
-                r.parts.inbox.consumed(n);
-            }
-            drop(r.parts.inbox);
-            assert_eq!(
-                r.metrics.buffered_bytes.get(),
-                0,
-                "connection {id} leaked buffered bytes"
-            );
+            // Dropped here: its write side finishes and drops the inbox.
         }
+        assert_eq!(self.session.load().buffered_bytes, 0, "stream leaked bytes");
+        assert_eq!(
+            self.session.metrics.relay.buffered_bytes.get(),
+            0,
+            "process leaked bytes"
+        );
         // The response stream ends at once, and once gRPC drops it nothing more queues.
         let mut cx = Context::from_waker(Waker::noop());
-        assert!(matches!(
-            std::pin::Pin::new(&mut self.out_rx).poll_next(&mut cx),
-            Poll::Ready(None)
-        ));
+        assert!(
+            matches!(
+                Pin::new(&mut self.out_rx).poll_next(&mut cx),
+                Poll::Ready(None)
+            ),
+            "the response stream did not end"
+        );
         drop(self.out_rx);
         assert!(
-            self.out.control(packet::drain()).is_err(),
+            self.session.outbound.control(packet::drain()).is_err(),
             "closed stream still queues"
         );
+        self.session
     }
 }
 
-/// What a server frontend learns about its dial (`backends::DialOutcome`).
-enum DialOutcome {
-    Established {
-        connect_id: i64,
-        parts: ConnParts,
-        metrics: RelayMetrics,
-    },
-    Failed(String),
+fn pick(k: u8, len: usize) -> Option<usize> {
+    (len > 0).then(|| usize::from(k) % len)
 }
 
-/// The server side: a hostile agent against `agent_service::handle_packet`.
+/// A frontend's dial, as the frontend holds it.
+enum Answer {
+    /// On the receiver `send_dial` gave.
+    Waiting(oneshot::Receiver<DialOutcome>),
+    /// Arrived; the frontend has not acted on it yet.
+    Arrived(DialOutcome),
+}
+
+struct Frontend {
+    random: i64,
+    answer: Answer,
+}
+
+/// The server's end: a hostile agent against `Session<ServerEnd>`, with frontends.
 pub fn packets_server_with(data: &[u8], checks: Checks) {
     let mut input = Input::new(data);
-    let mut s = Tunnel::new(input.u8(), checks);
-    // backends::Backend::pending, and the frontends waiting on them.
-    let mut pending: HashMap<i64, oneshot::Sender<DialOutcome>> = HashMap::new();
-    let mut frontends: BTreeMap<i64, oneshot::Receiver<DialOutcome>> = BTreeMap::new();
-    let mut draining = false;
+    let end = ServerEnd::new(
+        "fuzz-agent".into(),
+        AgentIdentifiers::default(),
+        Default::default(),
+        Histogram::new([1.0]),
+    );
+    let mut h = Harness::new(input.u8(), end, packet::close_req);
+    let mut frontends: Vec<Frontend> = Vec::new();
+    // Frontends that dropped their dial while the dispatch was answering it: `abandon_dial`
+    // runs after the next packet. The flag: the session still holds the dial.
+    let mut abandoning: BTreeMap<i64, bool> = BTreeMap::new();
 
     for _ in 0..MAX_OPS {
-        if input.is_empty() || s.out.is_closed() {
+        if input.is_empty() || h.session.outbound.is_closed() {
             break;
         }
         match input.u8() % 12 {
             0..=2 => {
-                let len = usize::from(input.u16() % 2048);
-                let Some(p) = decode(input.bytes(len)) else {
+                let Some(p) = next_packet(&mut input) else {
                     break; // decode error: the stream fails
                 };
-                server_handle(&mut s, &mut pending, &mut draining, p);
+                let kind = kind(&p);
+                let answers = match (kind, &p.payload) {
+                    (Some(PacketType::DialRsp), Some(Payload::DialResponse(r))) => {
+                        if r.error.is_empty() && r.connect_id != 0 {
+                            h.established += 1;
+                        }
+                        Some((r.random, r.connect_id))
+                    }
+                    (Some(PacketType::DialCls), Some(Payload::CloseDial(c))) => Some((c.random, 0)),
+                    _ => None,
+                };
+                h.dispatch(p);
+                if kind == Some(PacketType::Drain) {
+                    assert!(h.session.end.is_draining(), "DRAIN did not mark the agent");
+                }
+                if let Some((random, connect_id)) = answers {
+                    abandoning.entry(random).and_modify(|held| *held = false);
+                    answered(&mut h, &mut frontends, random, connect_id);
+                }
+                for (random, _) in std::mem::take(&mut abandoning) {
+                    h.session.abandon_dial(random);
+                }
             }
-            // A frontend starts a dial (State::start_dial → Backend::start_dial).
+            // A frontend dials (`Server::dial`). Its id is its own while it holds the dial.
             3 => {
                 let random = i64::from(input.u8() as i8);
-                let (tx, rx) = oneshot::channel();
-                if let std::collections::hash_map::Entry::Vacant(e) = pending.entry(random) {
-                    e.insert(tx);
-                    if s.out
-                        .control(packet::dial_req("10.0.0.1:443".into(), random))
-                        .is_err()
-                    {
-                        pending.remove(&random);
-                    } else {
-                        frontends.insert(random, rx);
+                let holder = frontends.iter().find(|f| f.random == random);
+                if let Some(f) = holder {
+                    if matches!(f.answer, Answer::Waiting(_)) {
+                        assert!(
+                            h.session.send_dial(random, "10.0.0.1:443".into()).is_none(),
+                            "a second dial under pending id {random} was sent"
+                        );
                     }
+                } else if abandoning.contains_key(&random) {
+                    // Its last holder has not let go of it yet.
+                } else if let Some(rx) = h.session.send_dial(random, "10.0.0.1:443".into()) {
+                    frontends.push(Frontend {
+                        random,
+                        answer: Answer::Waiting(rx),
+                    });
+                } else {
+                    assert!(h.session.outbound.is_closed(), "dial {random} refused");
                 }
             }
-            // A frontend gives up (Dial::drop): forget the dial, tell the agent.
+            // A frontend gives up (the client hung up): its `Dial` drops.
             4 => {
-                if let Some(random) = frontends
-                    .keys()
-                    .nth(usize::from(input.u8()) % frontends.len().max(1))
-                    .copied()
-                {
-                    let rx = frontends.remove(&random).unwrap();
-                    if input.u8() & 1 == 0 {
-                        pending.remove(&random);
-                    } // else: the dispatch loop already took it (race)
-                    let _ = s.out.control(packet::dial_cls(random));
-                    drop(rx);
-                }
-            }
-            // A frontend gets its answer and starts its relay.
-            5 => {
-                if let Some(random) = frontends
-                    .keys()
-                    .nth(usize::from(input.u8()) % frontends.len().max(1))
-                    .copied()
-                {
-                    let rx = frontends.get_mut(&random).unwrap();
-                    match rx.try_recv() {
-                        Ok(DialOutcome::Established {
-                            connect_id,
-                            parts,
-                            metrics,
-                        }) => {
-                            frontends.remove(&random);
-                            let mut parts = parts;
-                            match parts.closer.try_recv() {
-                                // Still open: its entry is in the table.
-                                Err(oneshot::error::TryRecvError::Empty) => {
-                                    assert!(s.conns.contains(connect_id));
-                                    s.add_relay(connect_id, parts, metrics);
-                                }
-                                // Closed before the relay started: it ends at once.
-                                Ok(_) => {}
-                                Err(e) => panic!("connection {connect_id} dropped: {e:?}"),
-                            }
-                        }
-                        Ok(DialOutcome::Failed(e)) => {
-                            assert!(!e.is_empty());
-                            frontends.remove(&random);
-                        }
-                        Err(oneshot::error::TryRecvError::Empty) => {
-                            assert!(pending.contains_key(&random), "dial {random} forgotten");
-                        }
-                        Err(oneshot::error::TryRecvError::Closed) => {
-                            panic!("dial {random} dropped without an answer")
+                let Some(i) = pick(input.u8(), frontends.len()) else {
+                    continue;
+                };
+                let race = input.u8() & 1 == 1;
+                let f = frontends.swap_remove(i);
+                match f.answer {
+                    Answer::Waiting(rx) if race => {
+                        drop(rx);
+                        abandoning.insert(f.random, true);
+                    }
+                    Answer::Waiting(rx) => {
+                        h.session.abandon_dial(f.random);
+                        drop(rx);
+                    }
+                    Answer::Arrived(DialOutcome::Failed(_)) => h.session.abandon_dial(f.random),
+                    Answer::Arrived(DialOutcome::Established { connect_id, parts }) => {
+                        if checks.check(KnownBug::AbandonedAnswer) {
+                            h.session.abandon_dial(f.random);
+                            // Its local side is gone with the answer.
+                            h.conns.remove(&parts.generation);
+                        } else {
+                            // Steering around the bug: the frontend takes its answer after all.
+                            h.start_relay(connect_id, parts);
                         }
                     }
                 }
             }
-            6..=9 => s.relay_event(input.u8() % 4, &mut input, packet::close_req),
-            _ => {
-                s.peer_reads(input.u8());
+            // A frontend takes its answer: a failure to report, or a connection to relay.
+            5 => {
+                let Some(i) = pick(input.u8(), frontends.len()) else {
+                    continue;
+                };
+                let Answer::Arrived(_) = frontends[i].answer else {
+                    continue; // not there yet
+                };
+                let f = frontends.swap_remove(i);
+                if let Answer::Arrived(DialOutcome::Established { connect_id, parts }) = f.answer {
+                    h.start_relay(connect_id, parts);
+                }
             }
+            6..=9 => h.relay_event(input.u8() % 4, &mut input),
+            _ => h.peer_reads(input.u8()),
         }
-        s.check();
-        assert!(pending.len() <= 256, "pending dials grew past the ids used");
+        let waiting = frontends
+            .iter()
+            .filter(|f| matches!(f.answer, Answer::Waiting(_)))
+            .count();
+        h.check(waiting + abandoning.values().filter(|held| **held).count());
     }
-    let _ = draining;
-    // serve_backend's epilogue: connections first, then pending dials.
-    s.out.closed.cancel();
-    s.conns.close_all();
-    for (_, tx) in pending.drain() {
-        let _ = tx.send(DialOutcome::Failed("Backend context error".into()));
+
+    // The stream ends (the registry let go of it first, so no dial starts meanwhile).
+    for (random, _) in std::mem::take(&mut abandoning) {
+        h.session.abandon_dial(random);
     }
-    for (random, mut rx) in frontends {
-        match rx.try_recv() {
-            Ok(DialOutcome::Failed(_)) => {}
-            Ok(DialOutcome::Established {
-                connect_id, parts, ..
-            }) => {
-                // Answered just before the end; the table must have let go of it.
-                let mut closer = parts.closer;
+    let waiting = frontends
+        .iter()
+        .filter(|f| matches!(f.answer, Answer::Waiting(_)))
+        .count();
+    h.close(waiting);
+    for f in frontends {
+        let outcome = match f.answer {
+            Answer::Waiting(mut rx) => rx
+                .try_recv()
+                .unwrap_or_else(|e| panic!("dial {} left without an answer: {e:?}", f.random)),
+            Answer::Arrived(outcome) => outcome,
+        };
+        match outcome {
+            DialOutcome::Failed(e) => assert!(!e.is_empty()),
+            DialOutcome::Established { connect_id, parts } => {
+                // Answered before the end and never taken: the table must have let go of it.
+                let ConnParts {
+                    mut closer,
+                    generation,
+                    ..
+                } = parts;
                 assert!(
                     closer.try_recv().is_ok(),
-                    "dial {random} → {connect_id} never closed"
+                    "dial {} → {connect_id} never closed",
+                    f.random
                 );
+                h.conns.remove(&generation);
             }
-            Err(e) => panic!("dial {random} left without an answer: {e:?}"),
         }
     }
-    s.end();
+    let session = h.finish();
+    assert!(
+        session.send_dial(1, "10.0.0.1:443".into()).is_none(),
+        "a dial went out on a closed stream"
+    );
+    assert_eq!(
+        session.load().connections,
+        0,
+        "a refused dial stayed pending"
+    );
 }
 
-/// `agent_service::handle_packet`, over the model's state.
-fn server_handle(
-    s: &mut Tunnel,
-    pending: &mut HashMap<i64, oneshot::Sender<DialOutcome>>,
-    draining: &mut bool,
-    p: Packet,
-) {
-    match (PacketType::try_from(p.r#type), p.payload) {
-        (Ok(PacketType::DialRsp), Some(Payload::DialResponse(r))) => {
-            let Some(reply) = pending.remove(&r.random) else {
-                if r.connect_id != 0 {
-                    let _ = s.out.control(packet::close_req(r.connect_id));
-                }
-                return;
-            };
-            if !r.error.is_empty() {
-                let _ = reply.send(DialOutcome::Failed(r.error));
-                return;
-            }
-            let (entry, parts, metrics) = s.new_conn();
-            if r.connect_id == 0 || !s.insert(r.connect_id, entry) {
-                let _ = reply.send(DialOutcome::Failed(format!(
-                    "agent answered with unusable connectID {}",
-                    r.connect_id
-                )));
-                return;
-            }
-            let established = DialOutcome::Established {
-                connect_id: r.connect_id,
-                parts,
-                metrics,
-            };
-            if reply.send(established).is_err() {
-                s.conns.close(r.connect_id, None);
-                let _ = s.out.control(packet::close_req(r.connect_id));
-            }
+/// The agent answered (or cancelled) dial `random`: the frontend waiting on it has its answer.
+fn answered(h: &mut Harness<ServerEnd>, frontends: &mut [Frontend], random: i64, connect_id: i64) {
+    let Some(f) = frontends.iter_mut().find(|f| f.random == random) else {
+        return;
+    };
+    let Answer::Waiting(rx) = &mut f.answer else {
+        return;
+    };
+    let outcome = match rx.try_recv() {
+        Ok(o) => o,
+        Err(e) => panic!("dial {random}'s answer did not reach its frontend: {e:?}"),
+    };
+    match &outcome {
+        DialOutcome::Established {
+            connect_id: id,
+            parts,
+        } => {
+            assert_eq!(
+                *id, connect_id,
+                "dial {random} established another connection"
+            );
+            h.connected(*id, parts.generation);
         }
-        (Ok(PacketType::Data), Some(Payload::Data(d))) => {
-            let id = d.connect_id;
-            let len = d.data.len();
-            let result = s.conns.deliver(id, d.data, Some(packet::close_req(id)));
-            s.delivered(id, len, &result);
-            if result == Delivery::Unknown {
-                let _ = s.out.control(packet::close_req(id));
-            }
-        }
-        (Ok(PacketType::CloseRsp), Some(Payload::CloseResponse(c))) => {
-            s.conns.close(c.connect_id, None);
-        }
-        (Ok(PacketType::DialCls), Some(Payload::CloseDial(c))) => {
-            if let Some(reply) = pending.remove(&c.random) {
-                let _ = reply.send(DialOutcome::Failed("dial closed".into()));
-            }
-        }
-        (Ok(PacketType::Drain), _) => *draining = true,
-        (Ok(PacketType::SpokeCredit), Some(Payload::Credit(c))) => {
-            let known = s.conns.grant(c.connect_id, c.bytes);
-            s.granted(c.connect_id, c.bytes, known);
-        }
-        _ => {}
+        DialOutcome::Failed(e) => assert!(!e.is_empty(), "dial {random} failed without a reason"),
+    }
+    f.answer = Answer::Arrived(outcome);
+}
+
+/// The agent's dialer under fuzz: it opens nothing. It records the dials it is asked to
+/// start; the input finishes them later, as a dial task would.
+#[derive(Default)]
+struct FuzzDialer {
+    refusing: AtomicBool,
+    started: Mutex<Vec<(DialRequest, CancellationToken)>>,
+}
+
+impl FuzzDialer {
+    fn take_started(&self) -> Vec<(DialRequest, CancellationToken)> {
+        std::mem::take(&mut *self.started.lock().unwrap_or_else(PoisonError::into_inner))
     }
 }
 
-/// The agent side: a hostile server against `ServerStream::handle`.
+impl EndpointDialer for FuzzDialer {
+    fn refuse(&self) -> Option<String> {
+        self.refusing
+            .load(Ordering::Relaxed)
+            .then(|| "agent limit reached: --max-connections".to_string())
+    }
+
+    fn start(
+        self: Arc<Self>,
+        _session: Arc<Session<AgentEnd>>,
+        req: DialRequest,
+        cancel: CancellationToken,
+    ) {
+        self.started
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((req, cancel));
+    }
+}
+
+/// A dial the agent started and that has not finished.
+struct Dialing {
+    random: i64,
+    cancel: CancellationToken,
+}
+
+impl Dialing {
+    fn live(&self) -> bool {
+        !self.cancel.is_cancelled()
+    }
+}
+
+/// The agent's end: a hostile server against `Session<AgentEnd>`, with a dialer.
 pub fn packets_agent_with(data: &[u8], checks: Checks) {
     let mut input = Input::new(data);
-    let mut s = Tunnel::new(input.u8(), checks);
-    // ServerStream::pending: dials in flight (their tasks), by the server's random.
-    let mut pending: BTreeMap<i64, ()> = BTreeMap::new();
-    let mut next_id: i64 = 1;
+    let dialer = Arc::new(FuzzDialer::default());
+    let end = AgentEnd::new("fuzz-server".into(), dialer.clone());
+    let mut h = Harness::new(input.u8(), end, |id| packet::close_rsp(id, ""));
+    let mut dials: Vec<Dialing> = Vec::new();
+    let mut last_id = 0;
 
     for _ in 0..MAX_OPS {
-        if input.is_empty() || s.out.is_closed() {
+        if input.is_empty() || h.session.outbound.is_closed() {
             break;
         }
         match input.u8() % 11 {
             0..=2 => {
-                let len = usize::from(input.u16() % 2048);
-                let Some(p) = decode(input.bytes(len)) else {
+                let Some(p) = next_packet(&mut input) else {
                     break;
                 };
-                agent_handle(&mut s, &mut pending, p);
-            }
-            // A dial task finishes (start_dial's spawned task).
-            3 => {
-                if let Some(random) = pending
-                    .keys()
-                    .nth(usize::from(input.u8()) % pending.len().max(1))
-                    .copied()
-                {
-                    pending.remove(&random);
-                    let id = next_id;
-                    next_id += 1;
-                    if input.u8() & 1 == 0 {
-                        let _ = s.out.control(packet::dial_err(
-                            random,
-                            "dial tcp: connection refused".into(),
-                        ));
-                    } else {
-                        let (entry, parts, metrics) = s.new_conn();
-                        assert!(s.insert(id, entry), "fresh connection id {id} taken");
-                        if s.out.control(packet::dial_ok(random, id)).is_err() {
-                            s.conns.close(id, None);
-                        } else {
-                            s.add_relay(id, parts, metrics);
-                        }
+                // A DIAL_REQ starts one dial unless it is refused: not TCP, over a limit, or
+                // under the id of a dial still running.
+                let (starts, cancels) = match (kind(&p), &p.payload) {
+                    (Some(PacketType::DialReq), Some(Payload::DialRequest(r))) => {
+                        let serve = r.protocol == "tcp"
+                            && !dialer.refusing.load(Ordering::Relaxed)
+                            && !dials.iter().any(|d| d.random == r.random && d.live());
+                        (serve.then(|| (r.random, r.address.clone())), None)
                     }
+                    (Some(PacketType::DialCls), Some(Payload::CloseDial(c))) => {
+                        (None, Some(c.random))
+                    }
+                    _ => (None, None),
+                };
+                h.dispatch(p);
+                let started = dialer.take_started();
+                match (&starts, started.as_slice()) {
+                    (None, []) => {}
+                    (Some((random, address)), [(req, _)]) => {
+                        assert_eq!((req.random, &req.address), (*random, address));
+                    }
+                    _ => panic!("expected to start {starts:?}, started {}", started.len()),
+                }
+                dials.extend(started.into_iter().map(|(req, cancel)| Dialing {
+                    random: req.random,
+                    cancel,
+                }));
+                if let Some(random) = cancels {
+                    assert!(
+                        !dials.iter().any(|d| d.random == random && d.live()),
+                        "DIAL_CLS left dial {random} running"
+                    );
                 }
             }
-            4..=8 => s.relay_event(input.u8() % 4, &mut input, |id| packet::close_rsp(id, "")),
+            // A dial task finishes: connected, failed, or it was cancelled.
+            3 => {
+                let Some(i) = pick(input.u8(), dials.len()) else {
+                    continue;
+                };
+                let connects = input.u8() & 1 == 1;
+                let d = dials.swap_remove(i);
+                if d.live() {
+                    if !connects {
+                        h.session.dial_failed(
+                            d.random,
+                            "dial tcp 10.0.0.1:10250: connect: connection refused".into(),
+                        );
+                        continue;
+                    }
+                    let Some((id, parts)) = h.session.dial_succeeded(d.random) else {
+                        assert!(h.session.outbound.is_closed(), "dial {} lost", d.random);
+                        continue;
+                    };
+                    assert!(id > last_id, "connectID {id} after {last_id}");
+                    last_id = id;
+                    h.established += 1;
+                    h.connected(id, parts.generation);
+                    h.start_relay(id, parts);
+                    continue;
+                }
+                let rerun = dials.iter().any(|o| o.random == d.random && o.live());
+                if rerun && !checks.check(KnownBug::CancelledDialAnswers) {
+                    continue; // it sees its cancellation and stops
+                }
+                // It finished as it was cancelled (a dial task's select may take either): that
+                // must change nothing.
+                let before = h.session.load();
+                if connects {
+                    assert!(
+                        h.session.dial_succeeded(d.random).is_none(),
+                        "cancelled dial {} was established",
+                        d.random
+                    );
+                } else {
+                    h.session
+                        .dial_failed(d.random, "dial tcp: i/o timeout".into());
+                }
+                assert_eq!(
+                    h.session.load(),
+                    before,
+                    "cancelled dial {} answered",
+                    d.random
+                );
+            }
+            4..=8 => h.relay_event(input.u8() % 4, &mut input),
+            9 => h.peer_reads(input.u8()),
+            // The agent's limits are reached, or no longer.
             _ => {
-                s.peer_reads(input.u8());
+                dialer.refusing.fetch_xor(true, Ordering::Relaxed);
             }
         }
-        s.check();
+        h.check(dials.iter().filter(|d| d.live()).count());
     }
-    pending.clear();
-    s.end();
-}
 
-/// `ServerStream::handle`, over the model's state.
-fn agent_handle(s: &mut Tunnel, pending: &mut BTreeMap<i64, ()>, p: Packet) {
-    match (PacketType::try_from(p.r#type), p.payload) {
-        (Ok(PacketType::DialReq), Some(Payload::DialRequest(req))) => {
-            let random = req.random;
-            if req.protocol != "tcp" {
-                let _ = s.out.control(packet::dial_err(
-                    random,
-                    format!("protocol {:?} is not supported", req.protocol),
-                ));
-                return;
-            }
-            if pending.contains_key(&random) {
-                let _ = s
-                    .out
-                    .control(packet::dial_err(random, "duplicate dial id".into()));
-                return;
-            }
-            pending.insert(random, ());
-        }
-        (Ok(PacketType::DialCls), Some(Payload::CloseDial(c))) => {
-            pending.remove(&c.random);
-        }
-        (Ok(PacketType::Data), Some(Payload::Data(d))) => {
-            let id = d.connect_id;
-            let len = d.data.len();
-            let result = s.conns.deliver(
-                id,
-                d.data,
-                Some(packet::close_rsp(id, "receive buffer overflow")),
-            );
-            s.delivered(id, len, &result);
-            if result == Delivery::Unknown {
-                let _ = s
-                    .out
-                    .control(packet::close_rsp(id, "unrecognized connectID"));
-            }
-        }
-        (Ok(PacketType::CloseReq), Some(Payload::CloseRequest(c))) => {
-            let id = c.connect_id;
-            if !s.conns.close(id, Some(packet::close_rsp(id, ""))) {
-                let _ = s.out.control(packet::close_rsp(id, "Unknown connectID"));
-            }
-        }
-        (Ok(PacketType::SpokeCredit), Some(Payload::Credit(c))) => {
-            let known = s.conns.grant(c.connect_id, c.bytes);
-            s.granted(c.connect_id, c.bytes, known);
-        }
-        _ => {}
+    h.close(dials.iter().filter(|d| d.live()).count());
+    for d in &dials {
+        assert!(!d.live(), "dial {} still running after the end", d.random);
+        // Finishing after the end answers nothing.
+        assert!(h.session.dial_succeeded(d.random).is_none());
     }
+    h.finish();
 }
