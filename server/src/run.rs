@@ -9,7 +9,7 @@ use spoke_process::admin::bind_addr;
 use spoke_proto::agent_service_server::AgentServiceServer;
 use spoke_proto::proxy_service_server::ProxyServiceServer;
 use spoke_tunnel::h2_authority::AuthorityFilter;
-use spoke_tunnel::listen::{tls_incoming, TlsIo};
+use spoke_tunnel::listen::{self, tls_incoming, AcceptLimits, TlsIo};
 use spoke_tunnel::tls::{CertFiles, Reloading, ServerTlsFiles, TlsPolicy};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -109,8 +109,7 @@ async fn serve(server: Arc<Server>) -> Result<()> {
         &[b"h2"],
     )?;
     let agent_addr = bind_addr(&o.agent_bind_address, o.agent_port)?;
-    let agent_listener = TcpListener::bind(agent_addr)
-        .await
+    let agent_listener = listen::listen(agent_addr)
         .with_context(|| format!("agent listener: cannot listen on {agent_addr}"))?;
     tracing::info!(%agent_addr, server_id = %o.server_id, server_count = o.server_count, "listening for agents");
     let agents = tls_incoming(
@@ -118,6 +117,7 @@ async fn serve(server: Arc<Server>) -> Result<()> {
         agent_listener,
         agent_tls,
         server.metrics.tls.clone(),
+        accept_limits(o),
     )
     .map(|r| r.map(TlsIo));
     let agent_svc = AgentServiceServer::new(AgentSvc {
@@ -190,9 +190,8 @@ async fn bind_frontend(server: &Server) -> Result<FrontendListener> {
         alpn,
     )?;
     let addr = bind_addr(&o.server_bind_address, o.server_port)?;
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("frontend: cannot listen on {addr}"))?;
+    let listener =
+        listen::listen(addr).with_context(|| format!("frontend: cannot listen on {addr}"))?;
     tracing::info!(%addr, mode = ?o.mode, "frontend listening (mTLS)");
     Ok(FrontendListener::Tls(listener, tls))
 }
@@ -230,7 +229,8 @@ async fn serve_frontend(server: Arc<Server>, listener: FrontendListener) -> Resu
             }
         },
         (FrontendListener::Tls(l, tls), mode) => {
-            let mut incoming = tls_incoming("frontend", l, tls, server.metrics.tls.clone());
+            let limits = accept_limits(o);
+            let mut incoming = tls_incoming("frontend", l, tls, server.metrics.tls.clone(), limits);
             match mode {
                 Mode::Grpc => grpc_server(o.frontend_keepalive_time)
                     .add_service(proxy_svc())
@@ -249,6 +249,13 @@ async fn serve_frontend(server: Arc<Server>, listener: FrontendListener) -> Resu
                 }
             }
         }
+    }
+}
+
+fn accept_limits(o: &Options) -> AcceptLimits {
+    AcceptLimits {
+        handshakes: o.max_concurrent_tls_handshakes as usize,
+        pending: o.max_pending_accepts as usize,
     }
 }
 

@@ -1,5 +1,11 @@
 //! Accepting connections: TLS handshakes run in their own tasks (a slow or hostile client
 //! never holds up the accept loop) and finished streams are handed over in a channel.
+//!
+//! A reconnect storm (every agent of a large cluster dialing a restarted server within a
+//! second) is bounded twice: at most `handshakes` TLS handshakes run at once, and at most
+//! `pending` accepted connections wait for one. Past that the listener stops accepting and
+//! the kernel's accept queue (listen backlog: the system's `somaxconn`, as Go listens) holds
+//! the rest, which costs the server no memory. Open streams keep being served meanwhile.
 use crate::tls::{Reloading, ServerTlsFiles};
 use std::io;
 use std::pin::Pin;
@@ -8,7 +14,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -58,16 +64,75 @@ impl AsyncWrite for TlsIo {
     }
 }
 
-/// Accepts TCP connections and completes TLS handshakes with the current config.
+/// Bounds on a TLS listener's work in progress.
+#[derive(Clone, Copy, Debug)]
+pub struct AcceptLimits {
+    /// TLS handshakes running at once.
+    pub handshakes: usize,
+    /// Accepted connections waiting for a handshake slot.
+    pub pending: usize,
+}
+
+impl Default for AcceptLimits {
+    fn default() -> Self {
+        Self {
+            handshakes: 128,
+            pending: 4096,
+        }
+    }
+}
+
+/// The listen backlog Go uses: the system's `net.core.somaxconn` (4096 on current kernels).
+pub fn backlog() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(4096)
+        .min(65535)
+}
+
+/// A TCP listener on `addr` with the system's largest accept queue ([`backlog`]).
+pub fn listen(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog())
+}
+
+/// Accepts TCP connections and completes TLS handshakes with the current config, within
+/// `limits`.
 pub fn tls_incoming(
     name: &'static str,
     listener: TcpListener,
     tls: Arc<Reloading<ServerTlsFiles>>,
     metrics: crate::metrics::TlsMetrics,
+    limits: AcceptLimits,
 ) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
     let (tx, rx) = mpsc::channel(64);
+    // Each accepted connection holds an admission permit until its handshake ends; the
+    // handshake itself also needs one of `handshakes` permits.
+    let admitted = Arc::new(Semaphore::new(
+        limits.pending.saturating_add(limits.handshakes).max(1),
+    ));
+    let handshakes = Arc::new(Semaphore::new(limits.handshakes.max(1)));
+    let gauges = metrics.listener(name);
     tokio::spawn(async move {
         loop {
+            let admission = match admitted.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    gauges.paused.inc();
+                    match admitted.clone().acquire_owned().await {
+                        Ok(p) => p,
+                        Err(_) => return,
+                    }
+                }
+            };
             let (tcp, peer) = match listener.accept().await {
                 Ok(c) => c,
                 Err(e) => {
@@ -78,14 +143,23 @@ pub fn tls_incoming(
                 }
             };
             let _ = tcp.set_nodelay(true);
-            let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
             if tx.is_closed() {
                 return;
             }
-            let tx = tx.clone();
-            let metrics = metrics.clone();
+            let (tx, metrics, tls) = (tx.clone(), metrics.clone(), tls.clone());
+            let (handshakes, gauges) = (handshakes.clone(), gauges.clone());
+            gauges.pending.inc();
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let _admission = admission;
+                let slot = handshakes.acquire_owned().await;
+                gauges.pending.dec();
+                let Ok(_slot) = slot else { return };
+                gauges.handshaking.inc();
+                let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+                let r = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                gauges.handshaking.dec();
+                drop(_slot);
+                match r {
                     Ok(Ok(s)) => {
                         let _ = tx.send(Ok(s)).await;
                     }
