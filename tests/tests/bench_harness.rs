@@ -91,6 +91,7 @@ fn bench_harness_tiny_run() {
         "\"latency\"",
         "\"churn\"",
         "\"fanout\"",
+        "\"fleet\"",
         "\"longfat\"",
         "\"ebpf\"",
         "\"xdp\"",
@@ -106,6 +107,7 @@ fn bench_harness_tiny_run() {
         "## Latency",
         "## Connection churn",
         "## Fanout",
+        "## Fleet",
         "## Long fat link",
     ] {
         let at = report
