@@ -20,6 +20,9 @@ pub struct BenchArgs {
     /// scenario measures beside spoke-server in the same run.
     #[arg(long)]
     pub server_bin: Option<PathBuf>,
+    /// Fleet sizes (agents on one server) instead of the profile's, e.g. `300` or `1000,10000`.
+    #[arg(long, value_delimiter = ',')]
+    pub fleet_agents: Vec<usize>,
     /// Results directory (default: bench/results/<date>-<commit>[-quick]).
     #[arg(long)]
     pub out: Option<PathBuf>,

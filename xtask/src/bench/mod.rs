@@ -52,6 +52,14 @@ pub struct Size {
 
 impl Size {
     fn of(a: &BenchArgs) -> Size {
+        let mut s = Self::profile(a);
+        if !a.fleet_agents.is_empty() {
+            s.fleet = a.fleet_agents.clone();
+        }
+        s
+    }
+
+    fn profile(a: &BenchArgs) -> Size {
         if a.tiny {
             Size {
                 bulk: 8 << 20,
