@@ -103,10 +103,7 @@ impl Drop for OutboundRx {
         let (control, data) = {
             let mut q = self.shared.lock();
             q.rx_gone = true;
-            (
-                std::mem::take(&mut q.control),
-                std::mem::take(&mut q.data),
-            )
+            (std::mem::take(&mut q.control), std::mem::take(&mut q.data))
         };
         // Dropped outside the lock: a packet may own a connection's last handle.
         drop((control, data));

@@ -319,22 +319,21 @@ async fn one(ctx: &Ctx, imp: &Impl, n: usize, tls: &Arc<ClientConfig>) -> Result
     ));
     tokio::time::sleep(ctx.size.fleet_idle.min(Duration::from_secs(3))).await;
     let rss_idle = rss(server.pid())?;
-    let (idle_cpu, storm_res, dest, default);
-    if n > 1 {
+    let idle_cpu = if n > 1 {
         let c0 = cpu_secs(server.pid())?;
         let t = Instant::now();
         tokio::time::sleep(ctx.size.fleet_idle).await;
-        idle_cpu = (cpu_secs(server.pid())? - c0) / t.elapsed().as_secs_f64() * 60.0;
+        (cpu_secs(server.pid())? - c0) / t.elapsed().as_secs_f64() * 60.0
     } else {
-        idle_cpu = f64::NAN;
-    }
+        f64::NAN
+    };
     let dials = ctx.size.fleet_dials;
     let prefix = "node-";
-    dest = dial_series(&server.uds, dials, |_| {
+    let dest = dial_series(&server.uds, dials, |_| {
         format!("{}:10250", agent_host(prefix, rnd(n)))
     })
     .await;
-    default = dial_series(&server.uds, dials, |_| "unnamed.fleet:443".to_string()).await;
+    let default = dial_series(&server.uds, dials, |_| "unnamed.fleet:443".to_string()).await;
     ctx.say(&format!(
         "   {} × {n}: {} kiB RSS per idle agent, idle CPU {:.3} s/min; dial p50/p99 destHost {:.3}/{:.3} ms, default {:.3}/{:.3} ms ({} + {} failed)",
         imp.name,
@@ -347,11 +346,11 @@ async fn one(ctx: &Ctx, imp: &Impl, n: usize, tls: &Arc<ClientConfig>) -> Result
         dest.failed,
         default.failed
     ));
-    if n > 1 {
-        storm_res = Some(storm(ctx, &mut server, &fleet, n, rss_idle).await?);
+    let storm_res = if n > 1 {
+        Some(storm(ctx, &mut server, &fleet, n, rss_idle).await?)
     } else {
-        storm_res = None;
-    }
+        None
+    };
     drop(fleet);
     drop(server);
     tokio::time::sleep(Duration::from_secs(1)).await;
