@@ -13,6 +13,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_transport(false)
         // Payloads stay `Bytes` end to end: decoding slices the receive buffer, no copy.
         .bytes(".Data.data")
+        // Small initial buffers per call (see src/codec.rs): an agent stream is open for good.
+        .codec_path("crate::codec::SpokeCodec")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -2,6 +2,8 @@
 //! the root module generated as `_.rs`.
 #![allow(clippy::all, missing_docs)]
 
+pub mod codec;
+
 mod generated {
     include!(concat!(env!("OUT_DIR"), "/_.rs"));
 }

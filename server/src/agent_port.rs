@@ -13,6 +13,7 @@ use spoke_tunnel::http2::grpc;
 use spoke_tunnel::http2::headers::Headers;
 use spoke_tunnel::http2::io::{Crypto, Io};
 use spoke_tunnel::identifiers::AgentIdentifiers;
+use spoke_tunnel::listen::{self, AcceptLimits};
 use spoke_tunnel::metadata::one_value;
 use spoke_tunnel::outbound::outbound;
 use spoke_tunnel::session::{ServerEnd, Session, SessionEnd};
@@ -26,70 +27,64 @@ use tonic::Code;
 const CONNECT: MethodLabel = MethodLabel {
     service_method: "Connect",
 };
-/// How long a TLS handshake may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a keepalive ping may go unanswered.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Accepts agents until the listener fails for good.
+/// Accepts agents, within `limits` of handshakes and accepts in progress.
 pub async fn serve(
     server: Arc<Server>,
     listener: TcpListener,
     tls: Arc<Reloading<ServerTlsFiles>>,
+    limits: AcceptLimits,
 ) {
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(listener = "agent", error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let (server, config) = (server.clone(), tls.current());
-        tokio::spawn(async move {
-            let _ = tcp.set_nodelay(true);
-            let conn = match UnbufferedServerConnection::new(config) {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot start a TLS session");
-                    return;
+    let metrics = server.metrics.tls.clone();
+    let accepting = listen::accept_limited(
+        "agent",
+        listener,
+        &metrics,
+        limits,
+        move |tcp, peer, slot| {
+            let (server, config) = (server.clone(), tls.current());
+            async move {
+                let conn = match UnbufferedServerConnection::new(config) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot start a TLS session");
+                        return;
+                    }
+                };
+                let mut io = Io::new(tcp, Crypto::Server(Box::new(conn)));
+                let handshake =
+                    tokio::time::timeout(listen::HANDSHAKE_TIMEOUT, io.handshake()).await;
+                drop(slot);
+                let tls_metrics = &server.metrics.tls;
+                match handshake {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        return listen::handshake_failed("agent", peer, tls_metrics, Some(&e))
+                    }
+                    Err(_) => return listen::handshake_failed("agent", peer, tls_metrics, None),
                 }
-            };
-            let mut io = Io::new(tcp, Crypto::Server(Box::new(conn)));
-            let tls_metrics = &server.metrics.tls;
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, io.handshake()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tls_metrics.refused(spoke_tunnel::tls::handshake_failure_reason(&e));
-                    tracing::info!(listener = "agent", %peer, error = %e, "TLS handshake refused");
-                    return;
-                }
-                Err(_) => {
-                    tls_metrics.refused("timeout");
-                    tracing::info!(listener = "agent", %peer, "TLS handshake timed out");
-                    return;
+                let o = &server.opts;
+                let opts = Options {
+                    http2: Config {
+                        max_concurrent_streams: 100,
+                        ..Config::default()
+                    },
+                    max_message: o.max_grpc_message_size,
+                    keepalive: o.keepalive_time,
+                    keepalive_timeout: KEEPALIVE_TIMEOUT,
+                };
+                let acceptor = Box::new(AgentPort {
+                    server: server.clone(),
+                });
+                if let Err(e) = Driver::<TcpStream>::server(io, opts, acceptor).run().await {
+                    tracing::debug!(%peer, error = %e, "agent connection ended");
                 }
             }
-            let o = &server.opts;
-            let opts = Options {
-                http2: Config {
-                    max_concurrent_streams: 100,
-                    ..Config::default()
-                },
-                max_message: o.max_grpc_message_size,
-                keepalive: o.keepalive_time,
-                keepalive_timeout: KEEPALIVE_TIMEOUT,
-            };
-            let acceptor = Box::new(AgentPort {
-                server: server.clone(),
-            });
-            if let Err(e) = Driver::<TcpStream>::server(io, opts, acceptor).run().await {
-                tracing::debug!(%peer, error = %e, "agent connection ended");
-            }
-        });
-    }
+        },
+    );
+    let _ = accepting.await;
 }
 
 /// Takes `/AgentService/Connect` streams.

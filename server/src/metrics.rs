@@ -61,6 +61,9 @@ pub struct ServerMetrics {
     pub rejected: Family<ReasonLabels, Counter>,
     /// Spoke: the gRPC frontend's header-block filter.
     pub h2_filter: spoke_tunnel::h2_authority::FilterMetrics,
+    /// Spoke: agent registry operations (add, remove, pick) and the entries they visited.
+    pub registry_ops: Counter,
+    pub registry_steps: Counter,
 }
 
 impl Default for ServerMetrics {
@@ -89,6 +92,8 @@ impl ServerMetrics {
             full_receive_channels: Family::default(),
             rejected: Family::default(),
             h2_filter: Default::default(),
+            registry_ops: Counter::default(),
+            registry_steps: Counter::default(),
         }
     }
 
@@ -182,6 +187,16 @@ impl ServerMetrics {
                 "rejected_connections",
                 "Connections refused or closed for bad input or limits, by reason",
                 self.rejected.clone(),
+            );
+            s.register(
+                "registry_operations",
+                "Agent registry operations: agent streams added and removed, dials routed",
+                self.registry_ops.clone(),
+            );
+            s.register(
+                "registry_steps",
+                "Entries the agent registry visited in its operations; per operation it stays flat as the fleet grows",
+                self.registry_steps.clone(),
             );
             s.register(
                 "frontend_authorities_dropped",

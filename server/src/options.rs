@@ -174,6 +174,14 @@ pub struct Options {
     /// Spoke: largest gRPC message accepted or sent.
     #[arg(long, value_parser = byte_size, default_value = "32Mi")]
     pub max_grpc_message_size: usize,
+    /// Spoke: TLS handshakes each TLS listener (agent port, mTLS frontend) runs at once; in a
+    /// reconnect storm the rest wait (bounded memory, open streams keep being served).
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_tls_handshakes: u32,
+    /// Spoke: accepted connections per TLS listener waiting for a handshake slot; past it the
+    /// listener stops accepting and the kernel's accept queue (somaxconn) holds the rest.
+    #[arg(long, default_value_t = 4096)]
+    pub max_pending_accepts: u32,
     /// Spoke: most established tunnelled connections; new dials past it get 503.
     #[arg(long, default_value_t = 100_000)]
     pub max_connections: usize,

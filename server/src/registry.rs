@@ -10,6 +10,7 @@
 //! the `ready_backends` gauges never walk all agents.
 use crate::metrics::{ServerMetrics, StrategyLabel};
 use crate::options::Strategy;
+use prometheus_client::metrics::counter::Counter;
 use rand::Rng;
 use spoke_tunnel::identifiers::dial_host;
 use spoke_tunnel::session::{Load, ServerEnd, Session};
@@ -20,58 +21,78 @@ use std::sync::{Arc, RwLock};
 pub type AgentStream = Session<ServerEnd>;
 
 /// Candidates for random picks: add, remove and pick in O(1) (removal swaps the last in).
+/// Streams found draining move (once, at pick time) to a second list that is only drawn
+/// from when no other candidate is left, so a pick never scans.
 #[derive(Default)]
 struct Pool {
     items: Vec<Arc<AgentStream>>,
-    /// Index in `items`, by stream id.
-    at: HashMap<u64, usize>,
+    draining: Vec<Arc<AgentStream>>,
+    /// Where each stream is: (in `draining`, index), by stream id.
+    at: HashMap<u64, (bool, usize)>,
 }
 
 impl Pool {
-    fn insert(&mut self, s: &Arc<AgentStream>) {
-        self.at.insert(s.end.stream_id, self.items.len());
-        self.items.push(s.clone());
+    fn list(&mut self, draining: bool) -> &mut Vec<Arc<AgentStream>> {
+        if draining {
+            &mut self.draining
+        } else {
+            &mut self.items
+        }
     }
 
-    fn remove(&mut self, stream_id: u64) {
-        let Some(i) = self.at.remove(&stream_id) else {
-            return;
-        };
-        self.items.swap_remove(i);
-        if let Some(moved) = self.items.get(i) {
-            self.at.insert(moved.end.stream_id, i);
+    fn insert(&mut self, s: &Arc<AgentStream>) {
+        let d = s.end.is_draining();
+        let i = self.list(d).len();
+        self.at.insert(s.end.stream_id, (d, i));
+        self.list(d).push(s.clone());
+    }
+
+    fn remove(&mut self, stream_id: u64) -> Option<Arc<AgentStream>> {
+        let (d, i) = self.at.remove(&stream_id)?;
+        let list = self.list(d);
+        let s = list.swap_remove(i);
+        if let Some(moved) = list.get(i).map(|m| m.end.stream_id) {
+            self.at.insert(moved, (d, i));
         }
+        Some(s)
     }
 
     fn len(&self) -> usize {
-        self.items.len()
+        self.items.len() + self.draining.len()
     }
 
     fn is_empty(&self) -> bool {
-        self.items.is_empty()
+        self.len() == 0
     }
 
-    /// Upstream's pick: from a random start, the first agent not draining; a draining one
-    /// only if all are.
-    fn random(&self) -> Option<Arc<AgentStream>> {
-        let n = self.items.len();
-        if n == 0 {
-            return None;
+    /// Upstream's pick: a random agent not draining; a draining one only if all are. A pick
+    /// that lands on a stream that started draining moves it aside (each stream moves once).
+    fn random(&mut self, steps: &Counter) -> Option<Arc<AgentStream>> {
+        let mut rng = rand::rng();
+        while !self.items.is_empty() {
+            steps.inc();
+            let i = rng.random_range(0..self.items.len());
+            let s = &self.items[i];
+            if !s.end.is_draining() {
+                return Some(s.clone());
+            }
+            let id = s.end.stream_id;
+            if let Some(s) = self.remove(id) {
+                self.insert(&s);
+            }
         }
-        let start = rand::rng().random_range(0..n);
-        let rotated = || (0..n).map(|k| &self.items[(start + k) % n]);
-        rotated()
-            .find(|s| !s.end.is_draining())
-            .or_else(|| rotated().next())
-            .cloned()
+        steps.inc();
+        let n = self.draining.len();
+        (n > 0).then(|| self.draining[rng.random_range(0..n)].clone())
     }
 
     /// The least-loaded agent not draining (a draining one only if all are); ties broken at
     /// random. Up to [`EXACT_LEAST_LOADED`] candidates every one is compared; past that the
     /// less loaded of two random picks (power of two choices, O(1), as Envoy's least-request
     /// balancer), which keeps a large fleet close to balanced without a scan per dial.
-    fn least_loaded(&self) -> Option<Arc<AgentStream>> {
-        let n = self.items.len();
+    fn least_loaded(&self, steps: &Counter) -> Option<Arc<AgentStream>> {
+        let all = || self.items.iter().chain(self.draining.iter());
+        let n = self.len();
         if n == 0 {
             return None;
         }
@@ -81,12 +102,18 @@ impl Pool {
             (s.end.is_draining(), s.load(), rng.random())
         };
         let candidates: Vec<&Arc<AgentStream>> = if n <= EXACT_LEAST_LOADED {
-            self.items.iter().collect()
+            all().collect()
         } else {
             let a = rng.random_range(0..n);
             let b = (a + rng.random_range(1..n)) % n;
-            vec![&self.items[a], &self.items[b]]
+            let get = |i: usize| {
+                self.items
+                    .get(i)
+                    .unwrap_or_else(|| &self.draining[i - self.items.len()])
+            };
+            vec![get(a), get(b)]
         };
+        steps.inc_by(candidates.len() as u64);
         candidates
             .into_iter()
             .map(|s| (key(s, &mut rng), s))
@@ -128,7 +155,9 @@ impl Index {
     fn delist(&mut self, s: &AgentStream) {
         let id = s.end.stream_id;
         self.agents.remove(id);
-        self.default_route.remove(id);
+        if s.end.identifiers.default_route {
+            self.default_route.remove(id);
+        }
         for h in s.end.identifiers.hosts() {
             if let Some(pool) = self.by_host.get_mut(h) {
                 pool.remove(id);
@@ -139,11 +168,11 @@ impl Index {
         }
     }
 
-    fn pool(&self, s: Strategy, host: &str) -> Option<&Pool> {
+    fn pool(&mut self, s: Strategy, host: &str) -> Option<&mut Pool> {
         match s {
-            Strategy::Default | Strategy::LeastLoaded => Some(&self.agents),
-            Strategy::DestHost => self.by_host.get(host),
-            Strategy::DefaultRoute => Some(&self.default_route),
+            Strategy::Default | Strategy::LeastLoaded => Some(&mut self.agents),
+            Strategy::DestHost => self.by_host.get_mut(host),
+            Strategy::DefaultRoute => Some(&mut self.default_route),
         }
     }
 
@@ -163,6 +192,18 @@ pub struct Registry {
     index: RwLock<Index>,
     strategies: Vec<Strategy>,
     metrics: ServerMetrics,
+    /// Operations (add, remove, pick) and the entries they visited: with every path O(1) in
+    /// the fleet's size, steps per operation stay flat as the fleet grows (the fleet test
+    /// checks this; `spoke_server_registry_*`).
+    ops: Counter,
+    steps: Counter,
+}
+
+/// [`Registry::work`]: operations and entries visited so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Work {
+    pub ops: u64,
+    pub steps: u64,
 }
 
 impl Registry {
@@ -170,6 +211,8 @@ impl Registry {
         let me = Self {
             index: RwLock::default(),
             strategies,
+            ops: metrics.registry_ops.clone(),
+            steps: metrics.registry_steps.clone(),
             metrics,
         };
         me.update_gauges(&Index::default());
@@ -184,7 +227,21 @@ impl Registry {
         self.index.write().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Operations so far and the entries they visited.
+    pub fn work(&self) -> Work {
+        Work {
+            ops: self.ops.get(),
+            steps: self.steps.get(),
+        }
+    }
+
+    fn op(&self, steps: u64) {
+        self.ops.inc();
+        self.steps.inc_by(steps);
+    }
+
     pub fn add(&self, s: Arc<AgentStream>) {
+        self.op(1);
         let mut ix = self.write();
         ix.streams.insert(s.end.stream_id, s.clone());
         let streams = ix.by_agent.entry(s.end.agent_id.clone()).or_default();
@@ -196,6 +253,7 @@ impl Registry {
     }
 
     pub fn remove(&self, s: &AgentStream) {
+        self.op(1);
         let mut ix = self.write();
         if ix.streams.remove(&s.end.stream_id).is_none() {
             return;
@@ -203,6 +261,8 @@ impl Registry {
         let agent = &s.end.agent_id;
         let (was_first, next) = match ix.by_agent.get_mut(agent) {
             Some(streams) => {
+                // One stream per server the agent reaches: a handful, whatever the fleet.
+                self.steps.inc_by(streams.len() as u64);
                 let at = streams
                     .iter()
                     .position(|x| x.end.stream_id == s.end.stream_id);
@@ -255,13 +315,16 @@ impl Registry {
 
     /// Picks an agent stream for a dial to `address`, trying each strategy in order.
     pub fn pick(&self, address: &str) -> Option<Arc<AgentStream>> {
+        self.op(0);
         let host = dial_host(address);
-        let ix = self.read();
+        // A write lock: a pick may move a draining stream aside (O(1), once per stream).
+        let mut ix = self.write();
+        let steps = &self.steps;
         self.strategies.iter().find_map(|s| {
             let pool = ix.pool(*s, host)?;
             match s {
-                Strategy::LeastLoaded => pool.least_loaded(),
-                _ => pool.random(),
+                Strategy::LeastLoaded => pool.least_loaded(steps),
+                _ => pool.random(steps),
             }
         })
     }

@@ -7,7 +7,7 @@ use futures::StreamExt;
 use spoke_process::admin::bind_addr;
 use spoke_proto::proxy_service_server::ProxyServiceServer;
 use spoke_tunnel::h2_authority::AuthorityFilter;
-use spoke_tunnel::listen::{tls_incoming, TlsIo};
+use spoke_tunnel::listen::{self, tls_incoming, AcceptLimits, TlsIo};
 use spoke_tunnel::tls::{CertFiles, Reloading, ServerTlsFiles, TlsPolicy};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -106,11 +106,11 @@ async fn serve(server: Arc<Server>) -> Result<()> {
         &[b"h2"],
     )?;
     let agent_addr = bind_addr(&o.agent_bind_address, o.agent_port)?;
-    let agent_listener = TcpListener::bind(agent_addr)
-        .await
+    let agent_listener = listen::listen(agent_addr)
         .with_context(|| format!("agent listener: cannot listen on {agent_addr}"))?;
     tracing::info!(%agent_addr, server_id = %o.server_id, server_count = o.server_count, "listening for agents");
-    let agent_server = agent_port::serve(server.clone(), agent_listener, agent_tls);
+    let agent_server =
+        agent_port::serve(server.clone(), agent_listener, agent_tls, accept_limits(o));
 
     let frontend_listener = bind_frontend(&server).await?;
     // Every listener is bound: now the health port may say so.
@@ -173,9 +173,8 @@ async fn bind_frontend(server: &Server) -> Result<FrontendListener> {
         alpn,
     )?;
     let addr = bind_addr(&o.server_bind_address, o.server_port)?;
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("frontend: cannot listen on {addr}"))?;
+    let listener =
+        listen::listen(addr).with_context(|| format!("frontend: cannot listen on {addr}"))?;
     tracing::info!(%addr, mode = ?o.mode, "frontend listening (mTLS)");
     Ok(FrontendListener::Tls(listener, tls))
 }
@@ -213,7 +212,8 @@ async fn serve_frontend(server: Arc<Server>, listener: FrontendListener) -> Resu
             }
         },
         (FrontendListener::Tls(l, tls), mode) => {
-            let mut incoming = tls_incoming("frontend", l, tls, server.metrics.tls.clone());
+            let limits = accept_limits(o);
+            let mut incoming = tls_incoming("frontend", l, tls, server.metrics.tls.clone(), limits);
             match mode {
                 Mode::Grpc => grpc_server(o.frontend_keepalive_time)
                     .add_service(proxy_svc())
@@ -232,6 +232,13 @@ async fn serve_frontend(server: Arc<Server>, listener: FrontendListener) -> Resu
                 }
             }
         }
+    }
+}
+
+fn accept_limits(o: &Options) -> AcceptLimits {
+    AcceptLimits {
+        handshakes: o.max_concurrent_tls_handshakes as usize,
+        pending: o.max_pending_accepts as usize,
     }
 }
 

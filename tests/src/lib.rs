@@ -11,6 +11,7 @@ pub mod connect;
 pub mod curl;
 pub mod data;
 pub mod faultnet;
+pub mod fleet;
 pub mod forwarder;
 pub mod garbage;
 pub mod goclient;

@@ -95,6 +95,7 @@ fn bench_harness_tiny_run() {
         "\"latency\"",
         "\"churn\"",
         "\"fanout\"",
+        "\"fleet\"",
         "\"longfat\"",
         "\"ebpf\"",
         "\"xdp\"",
@@ -110,6 +111,7 @@ fn bench_harness_tiny_run() {
         "## Latency",
         "## Connection churn",
         "## Fanout",
+        "## Fleet",
         "## Long fat link",
     ] {
         let at = report

@@ -1,5 +1,11 @@
 //! Accepting connections: TLS handshakes run in their own tasks (a slow or hostile client
 //! never holds up the accept loop) and finished streams are handed over in a channel.
+//!
+//! A reconnect storm (every agent of a large cluster dialing a restarted server within a
+//! second) is bounded twice: at most `handshakes` TLS handshakes run at once, and at most
+//! `pending` accepted connections wait for one. Past that the listener stops accepting and
+//! the kernel's accept queue (listen backlog: the system's `somaxconn`, as Go listens) holds
+//! the rest, which costs the server no memory. Open streams keep being served meanwhile.
 use crate::tls::{Reloading, ServerTlsFiles};
 use std::io;
 use std::pin::Pin;
@@ -8,11 +14,12 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a TLS handshake may take.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A server-side TLS stream that tonic can serve.
 pub struct TlsIo(pub TlsStream<TcpStream>);
@@ -58,16 +65,93 @@ impl AsyncWrite for TlsIo {
     }
 }
 
-/// Accepts TCP connections and completes TLS handshakes with the current config.
-pub fn tls_incoming(
+/// Bounds on a TLS listener's work in progress.
+#[derive(Clone, Copy, Debug)]
+pub struct AcceptLimits {
+    /// TLS handshakes running at once.
+    pub handshakes: usize,
+    /// Accepted connections waiting for a handshake slot.
+    pub pending: usize,
+}
+
+impl Default for AcceptLimits {
+    fn default() -> Self {
+        Self {
+            handshakes: 128,
+            pending: 4096,
+        }
+    }
+}
+
+/// The listen backlog Go uses: the system's `net.core.somaxconn` (4096 on current kernels).
+pub fn backlog() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(4096)
+        .min(65535)
+}
+
+/// A TCP listener on `addr` with the system's largest accept queue ([`backlog`]).
+pub fn listen(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog())
+}
+
+/// The right to run a TLS handshake now: one of `limits.handshakes`. Drop it when the
+/// handshake is over.
+pub struct HandshakeSlot {
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    _admission: tokio::sync::OwnedSemaphorePermit,
+    gauges: crate::metrics::ListenerGauges,
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        self.gauges.handshaking.dec();
+    }
+}
+
+/// Accepts TCP connections within `limits` and hands each, in its own task, to `handle`
+/// with a [`HandshakeSlot`] once one is free.
+pub fn accept_limited<F, Fut>(
     name: &'static str,
     listener: TcpListener,
-    tls: Arc<Reloading<ServerTlsFiles>>,
-    metrics: crate::metrics::TlsMetrics,
-) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
-    let (tx, rx) = mpsc::channel(64);
+    metrics: &crate::metrics::TlsMetrics,
+    limits: AcceptLimits,
+    handle: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: Fn(TcpStream, std::net::SocketAddr, HandshakeSlot) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    // Each accepted connection holds an admission permit until its handshake ends; the
+    // handshake itself also needs one of `handshakes` permits.
+    let admitted = Arc::new(Semaphore::new(
+        limits.pending.saturating_add(limits.handshakes).max(1),
+    ));
+    let handshakes = Arc::new(Semaphore::new(limits.handshakes.max(1)));
+    let gauges = metrics.listener(name);
+    let handle = Arc::new(handle);
     tokio::spawn(async move {
         loop {
+            let admission = match admitted.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    gauges.paused.inc();
+                    match admitted.clone().acquire_owned().await {
+                        Ok(p) => p,
+                        Err(_) => return,
+                    }
+                }
+            };
             let (tcp, peer) = match listener.accept().await {
                 Ok(c) => c,
                 Err(e) => {
@@ -78,27 +162,70 @@ pub fn tls_incoming(
                 }
             };
             let _ = tcp.set_nodelay(true);
-            let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
-            if tx.is_closed() {
-                return;
-            }
-            let tx = tx.clone();
-            let metrics = metrics.clone();
+            let (handshakes, gauges, handle) = (handshakes.clone(), gauges.clone(), handle.clone());
+            gauges.pending.inc();
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(s)) => {
-                        let _ = tx.send(Ok(s)).await;
-                    }
-                    Ok(Err(e)) => {
-                        metrics.refused(crate::tls::handshake_failure_reason(&e));
-                        tracing::info!(listener = name, %peer, error = %e, "TLS handshake refused");
-                    }
-                    Err(_) => {
-                        metrics.refused("timeout");
-                        tracing::info!(listener = name, %peer, "TLS handshake timed out");
-                    }
-                }
+                let slot = handshakes.acquire_owned().await;
+                gauges.pending.dec();
+                let Ok(slot) = slot else { return };
+                gauges.handshaking.inc();
+                let slot = HandshakeSlot {
+                    _slot: slot,
+                    _admission: admission,
+                    gauges,
+                };
+                handle(tcp, peer, slot).await;
             });
+        }
+    })
+}
+
+/// Counts a refused handshake and says why.
+pub fn handshake_failed(
+    name: &str,
+    peer: std::net::SocketAddr,
+    metrics: &crate::metrics::TlsMetrics,
+    e: Option<&io::Error>,
+) {
+    match e {
+        Some(e) => {
+            metrics.refused(crate::tls::handshake_failure_reason(e));
+            tracing::info!(listener = name, %peer, error = %e, "TLS handshake refused");
+        }
+        None => {
+            metrics.refused("timeout");
+            tracing::info!(listener = name, %peer, "TLS handshake timed out");
+        }
+    }
+}
+
+/// Accepts TCP connections and completes TLS handshakes (tokio-rustls) with the current
+/// config, within `limits`.
+pub fn tls_incoming(
+    name: &'static str,
+    listener: TcpListener,
+    tls: Arc<Reloading<ServerTlsFiles>>,
+    metrics: crate::metrics::TlsMetrics,
+    limits: AcceptLimits,
+) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
+    let (tx, rx) = mpsc::channel(64);
+    let m = metrics.clone();
+    accept_limited(name, listener, &metrics, limits, move |tcp, peer, slot| {
+        let (tx, metrics, acceptor) = (
+            tx.clone(),
+            m.clone(),
+            tokio_rustls::TlsAcceptor::from(tls.current()),
+        );
+        async move {
+            let r = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+            drop(slot);
+            match r {
+                Ok(Ok(s)) => {
+                    let _ = tx.send(Ok(s)).await;
+                }
+                Ok(Err(e)) => handshake_failed(name, peer, &metrics, Some(&e)),
+                Err(_) => handshake_failed(name, peer, &metrics, None),
+            }
         }
     });
     ReceiverStream::new(rx)

@@ -181,12 +181,32 @@ struct CertLabels {
     certificate: &'static str,
 }
 
-/// TLS health: when certificates expire, why handshakes were refused.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: &'static str,
+}
+
+/// TLS health: when certificates expire, why handshakes were refused; and each TLS
+/// listener's work in progress against its limits.
 #[derive(Clone, Debug, Default)]
 pub struct TlsMetrics {
     expiry: Family<CertLabels, Gauge>,
     refused: Family<ReasonLabels, Counter>,
     pub reload_failures: Counter,
+    handshaking: Family<ListenerLabels, Gauge>,
+    pending: Family<ListenerLabels, Gauge>,
+    paused: Family<ListenerLabels, Counter>,
+}
+
+/// One listener's gauges (see [`TlsMetrics::listener`]).
+#[derive(Clone, Debug)]
+pub struct ListenerGauges {
+    /// TLS handshakes running now.
+    pub handshaking: Gauge,
+    /// Accepted connections waiting for a handshake slot.
+    pub pending: Gauge,
+    /// Times the listener stopped accepting because its pending limit was reached.
+    pub paused: Counter,
 }
 
 impl TlsMetrics {
@@ -200,6 +220,21 @@ impl TlsMetrics {
             "tls_handshakes_refused",
             "TLS handshakes refused on our listeners, by reason",
             self.refused.clone(),
+        );
+        reg.register(
+            "tls_handshakes_in_progress",
+            "TLS handshakes running now, by listener (at most --max-concurrent-tls-handshakes)",
+            self.handshaking.clone(),
+        );
+        reg.register(
+            "accepts_pending",
+            "Accepted connections waiting for a TLS handshake slot, by listener (at most --max-pending-accepts)",
+            self.pending.clone(),
+        );
+        reg.register(
+            "accept_pauses",
+            "Times a listener stopped accepting at --max-pending-accepts (the kernel's accept queue holds the rest)",
+            self.paused.clone(),
         );
         reg.register(
             "tls_reload_failures",
@@ -216,5 +251,15 @@ impl TlsMetrics {
 
     pub fn refused(&self, reason: &'static str) {
         self.refused.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    /// The gauges of listener `listener` (`agent`, `frontend`).
+    pub fn listener(&self, listener: &'static str) -> ListenerGauges {
+        let l = ListenerLabels { listener };
+        ListenerGauges {
+            handshaking: self.handshaking.get_or_create(&l).clone(),
+            pending: self.pending.get_or_create(&l).clone(),
+            paused: self.paused.get_or_create(&l).clone(),
+        }
     }
 }

@@ -237,6 +237,11 @@ impl ServerTlsFiles {
             )
         })?;
         config.alpn_protocols = self.alpn.clone();
+        // No session resumption: neither upstream's agent nor kube-apiserver's egress dialer
+        // keeps a session cache, so the tickets a TLS 1.3 server sends after each handshake
+        // (two, each a cache entry) would be work per connect that nobody uses.
+        config.send_tls13_tickets = 0;
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         Ok(config)
     }
 

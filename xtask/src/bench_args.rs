@@ -10,12 +10,19 @@ pub struct BenchArgs {
     #[arg(long)]
     pub tiny: bool,
     /// Scenario(s) to run (repeatable or comma-separated): bulk, latency, churn, fanout,
-    /// longfat, ebpf, xdp. Default: all.
+    /// fleet, longfat, ebpf, xdp. Default: all.
     #[arg(long = "scenario", value_delimiter = ',')]
     pub scenarios: Vec<String>,
     /// Use spoke-server/spoke-agent from this directory instead of building release binaries.
     #[arg(long)]
     pub bin_dir: Option<PathBuf>,
+    /// An upstream-compatible server binary (e.g. upstream's proxy-server) that the fleet
+    /// scenario measures beside spoke-server in the same run.
+    #[arg(long)]
+    pub server_bin: Option<PathBuf>,
+    /// Fleet sizes (agents on one server) instead of the profile's, e.g. `300` or `1000,10000`.
+    #[arg(long, value_delimiter = ',')]
+    pub fleet_agents: Vec<usize>,
     /// Results directory (default: bench/results/<date>-<commit>[-quick]).
     #[arg(long)]
     pub out: Option<PathBuf>,

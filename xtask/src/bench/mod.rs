@@ -23,7 +23,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 pub const ALL: &[&str] = &[
-    "bulk", "latency", "churn", "fanout", "longfat", "ebpf", "xdp",
+    "bulk", "latency", "churn", "fanout", "fleet", "longfat", "ebpf", "xdp",
 ];
 
 pub use crate::bench_args::BenchArgs;
@@ -38,10 +38,28 @@ pub struct Size {
     pub longfat: Duration,
     pub longfat_trials: usize,
     pub xdp: Duration,
+    /// Fleet sizes (agents on one server).
+    pub fleet: Vec<usize>,
+    /// First connects in flight across the fleet.
+    pub fleet_first_connects: usize,
+    /// Sequential dials per strategy and fleet size.
+    pub fleet_dials: usize,
+    /// Window for the idle CPU reading.
+    pub fleet_idle: Duration,
+    /// Agents in the three-server HA run.
+    pub fleet_ha: usize,
 }
 
 impl Size {
     fn of(a: &BenchArgs) -> Size {
+        let mut s = Self::profile(a);
+        if !a.fleet_agents.is_empty() {
+            s.fleet = a.fleet_agents.clone();
+        }
+        s
+    }
+
+    fn profile(a: &BenchArgs) -> Size {
         if a.tiny {
             Size {
                 bulk: 8 << 20,
@@ -52,6 +70,11 @@ impl Size {
                 longfat: Duration::from_secs(1),
                 longfat_trials: 1,
                 xdp: Duration::from_millis(500),
+                fleet: vec![20],
+                fleet_first_connects: 500,
+                fleet_dials: 20,
+                fleet_idle: Duration::from_secs(1),
+                fleet_ha: 10,
             }
         } else if a.quick {
             Size {
@@ -63,6 +86,11 @@ impl Size {
                 longfat: Duration::from_secs(8),
                 longfat_trials: 1,
                 xdp: Duration::from_secs(3),
+                fleet: vec![1_000, 5_000],
+                fleet_first_connects: 500,
+                fleet_dials: 500,
+                fleet_idle: Duration::from_secs(10),
+                fleet_ha: 300,
             }
         } else {
             Size {
@@ -74,6 +102,11 @@ impl Size {
                 longfat: Duration::from_secs(15),
                 longfat_trials: 2,
                 xdp: Duration::from_secs(5),
+                fleet: vec![1_000, 5_000, 10_000],
+                fleet_first_connects: 500,
+                fleet_dials: 2_000,
+                fleet_idle: Duration::from_secs(30),
+                fleet_ha: 1_000,
             }
         }
     }
@@ -89,6 +122,8 @@ pub struct Ctx {
     pub t0: Instant,
     /// /24 prefixes (e.g. `10.213.0`) for the long fat link and the XDP flood.
     pub nets: [String; 2],
+    /// An upstream-compatible server binary to measure beside spoke-server (fleet).
+    pub server_bin: Option<PathBuf>,
 }
 
 impl Ctx {
@@ -182,6 +217,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         size: Size::of(&args),
         t0,
         nets: [net_a, net_b],
+        server_bin: args.server_bin.clone(),
     };
 
     let rt = tokio::runtime::Builder::new_multi_thread()

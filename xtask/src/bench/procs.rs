@@ -92,6 +92,12 @@ impl Proc {
         }
     }
 
+    /// SIGKILL, and reap it.
+    pub fn kill_now(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// The last lines of its log that look like errors, or the last line.
     pub fn last_error(&self) -> String {
         let log = std::fs::read_to_string(&self.log).unwrap_or_default();

@@ -4,6 +4,7 @@ mod bulk;
 mod churn;
 mod ebpf;
 mod fanout;
+mod fleet;
 mod latency;
 mod longfat;
 mod xdp;
@@ -25,6 +26,7 @@ pub async fn run(ctx: &Ctx, name: &str) -> Section {
         "latency" => latency::run(ctx).await,
         "churn" => churn::run(ctx).await,
         "fanout" => fanout::run(ctx).await,
+        "fleet" => fleet::run(ctx).await,
         "longfat" => longfat::run(ctx),
         "ebpf" => ebpf::run(ctx).await,
         "xdp" => xdp::run(ctx),
