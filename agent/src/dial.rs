@@ -6,14 +6,13 @@ use crate::metrics::AgentMetrics;
 use crate::policy::Destinations;
 use spoke_proto::DialRequest;
 use spoke_tunnel::relay::SplitIo;
-use spoke_tunnel::session::{AgentEnd, EndpointDialer, Session};
+use spoke_tunnel::session::{AgentEnd, DialTicket, EndpointDialer, Session};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio_util::sync::CancellationToken;
 
 /// The agent's limits on endpoint connections (`--max-*` flags).
 #[derive(Clone, Copy, Debug)]
@@ -56,7 +55,7 @@ impl EndpointDialer for Endpoints {
         self: Arc<Self>,
         session: Arc<Session<AgentEnd>>,
         req: DialRequest,
-        cancel: CancellationToken,
+        ticket: DialTicket,
     ) {
         self.metrics.pending_dials.inc();
         tokio::spawn(async move {
@@ -64,7 +63,7 @@ impl EndpointDialer for Endpoints {
             let started = Instant::now();
             let result = tokio::select! {
                 r = dial(&req.address, self.dial_timeout, &self.ebpf, &self.destinations) => Some(r),
-                _ = cancel.cancelled() => None,
+                _ = ticket.cancel.cancelled() => None,
             };
             m.pending_dials.dec();
             let tcp = match result {
@@ -72,13 +71,13 @@ impl EndpointDialer for Endpoints {
                 Some(Err(f)) => {
                     m.dial_failure(f.reason);
                     tracing::info!(address = %req.address, error = %f.text, "dial failed");
-                    session.dial_failed(req.random, f.text);
+                    session.dial_failed(&ticket, f.text);
                     return;
                 }
                 Some(Ok(tcp)) => tcp,
             };
             // None: cancelled while finishing; the socket is dropped.
-            let Some((id, parts)) = session.dial_succeeded(req.random) else {
+            let Some((id, parts)) = session.dial_succeeded(&ticket) else {
                 return;
             };
             m.dial_duration.observe(started.elapsed().as_secs_f64());

@@ -149,10 +149,10 @@ impl Dial {
 
 impl Drop for Dial {
     fn drop(&mut self) {
-        if self.rx.is_some() {
-            // Abandoned (frontend gone, timeout): forget it and tell the agent to stop.
+        if let Some(rx) = self.rx.take() {
+            // Abandoned (frontend gone, timeout): the agent stops, or its answer is undone.
             self.server.metrics.pending_backend_dials.dec();
-            self.agent.abandon_dial(self.random);
+            self.agent.abandon_dial(self.random, rx);
         }
     }
 }

@@ -4,21 +4,33 @@ use crate::conns::ConnParts;
 use crate::packet;
 use spoke_proto::packet::Payload;
 use spoke_proto::{DialRequest, Packet, PacketType};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
+
+/// One dial the agent was asked for. The server's `random` names it on the wire, but a
+/// server may reuse a `random` once a dial is cancelled, so the ticket also carries a serial
+/// of its own: a late result of the cancelled dial never answers the new one.
+#[derive(Clone, Debug)]
+pub struct DialTicket {
+    pub random: i64,
+    serial: u64,
+    /// Fires when the server cancels the dial (DIAL_CLS) or the stream ends.
+    pub cancel: CancellationToken,
+}
 
 /// How the agent opens endpoints: the part of serving a dial that is the agent's own.
 pub trait EndpointDialer: Send + Sync + 'static {
     /// Why a new dial must be refused now (a limit), if it must; the text is its answer.
     fn refuse(&self) -> Option<String>;
     /// Starts dialing `req.address` in the background. It ends with
-    /// [`Session::dial_succeeded`] or [`Session::dial_failed`], or stops when `cancel` fires.
+    /// [`Session::dial_succeeded`] or [`Session::dial_failed`], or stops when the ticket's
+    /// `cancel` fires.
     fn start(
         self: Arc<Self>,
         session: Arc<Session<AgentEnd>>,
         req: DialRequest,
-        cancel: CancellationToken,
+        ticket: DialTicket,
     );
 }
 
@@ -28,6 +40,8 @@ pub struct AgentEnd {
     dialer: Arc<dyn EndpointDialer>,
     /// connectIDs, per stream from 1, as upstream's agent numbers them.
     next_id: AtomicI64,
+    /// Serials of dial tickets.
+    next_serial: AtomicU64,
 }
 
 impl AgentEnd {
@@ -36,6 +50,7 @@ impl AgentEnd {
             server_id,
             dialer,
             next_id: AtomicI64::new(1),
+            next_serial: AtomicU64::new(1),
         }
     }
 }
@@ -52,22 +67,35 @@ impl Session<AgentEnd> {
             let _ = self.outbound.control(packet::dial_err(random, why));
             return;
         }
-        let cancel = CancellationToken::new();
-        if !self.add_pending(random, cancel.clone()) {
+        let ticket = DialTicket {
+            random,
+            serial: self.end.next_serial.fetch_add(1, Ordering::Relaxed),
+            cancel: CancellationToken::new(),
+        };
+        if !self.add_pending(random, ticket.clone()) {
             self.reject("duplicate_dial");
             let _ = self
                 .outbound
                 .control(packet::dial_err(random, "duplicate dial id".into()));
             return;
         }
-        self.end.dialer.clone().start(self.clone(), req, cancel);
+        self.end.dialer.clone().start(self.clone(), req, ticket);
     }
 
-    /// The endpoint of dial `random` is open: the connection is registered and DIAL_RSP
+    /// Takes the ticket's dial out of the pending table, if it is still this dial's.
+    fn settle(&self, ticket: &DialTicket) -> bool {
+        self.take_pending_if(ticket.random, |p| p.serial == ticket.serial)
+            .is_some()
+    }
+
+    /// The endpoint of the ticket's dial is open: the connection is registered and DIAL_RSP
     /// sent. Returns its connectID and what its relay needs, or `None` if the dial was
     /// cancelled meanwhile or the stream is gone (then drop the endpoint).
-    pub fn dial_succeeded(&self, random: i64) -> Option<(i64, ConnParts)> {
-        self.take_pending(random)?;
+    pub fn dial_succeeded(&self, ticket: &DialTicket) -> Option<(i64, ConnParts)> {
+        if !self.settle(ticket) {
+            return None;
+        }
+        let random = ticket.random;
         let id = self.end.next_id.fetch_add(1, Ordering::Relaxed);
         let (entry, parts) = self.new_conn();
         self.conns.insert(id, entry);
@@ -78,16 +106,18 @@ impl Session<AgentEnd> {
         Some((id, parts))
     }
 
-    /// Dial `random` failed with Go's error text (unless it was cancelled meanwhile).
-    pub fn dial_failed(&self, random: i64, error: String) {
-        if self.take_pending(random).is_some() {
-            let _ = self.outbound.control(packet::dial_err(random, error));
+    /// The ticket's dial failed with Go's error text (unless it was cancelled meanwhile).
+    pub fn dial_failed(&self, ticket: &DialTicket, error: String) {
+        if self.settle(ticket) {
+            let _ = self
+                .outbound
+                .control(packet::dial_err(ticket.random, error));
         }
     }
 }
 
 impl End for AgentEnd {
-    type Pending = CancellationToken;
+    type Pending = DialTicket;
     const SIDE: Side = Side::Endpoint;
 
     fn handle(session: &Arc<Session<Self>>, p: Packet) -> Option<Packet> {
@@ -104,7 +134,7 @@ impl End for AgentEnd {
     }
 
     /// Upstream's agent ignores DIAL_CLS; we stop the dial so nothing is left behind.
-    fn dial_cancelled(_: &Session<Self>, cancel: CancellationToken, _: Cancelled) {
-        cancel.cancel();
+    fn dial_cancelled(_: &Session<Self>, ticket: DialTicket, _: Cancelled) {
+        ticket.cancel.cancel();
     }
 }

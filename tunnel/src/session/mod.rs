@@ -11,7 +11,7 @@ mod agent_end;
 mod server_end;
 mod stream_end;
 
-pub use agent_end::{AgentEnd, EndpointDialer};
+pub use agent_end::{AgentEnd, DialTicket, EndpointDialer};
 pub use server_end::{DialOutcome, PendingDial, ServerEnd};
 pub use stream_end::{OnEnd, SessionEnd};
 
@@ -154,6 +154,21 @@ impl<E: End> Session<E> {
 
     pub fn take_pending(&self, random: i64) -> Option<E::Pending> {
         self.pending().remove(&random)
+    }
+
+    /// Takes the pending dial `random` only if `is_it` recognizes it (not a later dial that
+    /// reused the id).
+    pub fn take_pending_if(
+        &self,
+        random: i64,
+        is_it: impl FnOnce(&E::Pending) -> bool,
+    ) -> Option<E::Pending> {
+        let mut pending = self.pending();
+        if pending.get(&random).is_some_and(is_it) {
+            pending.remove(&random)
+        } else {
+            None
+        }
     }
 
     pub fn load(&self) -> Load {

@@ -97,13 +97,21 @@ impl Session<ServerEnd> {
         Some(rx)
     }
 
-    /// A frontend stopped waiting for its dial: forget it (if the agent has not answered
-    /// yet, counted as upstream's `frontend_close`) and tell the agent to stop (DIAL_CLS).
-    pub fn abandon_dial(&self, random: i64) {
+    /// A frontend stopped waiting for its dial (upstream's `frontend_close`). Not answered
+    /// yet: it is forgotten and the agent told to stop (DIAL_CLS). Answered but unread (the
+    /// answer and the frontend's hang-up crossed): the connection it established is closed.
+    pub fn abandon_dial(&self, random: i64, mut answer: oneshot::Receiver<DialOutcome>) {
+        // From here on an answer finds nobody waiting, and `dial_answered` closes it.
+        answer.close();
         if self.take_pending(random).is_some() {
             self.end.dial_failure("frontend_close");
+            let _ = self.outbound.control(packet::dial_cls(random));
+        } else if let Ok(DialOutcome::Established { connect_id, .. }) = answer.try_recv() {
+            self.end.dial_failure("frontend_close");
+            if self.conns.close(connect_id, None) {
+                let _ = self.outbound.control(packet::close_req(connect_id));
+            }
         }
-        let _ = self.outbound.control(packet::dial_cls(random));
     }
 
     fn dial_answered(&self, random: i64, connect_id: i64, error: String) {
