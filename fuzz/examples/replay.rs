@@ -10,7 +10,7 @@ fn main() {
         "packets_server" => harness::packets_server,
         "packets_agent" => harness::packets_agent,
         "http_connect" => harness::http_connect,
-        "h2_authority" => harness::h2_authority,
+        "http2" => harness::http2,
         "identifiers" => harness::identifiers,
         "flags" => harness::flags,
         other => panic!("unknown target {other}"),

@@ -108,7 +108,7 @@ fn main() {
         v.extend_from_slice(h);
         write("http_connect", &format!("head-{i}"), &v);
     }
-    // gRPC frontend: grpc-go's request with a socket-path authority (literal header fields),
+    // HTTP/2: grpc-go's request with a socket-path authority (literal header fields),
     // padded/prioritised HEADERS split over a CONTINUATION, then DATA.
     let literal = |fields: &[(&str, &str)]| {
         let mut b = Vec::new();
@@ -142,14 +142,14 @@ fn main() {
     plain.extend(frame(4, 0, 0, &[]));
     plain.extend(frame(1, 4, 1, &block));
     plain.extend(frame(0, 0, 1, &[0, 0, 0, 0, 2, 8, 0]));
-    write("h2_authority", "grpc-go-socket-path", &plain);
+    write("http2", "grpc-go-socket-path", &plain);
     let mut split = vec![3, 0];
     let mut padded = vec![2, 0, 0, 0, 0, 16];
     padded.extend(&block[..20]);
     padded.extend([0, 0]);
     split.extend(frame(1, 0x28, 3, &padded));
     split.extend(frame(9, 4, 3, &block[20..]));
-    write("h2_authority", "padded-continuation", &split);
+    write("http2", "padded-continuation", &split);
 
     for (i, s) in [
         "host=node1&host=node1.example.com&ipv4=10.0.0.5&ipv6=fd00::5&cidr=10.0.0.0/16&default-route=true",

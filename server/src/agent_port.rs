@@ -5,13 +5,11 @@ use crate::metrics::MethodLabel;
 use crate::registry::AgentStream;
 use crate::Server;
 use futures::future::BoxFuture;
-use rustls::server::UnbufferedServerConnection;
 use spoke_tunnel::conns::FlowConfig;
 use spoke_tunnel::http2::conn::Config;
-use spoke_tunnel::http2::driver::{Accepted, Acceptor, Driver, Ended, Options, StreamEnd};
+use spoke_tunnel::http2::driver::{Accepted, Acceptor, Ended, Options, StreamEnd};
 use spoke_tunnel::http2::grpc;
 use spoke_tunnel::http2::headers::Headers;
-use spoke_tunnel::http2::io::{Crypto, Io};
 use spoke_tunnel::identifiers::AgentIdentifiers;
 use spoke_tunnel::listen::{self, AcceptLimits};
 use spoke_tunnel::metadata::one_value;
@@ -21,7 +19,7 @@ use spoke_tunnel::tls::{Reloading, ServerTlsFiles};
 use spoke_tunnel::FLOW_CONTROL_HEADER;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tonic::Code;
 
 const CONNECT: MethodLabel = MethodLabel {
@@ -37,54 +35,23 @@ pub async fn serve(
     tls: Arc<Reloading<ServerTlsFiles>>,
     limits: AcceptLimits,
 ) {
-    let metrics = server.metrics.tls.clone();
-    let accepting = listen::accept_limited(
-        "agent",
-        listener,
-        &metrics,
-        limits,
-        move |tcp, peer, slot| {
-            let (server, config) = (server.clone(), tls.current());
-            async move {
-                let conn = match UnbufferedServerConnection::new(config) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot start a TLS session");
-                        return;
-                    }
-                };
-                let mut io = Io::new(tcp, Crypto::Server(Box::new(conn)));
-                let handshake =
-                    tokio::time::timeout(listen::HANDSHAKE_TIMEOUT, io.handshake()).await;
-                drop(slot);
-                let tls_metrics = &server.metrics.tls;
-                match handshake {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        return listen::handshake_failed("agent", peer, tls_metrics, Some(&e))
-                    }
-                    Err(_) => return listen::handshake_failed("agent", peer, tls_metrics, None),
-                }
-                let o = &server.opts;
-                let opts = Options {
-                    http2: Config {
-                        max_concurrent_streams: 100,
-                        ..Config::default()
-                    },
-                    max_message: o.max_grpc_message_size,
-                    keepalive: o.keepalive_time,
-                    keepalive_timeout: KEEPALIVE_TIMEOUT,
-                };
-                let acceptor = Box::new(AgentPort {
-                    server: server.clone(),
-                });
-                if let Err(e) = Driver::<TcpStream>::server(io, opts, acceptor).run().await {
-                    tracing::debug!(%peer, error = %e, "agent connection ended");
-                }
-            }
+    let o = &server.opts;
+    let opts = Options {
+        http2: Config {
+            max_concurrent_streams: 100,
+            ..Config::default()
         },
-    );
-    let _ = accepting.await;
+        max_message: o.max_grpc_message_size,
+        keepalive: o.keepalive_time,
+        keepalive_timeout: KEEPALIVE_TIMEOUT,
+    };
+    let metrics = server.metrics.tls.clone();
+    let make = move || -> Box<dyn Acceptor> {
+        Box::new(AgentPort {
+            server: server.clone(),
+        })
+    };
+    listen::serve_http2_tls("agent", listener, tls, metrics, limits, opts, make).await;
 }
 
 /// Takes `/AgentService/Connect` streams.

@@ -59,8 +59,6 @@ pub struct ServerMetrics {
     pub full_receive_channels: Family<MethodLabel, Gauge>,
     /// Spoke: connections refused or closed because of bad input, by reason.
     pub rejected: Family<ReasonLabels, Counter>,
-    /// Spoke: the gRPC frontend's header-block filter.
-    pub h2_filter: spoke_tunnel::h2_authority::FilterMetrics,
     /// Spoke: agent registry operations (add, remove, pick) and the entries they visited.
     pub registry_ops: Counter,
     pub registry_steps: Counter,
@@ -91,7 +89,6 @@ impl ServerMetrics {
             established_connections: Gauge::default(),
             full_receive_channels: Family::default(),
             rejected: Family::default(),
-            h2_filter: Default::default(),
             registry_ops: Counter::default(),
             registry_steps: Counter::default(),
         }
@@ -197,16 +194,6 @@ impl ServerMetrics {
                 "registry_steps",
                 "Entries the agent registry visited in its operations; per operation it stays flat as the fleet grows",
                 self.registry_steps.clone(),
-            );
-            s.register(
-                "frontend_authorities_dropped",
-                "gRPC frontend requests whose :authority (e.g. a socket path) was removed because the HTTP/2 layer refuses it",
-                self.h2_filter.authorities_dropped.clone(),
-            );
-            s.register(
-                "frontend_bad_header_blocks",
-                "gRPC frontend connections closed for an undecodable or oversize HTTP/2 header block",
-                self.h2_filter.bad_header_blocks.clone(),
             );
         }
         root

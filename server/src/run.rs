@@ -1,24 +1,19 @@
 //! Wiring: the listeners, the runtime, serving, and shutdown.
-use crate::frontend::{grpc::ProxySvc, http_connect};
+use crate::frontend::{grpc::ProxyPort, http_connect};
 use crate::options::{Mode, Options};
 use crate::{agent_port, auth, health, metrics, registry, Server};
 use anyhow::{Context, Result};
 use futures::StreamExt;
 use spoke_process::admin::bind_addr;
-use spoke_proto::proxy_service_server::ProxyServiceServer;
-use spoke_tunnel::h2_authority::AuthorityFilter;
-use spoke_tunnel::listen::{self, tls_incoming, AcceptLimits, TlsIo};
+use spoke_tunnel::http2::conn::Config;
+use spoke_tunnel::http2::driver;
+use spoke_tunnel::listen::{self, tls_incoming, AcceptLimits};
 use spoke_tunnel::tls::{CertFiles, Reloading, ServerTlsFiles, TlsPolicy};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, UnixListener};
-use tonic::transport::Server as GrpcServer;
 
-/// HTTP/2 windows sized for bulk transfer over long links (8 MiB per stream, 16 MiB per
-/// connection): the default 64 KiB window caps a 50 ms link at about 1 MiB/s.
-const STREAM_WINDOW: u32 = 8 << 20;
-const CONN_WINDOW: u32 = 16 << 20;
 const TLS_RELOAD_EVERY: Duration = Duration::from_secs(5);
 
 /// Runs spoke-server with validated options until it is told to stop.
@@ -80,16 +75,6 @@ fn server_tls(
     )?;
     tls.watch(TLS_RELOAD_EVERY);
     Ok(tls)
-}
-
-fn grpc_server(keepalive: Duration) -> GrpcServer {
-    GrpcServer::builder()
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONN_WINDOW)
-        .max_frame_size(Some(1 << 20))
-        .http2_keepalive_interval(Some(keepalive))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .tcp_nodelay(true)
 }
 
 async fn serve(server: Arc<Server>) -> Result<()> {
@@ -181,25 +166,30 @@ async fn bind_frontend(server: &Server) -> Result<FrontendListener> {
 
 async fn serve_frontend(server: Arc<Server>, listener: FrontendListener) -> Result<()> {
     let o = &server.opts;
-    let max_msg = o.max_grpc_message_size;
-    let proxy_svc = || {
-        ProxyServiceServer::new(ProxySvc {
-            server: server.clone(),
-        })
-        .max_decoding_message_size(max_msg)
-        .max_encoding_message_size(max_msg)
+    let opts = driver::Options {
+        // A stream's window is what its client may send ahead of the agent's credit.
+        http2: Config {
+            stream_window: 4 << 20,
+            connection_window: 16 << 20,
+            ..Config::default()
+        },
+        max_message: o.max_grpc_message_size,
+        keepalive: o.frontend_keepalive_time,
+        keepalive_timeout: Duration::from_secs(20),
     };
-    // grpc-go clients may send an authority `h2` refuses; see h2_authority.
-    let m = &server.metrics.h2_filter;
+    let proxy = {
+        let server = server.clone();
+        move || -> Box<dyn driver::Acceptor> {
+            Box::new(ProxyPort {
+                server: server.clone(),
+            })
+        }
+    };
     match (listener, o.mode) {
-        (FrontendListener::Uds(l), Mode::Grpc) => grpc_server(o.frontend_keepalive_time)
-            .add_service(proxy_svc())
-            .serve_with_incoming(
-                tokio_stream::wrappers::UnixListenerStream::new(l)
-                    .map(|r| r.map(|s| AuthorityFilter::new(s, m.clone()))),
-            )
-            .await
-            .context("frontend server failed"),
+        (FrontendListener::Uds(l), Mode::Grpc) => {
+            listen::serve_http2_unix(l, opts, proxy).await;
+            Ok(())
+        }
         (FrontendListener::Uds(l), Mode::HttpConnect) => loop {
             match l.accept().await {
                 Ok((s, _)) => {
@@ -211,26 +201,20 @@ async fn serve_frontend(server: Arc<Server>, listener: FrontendListener) -> Resu
                 }
             }
         },
-        (FrontendListener::Tls(l, tls), mode) => {
+        (FrontendListener::Tls(l, tls), Mode::Grpc) => {
+            let (metrics, limits) = (server.metrics.tls.clone(), accept_limits(o));
+            listen::serve_http2_tls("frontend", l, tls, metrics, limits, opts, proxy).await;
+            Ok(())
+        }
+        (FrontendListener::Tls(l, tls), Mode::HttpConnect) => {
             let limits = accept_limits(o);
             let mut incoming = tls_incoming("frontend", l, tls, server.metrics.tls.clone(), limits);
-            match mode {
-                Mode::Grpc => grpc_server(o.frontend_keepalive_time)
-                    .add_service(proxy_svc())
-                    .serve_with_incoming(
-                        incoming.map(|r| r.map(|s| AuthorityFilter::new(TlsIo(s), m.clone()))),
-                    )
-                    .await
-                    .context("frontend server failed"),
-                Mode::HttpConnect => {
-                    while let Some(s) = incoming.next().await {
-                        if let Ok(s) = s {
-                            tokio::spawn(http_connect::serve(server.clone(), s));
-                        }
-                    }
-                    Ok(())
+            while let Some(s) = incoming.next().await {
+                if let Ok(s) = s {
+                    tokio::spawn(http_connect::serve(server.clone(), s));
                 }
             }
+            Ok(())
         }
     }
 }

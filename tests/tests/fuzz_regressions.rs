@@ -54,8 +54,8 @@ fn http_connect_inputs() {
 }
 
 #[test]
-fn h2_authority_inputs() {
-    replay("h2_authority", harness::h2_authority_with);
+fn http2_inputs() {
+    replay("http2", harness::http2_with);
 }
 
 #[test]
@@ -119,7 +119,7 @@ fn empty_data_cannot_grow_an_inbox_without_bound() {
     assert!(parts.inbox.try_recv().is_none(), "empty chunks were queued");
 }
 
-// ---- Open bugs (`KnownBug`), reproduced on the engine: these fail until fixed. ----
+// ---- Bugs fuzzing found in the engine (once `KnownBug`s), reproduced directly. ----
 
 fn session_metrics() -> spoke_tunnel::session::SessionMetrics {
     spoke_tunnel::session::SessionMetrics {
@@ -135,13 +135,12 @@ const FLOW: spoke_tunnel::conns::FlowConfig = spoke_tunnel::conns::FlowConfig {
     peer_window: None,
 };
 
-/// `KnownBug::AbandonedAnswer`: the agent's answer to a dial arrives, and the frontend's
+/// Was `KnownBug::AbandonedAnswer`: the agent's answer to a dial arrives, and the frontend's
 /// client hangs up in the same poll; the frontend's select takes the hang-up and drops its
-/// `Dial` with the answer unread. `Dial::drop` calls `abandon_dial`, which finds nothing
-/// pending, so connection 7 stays in the stream's table with no frontend to close it (and
-/// the agent keeps the endpoint open) until the agent closes it or the stream ends.
+/// `Dial` with the answer unread. `abandon_dial` found nothing pending, so connection 7
+/// stayed in the stream's table with no frontend to close it (and the agent kept the
+/// endpoint open). Now `Dial::drop` hands over the receiver and the answer is closed.
 #[test]
-#[ignore = "open bug: KnownBug::AbandonedAnswer"]
 fn a_dial_abandoned_with_its_answer_unread_leaves_no_connection() {
     use spoke_tunnel::session::{ServerEnd, Session};
     let (out, _out_rx) = spoke_tunnel::outbound::outbound(None);
@@ -160,27 +159,25 @@ fn a_dial_abandoned_with_its_answer_unread_leaves_no_connection() {
         "the answer did not establish connection 7"
     );
     // What `Dial::drop` does for a frontend that never read its answer.
-    session.abandon_dial(5);
-    drop(answer);
+    let Some(answer) = answer else { return };
+    session.abandon_dial(5, answer);
     assert!(
         !session.conns.contains(7),
         "connection 7 stays in the table with no frontend to close it"
     );
 }
 
-/// `KnownBug::CancelledDialAnswers`: the server cancels dial 9 (DIAL_CLS) and dials again
+/// Was `KnownBug::CancelledDialAnswers`: the server cancels dial 9 (DIAL_CLS) and dials again
 /// under the same id. The first dial's connect completes as its cancellation lands, and its
-/// task's select takes the connect: its `dial_succeeded(9)` answers the second dial with
-/// the first dial's endpoint (10.0.0.1 instead of 10.0.0.2).
+/// task's select takes the connect: its `dial_succeeded` answered the second dial with the
+/// first dial's endpoint (10.0.0.1 instead of 10.0.0.2). Tickets now tell the two apart.
 #[test]
-#[ignore = "open bug: KnownBug::CancelledDialAnswers"]
 fn a_cancelled_dial_does_not_answer_a_later_dial_under_its_id() {
-    use spoke_tunnel::session::{AgentEnd, EndpointDialer, Session};
+    use spoke_tunnel::session::{AgentEnd, DialTicket, EndpointDialer, Session};
     use std::sync::{Arc, Mutex, PoisonError};
-    use tokio_util::sync::CancellationToken;
     /// Records the dials it is asked to start; the test finishes them.
     #[derive(Default)]
-    struct Recorder(Mutex<Vec<CancellationToken>>);
+    struct Recorder(Mutex<Vec<DialTicket>>);
     impl EndpointDialer for Recorder {
         fn refuse(&self) -> Option<String> {
             None
@@ -189,12 +186,12 @@ fn a_cancelled_dial_does_not_answer_a_later_dial_under_its_id() {
             self: Arc<Self>,
             _: Arc<Session<AgentEnd>>,
             _: spoke_proto::DialRequest,
-            cancel: CancellationToken,
+            ticket: DialTicket,
         ) {
             self.0
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .push(cancel);
+                .push(ticket);
         }
     }
     let dialer = Arc::new(Recorder::default());
@@ -204,13 +201,8 @@ fn a_cancelled_dial_does_not_answer_a_later_dial_under_its_id() {
     session.dispatch(spoke_tunnel::packet::dial_req("10.0.0.1:80".into(), 9));
     session.dispatch(spoke_tunnel::packet::dial_cls(9));
     session.dispatch(spoke_tunnel::packet::dial_req("10.0.0.2:80".into(), 9));
-    let started: Vec<bool> = dialer
-        .0
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .iter()
-        .map(CancellationToken::is_cancelled)
-        .collect();
+    let tickets = std::mem::take(&mut *dialer.0.lock().unwrap_or_else(PoisonError::into_inner));
+    let started: Vec<bool> = tickets.iter().map(|t| t.cancel.is_cancelled()).collect();
     assert_eq!(
         started,
         [true, false],
@@ -218,8 +210,13 @@ fn a_cancelled_dial_does_not_answer_a_later_dial_under_its_id() {
     );
     // The first dial's task, its connect done: what it calls next.
     assert!(
-        session.dial_succeeded(9).is_none(),
+        session.dial_succeeded(&tickets[0]).is_none(),
         "the cancelled dial to 10.0.0.1 answered the dial to 10.0.0.2"
+    );
+    // The second dial still gets its own answer.
+    assert!(
+        session.dial_succeeded(&tickets[1]).is_some(),
+        "the dial to 10.0.0.2 lost its answer"
     );
 }
 

@@ -4,7 +4,6 @@
 pub mod connect_head;
 pub mod conns;
 pub mod flow;
-pub mod h2_authority;
 pub mod http2;
 pub mod identifiers;
 pub mod listen;

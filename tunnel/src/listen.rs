@@ -230,3 +230,75 @@ pub fn tls_incoming(
     });
     ReceiverStream::new(rx)
 }
+
+/// Serves Spoke's HTTP/2 over TLS on `listener`: connections are accepted within `limits`,
+/// their handshakes done with rustls' unbuffered API, then each runs one driver whose streams
+/// `acceptor()` takes.
+pub async fn serve_http2_tls<A>(
+    name: &'static str,
+    listener: TcpListener,
+    tls: Arc<Reloading<ServerTlsFiles>>,
+    metrics: crate::metrics::TlsMetrics,
+    limits: AcceptLimits,
+    opts: crate::http2::driver::Options,
+    acceptor: A,
+) where
+    A: Fn() -> Box<dyn crate::http2::driver::Acceptor> + Send + Sync + 'static,
+{
+    use crate::http2::driver::Driver;
+    use crate::http2::io::{Crypto, Io};
+    let m = metrics.clone();
+    let accepting = accept_limited(name, listener, &metrics, limits, move |tcp, peer, slot| {
+        let (config, metrics, acceptor) = (tls.current(), m.clone(), acceptor());
+        async move {
+            let conn = match rustls::server::UnbufferedServerConnection::new(config) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(listener = name, error = %e, "cannot start a TLS session");
+                    return;
+                }
+            };
+            let mut io = Io::new(tcp, Crypto::Server(Box::new(conn)));
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, io.handshake()).await;
+            drop(slot);
+            match handshake {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return handshake_failed(name, peer, &metrics, Some(&e)),
+                Err(_) => return handshake_failed(name, peer, &metrics, None),
+            }
+            if let Err(e) = Driver::server(io, opts, acceptor).run().await {
+                tracing::debug!(listener = name, %peer, error = %e, "connection ended");
+            }
+        }
+    });
+    let _ = accepting.await;
+}
+
+/// Serves Spoke's HTTP/2 in plain text (h2c, prior knowledge) on a Unix socket.
+pub async fn serve_http2_unix<A>(
+    listener: tokio::net::UnixListener,
+    opts: crate::http2::driver::Options,
+    acceptor: A,
+) where
+    A: Fn() -> Box<dyn crate::http2::driver::Acceptor>,
+{
+    use crate::http2::driver::Driver;
+    use crate::http2::io::{Crypto, Io};
+    loop {
+        match listener.accept().await {
+            Ok((s, _)) => {
+                let driver = Driver::server(Io::new(s, Crypto::Plain), opts, acceptor());
+                tokio::spawn(async move {
+                    if let Err(e) = driver.run().await {
+                        tracing::debug!(error = %e, "frontend connection ended");
+                    }
+                });
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "frontend accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}

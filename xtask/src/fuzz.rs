@@ -24,7 +24,7 @@ pub const TARGETS: &[&str] = &[
     "packets_server",
     "packets_agent",
     "http_connect",
-    "h2_authority",
+    "http2",
     "identifiers",
     "flags",
 ];

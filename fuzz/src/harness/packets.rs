@@ -3,11 +3,13 @@
 //! Each target runs a real `spoke_tunnel::session::Session`, whose `dispatch` is the packet
 //! dispatch of spoke-server and spoke-agent alike, and between the peer's packets does what
 //! that end's local side does, through the API the binaries use:
-//! - `packets_server`: a `Session<ServerEnd>`. Frontends dial (`send_dial`), give up
-//!   (`abandon_dial`, as dropping a pending `Dial` does) and take their `DialOutcome`.
+//! - `packets_server`: a `Session<ServerEnd>`. Frontends dial (`send_dial`), take their
+//!   `DialOutcome`, or give up: their `Dial` drops and hands its receiver to `abandon_dial`,
+//!   whether the dial is pending, its answer sits unread, or the answer crosses the hang-up.
 //! - `packets_agent`: a `Session<AgentEnd>` whose `EndpointDialer` opens nothing: it records
-//!   the dials it is asked to start, and later operations finish them (`dial_succeeded`,
-//!   `dial_failed`) or let them see their cancellation; the input also makes it refuse dials.
+//!   the dials it is asked to start with their `DialTicket`s, and later operations finish them
+//!   (`dial_succeeded`, `dial_failed`), also after their cancellation, when the server may
+//!   have dialled again under the same `random`; the input also makes it refuse dials.
 //!
 //! Relays are modelled step by step over the real `ConnParts` that `Session::relay` hands out
 //! (the write loop draining, the read loop sending within credit, the local end ending, the
@@ -17,7 +19,7 @@
 //! Input: one config byte, then operations. Operations 0 to 2 are a wire packet (two length
 //! bytes, then a protobuf `Packet`; bytes that do not decode end the stream as a gRPC decode
 //! error does); the others are local events. The end of the input ends the stream.
-use super::{Checks, Input, KnownBug};
+use super::{Checks, Input};
 use bytes::Bytes;
 use futures::Stream;
 use prometheus_client::metrics::histogram::Histogram;
@@ -30,7 +32,7 @@ use spoke_tunnel::outbound::{outbound, OutboundRx};
 use spoke_tunnel::packet;
 use spoke_tunnel::relay::{Relay, CHUNK};
 use spoke_tunnel::session::{
-    AgentEnd, DialOutcome, End, EndpointDialer, ServerEnd, Session, SessionMetrics,
+    AgentEnd, DialOutcome, DialTicket, End, EndpointDialer, ServerEnd, Session, SessionMetrics,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -39,7 +41,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 use tokio::sync::oneshot;
-use tokio_util::sync::CancellationToken;
 use tonic_prost::prost::Message;
 
 /// Most operations in one run: keeps an execution fast.
@@ -566,7 +567,7 @@ struct Frontend {
 }
 
 /// The server's end: a hostile agent against `Session<ServerEnd>`, with frontends.
-pub fn packets_server_with(data: &[u8], checks: Checks) {
+pub fn packets_server_with(data: &[u8], _checks: Checks) {
     let mut input = Input::new(data);
     let end = ServerEnd::new(
         "fuzz-agent".into(),
@@ -576,9 +577,10 @@ pub fn packets_server_with(data: &[u8], checks: Checks) {
     );
     let mut h = Harness::new(input.u8(), end, packet::close_req);
     let mut frontends: Vec<Frontend> = Vec::new();
-    // Frontends that dropped their dial while the dispatch was answering it: `abandon_dial`
-    // runs after the next packet. The flag: the session still holds the dial.
-    let mut abandoning: BTreeMap<i64, bool> = BTreeMap::new();
+    // Frontends that dropped their dial while the dispatch was answering it: their receiver
+    // is closed (the first thing `abandon_dial` does) and the rest of `abandon_dial` runs
+    // after the next packet. The flag: the session still holds the dial.
+    let mut abandoning: BTreeMap<i64, (bool, oneshot::Receiver<DialOutcome>)> = BTreeMap::new();
 
     for _ in 0..MAX_OPS {
         if input.is_empty() || h.session.outbound.is_closed() {
@@ -605,11 +607,13 @@ pub fn packets_server_with(data: &[u8], checks: Checks) {
                     assert!(h.session.end.is_draining(), "DRAIN did not mark the agent");
                 }
                 if let Some((random, connect_id)) = answers {
-                    abandoning.entry(random).and_modify(|held| *held = false);
+                    abandoning
+                        .entry(random)
+                        .and_modify(|(held, _)| *held = false);
                     answered(&mut h, &mut frontends, random, connect_id);
                 }
-                for (random, _) in std::mem::take(&mut abandoning) {
-                    h.session.abandon_dial(random);
+                for (random, (_, rx)) in std::mem::take(&mut abandoning) {
+                    h.session.abandon_dial(random, rx);
                 }
             }
             // A frontend dials (`Server::dial`). Its id is its own while it holds the dial.
@@ -642,23 +646,23 @@ pub fn packets_server_with(data: &[u8], checks: Checks) {
                 let race = input.u8() & 1 == 1;
                 let f = frontends.swap_remove(i);
                 match f.answer {
-                    Answer::Waiting(rx) if race => {
-                        drop(rx);
-                        abandoning.insert(f.random, true);
+                    Answer::Waiting(mut rx) if race => {
+                        rx.close();
+                        abandoning.insert(f.random, (true, rx));
                     }
-                    Answer::Waiting(rx) => {
-                        h.session.abandon_dial(f.random);
-                        drop(rx);
-                    }
-                    Answer::Arrived(DialOutcome::Failed(_)) => h.session.abandon_dial(f.random),
-                    Answer::Arrived(DialOutcome::Established { connect_id, parts }) => {
-                        if checks.check(KnownBug::AbandonedAnswer) {
-                            h.session.abandon_dial(f.random);
-                            // Its local side is gone with the answer.
-                            h.conns.remove(&parts.generation);
-                        } else {
-                            // Steering around the bug: the frontend takes its answer after all.
-                            h.start_relay(connect_id, parts);
+                    Answer::Waiting(rx) => h.session.abandon_dial(f.random, rx),
+                    // The answer sits unread in the dropped `Dial`'s receiver.
+                    Answer::Arrived(outcome) => {
+                        let generation = match &outcome {
+                            DialOutcome::Established { parts, .. } => Some(parts.generation),
+                            DialOutcome::Failed(_) => None,
+                        };
+                        let (tx, rx) = oneshot::channel();
+                        let _ = tx.send(outcome);
+                        h.session.abandon_dial(f.random, rx);
+                        // Its local side is gone with the answer.
+                        if let Some(generation) = generation {
+                            h.conns.remove(&generation);
                         }
                     }
                 }
@@ -683,12 +687,12 @@ pub fn packets_server_with(data: &[u8], checks: Checks) {
             .iter()
             .filter(|f| matches!(f.answer, Answer::Waiting(_)))
             .count();
-        h.check(waiting + abandoning.values().filter(|held| **held).count());
+        h.check(waiting + abandoning.values().filter(|(held, _)| *held).count());
     }
 
     // The stream ends (the registry let go of it first, so no dial starts meanwhile).
-    for (random, _) in std::mem::take(&mut abandoning) {
-        h.session.abandon_dial(random);
+    for (random, (_, rx)) in std::mem::take(&mut abandoning) {
+        h.session.abandon_dial(random, rx);
     }
     let waiting = frontends
         .iter()
@@ -765,11 +769,11 @@ fn answered(h: &mut Harness<ServerEnd>, frontends: &mut [Frontend], random: i64,
 #[derive(Default)]
 struct FuzzDialer {
     refusing: AtomicBool,
-    started: Mutex<Vec<(DialRequest, CancellationToken)>>,
+    started: Mutex<Vec<(DialRequest, DialTicket)>>,
 }
 
 impl FuzzDialer {
-    fn take_started(&self) -> Vec<(DialRequest, CancellationToken)> {
+    fn take_started(&self) -> Vec<(DialRequest, DialTicket)> {
         std::mem::take(&mut *self.started.lock().unwrap_or_else(PoisonError::into_inner))
     }
 }
@@ -785,29 +789,29 @@ impl EndpointDialer for FuzzDialer {
         self: Arc<Self>,
         _session: Arc<Session<AgentEnd>>,
         req: DialRequest,
-        cancel: CancellationToken,
+        ticket: DialTicket,
     ) {
         self.started
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .push((req, cancel));
+            .push((req, ticket));
     }
 }
 
 /// A dial the agent started and that has not finished.
 struct Dialing {
     random: i64,
-    cancel: CancellationToken,
+    ticket: DialTicket,
 }
 
 impl Dialing {
     fn live(&self) -> bool {
-        !self.cancel.is_cancelled()
+        !self.ticket.cancel.is_cancelled()
     }
 }
 
 /// The agent's end: a hostile server against `Session<AgentEnd>`, with a dialer.
-pub fn packets_agent_with(data: &[u8], checks: Checks) {
+pub fn packets_agent_with(data: &[u8], _checks: Checks) {
     let mut input = Input::new(data);
     let dialer = Arc::new(FuzzDialer::default());
     let end = AgentEnd::new("fuzz-server".into(), dialer.clone());
@@ -847,9 +851,9 @@ pub fn packets_agent_with(data: &[u8], checks: Checks) {
                     }
                     _ => panic!("expected to start {starts:?}, started {}", started.len()),
                 }
-                dials.extend(started.into_iter().map(|(req, cancel)| Dialing {
+                dials.extend(started.into_iter().map(|(req, ticket)| Dialing {
                     random: req.random,
-                    cancel,
+                    ticket,
                 }));
                 if let Some(random) = cancels {
                     assert!(
@@ -868,12 +872,12 @@ pub fn packets_agent_with(data: &[u8], checks: Checks) {
                 if d.live() {
                     if !connects {
                         h.session.dial_failed(
-                            d.random,
+                            &d.ticket,
                             "dial tcp 10.0.0.1:10250: connect: connection refused".into(),
                         );
                         continue;
                     }
-                    let Some((id, parts)) = h.session.dial_succeeded(d.random) else {
+                    let Some((id, parts)) = h.session.dial_succeeded(&d.ticket) else {
                         assert!(h.session.outbound.is_closed(), "dial {} lost", d.random);
                         continue;
                     };
@@ -884,22 +888,18 @@ pub fn packets_agent_with(data: &[u8], checks: Checks) {
                     h.start_relay(id, parts);
                     continue;
                 }
-                let rerun = dials.iter().any(|o| o.random == d.random && o.live());
-                if rerun && !checks.check(KnownBug::CancelledDialAnswers) {
-                    continue; // it sees its cancellation and stops
-                }
                 // It finished as it was cancelled (a dial task's select may take either): that
-                // must change nothing.
+                // must change nothing, also when the server has dialled again under its id.
                 let before = h.session.load();
                 if connects {
                     assert!(
-                        h.session.dial_succeeded(d.random).is_none(),
+                        h.session.dial_succeeded(&d.ticket).is_none(),
                         "cancelled dial {} was established",
                         d.random
                     );
                 } else {
                     h.session
-                        .dial_failed(d.random, "dial tcp: i/o timeout".into());
+                        .dial_failed(&d.ticket, "dial tcp: i/o timeout".into());
                 }
                 assert_eq!(
                     h.session.load(),
@@ -922,7 +922,7 @@ pub fn packets_agent_with(data: &[u8], checks: Checks) {
     for d in &dials {
         assert!(!d.live(), "dial {} still running after the end", d.random);
         // Finishing after the end answers nothing.
-        assert!(h.session.dial_succeeded(d.random).is_none());
+        assert!(h.session.dial_succeeded(&d.ticket).is_none());
     }
     h.finish();
 }

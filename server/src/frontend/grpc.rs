@@ -1,79 +1,180 @@
-//! gRPC frontend (`/ProxyService/Proxy`): one stream per tunnelled connection. The stream
-//! starts with DIAL_REQ; once the agent answers, the stream is the connection's local end and
-//! the shared relay runs over it through [`ClientReader`] and [`ClientWriter`]. Each direction
-//! has its own bound: the agent's credit (the client stream is read only while the agent has
-//! room, so HTTP/2 pushes back on the client) and the connection's inbox toward the client.
+//! gRPC frontend (`/ProxyService/Proxy`): one stream per tunnelled connection, served by
+//! Spoke's HTTP/2 (so any `:authority` a gRPC client sends is fine: Spoke never reads it).
+//! The stream starts with DIAL_REQ; once the agent answers, the stream is the connection's
+//! local end and the shared relay runs over it through [`ClientReader`] and
+//! [`ClientWriter`]. Each direction has its own bound: the client stream's HTTP/2 window (the
+//! client's packets are taken only while the agent has credit, and the window opens only as
+//! they are taken) and the connection's inbox toward the client.
 use super::frontend_gone;
 use crate::metrics::MethodLabel;
 use crate::Server;
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use spoke_proto::packet::Payload;
-use spoke_proto::proxy_service_server::ProxyService;
 use spoke_proto::{Packet, PacketType};
+use spoke_tunnel::http2::driver::{Accepted, Acceptor, Ended, StreamEnd};
+use spoke_tunnel::http2::grpc;
+use spoke_tunnel::http2::headers::Headers;
 use spoke_tunnel::packet;
 use spoke_tunnel::relay::{LocalRead, LocalWrite, Read};
+use std::collections::VecDeque;
 use std::io;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::Code;
 
-pub struct ProxySvc {
+/// Packets to the client wait here for the stream's window (a few: the inbox bounds the rest).
+const TO_CLIENT_QUEUE: usize = 4;
+
+const PROXY: MethodLabel = MethodLabel {
+    service_method: "Proxy",
+};
+
+/// Takes `/ProxyService/Proxy` streams.
+pub struct ProxyPort {
     pub server: Arc<Server>,
 }
 
-type PacketStream = Pin<Box<dyn futures::Stream<Item = Result<Packet, Status>> + Send>>;
-type ToClient = mpsc::Sender<Result<Packet, Status>>;
-
-#[tonic::async_trait]
-impl ProxyService for ProxySvc {
-    type ProxyStream = PacketStream;
-
-    async fn proxy(
-        &self,
-        req: Request<Streaming<Packet>>,
-    ) -> Result<Response<PacketStream>, Status> {
-        let (tx, rx) = mpsc::channel(4);
-        let server = self.server.clone();
-        let inbound = req.into_inner();
-        tokio::spawn(async move {
-            let label = MethodLabel {
-                service_method: "Proxy",
+impl Acceptor for ProxyPort {
+    fn accept(&mut self, path: &str, _: Headers) -> BoxFuture<'static, Accepted> {
+        let reply = if path == "/ProxyService/Proxy" {
+            let (tx, rx) = mpsc::channel(TO_CLIENT_QUEUE);
+            let queue = Arc::new(Queue::default());
+            let server = self.server.clone();
+            let inbound = ClientPackets {
+                queue: queue.clone(),
             };
-            server.metrics.grpc_connections.get_or_create(&label).inc();
-            serve(&server, inbound, tx).await;
-            server.metrics.grpc_connections.get_or_create(&label).dec();
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+            tokio::spawn(async move {
+                server.metrics.grpc_connections.get_or_create(&PROXY).inc();
+                serve(&server, inbound, tx).await;
+                server.metrics.grpc_connections.get_or_create(&PROXY).dec();
+            });
+            let end = ProxyEnd {
+                server: self.server.clone(),
+                queue,
+                out: rx,
+            };
+            Ok((grpc::response(), Box::new(end) as Box<dyn StreamEnd>))
+        } else {
+            Err((Code::Unimplemented, format!("unknown method {path}")))
+        };
+        Box::pin(std::future::ready(reply))
     }
 }
+
+/// Packets from the client on their way to the frontend's task.
+#[derive(Default)]
+struct Queue(Mutex<QueueState>);
+
+#[derive(Default)]
+struct QueueState {
+    packets: VecDeque<(Packet, usize)>,
+    /// The stream is over: no more packets come.
+    closed: bool,
+    /// Bytes of packets taken since the driver last asked.
+    consumed: usize,
+    reader: Option<Waker>,
+    driver: Option<Waker>,
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The driver's side of a Proxy stream.
+struct ProxyEnd {
+    server: Arc<Server>,
+    queue: Arc<Queue>,
+    out: mpsc::Receiver<Packet>,
+}
+
+impl StreamEnd for ProxyEnd {
+    fn packet(&mut self, p: Packet, size: usize) -> Result<(), (Code, String)> {
+        let mut q = self.queue.lock();
+        q.packets.push_back((p, size));
+        if let Some(w) = q.reader.take() {
+            w.wake();
+        }
+        Ok(())
+    }
+
+    fn poll_packet(&mut self, cx: &mut Context<'_>) -> Poll<Option<Packet>> {
+        self.out.poll_recv(cx)
+    }
+
+    fn ended(&mut self, how: &Ended) {
+        if let Ended::Status(code, _) = how {
+            if *code != Code::Ok {
+                self.server.metrics.stream.error("from_client", *code, None);
+            }
+        }
+        self.out.close();
+        let mut q = self.queue.lock();
+        q.closed = true;
+        if let Some(w) = q.reader.take() {
+            w.wake();
+        }
+    }
+
+    fn defers_window(&self) -> bool {
+        true
+    }
+
+    fn poll_consumed(&mut self, cx: &mut Context<'_>) -> usize {
+        let mut q = self.queue.lock();
+        let n = std::mem::take(&mut q.consumed);
+        if n == 0 {
+            q.driver = Some(cx.waker().clone());
+        }
+        n
+    }
+}
+
+/// The frontend task's view of the packets its client sends.
+struct ClientPackets {
+    queue: Arc<Queue>,
+}
+
+impl ClientPackets {
+    /// The next packet; `None` once the stream is over.
+    async fn next(&mut self) -> Option<Packet> {
+        std::future::poll_fn(|cx| {
+            let mut q = self.queue.lock();
+            if let Some((p, size)) = q.packets.pop_front() {
+                q.consumed += size;
+                if let Some(w) = q.driver.take() {
+                    w.wake();
+                }
+                return Poll::Ready(Some(p));
+            }
+            if q.closed {
+                return Poll::Ready(None);
+            }
+            q.reader = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+type ToClient = mpsc::Sender<Packet>;
 
 async fn send(server: &Server, tx: &ToClient, p: Packet) -> bool {
     server.metrics.stream.packet("to_client", p.r#type);
-    tx.send(Ok(p)).await.is_ok()
+    tx.send(p).await.is_ok()
 }
 
-async fn next(server: &Server, inbound: &mut Streaming<Packet>) -> Option<Packet> {
-    match inbound.message().await {
-        Ok(Some(p)) => {
-            server.metrics.stream.packet("from_client", p.r#type);
-            Some(p)
-        }
-        Ok(None) => None,
-        Err(status) => {
-            server
-                .metrics
-                .stream
-                .error("from_client", status.code(), None);
-            tracing::debug!(error = %status.message(), "frontend stream error");
-            None
-        }
-    }
+async fn next(server: &Server, inbound: &mut ClientPackets) -> Option<Packet> {
+    let p = inbound.next().await?;
+    server.metrics.stream.packet("from_client", p.r#type);
+    Some(p)
 }
 
-async fn serve(server: &Arc<Server>, mut inbound: Streaming<Packet>, tx: ToClient) {
+async fn serve(server: &Arc<Server>, mut inbound: ClientPackets, tx: ToClient) {
     let Some(first) = next(server, &mut inbound).await else {
         return;
     };
@@ -155,7 +256,7 @@ async fn serve(server: &Arc<Server>, mut inbound: Streaming<Packet>, tx: ToClien
 /// CLOSE_REQ as a close the agent must answer, the stream's end as the client gone.
 struct ClientReader {
     server: Arc<Server>,
-    inbound: Streaming<Packet>,
+    inbound: ClientPackets,
     id: i64,
     /// What is left of a DATA payload larger than the agent's credit allowed at once.
     rest: Bytes,
@@ -186,7 +287,7 @@ impl LocalRead for ClientReader {
                     );
                     self.closed.store(true, Ordering::Relaxed);
                     let reply = packet::close_rsp(self.id, "connectID mismatch");
-                    let _ = self.tx.send(Ok(reply)).await;
+                    let _ = send(&self.server, &self.tx, reply).await;
                     return Err(io::Error::other("connectID mismatch"));
                 }
                 (Ok(PacketType::CloseReq), _) => return Ok(Read::CloseRequested),

@@ -50,12 +50,24 @@ impl std::fmt::Display for Ended {
 
 /// What one gRPC stream of packets is connected to.
 pub trait StreamEnd: Send {
-    /// A packet from the peer. An error ends the stream with that status.
-    fn packet(&mut self, p: Packet) -> Result<(), (Code, String)>;
+    /// A packet from the peer; `size` of its bytes on the wire (message and prefix) still
+    /// count against the stream's window (see [`StreamEnd::defers_window`]). An error ends
+    /// the stream with that status.
+    fn packet(&mut self, p: Packet, size: usize) -> Result<(), (Code, String)>;
     /// The next packet to send; `Ready(None)` once this side has nothing more.
     fn poll_packet(&mut self, cx: &mut Context<'_>) -> Poll<Option<Packet>>;
     /// The stream is over; nothing more goes either way.
     fn ended(&mut self, how: &Ended);
+    /// Whether received bytes go back to the peer's window only as this end consumes them
+    /// ([`StreamEnd::poll_consumed`]) rather than as they are delivered: for an end that
+    /// queues packets for someone slower, so the window is what bounds the queue.
+    fn defers_window(&self) -> bool {
+        false
+    }
+    /// Bytes consumed since the last call (each packet: its message length plus 5).
+    fn poll_consumed(&mut self, _cx: &mut Context<'_>) -> usize {
+        0
+    }
 }
 
 /// The answer to a stream a peer opened: response headers and the stream's end.
@@ -70,12 +82,14 @@ struct Bound {
     /// `None` while the acceptor decides, or (client) until the response arrives.
     end: Option<Box<dyn StreamEnd>>,
     /// Messages that arrived before the stream had its end.
-    early: Vec<Bytes>,
+    early: Vec<(Bytes, usize)>,
     deframer: Deframer,
     /// The packet being sent, and how much of it went out.
     sending: Option<(Outgoing, usize)>,
     /// The response headers (client side), or why there are none.
     response: Option<Result<Headers, Ended>>,
+    /// Received bytes not given back to the peer's window yet.
+    held: usize,
 }
 
 impl Bound {
@@ -86,6 +100,7 @@ impl Bound {
             deframer: Deframer::default(),
             sending: None,
             response: None,
+            held: 0,
         }
     }
 }
@@ -201,10 +216,14 @@ impl<S: Socket> Driver<S> {
     /// Connects an opened stream to its end (packets already received go to it first).
     pub fn bind(&mut self, id: u32, end: Box<dyn StreamEnd>) {
         if let Some(b) = self.streams.get_mut(&id) {
+            if !end.defers_window() {
+                let held = std::mem::take(&mut b.held);
+                self.conn.release(id, held);
+            }
             b.end = Some(end);
             let early = std::mem::take(&mut b.early);
-            for m in early {
-                self.deliver(id, m);
+            for (m, held) in early {
+                self.deliver(id, m, held);
             }
         } else {
             let mut end = end;
@@ -250,6 +269,8 @@ impl<S: Socket> Driver<S> {
         let Some(mut b) = self.streams.remove(&id) else {
             return;
         };
+        // Whatever the stream still held goes back to the connection's window.
+        self.conn.release(id, std::mem::take(&mut b.held));
         if let Some(mut end) = b.end.take() {
             end.ended(&how);
         } else if self.conn.role() == Role::Client {
@@ -448,14 +469,37 @@ impl<S: Socket> Driver<S> {
             return;
         };
         let mut msgs = std::mem::take(&mut self.messages);
+        let gathered = b.deframer.buffered();
         let cut = b.deframer.push(data, self.max_message, &mut msgs);
-        for m in msgs.drain(..) {
-            self.deliver(id, m);
+        // Bytes of the messages complete now that were not already given back: a message
+        // still being gathered gives its window back at once (else one larger than the
+        // window would wait for itself; `max_message` bounds it), a complete one is held.
+        let mut hold = 0;
+        for (i, m) in msgs.drain(..).enumerate() {
+            let size = m.len() + grpc::PREFIX;
+            let held = if i == 0 {
+                size.saturating_sub(gathered)
+            } else {
+                size
+            };
+            hold += held;
+            self.deliver(id, m, held);
         }
+        let hold = hold.min(len);
         self.messages = msgs;
-        // Packets are with their end now (a session never holds them back): the window
-        // goes back at once; what bounds memory is each connection's own buffer.
-        self.conn.release(id, len);
+        // Packets are with their end now. A session never holds them back: the window goes
+        // back at once (what bounds memory is each connection's own buffer). An end that
+        // queues them gives it back as they are taken.
+        match self.streams.get_mut(&id) {
+            Some(b) if b.end.as_ref().is_some_and(|e| !e.defers_window()) => {
+                self.conn.release(id, len)
+            }
+            Some(b) => {
+                b.held += hold;
+                self.conn.release(id, len - hold);
+            }
+            None => self.conn.release(id, len),
+        }
         if let Err(e) = cut {
             let m = match e {
                 grpc::DeframeError::TooLarge(n) => {
@@ -475,16 +519,17 @@ impl<S: Socket> Driver<S> {
         }
     }
 
-    fn deliver(&mut self, id: u32, msg: Bytes) {
+    /// Hands `msg` to the stream's end; `held` of its bytes still count against the window.
+    fn deliver(&mut self, id: u32, msg: Bytes, held: usize) {
         let Some(b) = self.streams.get_mut(&id) else {
             return;
         };
         let Some(end) = b.end.as_mut() else {
-            b.early.push(msg);
+            b.early.push((msg, held));
             return;
         };
         let result = match grpc::decode(msg) {
-            Ok(p) => end.packet(p),
+            Ok(p) => end.packet(p, held),
             Err(e) => Err((Code::Internal, format!("undecodable packet: {e}"))),
         };
         if let Err((code, m)) = result {
@@ -509,10 +554,25 @@ impl<S: Socket> Driver<S> {
         self.end_stream(id, Ended::Status(code, message.to_string()));
     }
 
-    /// Sends what the streams have, within the windows. True if anything went out.
+    /// Sends what the streams have, within the windows, and gives back the window of what
+    /// queueing ends consumed. True if anything happened.
     fn pull(&mut self, cx: &mut Context<'_>) -> bool {
         let mut progress = false;
         let ids: Vec<u32> = self.streams.keys().copied().collect();
+        for &id in &ids {
+            let Some(b) = self.streams.get_mut(&id) else {
+                continue;
+            };
+            let Some(end) = b.end.as_mut().filter(|e| e.defers_window()) else {
+                continue;
+            };
+            let n = end.poll_consumed(cx).min(b.held);
+            if n > 0 {
+                b.held -= n;
+                self.conn.release(id, n);
+                progress = true;
+            }
+        }
         for id in ids {
             loop {
                 if self.io.unsent() + self.conn.output_len() >= OUTPUT_HIGH {

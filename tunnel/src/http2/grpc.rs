@@ -98,6 +98,11 @@ impl Deframer {
         self.partial.is_empty()
     }
 
+    /// Bytes of a message not complete yet.
+    pub fn buffered(&self) -> usize {
+        self.partial.len()
+    }
+
     /// Feeds `data`; complete messages go to `out`.
     pub fn push(
         &mut self,

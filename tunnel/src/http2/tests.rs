@@ -33,7 +33,7 @@ struct Echo {
 }
 
 impl StreamEnd for Echo {
-    fn packet(&mut self, p: Packet) -> Result<(), (Code, String)> {
+    fn packet(&mut self, p: Packet, _: usize) -> Result<(), (Code, String)> {
         if p.r#type == spoke_proto::PacketType::DialCls as i32 {
             return Err((Code::Aborted, "told to stop".into()));
         }
@@ -79,7 +79,7 @@ struct Pipe {
 }
 
 impl StreamEnd for Pipe {
-    fn packet(&mut self, p: Packet) -> Result<(), (Code, String)> {
+    fn packet(&mut self, p: Packet, _: usize) -> Result<(), (Code, String)> {
         let _ = self.received.send(p);
         Ok(())
     }

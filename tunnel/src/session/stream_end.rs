@@ -30,7 +30,7 @@ impl<E: End> SessionEnd<E> {
 }
 
 impl<E: End> StreamEnd for SessionEnd<E> {
-    fn packet(&mut self, p: Packet) -> Result<(), (Code, String)> {
+    fn packet(&mut self, p: Packet, _: usize) -> Result<(), (Code, String)> {
         self.session.receive(p);
         Ok(())
     }
