@@ -37,12 +37,13 @@ fn header(md: &tonic::metadata::MetadataMap, key: &str) -> Result<String> {
         .ok_or_else(|| anyhow!("expected one {key} header from the server, got 0"))
 }
 
-/// Opens a new TCP+TLS connection and a `Connect` stream on it.
-pub async fn connect(agent: &Arc<Agent>) -> Result<Connected> {
+/// Opens a new TCP+TLS connection to `host` (one of `--proxy-server-host`) and a `Connect`
+/// stream on it.
+pub async fn connect(agent: &Arc<Agent>, host: &str) -> Result<Connected> {
     let o = &agent.opts;
     let tls = tokio_rustls::TlsConnector::from(agent.tls.current());
-    let name = spoke_tunnel::tls::server_name(&o.proxy_server_host)?;
-    let target = (o.proxy_server_host.clone(), o.proxy_server_port);
+    let name = spoke_tunnel::tls::server_name(host)?;
+    let target = (host.to_string(), o.proxy_server_port);
     let connector = tower::service_fn(move |_: http::Uri| {
         let (tls, name, target) = (tls.clone(), name.clone(), target.clone());
         async move {
@@ -54,7 +55,7 @@ pub async fn connect(agent: &Arc<Agent>) -> Result<Connected> {
     });
     let channel = Endpoint::from_shared(format!(
         "https://{}:{}",
-        o.proxy_server_host, o.proxy_server_port
+        host, o.proxy_server_port
     ))?
     .initial_stream_window_size(STREAM_WINDOW)
     .initial_connection_window_size(CONN_WINDOW)
@@ -69,7 +70,7 @@ pub async fn connect(agent: &Arc<Agent>) -> Result<Connected> {
     .map_err(|e| {
         anyhow!(
             "cannot reach proxy server {}:{}: {}",
-            o.proxy_server_host,
+            host,
             o.proxy_server_port,
             error_chain(&e)
         )

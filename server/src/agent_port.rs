@@ -80,7 +80,7 @@ impl AgentService for AgentSvc {
         insert(
             headers,
             "servercount",
-            &server.opts.server_count.to_string(),
+            &server.server_count().to_string(),
         )
         .map_err(internal)?;
         if flow.credits() {

@@ -61,6 +61,10 @@ pub struct ServerMetrics {
     pub rejected: Family<ReasonLabels, Counter>,
     /// Spoke: the gRPC frontend's header-block filter.
     pub h2_filter: spoke_tunnel::h2_authority::FilterMetrics,
+    /// Upstream's lease garbage-collection metrics.
+    pub leases: spoke_k8s::leases::ServerLeaseMetrics,
+    /// Spoke: the agent CSR approver's decisions.
+    pub csr: spoke_k8s::csr::ApproverMetrics,
 }
 
 impl Default for ServerMetrics {
@@ -89,6 +93,8 @@ impl ServerMetrics {
             full_receive_channels: Family::default(),
             rejected: Family::default(),
             h2_filter: Default::default(),
+            leases: Default::default(),
+            csr: Default::default(),
         }
     }
 
@@ -173,6 +179,7 @@ impl ServerMetrics {
             );
             r.register("full_receive_channels", "Number of current connections blocked by a full receive channel, partitioned by service method.", self.full_receive_channels.clone());
             self.stream.register(r);
+            self.leases.register(r);
         }
         {
             let s = root.sub_registry_with_prefix("spoke_server");
@@ -193,6 +200,7 @@ impl ServerMetrics {
                 "gRPC frontend connections closed for an undecodable or oversize HTTP/2 header block",
                 self.h2_filter.bad_header_blocks.clone(),
             );
+            self.csr.register(s);
         }
         root
     }

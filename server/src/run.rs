@@ -13,8 +13,10 @@ use spoke_tunnel::listen::{tls_incoming, TlsIo};
 use spoke_tunnel::tls::{CertFiles, Reloading, ServerTlsFiles, TlsPolicy};
 use std::path::PathBuf;
 use std::sync::Arc;
+use spoke_k8s::{client, csr, leases};
 use std::time::Duration;
 use tokio::net::{TcpListener, UnixListener};
+use tokio_util::sync::CancellationToken;
 use tonic::transport::Server as GrpcServer;
 
 /// HTTP/2 windows sized for bulk transfer over long links (8 MiB per stream, 16 MiB per
@@ -25,34 +27,98 @@ const TLS_RELOAD_EVERY: Duration = Duration::from_secs(5);
 
 /// Runs spoke-server with validated options until it is told to stop.
 pub fn run(opts: Options) -> Result<()> {
-    let auth = if opts.token_auth() {
-        Some(
-            auth::TokenAuth::new(
-                &opts.kubeconfig,
-                &opts.agent_namespace,
-                &opts.agent_service_account,
-                &opts.authentication_audience,
-            )?
-            .with_rate_limit(opts.kubeconfig_qps, opts.kubeconfig_burst),
-        )
-    } else {
-        None
-    };
-    let metrics = metrics::ServerMetrics::new();
-    let server = Arc::new(Server {
-        registry: registry::Registry::new(opts.proxy_strategies.clone(), metrics.clone()),
-        metrics,
-        opts,
-        shutting_down: Default::default(),
-        auth,
-    });
     // One single-threaded runtime for the data path: on a 2-vCPU node it beats a work-
     // stealing pool (fewer cross-thread wakeups per packet) and leaves a core for the agent.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
-    rt.block_on(serve(server))
+    rt.block_on(async move {
+        let metrics = metrics::ServerMetrics::new();
+        let stop = CancellationToken::new();
+        let kube = match opts.needs_kube() {
+            true => Some(kube_client(&opts).await?),
+            false => None,
+        };
+        let auth = match (&kube, opts.token_auth()) {
+            (Some((config, client)), true) => Some(
+                auth::TokenAuth::new(
+                    client.clone(),
+                    &config.cluster_url.to_string(),
+                    &opts.agent_namespace,
+                    &opts.agent_service_account,
+                    &opts.authentication_audience,
+                )
+                .with_rate_limit(opts.kubeconfig_qps, opts.kubeconfig_burst),
+            ),
+            _ => None,
+        };
+        let lease_count = match (&kube, opts.count_server_leases) {
+            (Some((config, _)), true) => Some(leases::LeaseCounter::spawn(
+                config.clone(),
+                &opts.lease_namespace,
+                &opts.lease_label_selector,
+                None,
+                stop.clone(),
+            )?),
+            _ => None,
+        };
+        let mut controllers = Vec::new();
+        if let (Some((_, client)), true) = (&kube, opts.enable_lease_controller) {
+            let labels = leases::parse_labels(&opts.lease_label)?;
+            let controller = Arc::new(leases::Controller::new(
+                client.clone(),
+                &opts.lease_namespace,
+                &opts.server_id,
+                labels,
+                leases::Timings {
+                    duration: opts.lease_duration,
+                    renew_interval: opts.lease_renew_interval,
+                    gc_interval: opts.lease_gc_interval,
+                },
+                metrics.leases.clone(),
+            ));
+            tracing::info!(lease = controller.lease_name(), namespace = %opts.lease_namespace, "starting the lease controller");
+            controllers.push(tokio::spawn(controller.run(stop.clone())));
+        }
+        if let (Some((_, client)), true) = (&kube, opts.approve_agent_csrs) {
+            let approver = csr::Approver::new(
+                client.clone(),
+                csr::ApproverConfig {
+                    signer: opts.agent_csr_signer_name.clone(),
+                    namespace: opts.agent_csr_namespace.clone(),
+                    service_account: opts.agent_csr_service_account.clone(),
+                },
+                metrics.csr.clone(),
+            );
+            controllers.push(tokio::spawn(approver.run(stop.clone())));
+        }
+        let server = Arc::new(Server {
+            registry: registry::Registry::new(opts.proxy_strategies.clone(), metrics.clone()),
+            metrics,
+            opts,
+            shutting_down: Default::default(),
+            auth,
+            lease_count,
+        });
+        let served = serve(server).await;
+        // The lease controller deletes this server's lease on the way out.
+        stop.cancel();
+        for c in controllers {
+            let _ = tokio::time::timeout(Duration::from_secs(6), c).await;
+        }
+        served
+    })
+}
+
+/// The Kubernetes client: `--kubeconfig`, else in-cluster.
+async fn kube_client(
+    opts: &Options,
+) -> Result<(spoke_k8s::kube::Config, spoke_k8s::kube::Client)> {
+    let config = client::load_config("--kubeconfig", &opts.kubeconfig).await?;
+    tracing::info!(api_server = %config.cluster_url, "Kubernetes API client configured");
+    let kube = client::build(config.clone(), None)?;
+    Ok((config, kube))
 }
 
 fn server_tls(
@@ -112,7 +178,7 @@ async fn serve(server: Arc<Server>) -> Result<()> {
     let agent_listener = TcpListener::bind(agent_addr)
         .await
         .with_context(|| format!("agent listener: cannot listen on {agent_addr}"))?;
-    tracing::info!(%agent_addr, server_id = %o.server_id, server_count = o.server_count, "listening for agents");
+    tracing::info!(%agent_addr, server_id = %o.server_id, server_count = server.server_count(), "listening for agents");
     let agents = tls_incoming(
         "agent",
         agent_listener,
