@@ -31,7 +31,8 @@ pub struct Options {
     pub ca_cert: String,
     /// Proxy server address(es): one host (a load balancer or one server, as upstream), or
     /// several (repeat the flag or separate with commas): the agent connects to each until it
-    /// holds serverCount distinct servers; a dead address does not delay the others.
+    /// holds serverCount distinct servers; a dead address does not delay the others. An entry
+    /// may carry its own port (`host:port`, `[v6]:port`); others use --proxy-server-port.
     #[arg(long, value_delimiter = ',', action = clap::ArgAction::Append, default_value = "127.0.0.1")]
     pub proxy_server_host: Vec<String>,
     #[arg(long, default_value_t = 8091)]
@@ -154,7 +155,44 @@ pub struct Options {
     pub klog: KlogFlags,
 }
 
+/// `host`, `host:port`, `[v6]` or `[v6]:port` (a bare IPv6 address has no port).
+pub fn split_host_port(entry: &str, default_port: u16) -> Result<(String, u16)> {
+    let port = |p: &str| -> Result<u16> {
+        match p.parse::<u16>() {
+            Ok(0) | Err(_) => bail!("port {p:?} is not a port number"),
+            Ok(n) => Ok(n),
+        }
+    };
+    if let Some(rest) = entry.strip_prefix('[') {
+        let Some((host, after)) = rest.split_once(']') else {
+            bail!("missing ']'");
+        };
+        return match after.strip_prefix(':') {
+            Some(p) => Ok((host.to_string(), port(p)?)),
+            None if after.is_empty() => Ok((host.to_string(), default_port)),
+            None => bail!("unexpected text after ']'"),
+        };
+    }
+    match entry.split_once(':') {
+        Some((host, p)) if !p.contains(':') => {
+            if host.is_empty() {
+                bail!("empty host");
+            }
+            Ok((host.to_string(), port(p)?))
+        }
+        _ => Ok((entry.to_string(), default_port)),
+    }
+}
+
 impl Options {
+    /// Every server address: `--proxy-server-host` entries with their port.
+    pub fn server_addresses(&self) -> Vec<(String, u16)> {
+        self.proxy_server_host
+            .iter()
+            .filter_map(|h| split_host_port(h, self.proxy_server_port).ok())
+            .collect()
+    }
+
     /// Checks flag combinations as upstream does; each error is one actionable line.
     pub fn validate(&mut self) -> Result<AgentIdentifiers> {
         if self.agent_id.is_empty() {
@@ -187,6 +225,10 @@ impl Options {
         }
         let mut seen = std::collections::HashSet::new();
         self.proxy_server_host.retain(|h| seen.insert(h.clone()));
+        for h in &self.proxy_server_host {
+            split_host_port(h, 1)
+                .map_err(|e| anyhow::anyhow!("--proxy-server-host {h:?}: {e}"))?;
+        }
         if self.proxy_server_port == 0 {
             bail!("--proxy-server-port must be non-zero");
         }
@@ -310,6 +352,30 @@ mod tests {
             "comma lists and repeats add up; duplicates go"
         );
         assert_eq!(hosts(&["--proxy-server-host", "s1, s2"]), ["s1", "s2"]);
+        let o = parse(&[
+            "--ca-cert=c",
+            "--agent-cert=a",
+            "--agent-key=k",
+            "--proxy-server-port=8091",
+            "--proxy-server-host=a,b:9000,[::1]:9001,[fd00::2],fd00::3",
+        ])
+        .expect("valid");
+        assert_eq!(
+            o.server_addresses(),
+            [
+                ("a".to_string(), 8091),
+                ("b".to_string(), 9000),
+                ("::1".to_string(), 9001),
+                ("fd00::2".to_string(), 8091),
+                ("fd00::3".to_string(), 8091)
+            ]
+        );
+        for bad in ["a:0", "a:x", "[::1", ":80", "[::1]x"] {
+            assert!(
+                parse(&["--ca-cert=c", "--agent-cert=a", "--agent-key=k", &format!("--proxy-server-host={bad}")]).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -164,11 +164,11 @@ async fn bootstrap_certificate(
 /// Keeps one tunnel per distinct server, up to the server count: one loop per
 /// `--proxy-server-host`, each with its own backoff, so a dead address never delays the others.
 async fn sync_loop(agent: Arc<Agent>) {
-    let hosts = agent.opts.proxy_server_host.clone();
-    let several = hosts.len() > 1;
-    let loops = hosts
+    let addresses = agent.opts.server_addresses();
+    let several = addresses.len() > 1;
+    let loops = addresses
         .into_iter()
-        .map(|host| host_loop(agent.clone(), host, several));
+        .map(|(host, port)| host_loop(agent.clone(), host, port, several));
     futures::future::join_all(loops).await;
 }
 
@@ -188,7 +188,7 @@ async fn count_changed(rx: &mut Option<tokio::sync::watch::Receiver<usize>>) {
 /// held (or always with --sync-forever); success or duplicate waits a jittered sync interval,
 /// an error backs off. With several addresses, one whose server is held waits too. A change
 /// of the lease count wakes it at once.
-async fn host_loop(agent: Arc<Agent>, host: String, several: bool) {
+async fn host_loop(agent: Arc<Agent>, host: String, port: u16, several: bool) {
     let o = &agent.opts;
     let mut backoff = Backoff::new(o.sync_interval, o.sync_interval_cap);
     let mut counted = agent.lease_count.as_ref().map(|l| l.subscribe());
@@ -205,7 +205,7 @@ async fn host_loop(agent: Arc<Agent>, host: String, several: bool) {
             }
             continue;
         }
-        match stream::connect(&agent, &host).await {
+        match stream::connect(&agent, &host, port).await {
             Ok(c) => {
                 backoff.reset();
                 agent.server_count.store(c.server_count, Ordering::Relaxed);

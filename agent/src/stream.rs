@@ -37,13 +37,17 @@ fn header(md: &tonic::metadata::MetadataMap, key: &str) -> Result<String> {
         .ok_or_else(|| anyhow!("expected one {key} header from the server, got 0"))
 }
 
-/// Opens a new TCP+TLS connection to `host` (one of `--proxy-server-host`) and a `Connect`
-/// stream on it.
-pub async fn connect(agent: &Arc<Agent>, host: &str) -> Result<Connected> {
+/// Opens a new TCP+TLS connection to `host:port` (one of `--proxy-server-host`) and a
+/// `Connect` stream on it.
+pub async fn connect(agent: &Arc<Agent>, host: &str, port: u16) -> Result<Connected> {
     let o = &agent.opts;
     let tls = tokio_rustls::TlsConnector::from(agent.tls.current());
     let name = spoke_tunnel::tls::server_name(host)?;
-    let target = (host.to_string(), o.proxy_server_port);
+    let target = (host.to_string(), port);
+    let authority = match host.contains(':') {
+        true => format!("[{host}]:{port}"),
+        false => format!("{host}:{port}"),
+    };
     let connector = tower::service_fn(move |_: http::Uri| {
         let (tls, name, target) = (tls.clone(), name.clone(), target.clone());
         async move {
@@ -53,10 +57,7 @@ pub async fn connect(agent: &Arc<Agent>, host: &str) -> Result<Connected> {
             Ok::<_, std::io::Error>(TokioIo::new(s))
         }
     });
-    let channel = Endpoint::from_shared(format!(
-        "https://{}:{}",
-        host, o.proxy_server_port
-    ))?
+    let channel = Endpoint::from_shared(format!("https://{authority}"))?
     .initial_stream_window_size(STREAM_WINDOW)
     .initial_connection_window_size(CONN_WINDOW)
     // Let the server send our 64 KiB DATA payloads in one HTTP/2 frame (default 16 KiB).
@@ -69,9 +70,7 @@ pub async fn connect(agent: &Arc<Agent>, host: &str) -> Result<Connected> {
     .await
     .map_err(|e| {
         anyhow!(
-            "cannot reach proxy server {}:{}: {}",
-            host,
-            o.proxy_server_port,
+            "cannot reach proxy server {authority}: {}",
             error_chain(&e)
         )
     })?;

@@ -71,7 +71,7 @@ pub struct ResultLabel {
 }
 
 /// `spoke_agent_client_certificate_*`.
-#[derive(Clone, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct CertMetrics {
     /// notAfter of the certificate in use, Unix seconds.
     pub expiry: Gauge,
@@ -475,9 +475,17 @@ fn csr_name(agent_id: &str, key: &rcgen::KeyPair) -> String {
 /// Parses a PEM with a certificate chain and a key, checks they belong together, and returns
 /// the leaf's validity.
 pub fn check_pair(pem: &str) -> Result<Validity> {
-    let key = rcgen::KeyPair::from_pem(pem).map_err(|e| anyhow!("no usable private key: {e}"))?;
-    let block = ::x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes())
+    let blocks: Vec<_> = ::x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes())
         .filter_map(Result::ok)
+        .collect();
+    let key = blocks
+        .iter()
+        .find(|p| p.label == "PRIVATE KEY")
+        .ok_or_else(|| anyhow!("no PRIVATE KEY block"))?;
+    let key = rcgen::KeyPair::try_from(key.contents.as_slice())
+        .map_err(|e| anyhow!("no usable private key: {e}"))?;
+    let block = blocks
+        .iter()
         .find(|p| p.label == "CERTIFICATE")
         .ok_or_else(|| anyhow!("no certificate"))?;
     let (_, cert) = ::x509_parser::parse_x509_certificate(&block.contents)
@@ -528,7 +536,7 @@ pub struct ApproverConfig {
 }
 
 /// `spoke_server_agent_csr_decisions_total{result}`.
-#[derive(Clone, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct ApproverMetrics {
     pub decisions: Family<ResultLabel, Counter>,
 }

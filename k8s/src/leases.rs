@@ -148,7 +148,7 @@ pub struct ResponseLabel {
     pub http_response_code: String,
 }
 
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Buckets(&'static [f64]);
 
 impl MetricConstructor<Histogram> for Buckets {
@@ -164,7 +164,7 @@ const AGENT_BUCKETS: &[f64] = &[0.005, 0.025, 0.1, 0.5, 2.5, 10.0, 30.0];
 
 /// The server's lease metrics (`konnectivity_network_proxy_server_*`), upstream's names, HELP
 /// texts and labels. All are about the garbage collector's calls, as upstream's.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct ServerLeaseMetrics {
     pub culled: Counter,
     pub delete_latency: Family<StatusLabel, Histogram, Buckets>,
@@ -241,7 +241,7 @@ impl ServerLeaseMetrics {
 /// The agent's lease metrics (`konnectivity_network_proxy_agent_*`), upstream's names, HELP
 /// texts and labels. (Upstream records watch calls into `lease_lists_total` by mistake; Spoke
 /// counts them in `lease_watches_total`.)
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct AgentLeaseMetrics {
     pub lists: Family<ResponseReasonLabels, Counter>,
     pub watches: Family<ResponseReasonLabels, Counter>,
