@@ -25,6 +25,9 @@ pub struct Server {
     pub auth: Option<auth::TokenAuth>,
     /// `--count-server-leases`: the number of valid server leases.
     pub lease_count: Option<std::sync::Arc<spoke_k8s::leases::LeaseCounter>>,
+    /// Cancelled once every listener is bound (the lease is published only then, so agents
+    /// that count it find the server accepting).
+    pub listening: tokio_util::sync::CancellationToken,
 }
 
 impl Server {

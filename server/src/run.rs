@@ -64,6 +64,7 @@ pub fn run(opts: Options) -> Result<()> {
             _ => None,
         };
         let mut controllers = Vec::new();
+        let listening = CancellationToken::new();
         if let (Some((_, client)), true) = (&kube, opts.enable_lease_controller) {
             let labels = leases::parse_labels(&opts.lease_label)?;
             let controller = Arc::new(leases::Controller::new(
@@ -78,8 +79,14 @@ pub fn run(opts: Options) -> Result<()> {
                 },
                 metrics.leases.clone(),
             ));
-            tracing::info!(lease = controller.lease_name(), namespace = %opts.lease_namespace, "starting the lease controller");
-            controllers.push(tokio::spawn(controller.run(stop.clone())));
+            tracing::info!(lease = controller.lease_name(), namespace = %opts.lease_namespace, "starting the lease controller once the listeners are bound");
+            let (listening, stop) = (listening.clone(), stop.clone());
+            controllers.push(tokio::spawn(async move {
+                tokio::select! {
+                    _ = listening.cancelled() => controller.run(stop).await,
+                    _ = stop.cancelled() => {}
+                }
+            }));
         }
         if let (Some((_, client)), true) = (&kube, opts.approve_agent_csrs) {
             let approver = csr::Approver::new(
@@ -100,6 +107,7 @@ pub fn run(opts: Options) -> Result<()> {
             shutting_down: Default::default(),
             auth,
             lease_count,
+            listening,
         });
         let served = serve(server).await;
         // The lease controller deletes this server's lease on the way out.
@@ -196,8 +204,9 @@ async fn serve(server: Arc<Server>) -> Result<()> {
         .serve_with_incoming(agents);
 
     let frontend_listener = bind_frontend(&server).await?;
-    // Every listener is bound: now the health port may say so.
+    // Every listener is bound: now the health port may say so, and the lease may be published.
     health::start(&server)?;
+    server.listening.cancel();
     let frontend = serve_frontend(server.clone(), frontend_listener);
     let serving = async {
         tokio::select! {
