@@ -310,7 +310,15 @@ impl CertManager {
                 )))
             }
         };
-        let cert_pem = self.wait_issued(&name, created).await?;
+        let cert_pem = match self.wait_issued(&name, created).await {
+            Ok(pem) => pem,
+            Err(e @ (CsrError::Denied(_) | CsrError::Failed(_))) => {
+                // That CSR is closed: the next attempt makes a new key and a new CSR.
+                let _ = std::fs::remove_file(dir.join(PENDING_KEY_FILE));
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
         let pem = format!("{}\n{}", cert_pem.trim_end(), key.serialize_pem());
         let validity = check_pair(&pem).map_err(|e| CsrError::Invalid(format!("{e:#}")))?;
         write_private(&Self::current_path(dir), pem.as_bytes())
