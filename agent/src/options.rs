@@ -226,8 +226,7 @@ impl Options {
         let mut seen = std::collections::HashSet::new();
         self.proxy_server_host.retain(|h| seen.insert(h.clone()));
         for h in &self.proxy_server_host {
-            split_host_port(h, 1)
-                .map_err(|e| anyhow::anyhow!("--proxy-server-host {h:?}: {e}"))?;
+            split_host_port(h, 1).map_err(|e| anyhow::anyhow!("--proxy-server-host {h:?}: {e}"))?;
         }
         if self.proxy_server_port == 0 {
             bail!("--proxy-server-port must be non-zero");
@@ -257,7 +256,10 @@ impl Options {
         }
         if self.count_server_leases {
             spoke_k8s::leases::check_selector(&self.lease_label_selector).map_err(|e| {
-                anyhow::anyhow!("--lease-label-selector {:?}: {e}", self.lease_label_selector)
+                anyhow::anyhow!(
+                    "--lease-label-selector {:?}: {e}",
+                    self.lease_label_selector
+                )
             })?;
         }
         AgentIdentifiers::parse(&self.agent_identifiers, true)
@@ -330,10 +332,19 @@ mod tests {
         assert!(with("--sync-interval=10").is_err());
         assert!(with("--unknown-flag=1").is_err());
         assert!(with("--agent-identifiers=host=n1&default-route=true").is_ok());
-        assert!(with("--cert-dir=/var/lib/spoke").is_err(), "--cert-dir with --agent-cert");
+        assert!(
+            with("--cert-dir=/var/lib/spoke").is_err(),
+            "--cert-dir with --agent-cert"
+        );
         assert!(with("--proxy-server-host=,").is_err());
         assert!(with("--count-server-leases").is_ok());
-        assert!(parse(&["--ca-cert=c", "--cert-dir=/d", "--count-server-leases", "--lease-label-selector=a in (b"]).is_err());
+        assert!(parse(&[
+            "--ca-cert=c",
+            "--cert-dir=/d",
+            "--count-server-leases",
+            "--lease-label-selector=a in (b"
+        ])
+        .is_err());
     }
 
     #[test]
@@ -347,7 +358,11 @@ mod tests {
         assert_eq!(hosts(&[]), ["127.0.0.1"], "upstream's default");
         assert_eq!(hosts(&["--proxy-server-host=lb.example"]), ["lb.example"]);
         assert_eq!(
-            hosts(&["--proxy-server-host=a,b", "--proxy-server-host=c", "--proxy-server-host=a"]),
+            hosts(&[
+                "--proxy-server-host=a,b",
+                "--proxy-server-host=c",
+                "--proxy-server-host=a"
+            ]),
             ["a", "b", "c"],
             "comma lists and repeats add up; duplicates go"
         );
@@ -372,7 +387,13 @@ mod tests {
         );
         for bad in ["a:0", "a:x", "[::1", ":80", "[::1]x"] {
             assert!(
-                parse(&["--ca-cert=c", "--agent-cert=a", "--agent-key=k", &format!("--proxy-server-host={bad}")]).is_err(),
+                parse(&[
+                    "--ca-cert=c",
+                    "--agent-cert=a",
+                    "--agent-key=k",
+                    &format!("--proxy-server-host={bad}")
+                ])
+                .is_err(),
                 "{bad}"
             );
         }

@@ -143,7 +143,10 @@ async fn bootstrap_certificate(
     );
     let interrupted = async {
         use tokio::signal::unix::{signal, SignalKind};
-        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
             (Ok(mut t), Ok(mut i)) => tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} },
             _ => std::future::pending().await,
         }
@@ -196,7 +199,10 @@ async fn host_loop(agent: Arc<Agent>, host: String, port: u16, several: bool) {
     let mut mine: Option<String> = None;
     loop {
         let want = agent.wanted_servers();
-        let holding_mine = several && mine.as_ref().is_some_and(|id| agent.servers().contains_key(id));
+        let holding_mine = several
+            && mine
+                .as_ref()
+                .is_some_and(|id| agent.servers().contains_key(id));
         if agent.draining() || (!o.sync_forever && (agent.connected() >= want || holding_mine)) {
             tokio::select! {
                 _ = agent.streams_changed.notified() => {}

@@ -58,22 +58,17 @@ pub async fn connect(agent: &Arc<Agent>, host: &str, port: u16) -> Result<Connec
         }
     });
     let channel = Endpoint::from_shared(format!("https://{authority}"))?
-    .initial_stream_window_size(STREAM_WINDOW)
-    .initial_connection_window_size(CONN_WINDOW)
-    // Let the server send our 64 KiB DATA payloads in one HTTP/2 frame (default 16 KiB).
-    .max_frame_size(MAX_FRAME)
-    .http2_keep_alive_interval(o.keepalive_time)
-    .keep_alive_while_idle(true)
-    .connect_timeout(std::time::Duration::from_secs(10))
-    .tcp_nodelay(true)
-    .connect_with_connector(connector)
-    .await
-    .map_err(|e| {
-        anyhow!(
-            "cannot reach proxy server {authority}: {}",
-            error_chain(&e)
-        )
-    })?;
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONN_WINDOW)
+        // Let the server send our 64 KiB DATA payloads in one HTTP/2 frame (default 16 KiB).
+        .max_frame_size(MAX_FRAME)
+        .http2_keep_alive_interval(o.keepalive_time)
+        .keep_alive_while_idle(true)
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .tcp_nodelay(true)
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| anyhow!("cannot reach proxy server {authority}: {}", error_chain(&e)))?;
     let mut client = AgentServiceClient::new(channel)
         .max_decoding_message_size(o.max_grpc_message_size)
         .max_encoding_message_size(o.max_grpc_message_size);

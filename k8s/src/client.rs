@@ -62,9 +62,10 @@ pub async fn connect(
             "--kube-api-content-type: kube-rs speaks JSON to the API server; the setting is accepted and not used"
         );
     }
-    config
-        .headers
-        .push((http::header::USER_AGENT, http::HeaderValue::from_static(USER_AGENT)));
+    config.headers.push((
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static(USER_AGENT),
+    ));
     let url = config.cluster_url.to_string();
     Ok((build(config, observer)?, url))
 }

@@ -232,7 +232,10 @@ impl CertManager {
     /// with a backoff (each failure logged and counted). Returns its validity.
     pub async fn ensure(&self, stop: &CancellationToken) -> Option<Validity> {
         if let Some(v) = Self::stored(&self.cfg.cert_dir) {
-            tracing::info!(not_after = v.not_after, "using the stored client certificate");
+            tracing::info!(
+                not_after = v.not_after,
+                "using the stored client certificate"
+            );
             self.metrics.expiry.set(v.not_after);
             return Some(v);
         }
@@ -263,7 +266,10 @@ impl CertManager {
                 Ok(v) => {
                     self.metrics.renewals.inc();
                     self.metrics.expiry.set(v.not_after);
-                    tracing::info!(not_after = v.not_after, "client certificate obtained from the CSR API and stored");
+                    tracing::info!(
+                        not_after = v.not_after,
+                        "client certificate obtained from the CSR API and stored"
+                    );
                     return Some(v);
                 }
                 Err(e) => {
@@ -272,8 +278,15 @@ impl CertManager {
                         .get_or_create(&ReasonLabel { reason: e.reason() })
                         .inc();
                     let still = Self::stored(&self.cfg.cert_dir)
-                        .map(|v| format!("the current certificate (valid until {}) stays in use", v.not_after))
-                        .unwrap_or_else(|| "no valid certificate yet: no tunnel can be opened".into());
+                        .map(|v| {
+                            format!(
+                                "the current certificate (valid until {}) stays in use",
+                                v.not_after
+                            )
+                        })
+                        .unwrap_or_else(|| {
+                            "no valid certificate yet: no tunnel can be opened".into()
+                        });
                     tracing::error!(reason = e.reason(), retry_in = ?retry, "cannot obtain a client certificate: {e}; {still}");
                     tokio::select! {
                         _ = stop.cancelled() => return None,
@@ -288,7 +301,9 @@ impl CertManager {
     /// One CSR: pending key (kept or new), CSR (created or found), wait, store.
     pub async fn request(&self) -> Result<Validity, CsrError> {
         let dir = &self.cfg.cert_dir;
-        let key = self.pending_key().map_err(|e| CsrError::Write(format!("{e:#}")))?;
+        let key = self
+            .pending_key()
+            .map_err(|e| CsrError::Write(format!("{e:#}")))?;
         let name = csr_name(&self.cfg.agent_id, &key);
         let csr = self.csr_object(&name, &key)?;
         let created = match self.api.create(&PostParams::default(), &csr).await {
@@ -333,7 +348,9 @@ impl CertManager {
         if let Ok(pem) = std::fs::read_to_string(&path) {
             match rcgen::KeyPair::from_pem(&pem) {
                 Ok(k) => return Ok(k),
-                Err(e) => tracing::warn!(path = %path.display(), "pending key unreadable ({e}): making a new one"),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), "pending key unreadable ({e}): making a new one")
+                }
             }
         }
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
@@ -361,7 +378,13 @@ impl CertManager {
         Ok(CertificateSigningRequest {
             metadata: ObjectMeta {
                 name: Some(name.to_string()),
-                labels: Some([("app.kubernetes.io/name".to_string(), "spoke-agent".to_string())].into()),
+                labels: Some(
+                    [(
+                        "app.kubernetes.io/name".to_string(),
+                        "spoke-agent".to_string(),
+                    )]
+                    .into(),
+                ),
                 ..Default::default()
             },
             spec: CertificateSigningRequestSpec {
@@ -422,20 +445,25 @@ impl CertManager {
             .await;
             csr = match watched {
                 Ok(Ok(Some(c))) => c,
-                Ok(Ok(None)) => return Err(CsrError::Failed(format!("CSR {name} was deleted before it was issued"))),
-                Ok(Err(e)) => {
-                    tracing::debug!(csr = name, "CSR watch failed: {}; reading it again", crate::error_chain(&e));
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    self.api
-                        .get(name)
-                        .await
-                        .map_err(|e| CsrError::Api(format!("get {name}: {}", crate::error_chain(&e))))?
+                Ok(Ok(None)) => {
+                    return Err(CsrError::Failed(format!(
+                        "CSR {name} was deleted before it was issued"
+                    )))
                 }
-                Err(_) => self
-                    .api
-                    .get(name)
-                    .await
-                    .map_err(|e| CsrError::Api(format!("get {name}: {}", crate::error_chain(&e))))?,
+                Ok(Err(e)) => {
+                    tracing::debug!(
+                        csr = name,
+                        "CSR watch failed: {}; reading it again",
+                        crate::error_chain(&e)
+                    );
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    self.api.get(name).await.map_err(|e| {
+                        CsrError::Api(format!("get {name}: {}", crate::error_chain(&e)))
+                    })?
+                }
+                Err(_) => self.api.get(name).await.map_err(|e| {
+                    CsrError::Api(format!("get {name}: {}", crate::error_chain(&e)))
+                })?,
             };
         }
     }
@@ -444,7 +472,10 @@ impl CertManager {
 /// `Ok(Some(pem))` once issued, `Ok(None)` while pending, `Err` when denied or failed.
 fn outcome(csr: &CertificateSigningRequest) -> Result<Option<String>, CsrError> {
     let status = csr.status.as_ref();
-    for c in status.and_then(|s| s.conditions.as_deref()).unwrap_or_default() {
+    for c in status
+        .and_then(|s| s.conditions.as_deref())
+        .unwrap_or_default()
+    {
         let why = || {
             format!(
                 "{}: {}",
@@ -471,7 +502,13 @@ fn csr_name(agent_id: &str, key: &rcgen::KeyPair) -> String {
     let mut id: String = agent_id
         .to_ascii_lowercase()
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect();
     id.truncate(200);
     let id = id.trim_matches(|c| c == '-' || c == '.');
@@ -606,7 +643,10 @@ impl Approver {
         if !usages.iter().any(|u| u == "client auth") {
             return Verdict::Bad("usages must include client auth".into());
         }
-        if let Some(u) = usages.iter().find(|u| !ALLOWED_USAGES.contains(&u.as_str())) {
+        if let Some(u) = usages
+            .iter()
+            .find(|u| !ALLOWED_USAGES.contains(&u.as_str()))
+        {
             return Verdict::Bad(format!("usage {u:?} is not allowed"));
         }
         match check_request(&spec.request.0) {
@@ -630,7 +670,10 @@ impl Approver {
             match next {
                 None => return,
                 Some(Ok(csr)) => self.consider(csr).await,
-                Some(Err(e)) => tracing::warn!("CSR watch failed (retrying with backoff): {}", crate::error_chain(&e)),
+                Some(Err(e)) => tracing::warn!(
+                    "CSR watch failed (retrying with backoff): {}",
+                    crate::error_chain(&e)
+                ),
             }
         }
     }
@@ -646,11 +689,28 @@ impl Approver {
                 // At most one pending CSR per agent: a newer pending one of the same agent wins.
                 match self.newer_pending_of(&cn, &csr).await {
                     Ok(Some(newer)) => {
-                        self.decide(&csr, &name, false, &format!("agent {cn} has a newer pending CSR {newer}"))
-                            .await
+                        self.decide(
+                            &csr,
+                            &name,
+                            false,
+                            &format!("agent {cn} has a newer pending CSR {newer}"),
+                        )
+                        .await
                     }
-                    Ok(None) => self.decide(&csr, &name, true, &format!("agent {cn}: service account, subject, key and usages checked")).await,
-                    Err(e) => tracing::warn!(csr = %name, "cannot list pending CSRs: {e:#}; deciding later"),
+                    Ok(None) => {
+                        self.decide(
+                            &csr,
+                            &name,
+                            true,
+                            &format!(
+                                "agent {cn}: service account, subject, key and usages checked"
+                            ),
+                        )
+                        .await
+                    }
+                    Err(e) => {
+                        tracing::warn!(csr = %name, "cannot list pending CSRs: {e:#}; deciding later")
+                    }
                 }
             }
         }
@@ -710,7 +770,11 @@ impl Approver {
                     .inc();
                 tracing::info!(csr = name, result, "agent CSR {result}: {why}");
             }
-            Err(e) => tracing::warn!(csr = name, "cannot record the decision ({result}: {why}): {}", crate::error_chain(&e)),
+            Err(e) => tracing::warn!(
+                csr = name,
+                "cannot record the decision ({result}: {why}): {}",
+                crate::error_chain(&e)
+            ),
         }
     }
 }
@@ -731,9 +795,13 @@ pub fn check_request(pem: &[u8]) -> Result<String> {
     use ::x509_parser::certification_request::X509CertificationRequest;
     use ::x509_parser::prelude::FromDer;
     use ::x509_parser::public_key::PublicKey;
-    let (_, block) = ::x509_parser::pem::parse_x509_pem(pem).map_err(|e| anyhow!("request is not PEM: {e}"))?;
+    let (_, block) =
+        ::x509_parser::pem::parse_x509_pem(pem).map_err(|e| anyhow!("request is not PEM: {e}"))?;
     if block.label != "CERTIFICATE REQUEST" {
-        bail!("request is a {:?} PEM block, not a CERTIFICATE REQUEST", block.label);
+        bail!(
+            "request is a {:?} PEM block, not a CERTIFICATE REQUEST",
+            block.label
+        );
     }
     let (_, req) = X509CertificationRequest::from_der(&block.contents)
         .map_err(|e| anyhow!("request does not parse: {e}"))?;
@@ -755,10 +823,16 @@ pub fn check_request(pem: &[u8]) -> Result<String> {
     }
     let attrs: Vec<_> = info.subject.iter_attributes().collect();
     let [attr] = attrs.as_slice() else {
-        bail!("subject must be exactly CN={CN_PREFIX}<agent id>, got {}", info.subject);
+        bail!(
+            "subject must be exactly CN={CN_PREFIX}<agent id>, got {}",
+            info.subject
+        );
     };
     if attr.attr_type() != &::x509_parser::oid_registry::OID_X509_COMMON_NAME {
-        bail!("subject must be exactly CN={CN_PREFIX}<agent id>, got {}", info.subject);
+        bail!(
+            "subject must be exactly CN={CN_PREFIX}<agent id>, got {}",
+            info.subject
+        );
     }
     let cn = attr
         .as_str()
@@ -769,7 +843,10 @@ pub fn check_request(pem: &[u8]) -> Result<String> {
     if id.is_empty() {
         bail!("subject CN {cn:?} names no agent");
     }
-    if req.requested_extensions().is_some_and(|mut e| e.next().is_some()) {
+    if req
+        .requested_extensions()
+        .is_some_and(|mut e| e.next().is_some())
+    {
         bail!("request must not ask for extensions (SANs, CA, ...)");
     }
     Ok(cn.to_string())
@@ -807,14 +884,23 @@ mod tests {
         );
         let other_cn = request("system:node:node-1", &ec, vec![]);
         assert!(check_request(other_cn.as_bytes()).is_err());
-        let with_san = request("system:konnectivity-agent:n", &ec, vec!["evil.example".into()]);
+        let with_san = request(
+            "system:konnectivity-agent:n",
+            &ec,
+            vec!["evil.example".into()],
+        );
         let e = check_request(with_san.as_bytes()).expect_err("SAN refused");
         assert!(e.to_string().contains("extensions"), "{e}");
         let p384 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).expect("key");
         let big = request("system:konnectivity-agent:n", &p384, vec![]);
-        assert!(check_request(big.as_bytes()).expect_err("P-384").to_string().contains("P-256"));
+        assert!(check_request(big.as_bytes())
+            .expect_err("P-384")
+            .to_string()
+            .contains("P-256"));
         let ed = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("key");
-        assert!(check_request(request("system:konnectivity-agent:n", &ed, vec![]).as_bytes()).is_err());
+        assert!(
+            check_request(request("system:konnectivity-agent:n", &ed, vec![]).as_bytes()).is_err()
+        );
         assert!(check_request(b"garbage").is_err());
         let mut tampered = good.clone().into_bytes();
         let mid = tampered.len() / 2;
@@ -827,7 +913,9 @@ mod tests {
         let k = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
         let n = csr_name("Node_1.example", &k);
         assert!(n.starts_with("spoke-agent-node-1.example-"), "{n}");
-        assert!(n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.'));
+        assert!(n
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.'));
         assert_eq!(n, csr_name("Node_1.example", &k), "stable for one key");
     }
 
@@ -841,7 +929,11 @@ mod tests {
         assert_eq!(std::fs::read(&p).expect("read"), b"two");
         let mode = std::fs::metadata(&p).expect("meta").permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        assert_eq!(std::fs::read_dir(&dir).expect("ls").count(), 1, "no temporary file left");
+        assert_eq!(
+            std::fs::read_dir(&dir).expect("ls").count(),
+            1,
+            "no temporary file left"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 

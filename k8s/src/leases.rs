@@ -158,7 +158,9 @@ impl MetricConstructor<Histogram> for Buckets {
 }
 
 /// Prometheus' default buckets (upstream's server lease histograms set none).
-const DEFAULT_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const DEFAULT_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 /// upstream agent's `latencyBuckets`.
 const AGENT_BUCKETS: &[f64] = &[0.005, 0.025, 0.1, 0.5, 2.5, 10.0, 30.0];
 
@@ -403,7 +405,9 @@ impl Controller {
                     *latest = Some(l);
                     return;
                 }
-                Err(e) => tracing::warn!(lease = %self.name, "cannot renew the server lease: {e:#}"),
+                Err(e) => {
+                    tracing::warn!(lease = %self.name, "cannot renew the server lease: {e:#}")
+                }
             }
         }
         let (lease, created) = self.backoff_ensure().await;
@@ -490,12 +494,20 @@ impl Controller {
         let took = start.elapsed();
         let leases = match listed {
             Ok(l) => {
-                ServerLeaseMetrics::observe(&m.lists, &m.list_latency, Some((200, String::new())), took);
+                ServerLeaseMetrics::observe(
+                    &m.lists,
+                    &m.list_latency,
+                    Some((200, String::new())),
+                    took,
+                );
                 l.items
             }
             Err(e) => {
                 ServerLeaseMetrics::observe(&m.lists, &m.list_latency, crate::api_status(&e), took);
-                tracing::warn!("cannot list leases to garbage-collect: {}", crate::error_chain(&e));
+                tracing::warn!(
+                    "cannot list leases to garbage-collect: {}",
+                    crate::error_chain(&e)
+                );
                 return;
             }
         };
@@ -517,17 +529,31 @@ impl Controller {
             match deleted {
                 Ok(_) => {
                     m.culled.inc();
-                    ServerLeaseMetrics::observe(&m.deletes, &m.delete_latency, Some((200, String::new())), took);
+                    ServerLeaseMetrics::observe(
+                        &m.deletes,
+                        &m.delete_latency,
+                        Some((200, String::new())),
+                        took,
+                    );
                     tracing::info!(lease = name, "expired server lease collected");
                 }
                 Err(e) => {
-                    ServerLeaseMetrics::observe(&m.deletes, &m.delete_latency, crate::api_status(&e), took);
+                    ServerLeaseMetrics::observe(
+                        &m.deletes,
+                        &m.delete_latency,
+                        crate::api_status(&e),
+                        took,
+                    );
                     if crate::is_status(&e, 404) {
                         tracing::debug!(lease = name, "expired lease already deleted");
                     } else if crate::is_status(&e, 409) {
                         tracing::debug!(lease = name, "expired lease was renewed meanwhile: kept");
                     } else {
-                        tracing::warn!(lease = name, "cannot delete an expired lease: {}", crate::error_chain(&e));
+                        tracing::warn!(
+                            lease = name,
+                            "cannot delete an expired lease: {}",
+                            crate::error_chain(&e)
+                        );
                     }
                 }
             }
@@ -542,8 +568,12 @@ impl Controller {
         .await;
         match deleted {
             Ok(Ok(_)) => tracing::info!(lease = %self.name, "server lease deleted"),
-            Ok(Err(e)) => tracing::warn!(lease = %self.name, "cannot delete the server lease: {}", crate::error_chain(&e)),
-            Err(_) => tracing::warn!(lease = %self.name, "cannot delete the server lease: timed out"),
+            Ok(Err(e)) => {
+                tracing::warn!(lease = %self.name, "cannot delete the server lease: {}", crate::error_chain(&e))
+            }
+            Err(_) => {
+                tracing::warn!(lease = %self.name, "cannot delete the server lease: timed out")
+            }
         }
     }
 }
@@ -699,12 +729,18 @@ mod tests {
         let now = Timestamp::now();
         assert!(is_valid(&lease(10, 30), now));
         assert!(!is_valid(&lease(31, 30), now));
-        assert!(!is_valid(&Lease::default(), now), "no renew/acquire time: expired");
+        assert!(
+            !is_valid(&Lease::default(), now),
+            "no renew/acquire time: expired"
+        );
         let mut acquired = lease(0, 30);
         if let Some(s) = acquired.spec.as_mut() {
             s.acquire_time = s.renew_time.take();
         }
-        assert!(is_valid(&acquired, now), "acquire time counts without renew time");
+        assert!(
+            is_valid(&acquired, now),
+            "acquire time counts without renew time"
+        );
     }
 
     #[test]

@@ -14,8 +14,8 @@ pub mod csr;
 pub mod leases;
 pub mod token_review;
 
-pub use kube;
 pub use k8s_openapi;
+pub use kube;
 
 /// `http_response_code`/`http_status_code` and `reason` of a failed API call, as client-go
 /// reports them (`APIStatus`): the Status body's code and reason when there is one.

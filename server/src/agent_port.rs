@@ -77,12 +77,7 @@ impl AgentService for AgentSvc {
         let headers = rsp.metadata_mut();
         let internal = Status::internal;
         insert(headers, "serverid", &server.opts.server_id).map_err(internal)?;
-        insert(
-            headers,
-            "servercount",
-            &server.server_count().to_string(),
-        )
-        .map_err(internal)?;
+        insert(headers, "servercount", &server.server_count().to_string()).map_err(internal)?;
         if flow.credits() {
             insert(headers, FLOW_CONTROL_HEADER, &flow.buffer_cap.to_string()).map_err(internal)?;
         }

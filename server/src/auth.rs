@@ -121,10 +121,7 @@ impl TokenAuth {
             .await
             .map_err(|e| self.unavailable(e))?;
         check_review(&status, &self.audience)?;
-        let username = status
-            .user
-            .and_then(|u| u.username)
-            .unwrap_or_default();
+        let username = status.user.and_then(|u| u.username).unwrap_or_default();
         check_username(&username, &self.namespace, &self.service_account)?;
         Ok(username)
     }

@@ -184,10 +184,13 @@ pub struct Options {
     /// ECDSA P-256 key, client-auth usage, one pending CSR per agent. Others are left alone.
     #[arg(long, action = Set, num_args = 0..=1, default_value = "false", default_missing_value = "true")]
     pub approve_agent_csrs: bool,
+    /// Spoke: namespace of the agents' service account (--approve-agent-csrs).
     #[arg(long, default_value = "kube-system")]
     pub agent_csr_namespace: String,
+    /// Spoke: the agents' service account; only its CSRs are approved.
     #[arg(long, default_value = "konnectivity-agent")]
     pub agent_csr_service_account: String,
+    /// Spoke: signer of the agents' CSRs; its CA is what --cluster-ca-cert must trust.
     #[arg(long, default_value = "kubernetes.io/kube-apiserver-client")]
     pub agent_csr_signer_name: String,
     /// On SIGTERM, how long open connections may finish (0: stop at once).
@@ -291,7 +294,10 @@ impl Options {
         }
         if self.count_server_leases {
             spoke_k8s::leases::check_selector(&self.lease_label_selector).map_err(|e| {
-                anyhow::anyhow!("--lease-label-selector {:?}: {e}", self.lease_label_selector)
+                anyhow::anyhow!(
+                    "--lease-label-selector {:?}: {e}",
+                    self.lease_label_selector
+                )
             })?;
         }
         if self.approve_agent_csrs

@@ -5,6 +5,7 @@ use crate::options::{Mode, Options};
 use crate::{auth, health, metrics, registry, Server};
 use anyhow::{Context, Result};
 use futures::StreamExt;
+use spoke_k8s::{client, csr, leases};
 use spoke_process::admin::bind_addr;
 use spoke_proto::agent_service_server::AgentServiceServer;
 use spoke_proto::proxy_service_server::ProxyServiceServer;
@@ -13,7 +14,6 @@ use spoke_tunnel::listen::{tls_incoming, TlsIo};
 use spoke_tunnel::tls::{CertFiles, Reloading, ServerTlsFiles, TlsPolicy};
 use std::path::PathBuf;
 use std::sync::Arc;
-use spoke_k8s::{client, csr, leases};
 use std::time::Duration;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
@@ -120,9 +120,7 @@ pub fn run(opts: Options) -> Result<()> {
 }
 
 /// The Kubernetes client: `--kubeconfig`, else in-cluster.
-async fn kube_client(
-    opts: &Options,
-) -> Result<(spoke_k8s::kube::Config, spoke_k8s::kube::Client)> {
+async fn kube_client(opts: &Options) -> Result<(spoke_k8s::kube::Config, spoke_k8s::kube::Client)> {
     let config = client::load_config("--kubeconfig", &opts.kubeconfig).await?;
     tracing::info!(api_server = %config.cluster_url, "Kubernetes API client configured");
     let kube = client::build(config.clone(), None)?;

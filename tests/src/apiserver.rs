@@ -186,7 +186,10 @@ impl ApiServer {
     pub fn token(&self, token: &str, user: &str, audiences: &[&str]) {
         lock(&self.state.store).tokens.insert(
             token.into(),
-            (user.into(), audiences.iter().map(|a| a.to_string()).collect()),
+            (
+                user.into(),
+                audiences.iter().map(|a| a.to_string()).collect(),
+            ),
         );
     }
 
@@ -327,7 +330,10 @@ impl ApiServer {
 
     /// Creates or replaces an object as an administrator would (no checks).
     pub fn put(&self, resource: &str, namespace: &str, mut object: Value) {
-        let name = object["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        let name = object["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         let mut s = lock(&self.state.store);
         let existed = s
             .objects
@@ -355,9 +361,21 @@ impl ApiServer {
         let Some(mut csr) = self.get("certificatesigningrequests", "", name) else {
             return false;
         };
-        add_condition(&mut csr, if approve { "Approved" } else { "Denied" }, reason);
+        add_condition(
+            &mut csr,
+            if approve { "Approved" } else { "Denied" },
+            reason,
+        );
         let mut s = lock(&self.state.store);
-        commit(&self.state, &mut s, "certificatesigningrequests", "", name, &mut csr, "MODIFIED");
+        commit(
+            &self.state,
+            &mut s,
+            "certificatesigningrequests",
+            "",
+            name,
+            &mut csr,
+            "MODIFIED",
+        );
         drop(s);
         sign_if_approved(&self.state, name);
         true
@@ -422,8 +440,10 @@ fn commit(
 ) {
     s.rv += 1;
     object["metadata"]["resourceVersion"] = json!(s.rv.to_string());
-    s.objects
-        .insert((resource.into(), namespace.into(), name.into()), object.clone());
+    s.objects.insert(
+        (resource.into(), namespace.into(), name.into()),
+        object.clone(),
+    );
     let ev = Event {
         rv: s.rv,
         resource: resource.into(),
@@ -438,7 +458,13 @@ fn commit(
     let _ = state.events.send(ev);
 }
 
-fn remove(state: &State, s: &mut Store, resource: &str, namespace: &str, name: &str) -> Option<Value> {
+fn remove(
+    state: &State,
+    s: &mut Store,
+    resource: &str,
+    namespace: &str,
+    name: &str,
+) -> Option<Value> {
     let mut obj = s
         .objects
         .remove(&(resource.into(), namespace.into(), name.into()))?;
@@ -531,7 +557,9 @@ fn parse_path(path: &str) -> Option<Target> {
 fn kind_of(resource: &str) -> Option<(&'static str, &'static str)> {
     match resource {
         "leases" => Some(("Lease", "coordination.k8s.io/v1")),
-        "certificatesigningrequests" => Some(("CertificateSigningRequest", "certificates.k8s.io/v1")),
+        "certificatesigningrequests" => {
+            Some(("CertificateSigningRequest", "certificates.k8s.io/v1"))
+        }
         "tokenreviews" => Some(("TokenReview", "authentication.k8s.io/v1")),
         _ => None,
     }
@@ -545,18 +573,22 @@ fn query_map(q: Option<&str>) -> HashMap<String, String> {
 
 /// `k=v`, `k==v`, `k!=v`, `k`, `!k` terms, comma-separated (all must hold).
 pub fn labels_match(selector: &str, labels: &Value) -> bool {
-    selector.split(',').map(str::trim).filter(|t| !t.is_empty()).all(|term| {
-        let get = |k: &str| labels.get(k.trim()).and_then(Value::as_str);
-        if let Some((k, v)) = term.split_once("!=") {
-            get(k) != Some(v.trim())
-        } else if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
-            get(k) == Some(v.trim())
-        } else if let Some(k) = term.strip_prefix('!') {
-            get(k).is_none()
-        } else {
-            get(term).is_some()
-        }
-    })
+    selector
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .all(|term| {
+            let get = |k: &str| labels.get(k.trim()).and_then(Value::as_str);
+            if let Some((k, v)) = term.split_once("!=") {
+                get(k) != Some(v.trim())
+            } else if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
+                get(k) == Some(v.trim())
+            } else if let Some(k) = term.strip_prefix('!') {
+                get(k).is_none()
+            } else {
+                get(term).is_some()
+            }
+        })
 }
 
 fn fields_match(selector: &str, obj: &Value) -> bool {
@@ -616,7 +648,17 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
     } else {
         format!("{}/{}", t.resource, t.subresource)
     };
-    let rsp = serve(&state, &t, verb, &resource, user.as_deref(), &query, &method, &body).await;
+    let rsp = serve(
+        &state,
+        &t,
+        verb,
+        &resource,
+        user.as_deref(),
+        &query,
+        &method,
+        &body,
+    )
+    .await;
     lock(&state.store).log.push(Logged {
         user: user.unwrap_or_default(),
         verb: verb.into(),
@@ -643,9 +685,9 @@ async fn serve(
         return status(401, "Unauthorized", "Unauthorized");
     };
     let allowed = lock(&state.rights).get(user).is_some_and(|rights| {
-        rights.iter().any(|(v, r)| {
-            (v == "*" || v == verb) && (r == "*" || r == resource)
-        })
+        rights
+            .iter()
+            .any(|(v, r)| (v == "*" || v == verb) && (r == "*" || r == resource))
     });
     if !allowed {
         return status(
@@ -667,7 +709,11 @@ async fn serve(
         }
     }
     let Some((kind, api_version)) = kind_of(&t.resource) else {
-        return status(404, "NotFound", &format!("the server could not find resource {}", t.resource));
+        return status(
+            404,
+            "NotFound",
+            &format!("the server could not find resource {}", t.resource),
+        );
     };
     if api_version != t.group_version {
         return status(404, "NotFound", "wrong group/version");
@@ -679,18 +725,20 @@ async fn serve(
         (_, "watch") => watch(state, t, kind, api_version, query),
         (_, "get") => match state_get(state, t) {
             Some(o) => json_response(200, &o),
-            None => status(404, "NotFound", &format!("{} \"{}\" not found", t.resource, t.name)),
+            None => status(
+                404,
+                "NotFound",
+                &format!("{} \"{}\" not found", t.resource, t.name),
+            ),
         },
         (_, "create") => match parsed() {
             Ok(o) => create(state, t, kind, api_version, user, o),
             Err(e) => status(400, "BadRequest", &format!("body is not JSON: {e}")),
         },
-        ("certificatesigningrequests", "update") if t.subresource == "approval" => {
-            match parsed() {
-                Ok(o) => approval(state, t, o, method),
-                Err(e) => status(400, "BadRequest", &format!("body is not JSON: {e}")),
-            }
-        }
+        ("certificatesigningrequests", "update") if t.subresource == "approval" => match parsed() {
+            Ok(o) => approval(state, t, o, method),
+            Err(e) => status(400, "BadRequest", &format!("body is not JSON: {e}")),
+        },
         (_, "update") if t.subresource.is_empty() => match parsed() {
             Ok(o) => update(state, t, o),
             Err(e) => status(400, "BadRequest", &format!("body is not JSON: {e}")),
@@ -718,7 +766,12 @@ fn token_review(state: &State, reviewer: &str, body: &Bytes) -> Response<Body> {
     let hit = s.tokens.get(&token).cloned();
     let common: Vec<String> = hit
         .as_ref()
-        .map(|(_, auds)| auds.iter().filter(|a| audiences.contains(a)).cloned().collect())
+        .map(|(_, auds)| {
+            auds.iter()
+                .filter(|a| audiences.contains(a))
+                .cloned()
+                .collect()
+        })
         .unwrap_or_default();
     let authenticated = !common.is_empty();
     s.reviews.push(Review {
@@ -754,7 +807,9 @@ fn list(
     let items: Vec<Value> = s
         .objects
         .iter()
-        .filter(|((r, ns, _), _)| *r == t.resource && (t.namespace.is_empty() || *ns == t.namespace))
+        .filter(|((r, ns, _), _)| {
+            *r == t.resource && (t.namespace.is_empty() || *ns == t.namespace)
+        })
         .map(|(_, v)| v)
         .filter(|v| matches_query(query, v))
         .cloned()
@@ -781,7 +836,9 @@ fn watch(
         .get("resourceVersion")
         .filter(|v| !v.is_empty() && *v != "0")
         .and_then(|v| v.parse().ok());
-    let bookmarks = query.get("allowWatchBookmarks").is_some_and(|v| v == "true");
+    let bookmarks = query
+        .get("allowWatchBookmarks")
+        .is_some_and(|v| v == "true");
     let asked = query
         .get("timeoutSeconds")
         .and_then(|v| v.parse().ok())
@@ -900,7 +957,11 @@ fn create(
     let mut s = lock(&state.store);
     let key = (t.resource.clone(), t.namespace.clone(), name.clone());
     if s.objects.contains_key(&key) {
-        return status(409, "AlreadyExists", &format!("{} \"{name}\" already exists", t.resource));
+        return status(
+            409,
+            "AlreadyExists",
+            &format!("{} \"{name}\" already exists", t.resource),
+        );
     }
     obj["kind"] = json!(kind);
     obj["apiVersion"] = json!(api_version);
@@ -915,7 +976,15 @@ fn create(
         obj["spec"]["groups"] = json!(["system:serviceaccounts", "system:authenticated"]);
         obj["status"] = json!({});
     }
-    commit(state, &mut s, &t.resource, &t.namespace, &name, &mut obj, "ADDED");
+    commit(
+        state,
+        &mut s,
+        &t.resource,
+        &t.namespace,
+        &name,
+        &mut obj,
+        "ADDED",
+    );
     json_response(201, &obj)
 }
 
@@ -923,9 +992,15 @@ fn update(state: &State, t: &Target, mut obj: Value) -> Response<Body> {
     let mut s = lock(&state.store);
     let key = (t.resource.clone(), t.namespace.clone(), t.name.clone());
     let Some(current) = s.objects.get(&key).cloned() else {
-        return status(404, "NotFound", &format!("{} \"{}\" not found", t.resource, t.name));
+        return status(
+            404,
+            "NotFound",
+            &format!("{} \"{}\" not found", t.resource, t.name),
+        );
     };
-    let sent = obj["metadata"]["resourceVersion"].as_str().unwrap_or_default();
+    let sent = obj["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap_or_default();
     if !sent.is_empty() && Some(sent) != current["metadata"]["resourceVersion"].as_str() {
         return status(
             409,
@@ -945,20 +1020,38 @@ fn update(state: &State, t: &Target, mut obj: Value) -> Response<Body> {
         obj["spec"] = current["spec"].clone();
         obj["status"] = current["status"].clone();
     }
-    commit(state, &mut s, &t.resource, &t.namespace, &t.name, &mut obj, "MODIFIED");
+    commit(
+        state,
+        &mut s,
+        &t.resource,
+        &t.namespace,
+        &t.name,
+        &mut obj,
+        "MODIFIED",
+    );
     json_response(200, &obj)
 }
 
 fn approval(state: &Arc<State>, t: &Target, obj: Value, method: &Method) -> Response<Body> {
     if method != Method::PUT {
-        return status(405, "MethodNotAllowed", "the stand-in takes approvals by PUT");
+        return status(
+            405,
+            "MethodNotAllowed",
+            "the stand-in takes approvals by PUT",
+        );
     }
     let mut s = lock(&state.store);
     let key = (t.resource.clone(), String::new(), t.name.clone());
     let Some(mut current) = s.objects.get(&key).cloned() else {
-        return status(404, "NotFound", &format!("certificatesigningrequests \"{}\" not found", t.name));
+        return status(
+            404,
+            "NotFound",
+            &format!("certificatesigningrequests \"{}\" not found", t.name),
+        );
     };
-    let sent = obj["metadata"]["resourceVersion"].as_str().unwrap_or_default();
+    let sent = obj["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap_or_default();
     if !sent.is_empty() && Some(sent) != current["metadata"]["resourceVersion"].as_str() {
         return status(409, "Conflict", "the object has been modified");
     }
@@ -967,13 +1060,25 @@ fn approval(state: &Arc<State>, t: &Target, obj: Value, method: &Method) -> Resp
         cs.iter().any(|c| c["type"] == "Approved") && cs.iter().any(|c| c["type"] == "Denied")
     });
     if both {
-        return status(422, "Invalid", "Approved and Denied conditions are mutually exclusive");
+        return status(
+            422,
+            "Invalid",
+            "Approved and Denied conditions are mutually exclusive",
+        );
     }
     if !current["status"].is_object() {
         current["status"] = json!({});
     }
     current["status"]["conditions"] = conds;
-    commit(state, &mut s, &t.resource, "", &t.name, &mut current, "MODIFIED");
+    commit(
+        state,
+        &mut s,
+        &t.resource,
+        "",
+        &t.name,
+        &mut current,
+        "MODIFIED",
+    );
     drop(s);
     let name = t.name.clone();
     let st = state.clone();
@@ -988,14 +1093,29 @@ fn approval(state: &Arc<State>, t: &Target, obj: Value, method: &Method) -> Resp
 /// Issues (or fails) an approved, not yet issued CSR of the signer's name.
 fn sign_if_approved(state: &State, name: &str) {
     let signer = lock(&state.signer);
-    let Some(signer) = signer.as_ref() else { return };
+    let Some(signer) = signer.as_ref() else {
+        return;
+    };
     let mut s = lock(&state.store);
-    let key = ("certificatesigningrequests".to_string(), String::new(), name.to_string());
-    let Some(mut csr) = s.objects.get(&key).cloned() else { return };
-    let conds = csr["status"]["conditions"].as_array().cloned().unwrap_or_default();
+    let key = (
+        "certificatesigningrequests".to_string(),
+        String::new(),
+        name.to_string(),
+    );
+    let Some(mut csr) = s.objects.get(&key).cloned() else {
+        return;
+    };
+    let conds = csr["status"]["conditions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     let approved = conds.iter().any(|c| c["type"] == "Approved");
-    let closed = conds.iter().any(|c| c["type"] == "Denied" || c["type"] == "Failed");
-    let issued = csr["status"]["certificate"].as_str().is_some_and(|c| !c.is_empty());
+    let closed = conds
+        .iter()
+        .any(|c| c["type"] == "Denied" || c["type"] == "Failed");
+    let issued = csr["status"]["certificate"]
+        .as_str()
+        .is_some_and(|c| !c.is_empty());
     if !approved || closed || issued || csr["spec"]["signerName"].as_str() != Some(&signer.name) {
         return;
     }
@@ -1013,7 +1133,15 @@ fn sign_if_approved(state: &State, name: &str) {
             }
         }
     }
-    commit(state, &mut s, "certificatesigningrequests", "", name, &mut csr, "MODIFIED");
+    commit(
+        state,
+        &mut s,
+        "certificatesigningrequests",
+        "",
+        name,
+        &mut csr,
+        "MODIFIED",
+    );
 }
 
 fn issue(signer: &Signer, csr: &Value) -> Result<String, String> {
@@ -1028,7 +1156,9 @@ fn issue(signer: &Signer, csr: &Value) -> Result<String, String> {
     params.params.not_after = now + time::Duration::seconds(signer.lifetime.as_secs() as i64);
     params.params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
     params.params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
-    let cert = params.signed_by(&signer.issuer).map_err(|e| e.to_string())?;
+    let cert = params
+        .signed_by(&signer.issuer)
+        .map_err(|e| e.to_string())?;
     Ok(format!("{}{}", cert.pem(), signer.ca_pem))
 }
 
@@ -1036,7 +1166,11 @@ fn delete(state: &State, t: &Target, body: &Bytes) -> Response<Body> {
     let mut s = lock(&state.store);
     let key = (t.resource.clone(), t.namespace.clone(), t.name.clone());
     let Some(current) = s.objects.get(&key).cloned() else {
-        return status(404, "NotFound", &format!("{} \"{}\" not found", t.resource, t.name));
+        return status(
+            404,
+            "NotFound",
+            &format!("{} \"{}\" not found", t.resource, t.name),
+        );
     };
     let opts: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
     if let Some(rv) = opts["preconditions"]["resourceVersion"].as_str() {
@@ -1053,7 +1187,10 @@ fn delete(state: &State, t: &Target, body: &Bytes) -> Response<Body> {
 }
 
 /// A signer CA for [`Signer`]: its issuer and certificate PEM (written to `dir/name.crt`).
-pub fn signer_ca(dir: &Path, name: &str) -> (rcgen::Issuer<'static, rcgen::KeyPair>, String, PathBuf) {
+pub fn signer_ca(
+    dir: &Path,
+    name: &str,
+) -> (rcgen::Issuer<'static, rcgen::KeyPair>, String, PathBuf) {
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
     params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     params

@@ -118,7 +118,11 @@ async fn bootstrap_renewal_and_restart_on_the_stored_certificate() {
     srv.wait_ready().await;
     let bootstrap = started.elapsed();
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(cert_file(&dir)).expect("stored").permissions().mode() & 0o777;
+    let mode = std::fs::metadata(cert_file(&dir))
+        .expect("stored")
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(mode, 0o600, "key and certificate are private");
     let echo = backends::echo().await;
     connect::echo_roundtrip(&srv.frontend, &echo.target())
@@ -142,12 +146,16 @@ async fn bootstrap_renewal_and_restart_on_the_stored_certificate() {
         }
     })
     .await;
-    let second_expiry = poll_until("the expiry gauge to move", Duration::from_secs(5), || async {
-        match metric(&agent, EXPIRY).await {
-            e if e > first_expiry => Ok(e),
-            e => Err(format!("{e}")),
-        }
-    })
+    let second_expiry = poll_until(
+        "the expiry gauge to move",
+        Duration::from_secs(5),
+        || async {
+            match metric(&agent, EXPIRY).await {
+                e if e > first_expiry => Ok(e),
+                e => Err(format!("{e}")),
+            }
+        },
+    )
     .await;
     assert!(
         second_expiry - first_expiry >= 5.0,
@@ -172,9 +180,17 @@ async fn bootstrap_renewal_and_restart_on_the_stored_certificate() {
     let csrs = csrs_of_agent(&s.api);
     agent.proc.restart();
     agent.wait_ready().await;
-    assert_eq!(csrs_of_agent(&s.api), csrs, "a restart uses the stored certificate");
+    assert_eq!(
+        csrs_of_agent(&s.api),
+        csrs,
+        "a restart uses the stored certificate"
+    );
     let log = agent.proc.log();
-    assert!(log.contains("using the stored client certificate"), "{}", agent.proc.log_tail());
+    assert!(
+        log.contains("using the stored client certificate"),
+        "{}",
+        agent.proc.log_tail()
+    );
     println!(
         "CSR: bootstrap to ready {bootstrap:?}; renewed {renewed:?} after start (lifetime 12 s); expiry {first_expiry} -> {second_expiry}"
     );
@@ -198,13 +214,22 @@ async fn a_denied_renewal_keeps_the_certificate_and_is_retried() {
         let s = &s;
         async move {
             let name = poll_until("the agent's first CSR", Duration::from_secs(20), || async {
-                csr_names(&s.api).pop().ok_or_else(|| "none pending".to_string())
+                csr_names(&s.api)
+                    .pop()
+                    .ok_or_else(|| "none pending".to_string())
             })
             .await;
             assert!(s.api.decide_csr(&name, true, "AdminApproved"));
-            poll_until("the first certificate stored", Duration::from_secs(10), || async {
-                cert_file(&dir).exists().then_some(()).ok_or("not yet".to_string())
-            })
+            poll_until(
+                "the first certificate stored",
+                Duration::from_secs(10),
+                || async {
+                    cert_file(&dir)
+                        .exists()
+                        .then_some(())
+                        .ok_or("not yet".to_string())
+                },
+            )
             .await;
         }
     };
@@ -214,43 +239,67 @@ async fn a_denied_renewal_keeps_the_certificate_and_is_retried() {
     let first = std::fs::read(cert_file(&dir)).expect("cert");
 
     let renewal = poll_until("the renewal CSR", Duration::from_secs(20), || async {
-        csr_names(&s.api).pop().ok_or_else(|| "none pending".to_string())
+        csr_names(&s.api)
+            .pop()
+            .ok_or_else(|| "none pending".to_string())
     })
     .await;
     assert!(s.api.decide_csr(&renewal, false, "AdminSaysNo"));
-    poll_until("the denial to be counted", Duration::from_secs(10), || async {
-        let m = agent.metrics().await.map_err(|e| format!("{e:#}"))?;
-        match m.counter(FAILURES, &[("reason", "denied")]) {
-            n if n >= 1.0 => Ok(()),
-            n => Err(format!("failures{{denied}} = {n}")),
-        }
-    })
+    poll_until(
+        "the denial to be counted",
+        Duration::from_secs(10),
+        || async {
+            let m = agent.metrics().await.map_err(|e| format!("{e:#}"))?;
+            match m.counter(FAILURES, &[("reason", "denied")]) {
+                n if n >= 1.0 => Ok(()),
+                n => Err(format!("failures{{denied}} = {n}")),
+            }
+        },
+    )
     .await;
-    assert_eq!(std::fs::read(cert_file(&dir)).expect("cert"), first, "the valid certificate stays");
+    assert_eq!(
+        std::fs::read(cert_file(&dir)).expect("cert"),
+        first,
+        "the valid certificate stays"
+    );
     let log = agent.proc.log();
     assert!(
-        log.contains("the CSR was denied") && log.contains("AdminSaysNo") && log.contains("stays in use"),
+        log.contains("the CSR was denied")
+            && log.contains("AdminSaysNo")
+            && log.contains("stays in use"),
         "a clear error: {}",
         agent.proc.log_tail()
     );
     let m = agent.metrics().await.expect("metrics");
-    assert_eq!(gauge(&m, names::AGENT_OPEN_SERVERS).expect("gauge"), 1.0, "the tunnel stays");
+    assert_eq!(
+        gauge(&m, names::AGENT_OPEN_SERVERS).expect("gauge"),
+        1.0,
+        "the tunnel stays"
+    );
 
     // The retry is a new CSR (new key); approving it renews.
-    let retry = poll_until("a new CSR after the denial", Duration::from_secs(15), || async {
-        csr_names(&s.api)
-            .into_iter()
-            .find(|n| *n != renewal)
-            .ok_or_else(|| "none pending".to_string())
-    })
+    let retry = poll_until(
+        "a new CSR after the denial",
+        Duration::from_secs(15),
+        || async {
+            csr_names(&s.api)
+                .into_iter()
+                .find(|n| *n != renewal)
+                .ok_or_else(|| "none pending".to_string())
+        },
+    )
     .await;
     assert!(s.api.decide_csr(&retry, true, "AdminApproved"));
-    poll_until("the renewed certificate", Duration::from_secs(10), || async {
-        match std::fs::read(cert_file(&dir)) {
-            Ok(now) if now != first => Ok(()),
-            _ => Err("not renewed".to_string()),
-        }
-    })
+    poll_until(
+        "the renewed certificate",
+        Duration::from_secs(10),
+        || async {
+            match std::fs::read(cert_file(&dir)) {
+                Ok(now) if now != first => Ok(()),
+                _ => Err("not renewed".to_string()),
+            }
+        },
+    )
     .await;
     assert!(csr_names(&s.api).is_empty(), "no CSR left pending");
 }
@@ -278,10 +327,21 @@ async fn an_unwritable_cert_dir_is_a_clear_start_up_error() {
         s.env.dir.join("unwritable.log"),
     );
     let (status, _) = proc
-        .wait_exit(Instant::now(), Duration::from_secs(20), "agent with an unwritable --cert-dir")
+        .wait_exit(
+            Instant::now(),
+            Duration::from_secs(20),
+            "agent with an unwritable --cert-dir",
+        )
         .await;
     assert!(!status.success());
     let log = proc.log();
-    assert!(log.contains("--cert-dir") && log.contains("not-a-dir"), "{log}");
-    assert_eq!(csrs_of_agent(&s.api), 0, "no CSR without a place to keep the key");
+    assert!(
+        log.contains("--cert-dir") && log.contains("not-a-dir"),
+        "{log}"
+    );
+    assert_eq!(
+        csrs_of_agent(&s.api),
+        0,
+        "no CSR without a place to keep the key"
+    );
 }

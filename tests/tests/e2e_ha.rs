@@ -87,7 +87,10 @@ mod leases {
     async fn gauge_of(
         what: &str,
         timeout: Duration,
-        scrape: impl Fn() -> futures::future::BoxFuture<'static, anyhow::Result<spoke_tests::metrics::Metrics>>,
+        scrape: impl Fn() -> futures::future::BoxFuture<
+            'static,
+            anyhow::Result<spoke_tests::metrics::Metrics>,
+        >,
         name: &str,
         want: f64,
     ) {
@@ -104,12 +107,18 @@ mod leases {
         .await;
     }
 
-    fn agent_scrape(a: &Agent) -> impl Fn() -> futures::future::BoxFuture<'static, anyhow::Result<spoke_tests::metrics::Metrics>> {
+    fn agent_scrape(
+        a: &Agent,
+    ) -> impl Fn() -> futures::future::BoxFuture<'static, anyhow::Result<spoke_tests::metrics::Metrics>>
+    {
         let addr = a.health_addr;
         move || Box::pin(spoke_tests::metrics::scrape(addr))
     }
 
-    fn server_scrape(s: &Server) -> impl Fn() -> futures::future::BoxFuture<'static, anyhow::Result<spoke_tests::metrics::Metrics>> {
+    fn server_scrape(
+        s: &Server,
+    ) -> impl Fn() -> futures::future::BoxFuture<'static, anyhow::Result<spoke_tests::metrics::Metrics>>
+    {
         let addr = s.health_addr;
         move || Box::pin(spoke_tests::metrics::scrape(addr))
     }
@@ -118,7 +127,10 @@ mod leases {
     fn expiry(lease: &serde_json::Value) -> f64 {
         let renew = lease["spec"]["renewTime"].as_str().unwrap_or_default();
         let t: spoke_k8s::k8s_openapi::jiff::Timestamp = renew.parse().expect("renewTime parses");
-        t.as_millisecond() as f64 / 1000.0 + lease["spec"]["leaseDurationSeconds"].as_f64().unwrap_or(0.0)
+        t.as_millisecond() as f64 / 1000.0
+            + lease["spec"]["leaseDurationSeconds"]
+                .as_f64()
+                .unwrap_or(0.0)
     }
 
     fn unix_now() -> f64 {
@@ -137,7 +149,11 @@ mod leases {
         let env = Env::new("ha_leases");
         let api = ApiServer::start(&env.pki.main.server, &env.pki.main.ca).await;
         api.user("server-token", "spoke-server", &["* leases"]);
-        api.user("agent-token", "system:serviceaccount:kube-system:konnectivity-agent", &["list leases", "watch leases"]);
+        api.user(
+            "agent-token",
+            "system:serviceaccount:kube-system:konnectivity-agent",
+            &["list leases", "watch leases"],
+        );
         let server_kc = api.kubeconfig(env.dir.path(), "server.kubeconfig", "server-token");
         let agent_kc = api.kubeconfig(env.dir.path(), "agent.kubeconfig", "agent-token");
         let server_opts = |id: &str| {
@@ -172,11 +188,32 @@ mod leases {
             agents.push(env.agent(opts).await);
         }
         for a in &agents {
-            gauge_of("agent known_server_count 3", Duration::from_secs(30), agent_scrape(a), "konnectivity_network_proxy_agent_known_server_count", 3.0).await;
-            gauge_of("agent holds 3 tunnels", Duration::from_secs(30), agent_scrape(a), names::AGENT_OPEN_SERVERS, 3.0).await;
+            gauge_of(
+                "agent known_server_count 3",
+                Duration::from_secs(30),
+                agent_scrape(a),
+                "konnectivity_network_proxy_agent_known_server_count",
+                3.0,
+            )
+            .await;
+            gauge_of(
+                "agent holds 3 tunnels",
+                Duration::from_secs(30),
+                agent_scrape(a),
+                names::AGENT_OPEN_SERVERS,
+                3.0,
+            )
+            .await;
         }
         for s in &servers {
-            gauge_of("server holds both agents", Duration::from_secs(30), server_scrape(s), names::SERVER_READY_BACKENDS, 2.0).await;
+            gauge_of(
+                "server holds both agents",
+                Duration::from_secs(30),
+                server_scrape(s),
+                names::SERVER_READY_BACKENDS,
+                2.0,
+            )
+            .await;
         }
         let lease = |id: &str| api.get("leases", NS, &format!("konnectivity-proxy-server-{id}"));
         for id in ["s1", "s2", "s3"] {
@@ -190,7 +227,11 @@ mod leases {
 
         // A steady dial load through the two servers that stay.
         let echo = backends::echo().await;
-        let (ok, failed, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
+        let (ok, failed, stop) = (
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
         let mut load = Vec::new();
         for s in &servers[1..] {
             let (frontend, target) = (s.frontend.clone(), echo.target());
@@ -200,7 +241,12 @@ mod leases {
                 let mut errors = Vec::new();
                 let deadline = Instant::now() + Duration::from_secs(120);
                 while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                    match tokio::time::timeout(Duration::from_secs(10), connect::echo_roundtrip(&frontend, &target)).await {
+                    match tokio::time::timeout(
+                        Duration::from_secs(10),
+                        connect::echo_roundtrip(&frontend, &target),
+                    )
+                    .await
+                    {
                         Ok(Ok(())) => ok.fetch_add(1, Ordering::Relaxed),
                         Ok(Err(e)) => {
                             errors.push(format!("{id}: {e:#}"));
@@ -226,35 +272,62 @@ mod leases {
         let mut expiry_unix = expiry(&lease("s1").unwrap_or(last));
         let mut count_changed = Vec::new();
         for a in &agents {
-            gauge_of("agent known_server_count 2 after the kill", Duration::from_secs(45), agent_scrape(a), "konnectivity_network_proxy_agent_known_server_count", 2.0).await;
+            gauge_of(
+                "agent known_server_count 2 after the kill",
+                Duration::from_secs(45),
+                agent_scrape(a),
+                "konnectivity_network_proxy_agent_known_server_count",
+                2.0,
+            )
+            .await;
             count_changed.push(killed.elapsed());
         }
-        let count_unix = kill_unix + count_changed.iter().max().copied().unwrap_or_default().as_secs_f64();
+        let count_unix = kill_unix
+            + count_changed
+                .iter()
+                .max()
+                .copied()
+                .unwrap_or_default()
+                .as_secs_f64();
         assert!(
             killed.elapsed() <= Duration::from_secs(45),
             "the agents must count 2 within 45 s of the kill, took {:?}",
             killed.elapsed()
         );
-        poll_until("the expired lease of s1 to be collected", Duration::from_secs(30), || async {
-            match lease("s1") {
-                None => Ok(()),
-                Some(l) => {
-                    Err(format!("still there: {l}"))
+        poll_until(
+            "the expired lease of s1 to be collected",
+            Duration::from_secs(30),
+            || async {
+                match lease("s1") {
+                    None => Ok(()),
+                    Some(l) => Err(format!("still there: {l}")),
                 }
-            }
-        })
+            },
+        )
         .await;
         let collected = killed.elapsed();
         if let Some(l) = lease("s1") {
             expiry_unix = expiry(&l);
         }
         for a in &agents {
-            gauge_of("agent holds the 2 live tunnels", Duration::from_secs(10), agent_scrape(a), names::AGENT_OPEN_SERVERS, 2.0).await;
+            gauge_of(
+                "agent holds the 2 live tunnels",
+                Duration::from_secs(10),
+                agent_scrape(a),
+                names::AGENT_OPEN_SERVERS,
+                2.0,
+            )
+            .await;
         }
         let culled: f64 = {
             let mut n = 0.0;
             for s in &servers[1..] {
-                n += s.metrics().await.expect("metrics").get("konnectivity_network_proxy_server_culled_leases_count").unwrap_or(0.0);
+                n += s
+                    .metrics()
+                    .await
+                    .expect("metrics")
+                    .get("konnectivity_network_proxy_server_culled_leases_count")
+                    .unwrap_or(0.0);
             }
             n
         };
@@ -267,14 +340,30 @@ mod leases {
         // Healthy means listening; the lease is published right after.
         let healthy = restarted.elapsed();
         poll_until("the lease of s1 again", Duration::from_secs(10), || async {
-            lease("s1").map(|_| ()).ok_or_else(|| "no lease yet".to_string())
+            lease("s1")
+                .map(|_| ())
+                .ok_or_else(|| "no lease yet".to_string())
         })
         .await;
         for a in &agents {
-            gauge_of("agent holds 3 tunnels again", Duration::from_secs(15), agent_scrape(a), names::AGENT_OPEN_SERVERS, 3.0).await;
+            gauge_of(
+                "agent holds 3 tunnels again",
+                Duration::from_secs(15),
+                agent_scrape(a),
+                names::AGENT_OPEN_SERVERS,
+                3.0,
+            )
+            .await;
         }
         let reconnect = restarted.elapsed().saturating_sub(healthy);
-        gauge_of("s1 holds both agents again", Duration::from_secs(10), server_scrape(&servers[0]), names::SERVER_READY_BACKENDS, 2.0).await;
+        gauge_of(
+            "s1 holds both agents again",
+            Duration::from_secs(10),
+            server_scrape(&servers[0]),
+            names::SERVER_READY_BACKENDS,
+            2.0,
+        )
+        .await;
 
         stop.store(true, Ordering::Relaxed);
         let mut errors = Vec::new();
@@ -293,7 +382,10 @@ mod leases {
             reconnect,
             SYNC_INTERVAL,
         );
-        assert_eq!(failed, 0, "no dial may fail through the servers that stay: {errors:?}");
+        assert_eq!(
+            failed, 0,
+            "no dial may fail through the servers that stay: {errors:?}"
+        );
         assert!(ok >= 20, "the dial load ran ({ok} dials)");
         assert!(
             reconnect <= SYNC_INTERVAL,
@@ -302,11 +394,17 @@ mod leases {
         // Upstream's agent lease metrics were counted.
         let m = agents[0].metrics().await.expect("agent metrics");
         assert!(
-            m.counter("konnectivity_network_proxy_agent_lease_lists_total", &[("http_response_code", "200")]) >= 1.0,
+            m.counter(
+                "konnectivity_network_proxy_agent_lease_lists_total",
+                &[("http_response_code", "200")]
+            ) >= 1.0,
             "lease_lists_total"
         );
         assert!(
-            m.counter("konnectivity_network_proxy_agent_lease_watches_total", &[("http_response_code", "200")]) >= 1.0,
+            m.counter(
+                "konnectivity_network_proxy_agent_lease_watches_total",
+                &[("http_response_code", "200")]
+            ) >= 1.0,
             "lease_watches_total"
         );
         // The agents only listed and watched leases.

@@ -82,7 +82,8 @@ impl FakeApiServer {
 
     /// A kubeconfig for spoke-server pointing here, trusting the main CA, with its own token.
     fn kubeconfig(&self, env: &Env) -> PathBuf {
-        self.0.kubeconfig(env.dir.path(), "kubeconfig", SERVER_CREDENTIAL)
+        self.0
+            .kubeconfig(env.dir.path(), "kubeconfig", SERVER_CREDENTIAL)
     }
 }
 

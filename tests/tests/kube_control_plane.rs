@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use prometheus_client::registry::Registry;
 use serde_json::json;
-use spoke_k8s::csr::{self, ApproverConfig, ApproverMetrics, CertConfig, CertManager, CertMetrics, CsrError};
+use spoke_k8s::csr::{
+    self, ApproverConfig, ApproverMetrics, CertConfig, CertManager, CertMetrics, CsrError,
+};
 use spoke_k8s::leases::{self, AgentLeaseMetrics, LeaseCounter, ServerLeaseMetrics, Timings};
 use spoke_k8s::token_review::{self, ReviewError};
 use spoke_tests::apiserver::{self, ApiServer, Signer};
@@ -88,7 +90,9 @@ async fn token_review_answers_and_failures() {
     let auds = ["aud-1".to_string()];
     let t = Duration::from_secs(5);
 
-    let ok = token_review::review(&server, "good", &auds, t).await.expect("answer");
+    let ok = token_review::review(&server, "good", &auds, t)
+        .await
+        .expect("answer");
     assert_eq!(ok.authenticated, Some(true));
     assert_eq!(ok.user.and_then(|u| u.username).as_deref(), Some(AGENT_SA));
     assert_eq!(ok.audiences.as_deref(), Some(&auds[..]));
@@ -98,7 +102,9 @@ async fn token_review_answers_and_failures() {
         .expect("answer");
     assert_ne!(other_aud.authenticated, Some(true));
     assert!(other_aud.error.unwrap_or_default().contains("audiences"));
-    let unknown = token_review::review(&server, "nope", &auds, t).await.expect("answer");
+    let unknown = token_review::review(&server, "nope", &auds, t)
+        .await
+        .expect("answer");
     assert_ne!(unknown.authenticated, Some(true));
 
     let anonymous = client(&api, dir, "wrong-credential").await;
@@ -108,7 +114,9 @@ async fn token_review_answers_and_failures() {
     }
     let nobody = client(&api, dir, "nobody-token").await;
     match token_review::review(&nobody, "good", &auds, t).await {
-        Err(ReviewError::Api { code: 403, message }) => assert!(message.contains("tokenreviews"), "{message}"),
+        Err(ReviewError::Api { code: 403, message }) => {
+            assert!(message.contains("tokenreviews"), "{message}")
+        }
         other => panic!("a client without rights must get 403: {other:?}"),
     }
 
@@ -125,11 +133,16 @@ async fn token_review_answers_and_failures() {
     }
     api.up().await;
     assert_eq!(
-        token_review::review(&server, "good", &auds, t).await.expect("back").authenticated,
+        token_review::review(&server, "good", &auds, t)
+            .await
+            .expect("back")
+            .authenticated,
         Some(true)
     );
     assert!(
-        api.reviews().iter().all(|r| r.token != "good" || r.audiences == auds || r.audiences == ["aud-3"]),
+        api.reviews()
+            .iter()
+            .all(|r| r.token != "good" || r.audiences == auds || r.audiences == ["aud-3"]),
         "spec.audiences is what was asked"
     );
 }
@@ -186,7 +199,12 @@ fn timings() -> Timings {
     }
 }
 
-fn lease_json(name: &str, labels: serde_json::Value, renewed_secs_ago: i64, duration: i64) -> serde_json::Value {
+fn lease_json(
+    name: &str,
+    labels: serde_json::Value,
+    renewed_secs_ago: i64,
+    duration: i64,
+) -> serde_json::Value {
     let t = k8s_openapi_time(renewed_secs_ago);
     json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
            "metadata": {"name": name, "namespace": NS, "labels": labels},
@@ -199,7 +217,10 @@ fn k8s_openapi_time(secs_ago: i64) -> String {
         .expect("clock")
         .as_micros() as i64;
     let t = now - secs_ago * 1_000_000;
-    format!("{}", spoke_k8s::k8s_openapi::jiff::Timestamp::from_microsecond(t).expect("time"))
+    format!(
+        "{}",
+        spoke_k8s::k8s_openapi::jiff::Timestamp::from_microsecond(t).expect("time")
+    )
 }
 
 #[tokio::test]
@@ -210,8 +231,21 @@ async fn lease_controller_publishes_renews_and_collects() {
     let labels = leases::parse_labels("k8s-app=konnectivity-server").expect("labels");
     let metrics = ServerLeaseMetrics::default();
     // Expired leases: one of ours (collected), one with other labels (left alone).
-    api.put("leases", NS, lease_json("konnectivity-proxy-server-dead", json!({"k8s-app": "konnectivity-server"}), 100, 30));
-    api.put("leases", NS, lease_json("someone-else", json!({"app": "other"}), 100, 30));
+    api.put(
+        "leases",
+        NS,
+        lease_json(
+            "konnectivity-proxy-server-dead",
+            json!({"k8s-app": "konnectivity-server"}),
+            100,
+            30,
+        ),
+    );
+    api.put(
+        "leases",
+        NS,
+        lease_json("someone-else", json!({"app": "other"}), 100, 30),
+    );
     // Listing fails twice first: counted under the answer's code.
     api.fail_next("list", "leases", 500, 2);
     let controller = Arc::new(leases::Controller::new(
@@ -225,61 +259,114 @@ async fn lease_controller_publishes_renews_and_collects() {
     let stop = CancellationToken::new();
     let task = tokio::spawn(controller.clone().run(stop.clone()));
     let name = "konnectivity-proxy-server-s1";
-    let first = poll_until("the lease to be created", Duration::from_secs(10), || async {
-        api.get("leases", NS, name).ok_or_else(|| "no lease yet".to_string())
-    })
+    let first = poll_until(
+        "the lease to be created",
+        Duration::from_secs(10),
+        || async {
+            api.get("leases", NS, name)
+                .ok_or_else(|| "no lease yet".to_string())
+        },
+    )
     .await;
     assert_eq!(first["spec"]["holderIdentity"], "s1");
     assert_eq!(first["spec"]["leaseDurationSeconds"], 4);
-    assert_eq!(first["metadata"]["labels"]["k8s-app"], "konnectivity-server");
-    let rv0 = first["metadata"]["resourceVersion"].as_str().unwrap_or_default().to_string();
-    poll_until("the lease to be renewed", Duration::from_secs(5), || async {
-        let l = api.get("leases", NS, name).ok_or("gone")?;
-        match l["metadata"]["resourceVersion"].as_str() {
-            Some(rv) if rv != rv0 && l["spec"]["renewTime"] != first["spec"]["renewTime"] => Ok(()),
-            _ => Err(format!("not renewed: {l}")),
-        }
-    })
+    assert_eq!(
+        first["metadata"]["labels"]["k8s-app"],
+        "konnectivity-server"
+    );
+    let rv0 = first["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    poll_until(
+        "the lease to be renewed",
+        Duration::from_secs(5),
+        || async {
+            let l = api.get("leases", NS, name).ok_or("gone")?;
+            match l["metadata"]["resourceVersion"].as_str() {
+                Some(rv) if rv != rv0 && l["spec"]["renewTime"] != first["spec"]["renewTime"] => {
+                    Ok(())
+                }
+                _ => Err(format!("not renewed: {l}")),
+            }
+        },
+    )
     .await;
 
     // Someone else writes the lease: the controller's next update conflicts, re-reads, renews.
     let mut foreign = api.get("leases", NS, name).expect("lease");
     foreign["metadata"]["annotations"] = json!({"touched": "yes"});
     api.put("leases", NS, foreign);
-    let touched_rv = api.get("leases", NS, name).expect("lease")["metadata"]["resourceVersion"].clone();
-    poll_until("a renewal after the conflict", Duration::from_secs(5), || async {
-        let l = api.get("leases", NS, name).ok_or("gone")?;
-        if l["metadata"]["resourceVersion"] != touched_rv && l["spec"]["holderIdentity"] == "s1" {
-            Ok(())
-        } else {
-            Err(format!("{l}"))
-        }
-    })
+    let touched_rv =
+        api.get("leases", NS, name).expect("lease")["metadata"]["resourceVersion"].clone();
+    poll_until(
+        "a renewal after the conflict",
+        Duration::from_secs(5),
+        || async {
+            let l = api.get("leases", NS, name).ok_or("gone")?;
+            if l["metadata"]["resourceVersion"] != touched_rv && l["spec"]["holderIdentity"] == "s1"
+            {
+                Ok(())
+            } else {
+                Err(format!("{l}"))
+            }
+        },
+    )
     .await;
     assert!(
-        api.log().iter().any(|l| l.verb == "update" && l.code == 409 && l.user == SERVER_USER),
+        api.log()
+            .iter()
+            .any(|l| l.verb == "update" && l.code == 409 && l.user == SERVER_USER),
         "the renewal must have met the conflict"
     );
 
-    poll_until("the expired lease to be collected", Duration::from_secs(10), || async {
-        match api.get("leases", NS, "konnectivity-proxy-server-dead") {
-            None => Ok(()),
-            Some(_) => Err("still there".to_string()),
-        }
-    })
+    poll_until(
+        "the expired lease to be collected",
+        Duration::from_secs(10),
+        || async {
+            match api.get("leases", NS, "konnectivity-proxy-server-dead") {
+                None => Ok(()),
+                Some(_) => Err("still there".to_string()),
+            }
+        },
+    )
     .await;
-    assert!(api.get("leases", NS, "someone-else").is_some(), "other labels are not ours");
-    assert!(api.get("leases", NS, name).is_some(), "our own valid lease stays");
+    assert!(
+        api.get("leases", NS, "someone-else").is_some(),
+        "other labels are not ours"
+    );
+    assert!(
+        api.get("leases", NS, name).is_some(),
+        "our own valid lease stays"
+    );
     let text = scrape(|r| metrics.register(r));
     assert_eq!(sample(&text, "culled_leases_count"), 1.0, "{text}");
-    assert!(sample(&text, "lease_delete_total{http_status_code=\"200\"") >= 1.0, "{text}");
-    assert!(sample(&text, "lease_list_total{http_status_code=\"500\",reason=\"InternalError\"}") == 2.0, "{text}");
-    assert!(sample(&text, "lease_list_total{http_status_code=\"200\"") >= 1.0, "{text}");
+    assert!(
+        sample(&text, "lease_delete_total{http_status_code=\"200\"") >= 1.0,
+        "{text}"
+    );
+    assert!(
+        sample(
+            &text,
+            "lease_list_total{http_status_code=\"500\",reason=\"InternalError\"}"
+        ) == 2.0,
+        "{text}"
+    );
+    assert!(
+        sample(&text, "lease_list_total{http_status_code=\"200\"") >= 1.0,
+        "{text}"
+    );
     assert!(text.contains("lease_list_latency_seconds_bucket"), "{text}");
 
     stop.cancel();
-    tokio::time::timeout(Duration::from_secs(10), task).await.expect("stops").expect("joins");
-    assert!(api.get("leases", NS, name).is_none(), "the lease is deleted on shutdown");
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("stops")
+        .expect("joins");
+    assert!(
+        api.get("leases", NS, name).is_none(),
+        "the lease is deleted on shutdown"
+    );
 }
 
 #[tokio::test]
@@ -291,9 +378,21 @@ async fn lease_counter_follows_the_watch() {
     api.set_max_watch(Duration::from_secs(2));
     let dir = env.dir.path();
     let ours = json!({"k8s-app": "konnectivity-server"});
-    api.put("leases", NS, lease_json("konnectivity-proxy-server-a", ours.clone(), 0, 60));
-    api.put("leases", NS, lease_json("konnectivity-proxy-server-b", ours.clone(), 0, 60));
-    api.put("leases", NS, lease_json("other", json!({"app": "x"}), 0, 60));
+    api.put(
+        "leases",
+        NS,
+        lease_json("konnectivity-proxy-server-a", ours.clone(), 0, 60),
+    );
+    api.put(
+        "leases",
+        NS,
+        lease_json("konnectivity-proxy-server-b", ours.clone(), 0, 60),
+    );
+    api.put(
+        "leases",
+        NS,
+        lease_json("other", json!({"app": "x"}), 0, 60),
+    );
     let metrics = AgentLeaseMetrics::default();
     let stop = CancellationToken::new();
     let counter = LeaseCounter::spawn(
@@ -307,62 +406,101 @@ async fn lease_counter_follows_the_watch() {
     let want = |n: usize| {
         let counter = counter.clone();
         async move {
-            poll_until(&format!("lease count {n}"), Duration::from_secs(10), || async {
-                match counter.count() {
-                    c if c == n => Ok(()),
-                    c => Err(format!("count {c}")),
-                }
-            })
+            poll_until(
+                &format!("lease count {n}"),
+                Duration::from_secs(10),
+                || async {
+                    match counter.count() {
+                        c if c == n => Ok(()),
+                        c => Err(format!("count {c}")),
+                    }
+                },
+            )
             .await
         }
     };
     want(2).await;
-    api.put("leases", NS, lease_json("konnectivity-proxy-server-c", ours.clone(), 0, 60));
+    api.put(
+        "leases",
+        NS,
+        lease_json("konnectivity-proxy-server-c", ours.clone(), 0, 60),
+    );
     want(3).await;
     // A lease that expires without any event: the counter's timer notices.
-    api.put("leases", NS, lease_json("konnectivity-proxy-server-c", ours.clone(), 0, 2));
+    api.put(
+        "leases",
+        NS,
+        lease_json("konnectivity-proxy-server-c", ours.clone(), 0, 2),
+    );
     want(2).await;
     api.remove("leases", NS, "konnectivity-proxy-server-b");
     want(1).await;
-    api.put("leases", NS, lease_json("konnectivity-proxy-server-b", ours.clone(), 0, 60));
+    api.put(
+        "leases",
+        NS,
+        lease_json("konnectivity-proxy-server-b", ours.clone(), 0, 60),
+    );
     want(2).await;
     // The history is compacted while watches restart: 410 Expired, then a new list.
     api.compact();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    api.put("leases", NS, lease_json("konnectivity-proxy-server-d", ours.clone(), 0, 60));
+    api.put(
+        "leases",
+        NS,
+        lease_json("konnectivity-proxy-server-d", ours.clone(), 0, 60),
+    );
     want(3).await;
     let lists_before = api.log().iter().filter(|l| l.verb == "list").count();
-    assert!(lists_before >= 2, "a relist after 410: {lists_before} lists");
+    assert!(
+        lists_before >= 2,
+        "a relist after 410: {lists_before} lists"
+    );
 
     // The API server goes away: the last count stays; when it is back, the watch resumes.
     api.down();
-    holds_for("the count to stay while the API server is down", Duration::from_secs(3), || async {
-        match counter.count() {
-            3 => Ok(()),
-            c => Err(format!("count {c}")),
-        }
-    })
+    holds_for(
+        "the count to stay while the API server is down",
+        Duration::from_secs(3),
+        || async {
+            match counter.count() {
+                3 => Ok(()),
+                c => Err(format!("count {c}")),
+            }
+        },
+    )
     .await;
     api.up().await;
     api.remove("leases", NS, "konnectivity-proxy-server-d");
     want(2).await;
     let log = api.log();
-    assert!(log.iter().all(|l| l.user == AGENT_SA || l.user == "system:admin" || l.user.is_empty()));
+    assert!(log
+        .iter()
+        .all(|l| l.user == AGENT_SA || l.user == "system:admin" || l.user.is_empty()));
     assert!(
-        log.iter().filter(|l| l.user == AGENT_SA).all(|l| l.verb == "list" || l.verb == "watch"),
+        log.iter()
+            .filter(|l| l.user == AGENT_SA)
+            .all(|l| l.verb == "list" || l.verb == "watch"),
         "the counter only lists and watches"
     );
     assert!(
-        log.iter().any(|l| l.verb == "watch" && l.query.contains("allowWatchBookmarks=true")),
+        log.iter()
+            .any(|l| l.verb == "watch" && l.query.contains("allowWatchBookmarks=true")),
         "watches ask for bookmarks"
     );
     assert!(
-        log.iter().all(|l| l.verb != "watch" || l.query.contains("labelSelector=k8s-app")),
+        log.iter()
+            .all(|l| l.verb != "watch" || l.query.contains("labelSelector=k8s-app")),
         "the selector goes to the API server"
     );
     let text = scrape(|r| metrics.register(r));
-    assert!(sample(&text, "lease_lists_total{http_response_code=\"200\"") >= 2.0, "{text}");
-    assert!(sample(&text, "lease_watches_total{http_response_code=\"200\"") >= 3.0, "{text}");
+    assert!(
+        sample(&text, "lease_lists_total{http_response_code=\"200\"") >= 2.0,
+        "{text}"
+    );
+    assert!(
+        sample(&text, "lease_watches_total{http_response_code=\"200\"") >= 3.0,
+        "{text}"
+    );
     assert!(text.contains("lease_list_latency_seconds_bucket"), "{text}");
     stop.cancel();
 }
@@ -423,13 +561,29 @@ async fn certificates_from_the_csr_api_and_the_approver() {
     let v = m.request().await.expect("certificate");
     let current = CertManager::current_path(&cfg.cert_dir);
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(&current).expect("stored").permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&current)
+            .expect("stored")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
     let stored = CertManager::stored(&cfg.cert_dir).expect("valid stored certificate");
     assert_eq!(stored.not_after, v.not_after);
-    assert!(!cfg.cert_dir.join(csr::PENDING_KEY_FILE).exists(), "the pending key is gone");
-    let agent_calls: Vec<_> = api.log().into_iter().filter(|l| l.user == AGENT_SA).collect();
     assert!(
-        agent_calls.iter().all(|l| ["create", "get", "watch"].contains(&l.verb.as_str())),
+        !cfg.cert_dir.join(csr::PENDING_KEY_FILE).exists(),
+        "the pending key is gone"
+    );
+    let agent_calls: Vec<_> = api
+        .log()
+        .into_iter()
+        .filter(|l| l.user == AGENT_SA)
+        .collect();
+    assert!(
+        agent_calls
+            .iter()
+            .all(|l| ["create", "get", "watch"].contains(&l.verb.as_str())),
         "the agent needs create/get/watch only: {agent_calls:?}"
     );
     assert!(agent_calls.iter().all(|l| l.code < 400), "{agent_calls:?}");
@@ -437,8 +591,14 @@ async fn certificates_from_the_csr_api_and_the_approver() {
     // The approver leaves other requesters' CSRs alone and denies ours when they are wrong.
     let bad_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
     let mut p = rcgen::CertificateParams::new(vec!["evil.example".to_string()]).expect("params");
-    p.distinguished_name.push(rcgen::DnType::CommonName, "system:konnectivity-agent:node-9");
-    let with_san = p.serialize_request(&bad_key).and_then(|r| r.pem()).expect("csr");
+    p.distinguished_name.push(
+        rcgen::DnType::CommonName,
+        "system:konnectivity-agent:node-9",
+    );
+    let with_san = p
+        .serialize_request(&bad_key)
+        .and_then(|r| r.pem())
+        .expect("csr");
     let csr_body = |name: &str, pem: &str| {
         use base64::Engine;
         json!({"apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequest",
@@ -460,23 +620,35 @@ async fn certificates_from_the_csr_api_and_the_approver() {
     };
     post("agent-token", csr_body("bad-san", &with_san)).await;
     post("admin-token", csr_body("not-an-agent", &with_san)).await;
-    poll_until("the approver to deny the CSR with a SAN", Duration::from_secs(10), || async {
-        let c = api.get("certificatesigningrequests", "", "bad-san").ok_or("gone")?;
-        let conds = c["status"]["conditions"].to_string();
-        if conds.contains("Denied") && conds.contains("extensions") {
-            Ok(())
-        } else {
-            Err(conds)
-        }
-    })
+    poll_until(
+        "the approver to deny the CSR with a SAN",
+        Duration::from_secs(10),
+        || async {
+            let c = api
+                .get("certificatesigningrequests", "", "bad-san")
+                .ok_or("gone")?;
+            let conds = c["status"]["conditions"].to_string();
+            if conds.contains("Denied") && conds.contains("extensions") {
+                Ok(())
+            } else {
+                Err(conds)
+            }
+        },
+    )
     .await;
-    holds_for("another requester's CSR to stay pending", Duration::from_secs(1), || async {
-        let c = api.get("certificatesigningrequests", "", "not-an-agent").ok_or("gone")?;
-        match c["status"]["conditions"].is_null() {
-            true => Ok(()),
-            false => Err(format!("decided: {c}")),
-        }
-    })
+    holds_for(
+        "another requester's CSR to stay pending",
+        Duration::from_secs(1),
+        || async {
+            let c = api
+                .get("certificatesigningrequests", "", "not-an-agent")
+                .ok_or("gone")?;
+            match c["status"]["conditions"].is_null() {
+                true => Ok(()),
+                false => Err(format!("decided: {c}")),
+            }
+        },
+    )
     .await;
 
     // Denied (by an administrator before the approver sees it): a clear error, counted, and
@@ -484,7 +656,11 @@ async fn certificates_from_the_csr_api_and_the_approver() {
     stop.cancel();
     approving.await.expect("approver stops");
     let before = std::fs::read(&current).expect("stored");
-    let manager = Arc::new(CertManager::new(agent_client.clone(), cfg.clone(), metrics.clone()));
+    let manager = Arc::new(CertManager::new(
+        agent_client.clone(),
+        cfg.clone(),
+        metrics.clone(),
+    ));
     let attempt = tokio::spawn({
         let m = manager.clone();
         async move { m.request().await }
@@ -492,7 +668,12 @@ async fn certificates_from_the_csr_api_and_the_approver() {
     let name = poll_until("the renewal CSR", Duration::from_secs(10), || async {
         api.pending_csrs()
             .iter()
-            .find(|c| c["spec"]["username"] == AGENT_SA && c["metadata"]["name"].as_str().is_some_and(|n| n.contains("node-1")))
+            .find(|c| {
+                c["spec"]["username"] == AGENT_SA
+                    && c["metadata"]["name"]
+                        .as_str()
+                        .is_some_and(|n| n.contains("node-1"))
+            })
             .and_then(|c| c["metadata"]["name"].as_str().map(String::from))
             .ok_or_else(|| "no pending CSR of node-1".to_string())
     })
@@ -505,7 +686,11 @@ async fn certificates_from_the_csr_api_and_the_approver() {
         }
         other => panic!("a denied CSR must be an error: {other:?}"),
     }
-    assert_eq!(std::fs::read(&current).expect("stored"), before, "the last valid certificate stays");
+    assert_eq!(
+        std::fs::read(&current).expect("stored"),
+        before,
+        "the last valid certificate stays"
+    );
 
     // Never approved: the wait is bounded, and a retry finds the same CSR (one pending CSR).
     let short = CertManager::new(
@@ -523,13 +708,23 @@ async fn certificates_from_the_csr_api_and_the_approver() {
     let node2: Vec<_> = api
         .pending_csrs()
         .into_iter()
-        .filter(|c| c["metadata"]["name"].as_str().is_some_and(|n| n.contains("node-2")))
+        .filter(|c| {
+            c["metadata"]["name"]
+                .as_str()
+                .is_some_and(|n| n.contains("node-2"))
+        })
         .collect();
     assert_eq!(node2.len(), 1, "retries reuse the pending CSR: {node2:?}");
 
     let text = scrape(|r| approver_metrics.register(r));
-    assert!(sample(&text, "agent_csr_decisions_total{result=\"approved\"}") >= 1.0, "{text}");
-    assert!(sample(&text, "agent_csr_decisions_total{result=\"denied\"}") >= 1.0, "{text}");
+    assert!(
+        sample(&text, "agent_csr_decisions_total{result=\"approved\"}") >= 1.0,
+        "{text}"
+    );
+    assert!(
+        sample(&text, "agent_csr_decisions_total{result=\"denied\"}") >= 1.0,
+        "{text}"
+    );
 }
 
 #[tokio::test]
