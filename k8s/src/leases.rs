@@ -386,7 +386,6 @@ impl Controller {
                 ..Default::default()
             },
             spec: None,
-            ..Default::default()
         });
         let labels = lease.metadata.labels.get_or_insert_with(BTreeMap::new);
         labels.extend(self.labels.clone());
@@ -598,8 +597,8 @@ impl LeaseCounter {
         stop: CancellationToken,
     ) -> Result<Arc<Self>> {
         check_selector(selector)?;
-        // A watch request that got an answer proves the API server is back (even when no lease
-        // changes); one that did not marks the count stale.
+        // A list or watch request that got an answer proves the API server is there (even when
+        // no lease changes); one that did not marks the count stale until the next answer.
         let reachable = Arc::new(AtomicBool::new(false));
         let observer: Observer = {
             let reachable = reachable.clone();
@@ -607,9 +606,8 @@ impl LeaseCounter {
                 if let Some(m) = &metrics {
                     m.observe(call);
                 }
-                if call.code.is_none_or(|c| c >= 300) {
-                    reachable.store(false, Ordering::Relaxed);
-                }
+                let answered = call.code.is_some_and(|c| (200..300).contains(&c));
+                reachable.store(answered, Ordering::Relaxed);
             })
         };
         let client = client::build(config, Some(observer))?;
