@@ -32,7 +32,10 @@ pub struct Agent {
     pub endpoints: Arc<dial::Endpoints>,
     /// One agent stream per server, by server id.
     servers: Mutex<HashMap<String, Arc<AgentStream>>>,
+    /// The last serverCount header of a server.
     server_count: AtomicU32,
+    /// `--count-server-leases`: the number of valid server leases.
+    lease_count: Option<Arc<spoke_k8s::leases::LeaseCounter>>,
     /// Cancelled on the first SIGTERM/SIGINT; every agent stream sends DRAIN on it.
     pub drain: CancellationToken,
     drain_started: OnceLock<Instant>,
@@ -46,6 +49,21 @@ impl Agent {
 
     fn connected(&self) -> usize {
         self.servers().len()
+    }
+
+    /// How many servers to hold: upstream's aggregate counter. Without lease counting the
+    /// last serverCount header; with it the lease count, or the larger of the two with
+    /// `--server-count-source=max`. At least 1.
+    fn wanted_servers(&self) -> usize {
+        let header = (self.server_count.load(std::sync::atomic::Ordering::Relaxed) as usize).max(1);
+        let n = match &self.lease_count {
+            None => header,
+            Some(l) if self.opts.server_count_source == "max" => l.count().max(header),
+            Some(l) => l.count(),
+        }
+        .max(1);
+        self.metrics.known_server_count.set(n as i64);
+        n
     }
 
     fn draining(&self) -> bool {

@@ -31,6 +31,10 @@ pub struct AgentMetrics {
     pub pending_dials: Gauge,
     /// Spoke: dials refused by a limit or by --allowed-destinations, by reason.
     pub refused_dials: Family<ReasonLabels, Counter>,
+    /// Upstream's lease list/watch metrics (--count-server-leases).
+    pub leases: spoke_k8s::leases::AgentLeaseMetrics,
+    /// Spoke: client certificates from the CSR API (--cert-dir).
+    pub certs: spoke_k8s::csr::CertMetrics,
 }
 
 impl Default for AgentMetrics {
@@ -54,6 +58,8 @@ impl AgentMetrics {
             rejected: Family::default(),
             pending_dials: Gauge::default(),
             refused_dials: Family::default(),
+            leases: Default::default(),
+            certs: Default::default(),
         }
     }
 
@@ -112,6 +118,7 @@ impl AgentMetrics {
                 self.open_endpoint_connections.clone(),
             );
             self.stream.register(r);
+            self.leases.register(r);
         }
         {
             let s = root.sub_registry_with_prefix("spoke_agent");
@@ -132,6 +139,7 @@ impl AgentMetrics {
                 "Dials refused by a limit or by --allowed-destinations, by reason",
                 self.refused_dials.clone(),
             );
+            self.certs.register(s);
         }
         root
     }

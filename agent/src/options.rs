@@ -29,8 +29,12 @@ pub struct Options {
     /// CA that signed the server's certificate.
     #[arg(long, default_value = "")]
     pub ca_cert: String,
-    #[arg(long, default_value = "127.0.0.1")]
-    pub proxy_server_host: String,
+    /// Proxy server address(es): one host (a load balancer or one server, as upstream), or
+    /// several (repeat the flag or separate with commas): the agent connects to each until it
+    /// holds serverCount distinct servers; a dead address does not delay the others. An entry
+    /// may carry its own port (`host:port`, `[v6]:port`); others use --proxy-server-port.
+    #[arg(long, value_delimiter = ',', action = clap::ArgAction::Append, default_value = "127.0.0.1")]
+    pub proxy_server_host: Vec<String>,
     #[arg(long, default_value_t = 8091)]
     pub proxy_server_port: u16,
     /// Extra ALPN protocols offered besides h2 (for ALPN-routing load balancers).
@@ -76,18 +80,45 @@ pub struct Options {
     /// Accepted for compatibility; Spoke bounds buffers in bytes (--max-connection-buffer-bytes).
     #[arg(long, default_value_t = 150)]
     pub xfr_channel_size: u32,
+    /// Use the number of valid server leases (watched in --lease-namespace, matching
+    /// --lease-label-selector) as the server count instead of the servers' serverCount header.
+    /// Needs --kubeconfig or in-cluster credentials with list/watch on leases.
     #[arg(long, action = Set, num_args = 0..=1, default_value = "false", default_missing_value = "true")]
     pub count_server_leases: bool,
     #[arg(long, default_value = "kube-system")]
     pub lease_namespace: String,
     #[arg(long, default_value = "k8s-app=konnectivity-server")]
     pub lease_label_selector: String,
+    /// Deprecated alias of --lease-label-selector.
     #[arg(long, default_value = "", hide = true)]
     pub lease_label: String,
+    /// How the lease count and the servers' serverCount header combine: `default` (the lease
+    /// count with --count-server-leases, else the header) or `max` (the larger of the two).
     #[arg(long, default_value = "default")]
     pub server_count_source: String,
+    /// kubeconfig for lease counting; empty: in-cluster.
     #[arg(long, default_value = "")]
     pub kubeconfig: String,
+    /// Spoke: get the client certificate from the CSR API (with --cert-dir), authenticating
+    /// with this kubeconfig; empty: the in-cluster service account.
+    #[arg(long, default_value = "")]
+    pub bootstrap_kubeconfig: String,
+    /// Spoke: directory for the key and certificate obtained from the CSR API (created 0700;
+    /// files 0600). Replaces --agent-cert/--agent-key; a valid stored certificate is used at
+    /// start, and it is renewed at 70-90% of its lifetime.
+    #[arg(long, default_value = "")]
+    pub cert_dir: String,
+    /// Spoke: signer of the agent's CSRs (its CA is what the server's --cluster-ca-cert trusts).
+    #[arg(long, default_value = "kubernetes.io/kube-apiserver-client")]
+    pub csr_signer_name: String,
+    /// Spoke: requested certificate lifetime (spec.expirationSeconds, at least 10m); 0: the
+    /// signer's default.
+    #[arg(long, value_parser = go_duration, default_value = "0")]
+    pub csr_expiration: Duration,
+    /// Spoke: how long one CSR may wait for approval and issuance before the agent logs it and
+    /// checks again.
+    #[arg(long, value_parser = go_duration, default_value = "5m")]
+    pub csr_approval_timeout: Duration,
     #[arg(long, default_value = "application/vnd.kubernetes.protobuf")]
     pub kube_api_content_type: String,
 
@@ -124,7 +155,44 @@ pub struct Options {
     pub klog: KlogFlags,
 }
 
+/// `host`, `host:port`, `[v6]` or `[v6]:port` (a bare IPv6 address has no port).
+pub fn split_host_port(entry: &str, default_port: u16) -> Result<(String, u16)> {
+    let port = |p: &str| -> Result<u16> {
+        match p.parse::<u16>() {
+            Ok(0) | Err(_) => bail!("port {p:?} is not a port number"),
+            Ok(n) => Ok(n),
+        }
+    };
+    if let Some(rest) = entry.strip_prefix('[') {
+        let Some((host, after)) = rest.split_once(']') else {
+            bail!("missing ']'");
+        };
+        return match after.strip_prefix(':') {
+            Some(p) => Ok((host.to_string(), port(p)?)),
+            None if after.is_empty() => Ok((host.to_string(), default_port)),
+            None => bail!("unexpected text after ']'"),
+        };
+    }
+    match entry.split_once(':') {
+        Some((host, p)) if !p.contains(':') => {
+            if host.is_empty() {
+                bail!("empty host");
+            }
+            Ok((host.to_string(), port(p)?))
+        }
+        _ => Ok((entry.to_string(), default_port)),
+    }
+}
+
 impl Options {
+    /// Every server address: `--proxy-server-host` entries with their port.
+    pub fn server_addresses(&self) -> Vec<(String, u16)> {
+        self.proxy_server_host
+            .iter()
+            .filter_map(|h| split_host_port(h, self.proxy_server_port).ok())
+            .collect()
+    }
+
     /// Checks flag combinations as upstream does; each error is one actionable line.
     pub fn validate(&mut self) -> Result<AgentIdentifiers> {
         if self.agent_id.is_empty() {
@@ -136,8 +204,29 @@ impl Options {
         if self.ca_cert.is_empty() {
             bail!("--ca-cert is required to verify the proxy server");
         }
-        if self.agent_cert.is_empty() && self.service_account_token_path.is_empty() {
-            bail!("either --agent-cert/--agent-key or --service-account-token-path is required to authenticate to the server");
+        if !self.cert_dir.is_empty() && !self.agent_cert.is_empty() {
+            bail!("--cert-dir (certificates from the CSR API) and --agent-cert/--agent-key are mutually exclusive");
+        }
+        if self.agent_cert.is_empty()
+            && self.cert_dir.is_empty()
+            && self.service_account_token_path.is_empty()
+        {
+            bail!("one of --agent-cert/--agent-key, --cert-dir or --service-account-token-path is required to authenticate to the server");
+        }
+        if !self.cert_dir.is_empty() && self.csr_approval_timeout.is_zero() {
+            bail!("--csr-approval-timeout must be positive");
+        }
+        self.proxy_server_host.retain(|h| !h.trim().is_empty());
+        for h in &mut self.proxy_server_host {
+            *h = h.trim().to_string();
+        }
+        if self.proxy_server_host.is_empty() {
+            bail!("--proxy-server-host must name at least one host");
+        }
+        let mut seen = std::collections::HashSet::new();
+        self.proxy_server_host.retain(|h| seen.insert(h.clone()));
+        for h in &self.proxy_server_host {
+            split_host_port(h, 1).map_err(|e| anyhow::anyhow!("--proxy-server-host {h:?}: {e}"))?;
         }
         if self.proxy_server_port == 0 {
             bail!("--proxy-server-port must be non-zero");
@@ -161,8 +250,17 @@ impl Options {
         if !["default", "max"].contains(&self.server_count_source.as_str()) {
             bail!("--server-count-source must be default or max");
         }
+        if !self.lease_label.is_empty() {
+            tracing::warn!("--lease-label is deprecated: use --lease-label-selector");
+            self.lease_label_selector = std::mem::take(&mut self.lease_label);
+        }
         if self.count_server_leases {
-            bail!("--count-server-leases is not supported by this build; the agent uses the servers' serverCount header");
+            spoke_k8s::leases::check_selector(&self.lease_label_selector).map_err(|e| {
+                anyhow::anyhow!(
+                    "--lease-label-selector {:?}: {e}",
+                    self.lease_label_selector
+                )
+            })?;
         }
         AgentIdentifiers::parse(&self.agent_identifiers, true)
             .map_err(|e| anyhow::anyhow!("--agent-identifiers: {e}"))
@@ -234,5 +332,83 @@ mod tests {
         assert!(with("--sync-interval=10").is_err());
         assert!(with("--unknown-flag=1").is_err());
         assert!(with("--agent-identifiers=host=n1&default-route=true").is_ok());
+        assert!(
+            with("--cert-dir=/var/lib/spoke").is_err(),
+            "--cert-dir with --agent-cert"
+        );
+        assert!(with("--proxy-server-host=,").is_err());
+        assert!(with("--count-server-leases").is_ok());
+        assert!(parse(&[
+            "--ca-cert=c",
+            "--cert-dir=/d",
+            "--count-server-leases",
+            "--lease-label-selector=a in (b"
+        ])
+        .is_err());
+    }
+
+    #[test]
+    fn several_server_hosts() {
+        let base = ["--ca-cert=c", "--agent-cert=a", "--agent-key=k"];
+        let hosts = |extra: &[&str]| {
+            let mut v = base.to_vec();
+            v.extend_from_slice(extra);
+            parse(&v).expect("valid").proxy_server_host
+        };
+        assert_eq!(hosts(&[]), ["127.0.0.1"], "upstream's default");
+        assert_eq!(hosts(&["--proxy-server-host=lb.example"]), ["lb.example"]);
+        assert_eq!(
+            hosts(&[
+                "--proxy-server-host=a,b",
+                "--proxy-server-host=c",
+                "--proxy-server-host=a"
+            ]),
+            ["a", "b", "c"],
+            "comma lists and repeats add up; duplicates go"
+        );
+        assert_eq!(hosts(&["--proxy-server-host", "s1, s2"]), ["s1", "s2"]);
+        let o = parse(&[
+            "--ca-cert=c",
+            "--agent-cert=a",
+            "--agent-key=k",
+            "--proxy-server-port=8091",
+            "--proxy-server-host=a,b:9000,[::1]:9001,[fd00::2],fd00::3",
+        ])
+        .expect("valid");
+        assert_eq!(
+            o.server_addresses(),
+            [
+                ("a".to_string(), 8091),
+                ("b".to_string(), 9000),
+                ("::1".to_string(), 9001),
+                ("fd00::2".to_string(), 8091),
+                ("fd00::3".to_string(), 8091)
+            ]
+        );
+        for bad in ["a:0", "a:x", "[::1", ":80", "[::1]x"] {
+            assert!(
+                parse(&[
+                    "--ca-cert=c",
+                    "--agent-cert=a",
+                    "--agent-key=k",
+                    &format!("--proxy-server-host={bad}")
+                ])
+                .is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn deprecated_lease_label_is_the_selector() {
+        let o = parse(&[
+            "--ca-cert=c",
+            "--agent-cert=a",
+            "--agent-key=k",
+            "--count-server-leases",
+            "--lease-label=app=x",
+        ])
+        .expect("valid");
+        assert_eq!(o.lease_label_selector, "app=x");
     }
 }

@@ -58,17 +58,17 @@ pub fn transport_options(o: &crate::options::Options) -> Options {
     }
 }
 
-/// Opens a new TCP+TLS connection and a `Connect` stream on it.
-pub async fn connect(agent: &Arc<Agent>) -> Result<Connected> {
+/// Opens a new TCP+TLS connection to `host:port` (one of `--proxy-server-host`) and a
+/// `Connect` stream on it.
+pub async fn connect(agent: &Arc<Agent>, host: &str, port: u16) -> Result<Connected> {
     let o = &agent.opts;
-    let (host, port) = (&o.proxy_server_host, o.proxy_server_port);
     let unreachable =
         |e: &dyn std::fmt::Display| anyhow!("cannot reach proxy server {host}:{port}: {e}");
     let name = spoke_tunnel::tls::server_name(host)?;
     let tls =
         UnbufferedClientConnection::new(agent.tls.current(), name).map_err(|e| unreachable(&e))?;
     let io = tokio::time::timeout(CONNECT_TIMEOUT, async {
-        let tcp = TcpStream::connect((host.as_str(), port)).await?;
+        let tcp = TcpStream::connect((host, port)).await?;
         tcp.set_nodelay(true)?;
         let mut io = Io::new(tcp, Crypto::Client(Box::new(tls)));
         io.handshake().await?;
@@ -80,7 +80,10 @@ pub async fn connect(agent: &Arc<Agent>) -> Result<Connected> {
     let mut driver = Driver::client(io, transport_options(o));
 
     let user_agent = concat!("spoke-agent/", env!("CARGO_PKG_VERSION"));
-    let authority = format!("{host}:{port}");
+    let authority = match host.contains(':') {
+        true => format!("[{host}]:{port}"),
+        false => format!("{host}:{port}"),
+    };
     let mut req = grpc::request("https", &authority, "/AgentService/Connect", user_agent);
     let meta = |h: &mut Headers, key: &'static str, value: &str| {
         grpc::metadata(h, key, value).map_err(|e| anyhow!(e))

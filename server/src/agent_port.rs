@@ -114,7 +114,7 @@ async fn connect(server: Arc<Server>, headers: Headers) -> Accepted {
     let mut rsp = grpc::response();
     let internal = |e: String| (Code::Internal, e);
     grpc::metadata(&mut rsp, "serverid", &server.opts.server_id).map_err(internal)?;
-    let count = server.opts.server_count.to_string();
+    let count = server.server_count().to_string();
     grpc::metadata(&mut rsp, "servercount", &count).map_err(internal)?;
     if flow.credits() {
         let window = flow.buffer_cap.to_string();

@@ -49,7 +49,7 @@ fn status_page(
             .collect();
         let body = serde_json::json!({
             "server_id": server.opts.server_id,
-            "server_count": server.opts.server_count,
+            "server_count": server.server_count(),
             "mode": format!("{:?}", server.opts.mode),
             "shutting_down": server.shutting_down.load(std::sync::atomic::Ordering::Relaxed),
             "established_connections": server.metrics.established_connections.get(),

@@ -23,4 +23,20 @@ pub struct Server {
     pub shutting_down: AtomicBool,
     /// Agent token authentication (TokenReview), when configured.
     pub auth: Option<auth::TokenAuth>,
+    /// `--count-server-leases`: the number of valid server leases.
+    pub lease_count: Option<std::sync::Arc<spoke_k8s::leases::LeaseCounter>>,
+    /// Cancelled once every listener is bound (the lease is published only then, so agents
+    /// that count it find the server accepting).
+    pub listening: tokio_util::sync::CancellationToken,
+}
+
+impl Server {
+    /// The `serverCount` sent to agents: the lease count with --count-server-leases, else
+    /// --server-count.
+    pub fn server_count(&self) -> u32 {
+        match &self.lease_count {
+            Some(c) => c.count() as u32,
+            None => self.opts.server_count,
+        }
+    }
 }

@@ -62,6 +62,10 @@ pub struct ServerMetrics {
     /// Spoke: agent registry operations (add, remove, pick) and the entries they visited.
     pub registry_ops: Counter,
     pub registry_steps: Counter,
+    /// Upstream's lease garbage-collection metrics.
+    pub leases: spoke_k8s::leases::ServerLeaseMetrics,
+    /// Spoke: the agent CSR approver's decisions.
+    pub csr: spoke_k8s::csr::ApproverMetrics,
 }
 
 impl Default for ServerMetrics {
@@ -91,6 +95,8 @@ impl ServerMetrics {
             rejected: Family::default(),
             registry_ops: Counter::default(),
             registry_steps: Counter::default(),
+            leases: Default::default(),
+            csr: Default::default(),
         }
     }
 
@@ -175,6 +181,7 @@ impl ServerMetrics {
             );
             r.register("full_receive_channels", "Number of current connections blocked by a full receive channel, partitioned by service method.", self.full_receive_channels.clone());
             self.stream.register(r);
+            self.leases.register(r);
         }
         {
             let s = root.sub_registry_with_prefix("spoke_server");
@@ -195,6 +202,7 @@ impl ServerMetrics {
                 "Entries the agent registry visited in its operations; per operation it stays flat as the fleet grows",
                 self.registry_steps.clone(),
             );
+            self.csr.register(s);
         }
         root
     }

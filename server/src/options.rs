@@ -131,6 +131,7 @@ pub struct Options {
     pub agent_service_account: String,
     #[arg(long, default_value = "")]
     pub authentication_audience: String,
+    /// kubeconfig for the Kubernetes API (TokenReview, leases, CSR approval); empty: in-cluster.
     #[arg(long, default_value = "")]
     pub kubeconfig: String,
     #[arg(long, default_value = "0")]
@@ -150,12 +151,48 @@ pub struct Options {
     /// Accepted for compatibility; Spoke bounds buffers in bytes (--max-connection-buffer-bytes).
     #[arg(long, default_value_t = 10)]
     pub xfr_channel_size: u32,
+    /// Publish this server's Lease `konnectivity-proxy-server-<server-id>` in --lease-namespace
+    /// (labels --lease-label, 30s duration, renewed every 15s) and delete expired leases with
+    /// the same labels every 15s. Needs --kubeconfig or in-cluster credentials.
     #[arg(long, action = Set, num_args = 0..=1, default_value = "false", default_missing_value = "true")]
     pub enable_lease_controller: bool,
+    /// Namespace of the server leases (published and counted).
     #[arg(long, default_value = "kube-system")]
     pub lease_namespace: String,
+    /// Labels of this server's lease, `key=value[,key=value]`.
     #[arg(long, default_value = "k8s-app=konnectivity-server")]
     pub lease_label: String,
+    /// Spoke: advertise the number of valid server leases (watched) as `serverCount` instead of
+    /// --server-count (which stays the fallback until the first count).
+    #[arg(long, action = Set, num_args = 0..=1, default_value = "false", default_missing_value = "true")]
+    pub count_server_leases: bool,
+    /// Leases counted with --count-server-leases.
+    #[arg(long, default_value = "k8s-app=konnectivity-server")]
+    pub lease_label_selector: String,
+    /// Spoke (hidden, for tests): lease duration; upstream's is 30s.
+    #[arg(long, value_parser = go_duration, default_value = "30s", hide = true)]
+    pub lease_duration: Duration,
+    /// Spoke (hidden, for tests): lease renewal interval; upstream's is 15s.
+    #[arg(long, value_parser = go_duration, default_value = "15s", hide = true)]
+    pub lease_renew_interval: Duration,
+    /// Spoke (hidden, for tests): expired-lease collection interval; upstream's is 15s.
+    #[arg(long, value_parser = go_duration, default_value = "15s", hide = true)]
+    pub lease_gc_interval: Duration,
+    /// Spoke: approve agents' CertificateSigningRequests (see --agent-csr-*): only pending CSRs
+    /// for --agent-csr-signer-name from the service account --agent-csr-namespace/
+    /// --agent-csr-service-account, with subject CN=system:konnectivity-agent:<agent id>, an
+    /// ECDSA P-256 key, client-auth usage, one pending CSR per agent. Others are left alone.
+    #[arg(long, action = Set, num_args = 0..=1, default_value = "false", default_missing_value = "true")]
+    pub approve_agent_csrs: bool,
+    /// Spoke: namespace of the agents' service account (--approve-agent-csrs).
+    #[arg(long, default_value = "kube-system")]
+    pub agent_csr_namespace: String,
+    /// Spoke: the agents' service account; only its CSRs are approved.
+    #[arg(long, default_value = "konnectivity-agent")]
+    pub agent_csr_service_account: String,
+    /// Spoke: signer of the agents' CSRs; its CA is what --cluster-ca-cert must trust.
+    #[arg(long, default_value = "kubernetes.io/kube-apiserver-client")]
+    pub agent_csr_signer_name: String,
     /// On SIGTERM, how long open connections may finish (0: stop at once).
     #[arg(long, value_parser = go_duration, default_value = "0")]
     pub graceful_shutdown_timeout: Duration,
@@ -250,11 +287,47 @@ impl Options {
         if self.enable_contention_profiling && !self.enable_profiling {
             bail!("--enable-contention-profiling requires --enable-profiling");
         }
+        if self.enable_lease_controller {
+            spoke_k8s::leases::parse_labels(&self.lease_label)
+                .map_err(|e| anyhow::anyhow!("--lease-label {:?}: {e}", self.lease_label))?;
+            if self.lease_duration.as_secs() == 0
+                || self.lease_renew_interval.is_zero()
+                || self.lease_gc_interval.is_zero()
+            {
+                bail!("--lease-duration must be at least 1s and the lease intervals positive");
+            }
+            if self.lease_renew_interval >= self.lease_duration {
+                bail!("--lease-renew-interval must be shorter than --lease-duration");
+            }
+        }
+        if self.count_server_leases {
+            spoke_k8s::leases::check_selector(&self.lease_label_selector).map_err(|e| {
+                anyhow::anyhow!(
+                    "--lease-label-selector {:?}: {e}",
+                    self.lease_label_selector
+                )
+            })?;
+        }
+        if self.approve_agent_csrs
+            && (self.agent_csr_namespace.is_empty()
+                || self.agent_csr_service_account.is_empty()
+                || self.agent_csr_signer_name.is_empty())
+        {
+            bail!("--approve-agent-csrs needs --agent-csr-namespace, --agent-csr-service-account and --agent-csr-signer-name");
+        }
         Ok(())
     }
 
     pub fn token_auth(&self) -> bool {
         !self.agent_namespace.is_empty()
+    }
+
+    /// Whether anything needs a Kubernetes client.
+    pub fn needs_kube(&self) -> bool {
+        self.token_auth()
+            || self.enable_lease_controller
+            || self.count_server_leases
+            || self.approve_agent_csrs
     }
 }
 

@@ -4,6 +4,7 @@ use crate::options::{Mode, Options};
 use crate::{agent_port, auth, health, metrics, registry, Server};
 use anyhow::{Context, Result};
 use futures::StreamExt;
+use spoke_k8s::{client, csr, leases};
 use spoke_process::admin::bind_addr;
 use spoke_tunnel::http2::conn::Config;
 use spoke_tunnel::http2::driver;
@@ -13,39 +14,110 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, UnixListener};
+use tokio_util::sync::CancellationToken;
 
 const TLS_RELOAD_EVERY: Duration = Duration::from_secs(5);
 
 /// Runs spoke-server with validated options until it is told to stop.
 pub fn run(opts: Options) -> Result<()> {
-    let auth = if opts.token_auth() {
-        Some(
-            auth::TokenAuth::new(
-                &opts.kubeconfig,
-                &opts.agent_namespace,
-                &opts.agent_service_account,
-                &opts.authentication_audience,
-            )?
-            .with_rate_limit(opts.kubeconfig_qps, opts.kubeconfig_burst),
-        )
-    } else {
-        None
-    };
-    let metrics = metrics::ServerMetrics::new();
-    let server = Arc::new(Server {
-        registry: registry::Registry::new(opts.proxy_strategies.clone(), metrics.clone()),
-        metrics,
-        opts,
-        shutting_down: Default::default(),
-        auth,
-    });
     // One single-threaded runtime for the data path: on a 2-vCPU node it beats a work-
     // stealing pool (fewer cross-thread wakeups per packet) and leaves a core for the agent.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
-    rt.block_on(serve(server))
+    rt.block_on(async move {
+        let metrics = metrics::ServerMetrics::new();
+        let stop = CancellationToken::new();
+        let kube = match opts.needs_kube() {
+            true => Some(kube_client(&opts).await?),
+            false => None,
+        };
+        let auth = match (&kube, opts.token_auth()) {
+            (Some((config, client)), true) => Some(
+                auth::TokenAuth::new(
+                    client.clone(),
+                    &config.cluster_url.to_string(),
+                    &opts.agent_namespace,
+                    &opts.agent_service_account,
+                    &opts.authentication_audience,
+                )
+                .with_rate_limit(opts.kubeconfig_qps, opts.kubeconfig_burst),
+            ),
+            _ => None,
+        };
+        let lease_count = match (&kube, opts.count_server_leases) {
+            (Some((config, _)), true) => Some(leases::LeaseCounter::spawn(
+                config.clone(),
+                &opts.lease_namespace,
+                &opts.lease_label_selector,
+                None,
+                stop.clone(),
+            )?),
+            _ => None,
+        };
+        let mut controllers = Vec::new();
+        let listening = CancellationToken::new();
+        if let (Some((_, client)), true) = (&kube, opts.enable_lease_controller) {
+            let labels = leases::parse_labels(&opts.lease_label)?;
+            let controller = Arc::new(leases::Controller::new(
+                client.clone(),
+                &opts.lease_namespace,
+                &opts.server_id,
+                labels,
+                leases::Timings {
+                    duration: opts.lease_duration,
+                    renew_interval: opts.lease_renew_interval,
+                    gc_interval: opts.lease_gc_interval,
+                },
+                metrics.leases.clone(),
+            ));
+            tracing::info!(lease = controller.lease_name(), namespace = %opts.lease_namespace, "starting the lease controller once the listeners are bound");
+            let (listening, stop) = (listening.clone(), stop.clone());
+            controllers.push(tokio::spawn(async move {
+                tokio::select! {
+                    _ = listening.cancelled() => controller.run(stop).await,
+                    _ = stop.cancelled() => {}
+                }
+            }));
+        }
+        if let (Some((_, client)), true) = (&kube, opts.approve_agent_csrs) {
+            let approver = csr::Approver::new(
+                client.clone(),
+                csr::ApproverConfig {
+                    signer: opts.agent_csr_signer_name.clone(),
+                    namespace: opts.agent_csr_namespace.clone(),
+                    service_account: opts.agent_csr_service_account.clone(),
+                },
+                metrics.csr.clone(),
+            );
+            controllers.push(tokio::spawn(approver.run(stop.clone())));
+        }
+        let server = Arc::new(Server {
+            registry: registry::Registry::new(opts.proxy_strategies.clone(), metrics.clone()),
+            metrics,
+            opts,
+            shutting_down: Default::default(),
+            auth,
+            lease_count,
+            listening,
+        });
+        let served = serve(server).await;
+        // The lease controller deletes this server's lease on the way out.
+        stop.cancel();
+        for c in controllers {
+            let _ = tokio::time::timeout(Duration::from_secs(6), c).await;
+        }
+        served
+    })
+}
+
+/// The Kubernetes client: `--kubeconfig`, else in-cluster.
+async fn kube_client(opts: &Options) -> Result<(spoke_k8s::kube::Config, spoke_k8s::kube::Client)> {
+    let config = client::load_config("--kubeconfig", &opts.kubeconfig).await?;
+    tracing::info!(api_server = %config.cluster_url, "Kubernetes API client configured");
+    let kube = client::build(config.clone(), None)?;
+    Ok((config, kube))
 }
 
 fn server_tls(
@@ -93,13 +165,14 @@ async fn serve(server: Arc<Server>) -> Result<()> {
     let agent_addr = bind_addr(&o.agent_bind_address, o.agent_port)?;
     let agent_listener = listen::listen(agent_addr)
         .with_context(|| format!("agent listener: cannot listen on {agent_addr}"))?;
-    tracing::info!(%agent_addr, server_id = %o.server_id, server_count = o.server_count, "listening for agents");
+    tracing::info!(%agent_addr, server_id = %o.server_id, server_count = server.server_count(), "listening for agents");
     let agent_server =
         agent_port::serve(server.clone(), agent_listener, agent_tls, accept_limits(o));
 
     let frontend_listener = bind_frontend(&server).await?;
-    // Every listener is bound: now the health port may say so.
+    // Every listener is bound: now the health port may say so, and the lease may be published.
     health::start(&server)?;
+    server.listening.cancel();
     let frontend = serve_frontend(server.clone(), frontend_listener);
     let serving = async {
         tokio::select! {

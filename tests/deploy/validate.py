@@ -92,7 +92,8 @@ AGENT_UPSTREAM = {"agent-cert", "agent-key", "ca-cert", "proxy-server-host", "pr
                   "server-count-source", "kubeconfig", "kube-api-content-type"} | KLOG
 # Spoke extensions the manifests use: the Rust agent must accept these.
 AGENT_SPOKE = {"log-format", "ebpf", "cgroup-path", "allowed-destinations", "xdp-guard-interfaces",
-               "xdp-protected-ports", "xdp-allow-cidrs"}
+               "xdp-protected-ports", "xdp-allow-cidrs", "cert-dir", "bootstrap-kubeconfig", "csr-signer-name",
+               "csr-expiration", "csr-approval-timeout"}
 SERVER_UPSTREAM = {"mode", "uds-name", "delete-existing-uds-file", "server-port", "server-bind-address",
                    "server-cert", "server-key", "server-ca-cert", "agent-port", "agent-bind-address",
                    "cluster-cert", "cluster-key", "cluster-ca-cert", "health-port", "health-bind-address",
@@ -103,7 +104,9 @@ SERVER_UPSTREAM = {"mode", "uds-name", "delete-existing-uds-file", "server-port"
                    "cipher-suites", "tls-min-version", "xfr-channel-size", "enable-lease-controller",
                    "lease-namespace", "lease-label", "graceful-shutdown-timeout", "backend-dial-timeout",
                    "warn-on-channel-limit"} | KLOG
-SERVER_SPOKE = {"log-format", "frontend-header-timeout", "max-connection-buffer-bytes", "max-grpc-message-size"}
+SERVER_SPOKE = {"log-format", "frontend-header-timeout", "max-connection-buffer-bytes", "max-grpc-message-size",
+                "count-server-leases", "lease-label-selector", "approve-agent-csrs", "agent-csr-namespace",
+                "agent-csr-service-account", "agent-csr-signer-name"}
 
 AGENT_IDENTIFIER_KEYS = {"ipv4", "ipv6", "host", "cidr", "default-route"}
 PROXY_STRATEGIES = {"default", "destHost", "defaultRoute"}
@@ -380,7 +383,15 @@ def check_agent(where: str, ds: dict, objs: list[dict], expect_privileged: bool)
     # token + CA
     tok_path = f.get("service-account-token-path")
     agent_cert = f.get("agent-cert")
-    check(f"{where}: authenticates with a token or a client cert (not neither)", bool(tok_path) or bool(agent_cert))
+    cert_dir = f.get("cert-dir")
+    check(f"{where}: authenticates with a token, a client cert or a CSR certificate (not neither)",
+          bool(tok_path) or bool(agent_cert) or bool(cert_dir))
+    check(f"{where}: --cert-dir excludes --agent-cert", not (cert_dir and agent_cert))
+    if cert_dir:
+        m = mount_for(c, cert_dir)
+        check(f"{where}: --cert-dir is a writable hostPath (the certificate survives restarts)",
+              bool(m) and not m.get("readOnly") and "hostPath" in (vols.get(m["name"]) or {}), f"{cert_dir}")
+    talks_to_api = ("count-server-leases" in f and f.get("count-server-leases") in (None, "true")) or bool(cert_dir)
     check(f"{where}: --agent-cert and --agent-key given together",
           bool(f.get("agent-cert")) == bool(f.get("agent-key")))
     audience = None
@@ -399,7 +410,11 @@ def check_agent(where: str, ds: dict, objs: list[dict], expect_privileged: bool)
             check(f"{where}: token audience is {TOKEN_AUDIENCE}", audience == TOKEN_AUDIENCE, f"audience={audience}")
             exp = src.get("expirationSeconds", 3600)
             check(f"{where}: token expirationSeconds within 10m..24h", 600 <= exp <= 86400, f"{exp}")
-        check(f"{where}: default API token not automounted", spec.get("automountServiceAccountToken") is False)
+        if not talks_to_api:
+            check(f"{where}: default API token not automounted", spec.get("automountServiceAccountToken") is False)
+    if talks_to_api:
+        check(f"{where}: lease counting / the CSR API use the automounted service account token",
+              spec.get("automountServiceAccountToken") is True)
     ca = f.get("ca-cert")
     if check(f"{where}: --ca-cert given", bool(ca)):
         m = mount_for(c, ca)
@@ -537,7 +552,11 @@ def check_server(where: str, pod: dict) -> dict:
     for k in ("cluster-cert", "cluster-key", "kubeconfig"):
         check(f"{where}: --{k} on a host mount", mounted(f.get(k)), f"{f.get(k)}")
     auth = [f.get(k) for k in ("agent-namespace", "agent-service-account", "authentication-audience")]
-    check(f"{where}: token auth flags all set", all(auth), f"{auth}")
+    check(f"{where}: agents authenticate: token auth flags all set, or --cluster-ca-cert",
+          all(auth) or (not any(auth) and bool(f.get("cluster-ca-cert"))), f"{auth}")
+    if f.get("approve-agent-csrs") is not None:
+        check(f"{where}: --approve-agent-csrs with client certificates required (--cluster-ca-cert)",
+              bool(f.get("cluster-ca-cert")))
     check(f"{where}: token auth and --cluster-ca-cert are exclusive", not (all(auth) and f.get("cluster-ca-cert")))
     strategies = (f.get("proxy-strategies") or "default").split(",")
     check(f"{where}: --proxy-strategies valid ({','.join(strategies)})", set(strategies) <= PROXY_STRATEGIES)
@@ -831,6 +850,63 @@ def negative_controls(sample: dict[str, dict]) -> None:
 
 
 # ------------------------------------------------------------------- main ---
+def rbac_rules(docs: list[dict], subject_kind: str, subject_name: str) -> set[tuple[str, str, str]]:
+    """(resource, verb, resourceName or '') granted to a subject by the rendered (Cluster)Roles."""
+    roles = {(o["kind"], o["metadata"]["name"]): o for o in docs if o.get("kind") in ("Role", "ClusterRole")}
+    out = set()
+    for b in docs:
+        if b.get("kind") not in ("RoleBinding", "ClusterRoleBinding"):
+            continue
+        if not any(s.get("kind") == subject_kind and s.get("name") == subject_name for s in b.get("subjects") or []):
+            continue
+        role = roles.get((b["roleRef"]["kind"], b["roleRef"]["name"]))
+        for rule in (role or {}).get("rules") or []:
+            for res in rule.get("resources") or []:
+                for verb in rule.get("verbs") or []:
+                    for rn in rule.get("resourceNames") or [""]:
+                        out.add((res, verb, rn))
+    return out
+
+
+def check_ha_and_csr(rendered, agent_info, server_info, find) -> None:
+    ha = rendered.get(DEPLOY / "overlays" / "ha") or []
+    af = (agent_info.get("ha") or {}).get("flags", {})
+    check("overlay ha: agents count leases (--count-server-leases, --lease-namespace=kube-system)",
+          "count-server-leases" in af and af.get("lease-namespace") == "kube-system", f"{af}")
+    check("overlay ha: agents dial several server addresses",
+          "," in (af.get("proxy-server-host") or "") or "$(" in (af.get("proxy-server-host") or ""))
+    cms = [o for o in find(ha, "ConfigMap") if o["metadata"]["name"].startswith("spoke-agent")]
+    hosts = (cms[0]["data"].get("PROXY_SERVER_HOST") if cms else "") or ""
+    check("overlay ha: PROXY_SERVER_HOST lists three servers", len([h for h in hosts.split(",") if h]) == 3, hosts)
+    server = rbac_rules(ha, "User", "system:konnectivity-server")
+    want_server = {("leases", v, "") for v in ("create", "get", "update", "delete", "list", "watch")}
+    check("overlay ha: server may create/get/update/delete/list/watch leases",
+          want_server <= server, f"missing {sorted(want_server - server)}")
+    agent = {r for r in rbac_rules(ha, "ServiceAccount", "konnectivity-agent")}
+    check("overlay ha: agent may list/watch leases and nothing else",
+          agent == {("leases", "list", ""), ("leases", "watch", "")}, f"{sorted(agent)}")
+    sf = (server_info.get("server-ha") or {}).get("flags", {})
+    check("overlay server-ha: --server-count=3 until the first lease count", sf.get("server-count") == "3", f"{sf}")
+    check("overlay server-ha: lease controller and lease counting on",
+          "enable-lease-controller" in sf and "count-server-leases" in sf and sf.get("lease-namespace") == "kube-system",
+          f"{sf}")
+    csr = rendered.get(DEPLOY / "overlays" / "agent-csr") or []
+    cf = (agent_info.get("agent-csr") or {}).get("flags", {})
+    check("overlay agent-csr: --cert-dir and no token", bool(cf.get("cert-dir")) and not cf.get("service-account-token-path"),
+          f"{cf}")
+    agent = rbac_rules(csr, "ServiceAccount", "konnectivity-agent")
+    check("overlay agent-csr: agent may create/get/watch CSRs and nothing more",
+          agent == {("certificatesigningrequests", v, "") for v in ("create", "get", "watch")}, f"{sorted(agent)}")
+    approver = rbac_rules(csr, "User", "system:konnectivity-server")
+    check("overlay agent-csr: the approver may approve for kubernetes.io/kube-apiserver-client only",
+          ("signers", "approve", "kubernetes.io/kube-apiserver-client") in approver
+          and not any(r == "signers" and rn != "kubernetes.io/kube-apiserver-client" for r, _, rn in approver),
+          f"{sorted(approver)}")
+    pf = (server_info.get("server-csr-approver") or {}).get("flags", {})
+    check("overlay server-csr-approver: approver on, token auth off, --cluster-ca-cert set",
+          "approve-agent-csrs" in pf and bool(pf.get("cluster-ca-cert")) and not pf.get("agent-namespace"), f"{pf}")
+
+
 def main() -> int:
     print(f"deploy dir: {rel(DEPLOY)}; kubectl: {KUBECTL}; Kubernetes schema versions: {' '.join(K8S_VERSIONS)}")
     if not DEPLOY.is_dir():
@@ -913,8 +989,9 @@ def main() -> int:
                 check(f"{r}: system:auth-delegator bound to user system:konnectivity-server",
                       any(s.get("kind") == "User" and s.get("name") == "system:konnectivity-server"
                           for s in crb.get("subjects") or []))
-    for name in ("default", "agent-privileged", "agent-xdp-guard"):
+    for name in ("default", "agent-privileged", "agent-xdp-guard", "ha", "agent-csr"):
         check(f"overlay {name} renders the agent DaemonSet", bool(agent_info.get(name)))
+    check_ha_and_csr(rendered, agent_info, server_info, find)
     for name in ("server-grpc", "server-http-connect"):
         check(f"overlay {name} renders the server static pod", bool(server_info.get(name)))
     check("overlay agent-xdp-guard turns the XDP guard on",
@@ -958,8 +1035,9 @@ def main() -> int:
             host = af.get("proxy-server-host", "")
             check("contract: default --proxy-server-host is the Service's DNS name",
                   host.startswith(f"{svc[0]['metadata']['name']}.{svc[0]['metadata']['namespace']}.svc"), host)
-        check("contract: agent --proxy-server-host same in every agent overlay",
-              len({(i.get("flags") or {}).get("proxy-server-host") for i in agent_info.values() if i}) == 1)
+        # (overlays/ha lists the control-plane addresses instead of the Service name)
+        check("contract: agent --proxy-server-host same in every agent overlay but ha",
+              len({(i.get("flags") or {}).get("proxy-server-host") for n, i in agent_info.items() if i and n != "ha"}) == 1)
     egress = {p.name: o for p, o in plain if o.get("kind") == "EgressSelectorConfiguration"}
     check("egress-selector: grpc-uds.yaml and http-connect-mtls.yaml present",
           {"grpc-uds.yaml", "http-connect-mtls.yaml"} <= set(egress))

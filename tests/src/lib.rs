@@ -2,6 +2,7 @@
 //! real sockets. Every wait has a timeout; every spawned process and namespace is cleaned up by a
 //! Drop guard, and process logs are printed when a test fails.
 
+pub mod apiserver;
 pub mod backends;
 pub mod bins;
 pub mod certs;

@@ -304,7 +304,8 @@ async fn metrics_have_upstream_names_types_labels_and_help() {
     }
     // The rest of upstream's server metrics that exist before any error. Labelled families
     // (stream_errors_total, full_receive_channels, ...) appear with their first sample, as Go's
-    // vectors do; lease metrics belong to lease-based server counting, which Spoke refuses.
+    // vectors do; culled_leases_count and the lease_* families belong to --enable-lease-controller
+    // (tests/kube_control_plane.rs and e2e_ha.rs check them).
     c.ty(&st, &s("http_connections"), "gauge");
     c.value(
         &st,

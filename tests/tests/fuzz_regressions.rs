@@ -5,7 +5,7 @@
 //!
 //! A bug found and reported but not fixed yet gets a `KnownBug` variant (its check then
 //! runs only in strict mode) and an `#[ignore = "open bug: ..."]` test here; once fixed,
-//! drop both. Two are open: `AbandonedAnswer` and `CancelledDialAnswers`.
+//! drop both. None is open (`AbandonedAnswer` and `CancelledDialAnswers` were fixed).
 use std::path::{Path, PathBuf};
 
 #[path = "../../fuzz/src/harness/mod.rs"]

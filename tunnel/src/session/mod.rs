@@ -1,6 +1,6 @@
 //! One agent stream as either end runs it: the engine the server and the agent share.
 //!
-//! A [`Session`] takes the packets its peer sends (any stream of them: tonic's today) and
+//! A [`Session`] takes the packets its peer sends (any stream of them: Spoke's HTTP/2 driver hands them over) and
 //! gives back what to send in its [`Outbound`] queues. It owns the connection table, the
 //! pending dials, the receive loop and the dispatch of every packet both ends handle alike
 //! (DATA, the close of a connection, DIAL_CLS, credit), the teardown when the stream ends,

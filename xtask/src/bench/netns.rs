@@ -3,9 +3,9 @@
 //! Nothing is ever added to the root namespace: links are created inside a namespace, and every
 //! namespace is deleted by its guard (and leftovers of a crashed run are removed at start).
 //! The long fat link is a pair of TUN devices, one per namespace, joined by a userspace
-//! relay that holds every packet 25 ms before handing it to the other side: real per-packet
-//! delay on one end-to-end TCP connection (this kernel has no netem qdisc). Loss is an
-//! nftables `numgen random` rule inside the namespaces.
+//! relay that holds every packet a fixed delay (25 or 50 ms) before handing it to the other
+//! side: real per-packet delay on one end-to-end TCP connection (this kernel has no netem
+//! qdisc). Loss is an nftables `numgen random` rule inside the namespaces.
 use super::env::run;
 use anyhow::{bail, Context, Result};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};

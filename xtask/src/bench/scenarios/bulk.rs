@@ -13,6 +13,9 @@ use serde_json::json;
 use std::net::SocketAddr;
 use tokio::net::TcpListener;
 
+/// Server+agent CPU seconds per GiB moved, at most (the goal: one CPU-second per GiB).
+const CPU_FLOOR: f64 = 1.0;
+
 pub struct Row {
     pub route: String,
     pub dir: &'static str,
@@ -178,7 +181,10 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
         ));
     }
     for r in rows.iter().filter(|r| !r.baseline) {
-        let floor = if r.route.contains("uds") { 1.0 } else { 0.7 };
+        // The goal: faster than `ssh -L` on the same machine. A UDS frontend skips one TLS
+        // termination that ssh pays too, so it must beat ssh by 20%; an mTLS TCP frontend
+        // adds a TLS hop of its own and must at least match it.
+        let floor = if r.route.contains("uds") { 1.2 } else { 1.0 };
         let ratio = find("ssh", r.dir).map(|s| r.mibs / s);
         sec.floors.push(Floor::new(
             format!("{} {} vs ssh -L", r.route, r.dir),
@@ -194,8 +200,8 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
         sec.floors.push(Floor::new(
             format!("{} {} server+agent CPU", r.route, r.dir),
             format!("{c:.2} s/GiB"),
-            "≤ 2.0 s/GiB",
-            Some(c <= 2.0),
+            format!("≤ {CPU_FLOOR:.1} s/GiB"),
+            Some(c <= CPU_FLOOR),
         ));
     }
     sec.md = md;
@@ -228,7 +234,7 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
             "Tunnel processes' CPU per GiB",
             "CPU seconds per GiB (lower is better)",
             &bars,
-            Some((2.0, "floor 2.0 s/GiB")),
+            Some((CPU_FLOOR, &format!("floor {CPU_FLOOR:.1} s/GiB"))),
         ),
     );
     sec.json = json!({
