@@ -3,14 +3,10 @@ use crate::ebpf::EbpfArgs;
 use anyhow::{bail, Result};
 use clap::ArgAction::Set;
 use clap::Parser;
-use spoke_process::flags::{byte_size, go_duration, string_list};
+use spoke_process::flags::{byte_size, go_duration, list};
 use spoke_process::klog::KlogFlags;
 use spoke_tunnel::identifiers::AgentIdentifiers;
 use std::time::Duration;
-
-fn list(s: &str) -> Result<Vec<String>, String> {
-    Ok(string_list(s))
-}
 
 #[derive(Parser, Debug, Clone)]
 #[command(

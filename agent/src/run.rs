@@ -6,26 +6,19 @@ use crate::ebpf::Ebpf;
 use crate::metrics::{self, AgentMetrics};
 use crate::options::Options;
 use crate::{health, policy, stream, Agent};
-use anyhow::{Context, Result};
+use anyhow::Result;
 use spoke_k8s::csr::{CertConfig, CertManager, Validity};
 use spoke_tunnel::tls::{CertFiles, ClientTlsFiles, Reloading};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-const TLS_RELOAD_EVERY: Duration = Duration::from_secs(5);
-
 /// Runs spoke-agent with validated options until it is told to stop.
 pub fn run(opts: Options) -> Result<()> {
-    // One single-threaded runtime for the data path (see the server for why).
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the runtime")?;
+    let rt = spoke_process::data_path_runtime()?;
     let metrics = AgentMetrics::new();
     let stop = CancellationToken::new();
     let certs = match opts.cert_dir.is_empty() {
@@ -98,7 +91,7 @@ pub fn run(opts: Options) -> Result<()> {
     health::start_admin(&agent, health)?;
 
     rt.block_on(async move {
-        agent.tls.watch(TLS_RELOAD_EVERY);
+        agent.tls.watch(spoke_process::TLS_RELOAD_EVERY);
         if let Some((manager, validity, _)) = certs {
             let stop = stop.clone();
             tokio::spawn(async move { manager.renew_forever(validity, stop).await });

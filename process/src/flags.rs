@@ -57,6 +57,11 @@ pub fn string_list(s: &str) -> Vec<String> {
         .collect()
 }
 
+/// [`string_list`] as a clap `value_parser` (it never fails).
+pub fn list(s: &str) -> Result<Vec<String>, String> {
+    Ok(string_list(s))
+}
+
 /// Byte sizes: plain numbers or with a Ki/Mi/Gi suffix.
 pub fn byte_size(s: &str) -> Result<usize, String> {
     let s = s.trim();

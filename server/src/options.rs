@@ -2,7 +2,7 @@
 use anyhow::{bail, Result};
 use clap::ArgAction::Set;
 use clap::Parser;
-use spoke_process::flags::{byte_size, go_duration, string_list};
+use spoke_process::flags::{byte_size, go_duration, list, string_list};
 use spoke_process::klog::KlogFlags;
 use std::time::Duration;
 
@@ -48,10 +48,6 @@ fn strategies(s: &str) -> Result<Vec<Strategy>, String> {
             )),
         })
         .collect()
-}
-
-fn list(s: &str) -> Result<Vec<String>, String> {
-    Ok(string_list(s))
 }
 
 #[derive(Parser, Debug, Clone)]

@@ -424,4 +424,27 @@ mod tests {
         );
         assert!(!seen.contains("busy"));
     }
+
+    /// The same skew under upstream's `default` (a random agent): the busy agent keeps getting
+    /// about half the dials, which is what `leastLoaded` is for.
+    #[test]
+    fn default_ignores_the_skew_that_least_loaded_avoids() {
+        let m = ServerMetrics::new();
+        let r = Registry::new(vec![Strategy::Default], m.clone());
+        let busy = stream("busy", "", &m);
+        r.add(busy.clone());
+        r.add(stream("idle", "", &m));
+        for i in 1..=3 {
+            let (entry, _parts) = busy.new_conn();
+            assert!(busy.conns.insert(i, entry));
+        }
+        let to_busy = (0..400)
+            .filter(|_| r.pick("x:1").expect("pick").end.agent_id == "busy")
+            .count();
+        // Binomial(400, 0.5): 200 ± 60 is beyond six standard deviations.
+        assert!(
+            (140..=260).contains(&to_busy),
+            "default should pick at random, picked the busy agent {to_busy}/400 times"
+        );
+    }
 }

@@ -16,16 +16,9 @@ use std::time::Duration;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 
-const TLS_RELOAD_EVERY: Duration = Duration::from_secs(5);
-
 /// Runs spoke-server with validated options until it is told to stop.
 pub fn run(opts: Options) -> Result<()> {
-    // One single-threaded runtime for the data path: on a 2-vCPU node it beats a work-
-    // stealing pool (fewer cross-thread wakeups per packet) and leaves a core for the agent.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the runtime")?;
+    let rt = spoke_process::data_path_runtime()?;
     rt.block_on(async move {
         let metrics = metrics::ServerMetrics::new();
         let stop = CancellationToken::new();
@@ -145,7 +138,7 @@ fn server_tls(
         },
         server.metrics.tls.clone(),
     )?;
-    tls.watch(TLS_RELOAD_EVERY);
+    tls.watch(spoke_process::TLS_RELOAD_EVERY);
     Ok(tls)
 }
 
