@@ -324,7 +324,7 @@ impl Connection {
     fn peer_initiated(&self, stream: u32) -> bool {
         match self.role {
             Role::Server => stream % 2 == 1,
-            Role::Client => stream % 2 == 0,
+            Role::Client => stream.is_multiple_of(2),
         }
     }
 
@@ -523,7 +523,7 @@ impl Connection {
             }
             return Ok(());
         }
-        if payload.len() % 6 != 0 {
+        if !payload.len().is_multiple_of(6) {
             return Err(ConnError::new(Reason::FRAME_SIZE_ERROR, "SETTINGS length"));
         }
         for p in payload.chunks(6) {

@@ -138,6 +138,9 @@ fn say0(t0: Instant, msg: &str) {
     println!("[bench {:02}:{:02}] {msg}", t / 60, t % 60);
 }
 
+/// Where the hand-written analysis of `BENCHMARKS.md` starts: a full run keeps it.
+const ANALYSIS_MARKER: &str = "<!-- analysis: kept by cargo xtask bench -->";
+
 pub fn run(args: BenchArgs) -> Result<()> {
     if let Some(addr) = &args.serve_backend {
         return io::serve_backend_process(addr);
@@ -307,7 +310,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .unwrap_or(&out)
             .display()
             .to_string();
-        let md = report::markdown(&info, &sections, &format!("{rel}/"));
+        let mut md = report::markdown(&info, &sections, &format!("{rel}/"));
+        // The written analysis below the marker outlives the generated figures.
+        let old = std::fs::read_to_string(root.join("BENCHMARKS.md")).unwrap_or_default();
+        if let Some(at) = old.find(ANALYSIS_MARKER) {
+            md.push('\n');
+            md.push_str(&old[at..]);
+        }
         std::fs::write(root.join("BENCHMARKS.md"), md)?;
         say0(t0, "BENCHMARKS.md updated");
     }
