@@ -9,24 +9,27 @@
 use super::pki::Pki;
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
-use hyper_util::rt::TokioIo;
 use rustls::ClientConfig;
 use spoke_proto::packet::Payload;
-use spoke_proto::proxy_service_client::ProxyServiceClient;
 use spoke_proto::{Packet, PacketType};
 use spoke_tests::BoxIo;
+use spoke_tunnel::http2::conn::Config;
+use spoke_tunnel::http2::driver::{self, Driver, Ended, StreamEnd};
+use spoke_tunnel::http2::grpc;
+use spoke_tunnel::http2::headers::Headers;
+use spoke_tunnel::http2::io::{Crypto, Io as Http2Io};
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context as TaskCx, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
-use tokio_stream::Stream;
+use tokio::sync::mpsc;
 use tokio_util::sync::PollSender;
-use tonic::transport::{Channel, Endpoint};
 
 pub const CHUNK: usize = 256 << 10;
 static ZEROS: [u8; CHUNK] = [0u8; CHUNK];
@@ -367,73 +370,172 @@ async fn connect_head<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// A gRPC channel like a frontend client: one per dial (single-use, as konnectivity-client's
-/// gRPC tunnel), windows as large as Spoke's own.
-pub async fn grpc_channel(front: &Front, tls: &Tls) -> Result<Channel> {
-    let ep = |uri: &'static str| {
-        Endpoint::from_static(uri)
-            .connect_timeout(Duration::from_secs(5))
-            .initial_stream_window_size(8 << 20)
-            .initial_connection_window_size(16 << 20)
-    };
-    match front {
+/// The bench's gRPC frontend client runs on Spoke's own HTTP/2 client (the framing the agent
+/// uses), so that on the gRPC routes the client costs about what Spoke's framing does and the
+/// figures are the tunnel's, not tonic's: one connection per dial, as konnectivity-client's
+/// single-use gRPC tunnels, windows as large as Spoke's own.
+fn grpc_options() -> driver::Options {
+    driver::Options {
+        http2: Config {
+            stream_window: 8 << 20,
+            connection_window: 16 << 20,
+            ..Config::default()
+        },
+        max_message: 64 << 20,
+        keepalive: Duration::ZERO,
+        keepalive_timeout: Duration::from_secs(20),
+    }
+}
+
+/// Opens the connection to the frontend and a `/ProxyService/Proxy` stream on it.
+async fn grpc_stream(front: &Front, tls: &Tls) -> Result<GrpcHalf> {
+    let mut driver: Box<dyn DriverOpen> = match front {
         Front::Uds(p) => {
-            let p = p.clone();
-            let c = tower::service_fn(move |_| {
-                let p = p.clone();
-                async move { Ok::<_, io::Error>(TokioIo::new(UnixStream::connect(p).await?)) }
-            });
-            Ok(ep("http://localhost")
-                .connect_with_connector(c)
+            let s = UnixStream::connect(p)
                 .await
-                .context("gRPC connect over UDS")?)
+                .context("gRPC connect over UDS")?;
+            Box::new(Driver::client(
+                Http2Io::new(s, Crypto::Plain),
+                grpc_options(),
+            ))
         }
         Front::Tls(a) => {
-            let (a, cfg) = (*a, tls.h2.clone());
-            let c = tower::service_fn(move |_| {
-                let cfg = cfg.clone();
-                async move { Ok::<_, io::Error>(TokioIo::new(tls_connect(a, cfg).await?)) }
-            });
-            Ok(ep("https://localhost")
-                .connect_with_connector(c)
+            let name = rustls_pki_types::ServerName::try_from("localhost")?;
+            let conn = rustls::client::UnbufferedClientConnection::new(tls.h2.clone(), name)?;
+            let tcp = TcpStream::connect(a)
                 .await
-                .context("gRPC connect over mTLS")?)
+                .context("gRPC connect over mTLS")?;
+            tcp.set_nodelay(true)?;
+            let mut io = Http2Io::new(tcp, Crypto::Client(Box::new(conn)));
+            io.handshake().await.context("gRPC mTLS handshake")?;
+            Box::new(Driver::client(io, grpc_options()))
         }
+    };
+    let req = grpc::request("https", "localhost", "/ProxyService/Proxy", "spoke-bench");
+    let (end, half) = grpc_pair();
+    driver.open_bind(&req, Box::new(end)).await?;
+    tokio::spawn(driver.run_boxed());
+    Ok(half)
+}
+
+/// `Driver<S>` for either socket type, opened and run through one box.
+trait DriverOpen: Send {
+    fn open_bind<'a>(
+        &'a mut self,
+        req: &'a Headers,
+        end: Box<dyn StreamEnd>,
+    ) -> futures::future::BoxFuture<'a, Result<()>>;
+    fn run_boxed(self: Box<Self>) -> futures::future::BoxFuture<'static, ()>;
+}
+
+impl<S: spoke_tunnel::http2::io::Socket> DriverOpen for Driver<S> {
+    fn open_bind<'a>(
+        &'a mut self,
+        req: &'a Headers,
+        end: Box<dyn StreamEnd>,
+    ) -> futures::future::BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let (id, _) = tokio::time::timeout(Duration::from_secs(10), self.open(req))
+                .await
+                .context("Proxy call: no answer in 10 s")?
+                .map_err(|e| anyhow::anyhow!("Proxy call refused: {e}"))?;
+            self.bind(id, end);
+            Ok(())
+        })
+    }
+
+    fn run_boxed(self: Box<Self>) -> futures::future::BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let _ = (*self).run().await;
+        })
+    }
+}
+
+/// Packets the server sent, with the window they still hold, and what the reader has taken.
+#[derive(Default)]
+struct Taken {
+    bytes: AtomicUsize,
+    driver: futures::task::AtomicWaker,
+}
+
+/// The driver's side of the bench's Proxy stream.
+struct GrpcEnd {
+    out: mpsc::Receiver<Packet>,
+    inbound: Option<mpsc::UnboundedSender<(Packet, usize)>>,
+    taken: Arc<Taken>,
+}
+
+/// The bench's side: packets to send, packets received.
+type GrpcHalf = (
+    mpsc::Sender<Packet>,
+    mpsc::UnboundedReceiver<(Packet, usize)>,
+    Arc<Taken>,
+);
+
+fn grpc_pair() -> (GrpcEnd, GrpcHalf) {
+    let (tx, out) = mpsc::channel(32);
+    let (inbound, rx) = mpsc::unbounded_channel();
+    let taken = Arc::new(Taken::default());
+    let end = GrpcEnd {
+        out,
+        inbound: Some(inbound),
+        taken: taken.clone(),
+    };
+    (end, (tx, rx, taken))
+}
+
+impl StreamEnd for GrpcEnd {
+    fn packet(&mut self, p: Packet, size: usize) -> Result<(), (tonic::Code, String)> {
+        match &self.inbound {
+            Some(tx) if tx.send((p, size)).is_ok() => Ok(()),
+            _ => Err((tonic::Code::Cancelled, "the bench client is gone".into())),
+        }
+    }
+
+    fn poll_packet(&mut self, cx: &mut TaskCx<'_>) -> Poll<Option<Packet>> {
+        self.out.poll_recv(cx)
+    }
+
+    fn ended(&mut self, _: &Ended) {
+        self.inbound = None;
+        self.out.close();
+    }
+
+    // The window opens as the bench reads, so a slow reader bounds what is buffered.
+    fn defers_window(&self) -> bool {
+        true
+    }
+
+    fn poll_consumed(&mut self, cx: &mut TaskCx<'_>) -> usize {
+        self.taken.driver.register(cx.waker());
+        self.taken.bytes.swap(0, Ordering::AcqRel)
     }
 }
 
 /// One tunnelled connection over a `/ProxyService/Proxy` stream, as a byte stream.
 pub struct GrpcIo {
     tx: PollSender<Packet>,
-    rx: tonic::Streaming<Packet>,
+    rx: mpsc::UnboundedReceiver<(Packet, usize)>,
+    taken: Arc<Taken>,
     id: i64,
     buf: Bytes,
     eof: bool,
-    _channel: Channel,
 }
 
 impl GrpcIo {
     pub async fn dial(front: &Front, tls: &Tls, target: SocketAddr) -> Result<GrpcIo> {
-        let channel = grpc_channel(front, tls).await?;
-        let (tx, rx) = tokio::sync::mpsc::channel(32);
+        let (tx, mut rx, taken) = grpc_stream(front, tls).await?;
         let random = (rand_id() & i64::MAX) | 1;
         tx.send(spoke_tests::grpc::dial_request(&target.to_string(), random))
             .await
             .map_err(|_| anyhow::anyhow!("request stream closed"))?;
-        let mut client =
-            ProxyServiceClient::new(channel.clone()).max_decoding_message_size(64 << 20);
-        let resp = tokio::time::timeout(
-            Duration::from_secs(10),
-            client.proxy(tokio_stream::wrappers::ReceiverStream::new(rx)),
-        )
-        .await
-        .context("Proxy call: no answer in 10 s")??;
-        let mut rx = resp.into_inner();
         loop {
-            let p = tokio::time::timeout(Duration::from_secs(10), rx.message())
+            let (p, size) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
                 .await
-                .context("no DIAL_RSP in 10 s")??
+                .context("no DIAL_RSP in 10 s")?
                 .context("stream ended before DIAL_RSP")?;
+            taken.bytes.fetch_add(size, Ordering::AcqRel);
+            taken.driver.wake();
             if let Some(Payload::DialResponse(r)) = p.payload {
                 if !r.error.is_empty() {
                     bail!("dial failed: {}", r.error);
@@ -441,10 +543,10 @@ impl GrpcIo {
                 return Ok(GrpcIo {
                     tx: PollSender::new(tx),
                     rx,
+                    taken,
                     id: r.connect_id,
                     buf: Bytes::new(),
                     eof: false,
-                    _channel: channel,
                 });
             }
         }
@@ -473,19 +575,16 @@ impl AsyncRead for GrpcIo {
             if self.eof {
                 return Poll::Ready(Ok(()));
             }
-            match ready!(Pin::new(&mut self.rx).poll_next(cx)) {
-                Some(Ok(p)) => match p.payload {
-                    Some(Payload::Data(d)) => self.buf = d.data,
-                    Some(Payload::CloseResponse(_)) => self.eof = true,
-                    _ if p.r#type == PacketType::CloseRsp as i32 => self.eof = true,
-                    _ => {}
-                },
-                Some(Err(s)) => {
-                    return Poll::Ready(Err(io::Error::other(format!(
-                        "gRPC status {:?}: {}",
-                        s.code(),
-                        s.message()
-                    ))))
+            match ready!(self.rx.poll_recv(cx)) {
+                Some((p, size)) => {
+                    self.taken.bytes.fetch_add(size, Ordering::AcqRel);
+                    self.taken.driver.wake();
+                    match p.payload {
+                        Some(Payload::Data(d)) => self.buf = d.data,
+                        Some(Payload::CloseResponse(_)) => self.eof = true,
+                        _ if p.r#type == PacketType::CloseRsp as i32 => self.eof = true,
+                        _ => {}
+                    }
                 }
                 None => self.eof = true,
             }
