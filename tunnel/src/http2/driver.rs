@@ -138,6 +138,8 @@ pub struct Driver<S> {
     messages: Vec<Bytes>,
     /// Checks for idleness, and whether anything happened since the last check.
     trim_timer: Pin<Box<tokio::time::Sleep>>,
+    /// Trimmed while idle: the timer is off until the connection does something.
+    trimmed: bool,
     active: bool,
 }
 
@@ -169,6 +171,7 @@ impl<S: Socket> Driver<S> {
             max_message: opts.max_message,
             messages: Vec::new(),
             trim_timer: Box::pin(tokio::time::sleep(IDLE_TRIM)),
+            trimmed: false,
             active: false,
         }
     }
@@ -316,10 +319,22 @@ impl<S: Socket> Driver<S> {
                 return Poll::Ready(Err(e));
             }
             self.active |= progress;
-            if self.trim_timer.as_mut().poll(cx).is_ready() {
-                if !std::mem::take(&mut self.active) {
+            // An idle connection is trimmed once and then left without a timer (thousands of
+            // idle agent streams must not each wake every few seconds); activity re-arms it.
+            let rearm = if self.trimmed {
+                progress
+            } else if self.trim_timer.as_mut().poll(cx).is_ready() {
+                let was_active = std::mem::take(&mut self.active);
+                if !was_active {
                     self.io.trim();
+                    self.trimmed = true;
                 }
+                was_active
+            } else {
+                false
+            };
+            if rearm {
+                self.trimmed = false;
                 let next = tokio::time::Instant::now() + IDLE_TRIM;
                 self.trim_timer.as_mut().reset(next);
                 let _ = self.trim_timer.as_mut().poll(cx);
