@@ -8,7 +8,7 @@ use spoke_tunnel::http2::headers::Headers;
 
 /// What the connection made of the bytes: its events, what it sent, and the error that
 /// ended it, if one did.
-#[derive(Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 struct Outcome {
     events: Vec<String>,
     output: Vec<u8>,
@@ -48,9 +48,12 @@ fn run(role: Role, stream: &[u8], sizes: &[usize]) -> Outcome {
             out.error = Some(e.to_string());
             c.go_away(e.reason, &e.why);
         }
+        let failed = out.error.is_some();
         while let Some(ev) = c.next_event() {
-            // Answer as a user of the connection would: take data, reply to requests.
+            // Answer as a user of the connection would: take data, reply to requests; after a
+            // connection error nothing is answered (the driver ends the connection).
             match &ev {
+                _ if failed => {}
                 Event::Data { stream, data, .. } => c.release(*stream, data.len()),
                 Event::Headers { stream, .. } if role == Role::Server => {
                     let mut h = Headers::new();
@@ -95,12 +98,16 @@ pub fn http2_with(data: &[u8], _checks: Checks) {
     };
     stream.extend_from_slice(input.bytes(usize::MAX));
     let whole = run(role, &stream, &[usize::MAX]);
-    // How the peer's bytes fall into reads must not change what the connection does.
+    // How the peer's bytes fall into reads must not change what the connection does: the
+    // events and the error always, and what it sends when no error cut the exchange short
+    // (how much of a reply precedes the GOAWAY depends on where the reads fell).
     for sizes in [&[1][..], &[split, 1, 9], &[split * 37 + 5]] {
-        assert_eq!(
-            run(role, &stream, sizes),
-            whole,
-            "read sizes {sizes:?} changed the outcome"
-        );
+        let mut split_run = run(role, &stream, sizes);
+        let mut whole = whole.clone();
+        if whole.error.is_some() {
+            split_run.output.clear();
+            whole.output.clear();
+        }
+        assert_eq!(split_run, whole, "read sizes {sizes:?} changed the outcome");
     }
 }
