@@ -56,16 +56,11 @@ pub fn start_health(
             }
         }
     };
-    let router = Router::new()
-        .route("/readyz", get(ready.clone()))
-        .route("/ready", get(ready))
-        .merge(admin::healthz())
-        .merge(admin::metrics_route(registry));
     let o = &agent.opts;
-    admin::serve(
-        "health",
+    admin::serve_health(
         bind_addr(&o.health_server_host, o.health_server_port)?,
-        router,
+        ready,
+        registry,
     )
 }
 

@@ -77,6 +77,21 @@ pub fn metrics_route(registry: Arc<Registry>) -> Router {
 }
 
 /// `/healthz`: the process is alive and serving HTTP.
+/// Serves the health port on its own thread: readiness at `/readyz` and `/ready` (upstream's
+/// two spellings), liveness at `/healthz` and the metrics at `/metrics`.
+pub fn serve_health<H, T>(addr: SocketAddr, ready: H, registry: Arc<Registry>) -> Result<SocketAddr>
+where
+    H: axum::handler::Handler<T, ()> + Clone,
+    T: 'static,
+{
+    let router = Router::new()
+        .route("/readyz", get(ready.clone()))
+        .route("/ready", get(ready))
+        .merge(healthz())
+        .merge(metrics_route(registry));
+    serve("health", addr, router)
+}
+
 pub fn healthz() -> Router {
     Router::new().route("/healthz", get(|| async { "ok" }))
 }

@@ -3,7 +3,6 @@
 use crate::Server;
 use axum::http::StatusCode;
 use axum::routing::get;
-use axum::Router;
 use spoke_process::admin::{self, bind_addr};
 use std::sync::Arc;
 
@@ -88,16 +87,11 @@ fn start_health(
             }
         }
     };
-    let router = Router::new()
-        .route("/readyz", get(ready.clone()))
-        .route("/ready", get(ready))
-        .merge(admin::healthz())
-        .merge(admin::metrics_route(registry));
     let o = &server.opts;
-    admin::serve(
-        "health",
+    admin::serve_health(
         bind_addr(&o.health_bind_address, o.health_port)?,
-        router,
+        ready,
+        registry,
     )?;
     Ok(())
 }
