@@ -77,14 +77,6 @@ pub fn byte_size(s: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("invalid size {s:?} (e.g. 4194304, 4Mi, 512Ki)"))
 }
 
-/// Declares a Go-style boolean flag: `--flag`, `--flag=true`, `--flag=false`.
-#[macro_export]
-macro_rules! go_bool {
-    () => {
-        clap::ArgAction::Set
-    };
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
