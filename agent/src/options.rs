@@ -251,12 +251,7 @@ impl Options {
             self.lease_label_selector = std::mem::take(&mut self.lease_label);
         }
         if self.count_server_leases {
-            spoke_k8s::leases::check_selector(&self.lease_label_selector).map_err(|e| {
-                anyhow::anyhow!(
-                    "--lease-label-selector {:?}: {e}",
-                    self.lease_label_selector
-                )
-            })?;
+            spoke_k8s::leases::check_selector_flag(&self.lease_label_selector)?;
         }
         AgentIdentifiers::parse(&self.agent_identifiers, true)
             .map_err(|e| anyhow::anyhow!("--agent-identifiers: {e}"))

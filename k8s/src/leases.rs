@@ -89,6 +89,11 @@ pub fn format_labels(labels: &BTreeMap<String, String>) -> String {
         .join(",")
 }
 
+/// [`check_selector`] for `--lease-label-selector` (both binaries take it).
+pub fn check_selector_flag(s: &str) -> Result<()> {
+    check_selector(s).map_err(|e| anyhow!("--lease-label-selector {s:?}: {e}"))
+}
+
 /// Checks a label selector's syntax as the API server would read it (equality, inequality,
 /// existence and set-based terms); the API server has the last word.
 pub fn check_selector(s: &str) -> Result<()> {

@@ -297,12 +297,7 @@ impl Options {
             }
         }
         if self.count_server_leases {
-            spoke_k8s::leases::check_selector(&self.lease_label_selector).map_err(|e| {
-                anyhow::anyhow!(
-                    "--lease-label-selector {:?}: {e}",
-                    self.lease_label_selector
-                )
-            })?;
+            spoke_k8s::leases::check_selector_flag(&self.lease_label_selector)?;
         }
         if self.approve_agent_csrs
             && (self.agent_csr_namespace.is_empty()
