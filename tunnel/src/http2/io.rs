@@ -135,6 +135,31 @@ fn tls_err(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
+/// Steps a rustls unbuffered connection (client or server: the same calls on two types) until
+/// it needs input or has made progress; on an error the fatal alert rustls queued goes out
+/// before we hang up. Evaluates to the `Progress`; returns from the caller on an error.
+macro_rules! records {
+    ($c:expr, $tls_in:expr, $tls_out:expr, $plain:expr, $pending:expr) => {
+        loop {
+            let status = $c.process_tls_records(&mut $tls_in[..]);
+            let (discard, progress) = match step(status, $tls_out, $plain, $pending) {
+                Ok(r) => r,
+                Err(e) => {
+                    while let ConnectionStateKind::Encoded =
+                        encode_pending($c.process_tls_records(&mut $tls_in[..]), $tls_out)
+                    {
+                    }
+                    return Err(e);
+                }
+            };
+            $tls_in.advance(discard);
+            if let Some(p) = progress {
+                break p;
+            }
+        }
+    };
+}
+
 impl<S: Socket> Io<S> {
     pub fn new(socket: S, crypto: Crypto) -> Io<S> {
         Io {
@@ -293,41 +318,8 @@ impl<S: Socket> Io<S> {
                 }
                 Progress::NeedInput
             }
-            Crypto::Client(c) => loop {
-                let status = c.process_tls_records(&mut tls_in[..]);
-                let (discard, progress) = match step(status, tls_out, plain, pending) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        // The fatal alert rustls queued goes out before we hang up.
-                        while let ConnectionStateKind::Encoded =
-                            encode_pending(c.process_tls_records(&mut tls_in[..]), tls_out)
-                        {
-                        }
-                        return Err(e);
-                    }
-                };
-                tls_in.advance(discard);
-                if let Some(p) = progress {
-                    break p;
-                }
-            },
-            Crypto::Server(c) => loop {
-                let status = c.process_tls_records(&mut tls_in[..]);
-                let (discard, progress) = match step(status, tls_out, plain, pending) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        while let ConnectionStateKind::Encoded =
-                            encode_pending(c.process_tls_records(&mut tls_in[..]), tls_out)
-                        {
-                        }
-                        return Err(e);
-                    }
-                };
-                tls_in.advance(discard);
-                if let Some(p) = progress {
-                    break p;
-                }
-            },
+            Crypto::Client(c) => records!(c, tls_in, tls_out, plain, pending),
+            Crypto::Server(c) => records!(c, tls_in, tls_out, plain, pending),
         };
         if self.pending.is_empty() {
             self.pending_len = 0;
