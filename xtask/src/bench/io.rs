@@ -16,7 +16,6 @@ use spoke_tests::BoxIo;
 use spoke_tunnel::http2::conn::Config;
 use spoke_tunnel::http2::driver::{self, Driver, Ended, StreamEnd};
 use spoke_tunnel::http2::grpc;
-use spoke_tunnel::http2::headers::Headers;
 use spoke_tunnel::http2::io::{Crypto, Io as Http2Io};
 use std::io;
 use std::net::SocketAddr;
@@ -389,15 +388,16 @@ fn grpc_options() -> driver::Options {
 
 /// Opens the connection to the frontend and a `/ProxyService/Proxy` stream on it.
 async fn grpc_stream(front: &Front, tls: &Tls) -> Result<GrpcHalf> {
-    let mut driver: Box<dyn DriverOpen> = match front {
+    match front {
         Front::Uds(p) => {
             let s = UnixStream::connect(p)
                 .await
                 .context("gRPC connect over UDS")?;
-            Box::new(Driver::client(
+            proxy_stream(Driver::client(
                 Http2Io::new(s, Crypto::Plain),
                 grpc_options(),
             ))
+            .await
         }
         Front::Tls(a) => {
             let name = rustls_pki_types::ServerName::try_from("localhost")?;
@@ -408,47 +408,24 @@ async fn grpc_stream(front: &Front, tls: &Tls) -> Result<GrpcHalf> {
             tcp.set_nodelay(true)?;
             let mut io = Http2Io::new(tcp, Crypto::Client(Box::new(conn)));
             io.handshake().await.context("gRPC mTLS handshake")?;
-            Box::new(Driver::client(io, grpc_options()))
+            proxy_stream(Driver::client(io, grpc_options())).await
         }
-    };
+    }
+}
+
+/// Opens the Proxy stream on a connection and runs the connection in its own task.
+async fn proxy_stream<S: spoke_tunnel::http2::io::Socket>(
+    mut driver: Driver<S>,
+) -> Result<GrpcHalf> {
     let req = grpc::request("https", "localhost", "/ProxyService/Proxy", "spoke-bench");
+    let (id, _) = tokio::time::timeout(Duration::from_secs(10), driver.open(&req))
+        .await
+        .context("Proxy call: no answer in 10 s")?
+        .map_err(|e| anyhow::anyhow!("Proxy call refused: {e}"))?;
     let (end, half) = grpc_pair();
-    driver.open_bind(&req, Box::new(end)).await?;
-    tokio::spawn(driver.run_boxed());
+    driver.bind(id, Box::new(end));
+    tokio::spawn(driver.run());
     Ok(half)
-}
-
-/// `Driver<S>` for either socket type, opened and run through one box.
-trait DriverOpen: Send {
-    fn open_bind<'a>(
-        &'a mut self,
-        req: &'a Headers,
-        end: Box<dyn StreamEnd>,
-    ) -> futures::future::BoxFuture<'a, Result<()>>;
-    fn run_boxed(self: Box<Self>) -> futures::future::BoxFuture<'static, ()>;
-}
-
-impl<S: spoke_tunnel::http2::io::Socket> DriverOpen for Driver<S> {
-    fn open_bind<'a>(
-        &'a mut self,
-        req: &'a Headers,
-        end: Box<dyn StreamEnd>,
-    ) -> futures::future::BoxFuture<'a, Result<()>> {
-        Box::pin(async move {
-            let (id, _) = tokio::time::timeout(Duration::from_secs(10), self.open(req))
-                .await
-                .context("Proxy call: no answer in 10 s")?
-                .map_err(|e| anyhow::anyhow!("Proxy call refused: {e}"))?;
-            self.bind(id, end);
-            Ok(())
-        })
-    }
-
-    fn run_boxed(self: Box<Self>) -> futures::future::BoxFuture<'static, ()> {
-        Box::pin(async move {
-            let _ = (*self).run().await;
-        })
-    }
 }
 
 /// Packets the server sent, with the window they still hold, and what the reader has taken.
