@@ -151,6 +151,53 @@ fn main() {
     split.extend(frame(9, 4, 3, &block[20..]));
     write("http2", "padded-continuation", &split);
 
+    // `hpack`: the request blocks of RFC 7541 C.3 (plain) and C.4 (Huffman), and every real
+    // client's HEADERS blocks from the conformance fixtures.
+    let hpack_seed = |blocks: &[Vec<u8>]| {
+        let mut s = vec![64]; // a 4096-byte table
+        for b in blocks {
+            s.extend((b.len() as u16).to_le_bytes());
+            s.extend(b);
+        }
+        s
+    };
+    for (name, blocks) in [
+        (
+            "rfc7541-c3",
+            [
+                "828684410f7777772e6578616d706c652e636f6d",
+                "828684be58086e6f2d6361636865",
+                "828785bf400a637573746f6d2d6b65790c637573746f6d2d76616c7565",
+            ],
+        ),
+        (
+            "rfc7541-c4",
+            [
+                "828684418cf1e3c2e5f23a6ba0ab90f4ff",
+                "828684be5886a8eb10649cbf",
+                "828785bf408825a849e95ba97d7f8925a849e95bb8e8b4bf",
+            ],
+        ),
+    ] {
+        let blocks: Vec<Vec<u8>> = blocks.iter().map(|h| hex(h)).collect();
+        write("hpack", name, &hpack_seed(&blocks));
+    }
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/real-clients");
+    for entry in std::fs::read_dir(&fixtures).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        // `c <hex>` frames of type 1 (HEADERS), without their 9-byte frame head.
+        let blocks: Vec<Vec<u8>> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("c "))
+            .map(hex)
+            .filter(|f| f.len() > 9 && f[3] == 1)
+            .map(|f| f[9..].to_vec())
+            .collect();
+        let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+        write("hpack", &name, &hpack_seed(&blocks));
+    }
+
     for (i, s) in [
         "host=node1&host=node1.example.com&ipv4=10.0.0.5&ipv6=fd00::5&cidr=10.0.0.0/16&default-route=true",
         "zone=a&host=x",
@@ -176,4 +223,11 @@ fn main() {
     {
         write("flags", &format!("flag-{i}"), s.as_bytes());
     }
+}
+
+fn hex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
 }

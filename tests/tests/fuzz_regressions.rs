@@ -59,6 +59,11 @@ fn http2_inputs() {
 }
 
 #[test]
+fn hpack_inputs() {
+    replay("hpack", harness::hpack_with);
+}
+
+#[test]
 fn identifiers_inputs() {
     replay("identifiers", harness::identifiers_with);
 }

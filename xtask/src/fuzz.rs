@@ -25,6 +25,7 @@ pub const TARGETS: &[&str] = &[
     "packets_agent",
     "http_connect",
     "http2",
+    "hpack",
     "identifiers",
     "flags",
 ];

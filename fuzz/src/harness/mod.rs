@@ -7,11 +7,13 @@
 //! [`KnownBug`].
 #![allow(dead_code)]
 
+mod hpack;
 mod http;
 mod http2;
 mod packets;
 mod text;
 
+pub use hpack::hpack_with;
 pub use http::http_connect_with;
 pub use http2::http2_with;
 pub use packets::{packets_agent_with, packets_server_with};
@@ -63,6 +65,10 @@ pub fn packets_agent(data: &[u8]) {
 
 pub fn http_connect(data: &[u8]) {
     http_connect_with(data, Checks::from_env());
+}
+
+pub fn hpack(data: &[u8]) {
+    hpack_with(data, Checks::from_env());
 }
 
 pub fn http2(data: &[u8]) {

@@ -5,7 +5,9 @@
 use super::frame::{self, flag, kind, setting, ConnError, Head, Reason};
 use super::headers::Headers;
 use bytes::{Buf, Bytes, BytesMut};
-use loona_hpack::{Decoder, Encoder};
+use loona_hpack::Encoder;
+
+use super::hpack::Decoder;
 use std::collections::{HashMap, VecDeque};
 
 /// Which end of the connection this is.
@@ -112,7 +114,7 @@ pub struct Connection {
     last_peer_stream: u32,
     next_own_stream: u32,
     pending: Option<Pending>,
-    decoder: Decoder<'static>,
+    decoder: Decoder,
     encoder: Encoder<'static>,
     /// Frames waiting to be written, in order.
     out: VecDeque<Bytes>,
@@ -128,8 +130,6 @@ const TABLE_SIZE: usize = 4096;
 
 impl Connection {
     pub fn new(role: Role, config: Config) -> Connection {
-        let mut decoder = Decoder::new();
-        decoder.set_max_allowed_table_size(TABLE_SIZE);
         let mut encoder = Encoder::new();
         // Never index: no dynamic-table state to keep in step with the peer's settings.
         encoder.set_max_table_size(0);
@@ -151,7 +151,7 @@ impl Connection {
             last_peer_stream: 0,
             next_own_stream: if role == Role::Client { 1 } else { 2 },
             pending: None,
-            decoder,
+            decoder: Decoder::new(TABLE_SIZE),
             encoder,
             out: VecDeque::new(),
             scratch: BytesMut::new(),
@@ -447,14 +447,19 @@ impl Connection {
         };
         let mut fields = Vec::new();
         let mut size = 0usize;
+        let limit = self.config.max_header_list_size as usize;
         self.decoder
-            .decode_with_cb(&p.block, |n, v| {
+            .decode(&p.block, |n, v| {
                 size += n.len() + v.len() + 32;
-                fields.push((Bytes::copy_from_slice(&n), Bytes::copy_from_slice(&v)));
+                // Past the limit the stream is refused: keep decoding (the table must stay
+                // in step) but hold nothing more.
+                if size <= limit {
+                    fields.push((n, v));
+                }
             })
             .map_err(|e| ConnError::new(Reason::COMPRESSION_ERROR, e.to_string()))?;
         let stream = p.stream;
-        if size > self.config.max_header_list_size as usize {
+        if size > limit {
             self.refuse(stream, Reason::PROTOCOL_ERROR);
             return Ok(());
         }

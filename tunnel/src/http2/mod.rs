@@ -12,6 +12,8 @@ pub mod driver;
 pub mod frame;
 pub mod grpc;
 pub mod headers;
+pub mod hpack;
+mod huffman;
 pub mod io;
 
 #[cfg(test)]
