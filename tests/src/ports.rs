@@ -22,28 +22,13 @@ pub fn free_port() -> u16 {
     }
 }
 
-/// Raises this process's soft open-file limit to the hard limit (children inherit it).
+/// Raises this process's open-file limits as far as the kernel allows (children inherit
+/// them): tests open thousands of sockets, and a fresh machine's hard limit may be 1024.
 pub fn raise_nofile_limit() {
-    // SAFETY: getrlimit/setrlimit only read/write the struct we pass.
-    unsafe {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
+    spoke_process::limits::raise_open_files_to_kernel_max();
 }
 
 /// Current soft open-file limit of this process.
 pub fn nofile_limit() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit only writes the struct we pass.
-    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
-    lim.rlim_cur
+    spoke_process::limits::open_files()
 }

@@ -691,9 +691,10 @@ async fn soak_sequential_dials_and_long_connections_return_to_baseline() {
     );
     assert_eq!(grpc, Some(1.0), "one agent stream after the soak");
     let names_ = ["server fds", "agent fds", "server RSS", "agent RSS"];
-    // 10% plus a little: a couple of fds (a lingering keep-alive) and 1 MiB of heap the
-    // allocator keeps by design; the heap trimmer (tunnel::memory) returns the rest.
-    let slack = [2u64, 2, 1 << 20, 1 << 20];
+    // 10% plus a little: a couple of fds (a lingering keep-alive) and 3 MiB of heap: the
+    // heap trimmer (spoke_process::memory) leaves up to 2 MiB free by design, and the
+    // allocator's arenas round up. The soak's 1,000 connections would leak far more.
+    let slack = [2u64, 2, 3 << 20, 3 << 20];
     let mut last = [0u64; 4];
     let settle = Instant::now();
     let outcome = tokio::time::timeout(Duration::from_secs(20), async {

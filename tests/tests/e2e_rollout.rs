@@ -47,8 +47,9 @@ const LONG_PER_AGENT: usize = 2;
 const LONG_CHUNK: usize = 16 * 1024;
 const LONG_EVERY: Duration = Duration::from_millis(50);
 /// Agent 2's drain: long enough for the end of the rollout (50 requests, the long-lived
-/// connections finishing) to happen inside it.
-const ROLLOUT_DRAIN: Duration = Duration::from_secs(5);
+/// connections finishing) to happen inside it, with room for a loaded CI machine (that part
+/// takes 2-3 s here).
+const ROLLOUT_DRAIN: Duration = Duration::from_secs(8);
 /// Agent 1's drain: longer than the test, so the second signal is what ends it.
 const LONG_DRAIN: Duration = Duration::from_secs(120);
 /// The single agent's drain.
@@ -557,7 +558,7 @@ async fn single_agent_drain(mode: Mode) {
     let new_dials = dial_reqs(&agent).await - dials_at_mark;
     println!("{after_mark} requests started after the server marked the agent draining; it got {new_dials} DIAL_REQs since");
     assert!(
-        after_mark >= 100 && new_dials >= counted,
+        after_mark >= 50 && new_dials >= counted,
         "the draining agent must take the new dials: {after_mark} requests after the mark, \
          {counted} after the DIAL_REQ reading, {new_dials} DIAL_REQs since"
     );

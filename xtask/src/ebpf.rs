@@ -34,6 +34,10 @@ const TEST_PACKAGES: &[&str] = &[
     "openssh-client",
     "libcap2-bin",
     "util-linux",
+    // tests/ebpf.rs: a process that joins a cgroup, then execs a listener.
+    "python3",
+    // libfuzzer-sys builds libFuzzer (C++) for the fuzz step.
+    "g++",
     // tests/conformance.rs: a real grpc-go client (tests/real-clients/goclient), built offline
     // in GOPATH mode from Debian's Go sources.
     "golang-go",
@@ -42,6 +46,8 @@ const TEST_PACKAGES: &[&str] = &[
     "golang-github-golang-protobuf-1-3-dev",
 ];
 
+/// A fresh machine may be running its first unattended upgrade: wait for the dpkg lock.
+pub const APT_LOCK_WAIT: &str = "DPkg::Lock::Timeout=600";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const DEBIAN_RUSTC: &str = "/usr/bin/rustc";
@@ -264,7 +270,7 @@ fn ensure_apt(what: &str, packages: &[&str]) -> anyhow::Result<()> {
         timed("apt-get update", "about 10 s", || {
             run(privileged("apt-get")?
                 .env("DEBIAN_FRONTEND", "noninteractive")
-                .args(["-q", "update"]))
+                .args(["-q", "-o", APT_LOCK_WAIT, "update"]))
         })?;
         timed(
             &format!("apt-get install ({} packages)", missing.len()),
@@ -273,6 +279,7 @@ fn ensure_apt(what: &str, packages: &[&str]) -> anyhow::Result<()> {
                 run(privileged("apt-get")?
                     .env("DEBIAN_FRONTEND", "noninteractive")
                     .args(["install", "-y", "-q", "--no-install-recommends"])
+                    .args(["-o", APT_LOCK_WAIT])
                     .args(&missing))
             },
         )?;

@@ -11,6 +11,11 @@
 //! ignored by git). A crash is saved under `fuzz/artifacts/<target>/`; copy it into
 //! `fuzz/regressions/<target>/` and into `tests/tests/fuzz_regressions.rs`.
 //!
+//! Two budgets. `cargo xtask fuzz` explores for a time per target, keeping what it learns
+//! in the corpus. The test run (`cargo xtask test`, CI) is a fixed number of runs from a
+//! fixed seed over the committed seeds and regressions only, so it does the same work on
+//! every machine: what passes here passes in CI, and a crash there reproduces here.
+//!
 //! `SPOKE_FUZZ_SECONDS` overrides the time per target (longer local runs);
 //! `SPOKE_FUZZ_TARGET_DIR` moves the build out of `fuzz/target` (a cache that survives);
 //! `SPOKE_FUZZ_STRICT=1` also checks the invariants of known, unfixed bugs.
@@ -87,21 +92,50 @@ pub struct Outcome {
     pub failure: Option<String>,
 }
 
-fn run_target(fuzz_dir: &Path, bin_dir: &Path, target: &'static str, secs: u64) -> Result<Outcome> {
+/// How long each target runs.
+#[derive(Clone, Copy, Debug)]
+pub enum Budget {
+    /// Explore for this many seconds, growing the persistent corpus.
+    Explore { seconds: u64 },
+    /// Exactly this many runs from a fixed seed, from the committed inputs only; the time
+    /// limit only guards against a hang.
+    Fixed { runs: u64, limit_seconds: u64 },
+}
+
+fn run_target(
+    fuzz_dir: &Path,
+    bin_dir: &Path,
+    target: &'static str,
+    budget: Budget,
+) -> Result<Outcome> {
     let dir = |kind: &str| fuzz_dir.join(kind).join(target);
-    let (corpus, seeds, regressions, artifacts) = (
-        dir("corpus"),
-        dir("seeds"),
-        dir("regressions"),
-        dir("artifacts"),
-    );
+    let (seeds, regressions, artifacts) = (dir("seeds"), dir("regressions"), dir("artifacts"));
+    // New inputs go to the first directory: the untracked corpus, or, for a fixed budget, an
+    // empty scratch one (what earlier runs learned would change the run).
+    let (corpus, budget_args) = match budget {
+        Budget::Explore { seconds } => (dir("corpus"), vec![format!("-max_total_time={seconds}")]),
+        Budget::Fixed {
+            runs,
+            limit_seconds,
+        } => {
+            let scratch = bin_dir.join("fixed-corpus").join(target);
+            let _ = std::fs::remove_dir_all(&scratch);
+            (
+                scratch,
+                vec![
+                    "-seed=1".to_string(),
+                    format!("-runs={runs}"),
+                    format!("-max_total_time={limit_seconds}"),
+                ],
+            )
+        }
+    };
     for d in [&corpus, &seeds, &regressions, &artifacts] {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
     let started = Instant::now();
-    // New inputs go to the first directory: the untracked corpus.
     let out = Command::new(bin_dir.join(target))
-        .arg(format!("-max_total_time={secs}"))
+        .args(&budget_args)
         .arg(format!("-artifact_prefix={}/", artifacts.display()))
         .args([
             "-print_final_stats=1",
@@ -154,14 +188,19 @@ fn run_target(fuzz_dir: &Path, bin_dir: &Path, target: &'static str, secs: u64) 
     })
 }
 
-/// Builds and runs every fuzz target for `seconds_per_target` (or `SPOKE_FUZZ_SECONDS`),
-/// printing executions per target; fails if any target found a crash.
-pub fn run(seconds_per_target: u64) -> Result<()> {
-    let secs = std::env::var("SPOKE_FUZZ_SECONDS")
+/// Builds and runs every fuzz target on `budget` (`SPOKE_FUZZ_SECONDS` turns any budget
+/// into exploring for that long), printing executions per target; fails if any target found
+/// a crash.
+pub fn run(budget: Budget) -> Result<()> {
+    let budget = match std::env::var("SPOKE_FUZZ_SECONDS")
         .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(seconds_per_target)
-        .max(1);
+        .and_then(|s| s.parse::<u64>().ok())
+    {
+        Some(seconds) => Budget::Explore {
+            seconds: seconds.max(1),
+        },
+        None => budget,
+    };
     let fuzz_dir = crate::workspace_root().join("fuzz");
     let started = Instant::now();
     let bin_dir = build(&fuzz_dir)?;
@@ -169,7 +208,7 @@ pub fn run(seconds_per_target: u64) -> Result<()> {
     println!("[fuzz] built {} targets in {built:.0}s", TARGETS.len());
     let mut failed = Vec::new();
     for target in TARGETS {
-        let o = run_target(&fuzz_dir, &bin_dir, target, secs)?;
+        let o = run_target(&fuzz_dir, &bin_dir, target, budget)?;
         println!(
             "[fuzz] {:<15} {:>10} executions in {:.0}s{}",
             o.target,

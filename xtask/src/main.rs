@@ -35,11 +35,14 @@ enum Cmd {
     },
     /// Install test dependencies and run every test.
     Test,
-    /// Run every fuzz target for a bounded time.
+    /// Explore with every fuzz target for a bounded time, growing fuzz/corpus.
     Fuzz {
         /// Seconds per target.
         #[arg(long, default_value_t = 60)]
         seconds: u64,
+        /// Instead, the test run's fixed budget (what CI runs, run for run).
+        #[arg(long)]
+        ci: bool,
     },
     /// Run the benchmarks here and write bench/results/<date>-<commit>/.
     Bench(bench_args::BenchArgs),
@@ -58,7 +61,11 @@ fn main() -> anyhow::Result<()> {
         Cmd::Setup => ebpf::setup(),
         Cmd::BuildEbpf => ebpf::build_ebpf().map(|p| println!("{}", p.display())),
         Cmd::Test => test::run(),
-        Cmd::Fuzz { seconds } => fuzz::run(seconds),
+        Cmd::Fuzz { seconds, ci } => fuzz::run(if ci {
+            test::FUZZ_BUDGET
+        } else {
+            fuzz::Budget::Explore { seconds }
+        }),
         #[cfg(feature = "runner")]
         Cmd::Demo { once } => demo::run(once),
         #[cfg(feature = "runner")]

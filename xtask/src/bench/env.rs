@@ -33,11 +33,13 @@ pub fn ensure_packages(say: &dyn Fn(&str)) -> Result<()> {
             .stdout(Stdio::null())
             .status()
     };
-    if !quiet(Command::new("apt-get").args(["update", "-q"]))?.success() {
+    let lock_wait = crate::ebpf::APT_LOCK_WAIT;
+    if !quiet(Command::new("apt-get").args(["update", "-q", "-o", lock_wait]))?.success() {
         bail!("apt-get update failed");
     }
     let mut c = Command::new("apt-get");
     c.args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(["-o", lock_wait])
         .args(&missing);
     if !quiet(&mut c)?.success() {
         bail!("apt-get install {} failed", missing.join(" "));
@@ -47,35 +49,8 @@ pub fn ensure_packages(say: &dyn Fn(&str)) -> Result<()> {
 
 /// Raises RLIMIT_NOFILE as far as the kernel allows; children inherit it. Returns the limit.
 pub fn raise_nofile() -> Result<u64> {
-    let nr_open: u64 = std::fs::read_to_string("/proc/sys/fs/nr_open")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(1 << 20);
-    let want = nr_open.min(1 << 20);
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: valid pointer to an rlimit.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        bail!("getrlimit: {}", std::io::Error::last_os_error());
-    }
-    let try_set = |cur: u64, max: u64| {
-        let l = libc::rlimit {
-            rlim_cur: cur as libc::rlim_t,
-            rlim_max: max as libc::rlim_t,
-        };
-        // SAFETY: valid pointer to an rlimit.
-        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &l) == 0 }
-    };
-    if try_set(want, want.max(lim.rlim_max)) {
-        return Ok(want);
-    }
-    let hard = lim.rlim_max;
-    if try_set(hard, hard) {
-        return Ok(hard);
-    }
-    Ok(lim.rlim_cur)
+    spoke_tests::ports::raise_nofile_limit();
+    Ok(spoke_tests::ports::nofile_limit())
 }
 
 fn cmd_out(prog: &str, args: &[&str]) -> String {
