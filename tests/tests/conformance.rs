@@ -769,10 +769,9 @@ fn captured_grpc_go_messages_reencode_byte_for_byte() {
     }
 }
 
-/// Every fixture is some row's script, and every row's fixture exists.
-#[test]
-fn every_fixture_has_a_row() {
-    let mut on_disk: Vec<String> = std::fs::read_dir(h2wire::fixtures_dir())
+/// The fixture files (`*.h2`), sorted.
+fn fixture_names() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(h2wire::fixtures_dir())
         .expect("fixtures dir")
         .map(|e| {
             e.expect("dir entry")
@@ -782,7 +781,14 @@ fn every_fixture_has_a_row() {
         })
         .filter(|n| n.ends_with(".h2"))
         .collect();
-    on_disk.sort();
+    names.sort();
+    names
+}
+
+/// Every fixture is some row's script, and every row's fixture exists.
+#[test]
+fn every_fixture_has_a_row() {
+    let on_disk = fixture_names();
     let mut in_rows: Vec<String> = ROWS
         .iter()
         .filter_map(|r| match r.script {
@@ -801,17 +807,7 @@ fn every_fixture_has_a_row() {
 /// comments list them (written from the Go encoder's input).
 #[test]
 fn spokes_hpack_decoder_reads_every_real_clients_headers() {
-    let mut names: Vec<String> = std::fs::read_dir(h2wire::fixtures_dir())
-        .expect("fixtures dir")
-        .map(|e| {
-            e.expect("dir entry")
-                .file_name()
-                .to_string_lossy()
-                .into_owned()
-        })
-        .filter(|n| n.ends_with(".h2"))
-        .collect();
-    names.sort();
+    let names = fixture_names();
     let mut huffman_strings = 0;
     for name in &names {
         let units = load_fixture(name).expect("fixture");
