@@ -11,6 +11,7 @@ fn main() {
         "packets_agent" => harness::packets_agent,
         "http_connect" => harness::http_connect,
         "http2" => harness::http2,
+        "hpack" => harness::hpack,
         "identifiers" => harness::identifiers,
         "flags" => harness::flags,
         other => panic!("unknown target {other}"),

@@ -73,6 +73,9 @@ const STATIC: [(&str, &str); 61] = [
     ("www-authenticate", ""),
 ];
 
+/// The dynamic table's size before any SETTINGS (RFC 9113 §6.5.2).
+const DEFAULT_TABLE_SIZE: usize = 4096;
+
 /// Per-entry overhead in the table's size accounting (RFC 7541 §4.1).
 const ENTRY_OVERHEAD: usize = 32;
 
@@ -123,11 +126,14 @@ pub struct Decoder {
 }
 
 impl Decoder {
+    /// `limit`: the SETTINGS_HEADER_TABLE_SIZE we announce. The table starts at the protocol's
+    /// 4,096 bytes whatever we announce, as h2 and loona-hpack do: the encoder moves to our
+    /// setting with a size update, which may not exceed `limit`.
     pub fn new(limit: usize) -> Decoder {
         Decoder {
             table: VecDeque::new(),
             size: 0,
-            max_size: limit,
+            max_size: DEFAULT_TABLE_SIZE,
             limit,
         }
     }
@@ -351,9 +357,10 @@ mod tests {
     #[test]
     fn rfc7541_response_examples_evict() {
         let mut d = Decoder::new(256);
+        // The encoder moves the table to our 256 bytes first (3fe101: a size update to 256).
         let first = fields(
             &mut d,
-            "4803333032580770726976617465611d4d6f6e2c203231204f637420323031332032303a31333a323120474d546e1768747470733a2f2f7777772e6578616d706c652e636f6d",
+            "3fe1014803333032580770726976617465611d4d6f6e2c203231204f637420323031332032303a31333a323120474d546e1768747470733a2f2f7777772e6578616d706c652e636f6d",
         );
         assert_eq!(
             first,
@@ -423,6 +430,14 @@ mod tests {
         assert_eq!(fields(&mut d, "be"), Err(HpackError::BadIndex(62)));
         // An entry larger than the table empties it rather than failing.
         let mut small = Decoder::new(40);
+        // Until the encoder's size update, the table is the protocol's 4,096 bytes.
+        assert_eq!(small.max_size, 4096);
+        fields(&mut small, "3f09").expect("a size update to 40");
+        assert_eq!(small.max_size, 40);
+        assert_eq!(
+            fields(&mut small, "3f0a"),
+            Err(HpackError::TableSizeOverLimit(41))
+        );
         fields(&mut small, "4001610162").expect("fits: 34 bytes");
         assert_eq!(small.table.len(), 1);
         // "a": "bcdefghi" is 41 bytes.
