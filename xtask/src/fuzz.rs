@@ -13,8 +13,9 @@
 //!
 //! Two budgets. `cargo xtask fuzz` explores for a time per target, keeping what it learns
 //! in the corpus. The test run (`cargo xtask test`, CI) is a fixed number of runs from a
-//! fixed seed over the committed seeds and regressions only, so it does the same work on
-//! every machine: what passes here passes in CI, and a crash there reproduces here.
+//! fixed seed over the committed seeds and regressions only, so what it explores depends
+//! neither on a local corpus nor on the machine's speed (hash-map order still varies the
+//! coverage a little from run to run).
 //!
 //! `SPOKE_FUZZ_SECONDS` overrides the time per target (longer local runs);
 //! `SPOKE_FUZZ_TARGET_DIR` moves the build out of `fuzz/target` (a cache that survives);

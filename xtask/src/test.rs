@@ -11,8 +11,8 @@ fn step(name: &str, cmd: &mut Command) -> bool {
     ok
 }
 
-/// The test run's fuzzing: the same runs from the same seed on every machine (a crash in CI
-/// reproduces here), enough to replay the seeds and regressions and explore a little
+/// The test run's fuzzing: a fixed number of runs from a fixed seed on every machine (not a
+/// time, nor a local corpus), enough to replay the seeds and regressions and explore a little
 /// (2–40 s a target), with a time limit that only catches a hang.
 pub const FUZZ_BUDGET: crate::fuzz::Budget = crate::fuzz::Budget::Fixed {
     runs: 20_000,
