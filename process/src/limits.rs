@@ -6,7 +6,14 @@ use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
 /// binaries get it too); the operator's hard limit stays. Returns the soft limit now.
 pub fn raise_open_files() -> u64 {
     let lim = getrlimit(Resource::Nofile);
-    if lim.current < lim.maximum {
+    // `None` is unlimited (never the case for open files on Linux, where `fs.nr_open` caps the
+    // hard limit); `Option`'s order would put it below every number.
+    let below_hard = match (lim.current, lim.maximum) {
+        (Some(soft), Some(hard)) => soft < hard,
+        (Some(_), None) => true,
+        (None, _) => false,
+    };
+    if below_hard {
         let _ = setrlimit(
             Resource::Nofile,
             Rlimit {
@@ -18,8 +25,8 @@ pub fn raise_open_files() -> u64 {
     open_files()
 }
 
-/// Raises both limits as far as the kernel allows (`fs.nr_open`, at most 2^20; the hard limit
-/// needs CAP_SYS_RESOURCE), else as `raise_open_files`: for tests and benchmarks that open
+/// Raises both limits to at least the kernel's `fs.nr_open` capped at 2^20 (raising the hard
+/// limit needs CAP_SYS_RESOURCE), and the soft one to the hard one as `raise_open_files` does: for tests and benchmarks that open
 /// thousands of sockets on a machine whose hard limit may be 1024. Returns the soft limit now.
 pub fn raise_open_files_to_kernel_max() -> u64 {
     let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")

@@ -83,7 +83,7 @@ const ENTRY_OVERHEAD: usize = 32;
 pub enum HpackError {
     /// The block ends inside a representation.
     Truncated,
-    /// An integer longer than any table or string we accept.
+    /// An integer of more than four continuation octets (2^28 and up).
     IntegerOverflow,
     /// Index 0, or past the end of the static and dynamic tables.
     BadIndex(usize),
@@ -246,8 +246,9 @@ impl Reader<'_> {
         if value < max {
             return Ok(value);
         }
-        // Enough for any size or index we could accept; more is an attack or garbage.
-        const MAX_SHIFT: u32 = 28;
+        // Four continuation octets, as h2 allows: values below 2^28, enough for any size or
+        // index we could accept (and within a 32-bit usize); more is an attack or garbage.
+        const MAX_SHIFT: u32 = 21;
         let mut shift = 0;
         loop {
             let (&b, rest) = self.buf.split_first().ok_or(HpackError::Truncated)?;
@@ -277,6 +278,11 @@ impl Reader<'_> {
         }
         let mut out = Vec::new();
         huffman::decode(raw, &mut out).map_err(HpackError::Huffman)?;
+        // The decoder reserves for the shortest codes (8/5 of the input); long codes decode to
+        // far less, and what a field keeps (it may live on in the dynamic table) is its length.
+        if out.capacity() > out.len() + out.len() / 4 {
+            out.shrink_to_fit();
+        }
         Ok(Bytes::from(out))
     }
 }
@@ -396,6 +402,12 @@ mod tests {
         // Integer running on, or cut off.
         assert_eq!(
             fields(&mut d, "ffffffffffff7f"),
+            Err(HpackError::IntegerOverflow)
+        );
+        // Redundant continuation octets are legal, up to four (as h2); a fifth is refused.
+        assert_eq!(fields(&mut d, "ff80808000"), Err(HpackError::BadIndex(127)));
+        assert_eq!(
+            fields(&mut d, "ff8080808000"),
             Err(HpackError::IntegerOverflow)
         );
         assert_eq!(fields(&mut d, "ff"), Err(HpackError::Truncated));
