@@ -76,7 +76,6 @@ pub fn metrics_route(registry: Arc<Registry>) -> Router {
     )
 }
 
-/// `/healthz`: the process is alive and serving HTTP.
 /// Serves the health port on its own thread: readiness at `/readyz` and `/ready` (upstream's
 /// two spellings), liveness at `/healthz` and the metrics at `/metrics`.
 pub fn serve_health<H, T>(addr: SocketAddr, ready: H, registry: Arc<Registry>) -> Result<SocketAddr>
@@ -92,6 +91,7 @@ where
     serve("health", addr, router)
 }
 
+/// `/healthz`: the process is alive and serving HTTP.
 pub fn healthz() -> Router {
     Router::new().route("/healthz", get(|| async { "ok" }))
 }

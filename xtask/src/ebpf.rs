@@ -247,7 +247,7 @@ pub fn ensure_toolchain() -> anyhow::Result<()> {
 }
 
 /// Installs whichever of `packages` are missing.
-fn ensure_apt(what: &str, packages: &[&str]) -> anyhow::Result<()> {
+pub fn ensure_apt(what: &str, packages: &[&str]) -> anyhow::Result<()> {
     let missing: Vec<&str> = packages
         .iter()
         .copied()

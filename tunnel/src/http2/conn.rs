@@ -4,10 +4,9 @@
 //! stream or connection error. Who drives it decides how bytes reach the socket.
 use super::frame::{self, flag, kind, setting, ConnError, Head, Reason};
 use super::headers::Headers;
+use super::hpack::Decoder;
 use bytes::{Buf, Bytes, BytesMut};
 use loona_hpack::Encoder;
-
-use super::hpack::Decoder;
 use std::collections::{HashMap, VecDeque};
 
 /// Which end of the connection this is.

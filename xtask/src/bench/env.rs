@@ -1,6 +1,6 @@
 //! The machine: packages the bench needs, limits, and what the report says about the host.
 use anyhow::{bail, Context, Result};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 /// Debian packages of the baselines and namespace plumbing.
 pub const PACKAGES: &[&str] = &[
@@ -11,47 +11,6 @@ pub const PACKAGES: &[&str] = &[
     "iproute2",
     "procps",
 ];
-
-fn installed(pkg: &str) -> bool {
-    Command::new("dpkg-query")
-        .args(["-W", "-f=${Status}", pkg])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
-        .unwrap_or(false)
-}
-
-/// Installs missing packages (`apt-get update` first, only when something is missing).
-pub fn ensure_packages(say: &dyn Fn(&str)) -> Result<()> {
-    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
-    if missing.is_empty() {
-        say("packages: all present");
-        return Ok(());
-    }
-    say(&format!("packages: installing {}", missing.join(" ")));
-    let quiet = |c: &mut Command| {
-        c.env("DEBIAN_FRONTEND", "noninteractive")
-            .stdout(Stdio::null())
-            .status()
-    };
-    let lock_wait = crate::ebpf::APT_LOCK_WAIT;
-    if !quiet(Command::new("apt-get").args(["update", "-q", "-o", lock_wait]))?.success() {
-        bail!("apt-get update failed");
-    }
-    let mut c = Command::new("apt-get");
-    c.args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(["-o", lock_wait])
-        .args(&missing);
-    if !quiet(&mut c)?.success() {
-        bail!("apt-get install {} failed", missing.join(" "));
-    }
-    Ok(())
-}
-
-/// Raises RLIMIT_NOFILE as far as the kernel allows; children inherit it. Returns the limit.
-pub fn raise_nofile() -> Result<u64> {
-    spoke_tests::ports::raise_nofile_limit();
-    Ok(spoke_tests::ports::nofile_limit())
-}
 
 fn cmd_out(prog: &str, args: &[&str]) -> String {
     Command::new(prog)

@@ -108,7 +108,7 @@ async fn serve(mut s: TcpStream) -> Result<()> {
 
 /// `xtask bench --serve-backend ADDR`: prints `LISTENING <addr>`, serves until stdin closes.
 pub fn serve_backend_process(addr: &str) -> Result<()> {
-    let _ = super::env::raise_nofile();
+    spoke_tests::ports::raise_nofile_limit();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

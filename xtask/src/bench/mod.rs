@@ -181,9 +181,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     say0(t0, &format!("{profile} run of: {}", chosen.join(", ")));
     netns::remove_stale();
     if !args.no_install {
-        env::ensure_packages(&|m| say0(t0, m))?;
+        crate::ebpf::ensure_apt("bench", env::PACKAGES)?;
     }
-    let nofile = env::raise_nofile()?;
+    spoke_tests::ports::raise_nofile_limit();
+    let nofile = spoke_tests::ports::nofile_limit();
     say0(
         t0,
         &format!("RLIMIT_NOFILE raised to {nofile} (inherited by every process started)"),
