@@ -242,6 +242,8 @@ impl ServerTlsFiles {
         // (two, each a cache entry) would be work per connect that nobody uses.
         config.send_tls13_tickets = 0;
         config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        // After a TLS 1.3 handshake Spoke's HTTP/2 seals and opens the records itself.
+        config.enable_secret_extraction = true;
         Ok(config)
     }
 
@@ -288,6 +290,7 @@ impl ClientTlsFiles {
             None => builder.with_no_client_auth(),
         };
         config.alpn_protocols = self.alpn.clone();
+        config.enable_secret_extraction = true;
         Ok(config)
     }
 

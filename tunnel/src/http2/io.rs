@@ -1,11 +1,15 @@
 //! The bytes under a connection: a socket, and TLS on it (rustls' unbuffered API) or not (h2c
 //! over a Unix socket).
 //!
-//! The buffers are the connection's own and live as long as it: ciphertext is read into
-//! `tls_in` in large reads, decrypted records land in `plain` (where HTTP/2 frames are split
-//! off without a copy), and outgoing plaintext is encrypted straight into `tls_out`, written
-//! with as few calls as the socket takes. Nothing is allocated per record once the buffers
-//! have grown to their working size.
+//! The buffers are the connection's own and live as long as it. Once a TLS 1.3 handshake is
+//! done, the records are ours (`records.rs`): ciphertext is read in large reads into the block
+//! that ends `plain`, each record is opened in place there and its payload moved down to the
+//! end of `plain` while it is still in the cache, and HTTP/2 frames are split off `plain`
+//! without a copy. Outgoing plaintext is packed into full records straight in `tls_out`,
+//! written with as few calls as the socket takes. Nothing is allocated per record once the
+//! buffers have grown to their working size. The handshake and TLS 1.2 go through rustls'
+//! unbuffered API (`tls_in` → `plain`, one copy).
+use super::records::{self, Opened, Records};
 use bytes::{Buf, Bytes, BytesMut};
 use rustls::client::UnbufferedClientConnection;
 use rustls::server::UnbufferedServerConnection;
@@ -63,6 +67,8 @@ pub enum Crypto {
     Plain,
     Client(Box<UnbufferedClientConnection>),
     Server(Box<UnbufferedServerConnection>),
+    /// TLS 1.3 after the handshake: the records are sealed and opened here.
+    Records(Box<Records>),
 }
 
 /// What TLS did with the input it was given.
@@ -76,7 +82,7 @@ enum Progress {
 
 /// A buffer that is filled and drained by cursors, allocated once and reused.
 #[derive(Default)]
-struct Ring {
+pub(super) struct Ring {
     buf: Vec<u8>,
     start: usize,
     end: usize,
@@ -95,7 +101,7 @@ impl Ring {
     }
     /// Room for at least `n` more bytes at the end (moving what is left to the front, or
     /// growing once), returned as a slice to write into.
-    fn spare(&mut self, n: usize) -> &mut [u8] {
+    pub(super) fn spare(&mut self, n: usize) -> &mut [u8] {
         if self.buf.len() - self.end < n {
             if self.start > 0 {
                 self.buf.copy_within(self.start..self.end, 0);
@@ -108,7 +114,7 @@ impl Ring {
         }
         &mut self.buf[self.end..]
     }
-    fn filled_by(&mut self, n: usize) {
+    pub(super) fn filled_by(&mut self, n: usize) {
         self.end += n;
     }
 }
@@ -180,6 +186,14 @@ impl<S: Socket> Io<S> {
         &self.crypto
     }
 
+    #[cfg(test)]
+    pub(super) fn records_mut(&mut self) -> Option<&mut Records> {
+        match &mut self.crypto {
+            Crypto::Records(r) => Some(r),
+            _ => None,
+        }
+    }
+
     /// Completes the TLS handshake (nothing to do without TLS).
     pub async fn handshake(&mut self) -> io::Result<()> {
         loop {
@@ -194,12 +208,12 @@ impl<S: Socket> Io<S> {
             };
             std::future::poll_fn(|cx| self.poll_flush(cx)).await?;
             let handshaking = match &self.crypto {
-                Crypto::Plain => false,
+                Crypto::Plain | Crypto::Records(_) => false,
                 Crypto::Client(c) => c.is_handshaking(),
                 Crypto::Server(c) => c.is_handshaking(),
             };
             if !handshaking {
-                return Ok(());
+                return self.take_over_records();
             }
             if need_input {
                 let n = std::future::poll_fn(|cx| self.poll_read_tls(cx)).await?;
@@ -208,6 +222,26 @@ impl<S: Socket> Io<S> {
                 }
             }
         }
+    }
+
+    /// After a TLS 1.3 handshake the records are ours (TLS 1.2 stays on rustls).
+    fn take_over_records(&mut self) -> io::Result<()> {
+        let tls13 =
+            |v: Option<rustls::ProtocolVersion>| v == Some(rustls::ProtocolVersion::TLSv1_3);
+        self.crypto = match std::mem::replace(&mut self.crypto, Crypto::Plain) {
+            Crypto::Client(c) if tls13(c.protocol_version()) => {
+                Crypto::Records(Box::new(records::client(*c)?))
+            }
+            Crypto::Server(c) if tls13(c.protocol_version()) => {
+                Crypto::Records(Box::new(records::server(*c)?))
+            }
+            other => other,
+        };
+        if let Crypto::Records(_) = self.crypto {
+            // Records that came with the end of the handshake are opened by our layer now.
+            self.process()?;
+        }
+        Ok(())
     }
 
     /// Queues plaintext to send (encrypted on the next [`Io::poll_flush`]).
@@ -261,10 +295,23 @@ impl<S: Socket> Io<S> {
     }
 
     fn poll_read_tls(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let ours = matches!(self.crypto, Crypto::Records(_));
         loop {
-            let room = reserve(&mut self.tls_in, self.read_size);
-            match self.socket.try_read_bytes(&mut self.tls_in) {
-                Ok(n) => {
+            let read = if ours {
+                // Into the block that ends `plain`, so records open where they land.
+                let (mut buf, plain_len) = self.join();
+                let room = reserve(&mut buf, self.read_size);
+                let read = self.socket.try_read_bytes(&mut buf).map(|n| (n, room));
+                self.split(buf, plain_len);
+                read
+            } else {
+                let room = reserve(&mut self.tls_in, self.read_size);
+                self.socket
+                    .try_read_bytes(&mut self.tls_in)
+                    .map(|n| (n, room))
+            };
+            match read {
+                Ok((n, room)) => {
                     self.grow_reads(n, room);
                     return Poll::Ready(Ok(n));
                 }
@@ -274,6 +321,20 @@ impl<S: Socket> Io<S> {
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
+    }
+
+    /// `plain` and `tls_in` as one buffer, and where the ciphertext starts. No copy once the
+    /// two have been split from one block (they stay adjacent in it).
+    fn join(&mut self) -> (BytesMut, usize) {
+        let mut buf = std::mem::take(&mut self.plain);
+        let plain_len = buf.len();
+        buf.unsplit(std::mem::take(&mut self.tls_in));
+        (buf, plain_len)
+    }
+
+    fn split(&mut self, mut buf: BytesMut, plain_len: usize) {
+        self.tls_in = buf.split_off(plain_len);
+        self.plain = buf;
     }
 
     /// A read that filled its buffer asks for twice as much next time.
@@ -301,6 +362,23 @@ impl<S: Socket> Io<S> {
     /// into `plain`, and encrypts pending plaintext once it may.
     fn process(&mut self) -> io::Result<Progress> {
         let before = self.plain.len();
+        if let Crypto::Records(r) = &mut self.crypto {
+            // Sealing first: a key update the peer asks for goes after what was pending.
+            let sealed = r.seal(&mut self.pending, &mut self.tls_out);
+            let (mut buf, mut plain_len) = self.join();
+            let Crypto::Records(r) = &mut self.crypto else {
+                unreachable!("matched above")
+            };
+            let opened = sealed.and_then(|()| r.open(&mut buf, &mut plain_len, &mut self.tls_out));
+            self.split(buf, plain_len);
+            self.pending_len = 0;
+            self.fresh += self.plain.len() - before;
+            if opened? == Opened::PeerClosed {
+                self.peer_closed = true;
+                return Ok(Progress::PeerClosed);
+            }
+            return Ok(Progress::NeedInput);
+        }
         let Io {
             crypto,
             tls_in,
@@ -320,6 +398,7 @@ impl<S: Socket> Io<S> {
             }
             Crypto::Client(c) => records!(c, tls_in, tls_out, plain, pending),
             Crypto::Server(c) => records!(c, tls_in, tls_out, plain, pending),
+            Crypto::Records(_) => unreachable!("handled above"),
         };
         if self.pending.is_empty() {
             self.pending_len = 0;
@@ -406,6 +485,10 @@ impl<S: Socket> Io<S> {
         // rustls must see the same input buffer on every call (it keeps offsets into it).
         let _ = match crypto {
             Crypto::Plain => return,
+            Crypto::Records(r) => {
+                r.close_notify(tls_out);
+                return;
+            }
             Crypto::Client(c) => close_notify(c.process_tls_records(&mut tls_in[..]), tls_out),
             Crypto::Server(c) => close_notify(c.process_tls_records(&mut tls_in[..]), tls_out),
         };

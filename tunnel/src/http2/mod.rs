@@ -15,6 +15,7 @@ pub mod headers;
 pub mod hpack;
 mod huffman;
 pub mod io;
+mod records;
 
 #[cfg(test)]
 mod tests;

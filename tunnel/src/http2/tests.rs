@@ -103,6 +103,7 @@ fn certs() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
         .with_single_cert(vec![der.clone()], key)
         .unwrap();
     server.alpn_protocols = vec![b"h2".to_vec()];
+    server.enable_secret_extraction = true;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(der).unwrap();
     let mut client = rustls::ClientConfig::builder_with_provider(provider)
@@ -111,6 +112,7 @@ fn certs() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
         .with_root_certificates(roots)
         .with_no_client_auth();
     client.alpn_protocols = vec![b"h2".to_vec()];
+    client.enable_secret_extraction = true;
     (Arc::new(server), Arc::new(client))
 }
 

@@ -1,0 +1,698 @@
+//! TLS 1.3 records after the handshake, sealed and opened here with ring's AEAD, as the kernel
+//! does for kTLS: rustls completes the handshake, hands over the traffic secrets, and keeps
+//! only what needs the key schedule (key updates, session tickets) in its `KernelConnection`.
+//!
+//! Why not rustls for the records: its unbuffered API copies every decrypted record into a
+//! fresh `Vec` before handing it out, and its encrypter makes one record per call. Here a
+//! record is opened in place in the receive buffer and its payload moved down to the
+//! plaintext while it is still in the cache, and pending pieces are packed into full records.
+//! TLS 1.2 connections stay on rustls.
+use super::io::Ring;
+use bytes::{Bytes, BytesMut};
+use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
+use rustls::client::ClientConnectionData;
+use rustls::kernel::KernelConnection;
+use rustls::server::ServerConnectionData;
+use rustls::{ConnectionTrafficSecrets, ExtractedSecrets, SupportedCipherSuite};
+use std::collections::VecDeque;
+use std::io;
+
+const HEADER: usize = 5;
+const TAG: usize = 16;
+/// The most plaintext in one record (RFC 8446 §5.1).
+const MAX_PLAIN: usize = 1 << 14;
+/// The most ciphertext after the header: plaintext, content type, padding and tag (§5.2).
+const MAX_CIPHER: usize = MAX_PLAIN + 256;
+
+mod content {
+    pub const ALERT: u8 = 21;
+    pub const HANDSHAKE: u8 = 22;
+    pub const APPLICATION_DATA: u8 = 23;
+}
+mod handshake {
+    pub const NEW_SESSION_TICKET: u8 = 4;
+    pub const KEY_UPDATE: u8 = 24;
+}
+mod alert {
+    pub const CLOSE_NOTIFY: u8 = 0;
+    pub const UNEXPECTED_MESSAGE: u8 = 10;
+    pub const BAD_RECORD_MAC: u8 = 20;
+    pub const RECORD_OVERFLOW: u8 = 22;
+    pub const DECODE_ERROR: u8 = 50;
+    pub const USER_CANCELED: u8 = 90;
+}
+
+/// What opening the records held did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Opened {
+    /// Every whole record is open; more input is needed for the rest.
+    NeedInput,
+    /// The peer sent close_notify: nothing after it is read.
+    PeerClosed,
+}
+
+enum Kernel {
+    Client(KernelConnection<ClientConnectionData>),
+    Server(KernelConnection<ServerConnectionData>),
+}
+
+impl Kernel {
+    fn update_tx(&mut self) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error> {
+        match self {
+            Kernel::Client(k) => k.update_tx_secret(),
+            Kernel::Server(k) => k.update_tx_secret(),
+        }
+    }
+    fn update_rx(&mut self) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error> {
+        match self {
+            Kernel::Client(k) => k.update_rx_secret(),
+            Kernel::Server(k) => k.update_rx_secret(),
+        }
+    }
+    fn suite(&self) -> SupportedCipherSuite {
+        match self {
+            Kernel::Client(k) => k.negotiated_cipher_suite(),
+            Kernel::Server(k) => k.negotiated_cipher_suite(),
+        }
+    }
+}
+
+/// One direction's key, IV and record sequence number.
+struct Keys {
+    key: LessSafeKey,
+    iv: [u8; 12],
+    seq: u64,
+}
+
+impl Keys {
+    fn new((seq, secrets): (u64, ConnectionTrafficSecrets)) -> io::Result<Keys> {
+        let (alg, key, iv) = match &secrets {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&aead::AES_128_GCM, key, iv),
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&aead::AES_256_GCM, key, iv),
+            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
+                (&aead::CHACHA20_POLY1305, key, iv)
+            }
+            _ => return Err(io::Error::other("TLS cipher without a record layer here")),
+        };
+        let key = UnboundKey::new(alg, key.as_ref())
+            .map_err(|_| io::Error::other("TLS traffic key of the wrong length"))?;
+        let iv: [u8; 12] = iv
+            .as_ref()
+            .try_into()
+            .map_err(|_| io::Error::other("TLS IV of the wrong length"))?;
+        Ok(Keys {
+            key: LessSafeKey::new(key),
+            iv,
+            seq,
+        })
+    }
+
+    /// The per-record nonce (RFC 8446 §5.3), and the sequence number moves on.
+    fn next_nonce(&mut self) -> io::Result<Nonce> {
+        let mut nonce = self.iv;
+        for (n, s) in nonce[4..].iter_mut().zip(self.seq.to_be_bytes()) {
+            *n ^= s;
+        }
+        self.seq = self
+            .seq
+            .checked_add(1)
+            .ok_or_else(|| io::Error::other("TLS record sequence number exhausted"))?;
+        Ok(Nonce::assume_unique_for_key(nonce))
+    }
+}
+
+/// The record layer of one TLS 1.3 connection.
+pub struct Records {
+    kernel: Kernel,
+    tx: Keys,
+    rx: Keys,
+    /// Records sealed under one key before it is updated (half the suite's limit).
+    tx_limit: u64,
+    /// A post-handshake message split over records, until it is whole.
+    handshake: Vec<u8>,
+    /// Where the payloads of the records opened in one call lie (offsets in the ciphertext).
+    payloads: Vec<(usize, usize)>,
+    /// Post-handshake messages handled: keys updated each way, session tickets kept.
+    pub(super) counts: Counts,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub tx_updates: u64,
+    pub rx_updates: u64,
+    pub tickets: u64,
+}
+
+/// The records of a TLS 1.3 client connection whose handshake is done.
+pub fn client(conn: rustls::client::UnbufferedClientConnection) -> io::Result<Records> {
+    let (secrets, kernel) = conn.dangerous_into_kernel_connection().map_err(take_over)?;
+    Records::new(secrets, Kernel::Client(kernel))
+}
+
+/// The records of a TLS 1.3 server connection whose handshake is done.
+pub fn server(conn: rustls::server::UnbufferedServerConnection) -> io::Result<Records> {
+    let (secrets, kernel) = conn.dangerous_into_kernel_connection().map_err(take_over)?;
+    Records::new(secrets, Kernel::Server(kernel))
+}
+
+fn take_over(e: rustls::Error) -> io::Error {
+    io::Error::other(format!(
+        "taking over the TLS records: {e} (the TLS config must enable secret extraction)"
+    ))
+}
+
+/// The alert to send (none when the peer ended with one), and the error the connection
+/// ends with.
+struct Fatal {
+    alert: Option<u8>,
+    why: String,
+}
+
+fn fatal(alert: u8, why: impl Into<String>) -> Fatal {
+    Fatal {
+        alert: Some(alert),
+        why: why.into(),
+    }
+}
+
+impl Records {
+    fn new(secrets: ExtractedSecrets, kernel: Kernel) -> io::Result<Records> {
+        let limit = match kernel.suite() {
+            SupportedCipherSuite::Tls13(s) => s.common.confidentiality_limit,
+            _ => return Err(io::Error::other("TLS records taken over on TLS 1.2")),
+        };
+        Ok(Records {
+            tx: Keys::new(secrets.tx)?,
+            rx: Keys::new(secrets.rx)?,
+            kernel,
+            tx_limit: limit / 2,
+            handshake: Vec::new(),
+            payloads: Vec::new(),
+            counts: Counts::default(),
+        })
+    }
+
+    /// Opens every whole record in `buf[*plain_len..]` in place and moves each payload down
+    /// to the end of the plaintext (`buf[..*plain_len]`), followed by what is left of the
+    /// ciphertext: `buf` is plaintext and then ciphertext again. A key update the peer asks
+    /// for is answered in `out`; on an error the fatal alert goes to `out` too.
+    pub(super) fn open(
+        &mut self,
+        buf: &mut BytesMut,
+        plain_len: &mut usize,
+        out: &mut Ring,
+    ) -> io::Result<Opened> {
+        let start = *plain_len;
+        self.payloads.clear();
+        let (used, opened) = match self.open_records(&mut buf[start..], out) {
+            Ok(r) => r,
+            Err(f) => {
+                if let Some(alert) = f.alert {
+                    self.seal_alert(alert, out);
+                }
+                return Err(io::Error::new(io::ErrorKind::InvalidData, f.why));
+            }
+        };
+        let mut end = start;
+        for &(at, len) in &self.payloads {
+            // Each payload lies inside its own record, after everything moved before it.
+            buf.copy_within(start + at..start + at + len, end);
+            end += len;
+        }
+        let rest = start + used;
+        if opened == Opened::PeerClosed {
+            buf.truncate(end);
+        } else if rest > end {
+            buf.copy_within(rest.., end);
+            buf.truncate(buf.len() - (rest - end));
+        }
+        *plain_len = end;
+        Ok(opened)
+    }
+
+    /// Opens the whole records at the front of `input`: how many bytes they took, and why
+    /// it stopped. Application data payloads are noted in `self.payloads`.
+    fn open_records(&mut self, input: &mut [u8], out: &mut Ring) -> Result<(usize, Opened), Fatal> {
+        let mut at = 0;
+        while input.len() - at >= HEADER {
+            let header: [u8; HEADER] = [
+                input[at],
+                input[at + 1],
+                input[at + 2],
+                input[at + 3],
+                input[at + 4],
+            ];
+            if header[0] != content::APPLICATION_DATA {
+                return Err(fatal(
+                    alert::UNEXPECTED_MESSAGE,
+                    format!("TLS record of type {} after the handshake", header[0]),
+                ));
+            }
+            let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
+            if len > MAX_CIPHER {
+                return Err(fatal(
+                    alert::RECORD_OVERFLOW,
+                    format!("TLS record of {len} bytes"),
+                ));
+            }
+            if input.len() - at - HEADER < len {
+                break;
+            }
+            let body = &mut input[at + HEADER..at + HEADER + len];
+            let nonce = self
+                .rx
+                .next_nonce()
+                .map_err(|e| fatal(alert::BAD_RECORD_MAC, e.to_string()))?;
+            let inner = self
+                .rx
+                .key
+                .open_in_place(nonce, Aad::from(header), body)
+                .map_err(|_| fatal(alert::BAD_RECORD_MAC, "TLS record failed to decrypt"))?;
+            // The content type is the last byte that is not padding.
+            let Some(typ_at) = inner.iter().rposition(|&b| b != 0) else {
+                return Err(fatal(
+                    alert::UNEXPECTED_MESSAGE,
+                    "TLS record without a content type",
+                ));
+            };
+            if typ_at > MAX_PLAIN {
+                return Err(fatal(
+                    alert::RECORD_OVERFLOW,
+                    "TLS record over 16 KiB of plaintext",
+                ));
+            }
+            let typ = inner[typ_at];
+            let payload = at + HEADER;
+            at += HEADER + len;
+            match typ {
+                content::APPLICATION_DATA => {
+                    if !self.handshake.is_empty() {
+                        return Err(fatal(
+                            alert::UNEXPECTED_MESSAGE,
+                            "TLS application data inside a handshake message",
+                        ));
+                    }
+                    if typ_at > 0 {
+                        self.payloads.push((payload, typ_at));
+                    }
+                }
+                content::HANDSHAKE => {
+                    let message = &input[payload..payload + typ_at];
+                    self.handshake.extend_from_slice(message);
+                    self.post_handshake(out)?;
+                }
+                content::ALERT => match &input[payload..payload + typ_at] {
+                    [_, alert::CLOSE_NOTIFY] => return Ok((at, Opened::PeerClosed)),
+                    [1, alert::USER_CANCELED] => {}
+                    [_, d] => {
+                        return Err(Fatal {
+                            alert: None,
+                            why: format!("the peer sent TLS alert {d}"),
+                        })
+                    }
+                    _ => return Err(fatal(alert::DECODE_ERROR, "malformed TLS alert")),
+                },
+                other => {
+                    return Err(fatal(
+                        alert::UNEXPECTED_MESSAGE,
+                        format!("TLS content type {other} after the handshake"),
+                    ))
+                }
+            }
+        }
+        Ok((at, Opened::NeedInput))
+    }
+
+    /// Handles the whole messages gathered in `self.handshake`: session tickets (kept by
+    /// rustls for resumption) and key updates.
+    fn post_handshake(&mut self, out: &mut Ring) -> Result<(), Fatal> {
+        let mut messages = std::mem::take(&mut self.handshake);
+        let result = self.handle_messages(&messages, out);
+        if let Ok(used) = result {
+            messages.drain(..used);
+            self.handshake = messages;
+        }
+        result.map(|_| ())
+    }
+
+    /// Handles each whole message at the front of `messages`; how many bytes they took.
+    fn handle_messages(&mut self, messages: &[u8], out: &mut Ring) -> Result<usize, Fatal> {
+        let mut used = 0;
+        while let [typ, a, b, c, rest @ ..] = &messages[used..] {
+            let len = u32::from_be_bytes([0, *a, *b, *c]) as usize;
+            if len > MAX_PLAIN * 4 {
+                return Err(fatal(
+                    alert::DECODE_ERROR,
+                    "TLS handshake message too large",
+                ));
+            }
+            if rest.len() < len {
+                break;
+            }
+            let body = &rest[..len];
+            used += 4 + len;
+            match (*typ, &mut self.kernel) {
+                (handshake::NEW_SESSION_TICKET, Kernel::Client(k)) => {
+                    k.handle_new_session_ticket(body).map_err(|e| {
+                        fatal(alert::DECODE_ERROR, format!("TLS session ticket: {e}"))
+                    })?;
+                    self.counts.tickets += 1;
+                }
+                (handshake::KEY_UPDATE, kernel) => {
+                    let requested = match body {
+                        [0] => false,
+                        [1] => true,
+                        _ => return Err(fatal(alert::DECODE_ERROR, "malformed TLS KeyUpdate")),
+                    };
+                    // A key change ends the record: nothing may follow it under the old key.
+                    if used != messages.len() {
+                        return Err(fatal(
+                            alert::UNEXPECTED_MESSAGE,
+                            "TLS KeyUpdate not at the end of its record",
+                        ));
+                    }
+                    let next = kernel.update_rx().map_err(|e| {
+                        fatal(alert::UNEXPECTED_MESSAGE, format!("TLS key update: {e}"))
+                    })?;
+                    self.rx =
+                        Keys::new(next).map_err(|e| fatal(alert::DECODE_ERROR, e.to_string()))?;
+                    self.counts.rx_updates += 1;
+                    if requested {
+                        self.update_tx(out)
+                            .map_err(|e| fatal(alert::DECODE_ERROR, e.to_string()))?;
+                    }
+                }
+                (t, _) => {
+                    return Err(fatal(
+                        alert::UNEXPECTED_MESSAGE,
+                        format!("TLS handshake message {t} after the handshake"),
+                    ))
+                }
+            }
+        }
+        Ok(used)
+    }
+
+    /// Sends KeyUpdate (not asking the peer for one) under the old key, then uses a new one.
+    fn update_tx(&mut self, out: &mut Ring) -> io::Result<()> {
+        self.seal_record(
+            content::HANDSHAKE,
+            &[&[handshake::KEY_UPDATE, 0, 0, 1, 0]],
+            out,
+        )?;
+        let next = self
+            .kernel
+            .update_tx()
+            .map_err(|e| io::Error::other(format!("TLS key update: {e}")))?;
+        self.tx = Keys::new(next)?;
+        self.counts.tx_updates += 1;
+        Ok(())
+    }
+
+    /// Packs the pending pieces into as few records as they fill, sealed into `out`.
+    pub(super) fn seal(&mut self, pending: &mut VecDeque<Bytes>, out: &mut Ring) -> io::Result<()> {
+        while !pending.is_empty() {
+            if self.tx.seq >= self.tx_limit {
+                self.update_tx(out)?;
+            }
+            let mut pieces: [&[u8]; 16] = [&[]; 16];
+            let (mut n, mut len) = (0, 0);
+            for p in pending.iter() {
+                if n == pieces.len() || len == MAX_PLAIN {
+                    break;
+                }
+                let take = p.len().min(MAX_PLAIN - len);
+                pieces[n] = &p[..take];
+                n += 1;
+                len += take;
+            }
+            self.seal_record(content::APPLICATION_DATA, &pieces[..n], out)?;
+            let mut left = len;
+            while left > 0 {
+                let Some(front) = pending.front_mut() else {
+                    break;
+                };
+                if front.len() <= left {
+                    left -= front.len();
+                    pending.pop_front();
+                } else {
+                    let _ = front.split_to(left);
+                    left = 0;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues close_notify.
+    pub(super) fn close_notify(&mut self, out: &mut Ring) {
+        self.seal_alert(alert::CLOSE_NOTIFY, out);
+    }
+
+    fn seal_alert(&mut self, desc: u8, out: &mut Ring) {
+        let level = if desc == alert::CLOSE_NOTIFY { 1 } else { 2 };
+        let _ = self.seal_record(content::ALERT, &[&[level, desc]], out);
+    }
+
+    /// One record of `typ` holding `pieces` (at most 16 KiB in all), sealed into `out`.
+    fn seal_record(&mut self, typ: u8, pieces: &[&[u8]], out: &mut Ring) -> io::Result<()> {
+        let len: usize = pieces.iter().map(|p| p.len()).sum();
+        let cipher_len = len + 1 + TAG;
+        let header = [
+            content::APPLICATION_DATA,
+            3,
+            3,
+            (cipher_len >> 8) as u8,
+            cipher_len as u8,
+        ];
+        let nonce = self.tx.next_nonce()?;
+        let room = &mut out.spare(HEADER + cipher_len)[..HEADER + cipher_len];
+        room[..HEADER].copy_from_slice(&header);
+        let mut at = HEADER;
+        for p in pieces {
+            room[at..at + p.len()].copy_from_slice(p);
+            at += p.len();
+        }
+        room[at] = typ;
+        let (inner, tag) = room[HEADER..].split_at_mut(len + 1);
+        let sealed = self
+            .tx
+            .key
+            .seal_in_place_separate_tag(nonce, Aad::from(header), inner)
+            .map_err(|_| io::Error::other("TLS record failed to encrypt"))?;
+        tag.copy_from_slice(sealed.as_ref());
+        out.filled_by(HEADER + cipher_len);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+impl Records {
+    /// Updates the sending key every `records` records.
+    pub(super) fn update_tx_after(&mut self, records: u64) {
+        self.tx_limit = records;
+    }
+}
+
+/// Our record layer against rustls' own on the other end of real TCP connections: the
+/// post-handshake messages a rustls or Go peer sends (session tickets, key updates both
+/// ways), our own key updates, and records that are not what they should be.
+#[cfg(test)]
+mod tests {
+    use super::super::io::{Crypto, Io};
+    use bytes::Bytes;
+    use std::sync::Arc;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    fn configs(tickets: usize) -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let der = ck.cert.der().clone();
+        let key = rustls_pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![der.clone()], key)
+            .unwrap();
+        server.send_tls13_tickets = tickets;
+        server.enable_secret_extraction = true;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(der).unwrap();
+        let mut client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client.enable_secret_extraction = true;
+        (Arc::new(server), Arc::new(client))
+    }
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (c, s)
+    }
+
+    /// Sends `data` through `io` and reads `want` bytes back.
+    async fn round(io: &mut Io<TcpStream>, data: &[u8], want: usize) -> Vec<u8> {
+        io.queue(Bytes::copy_from_slice(data));
+        std::future::poll_fn(|cx| io.poll_flush(cx)).await.unwrap();
+        let mut got = Vec::new();
+        while got.len() < want {
+            let n = tokio::time::timeout(
+                Duration::from_secs(10),
+                std::future::poll_fn(|cx| io.poll_read(cx)),
+            )
+            .await
+            .expect("answer in time")
+            .expect("read");
+            assert!(n > 0, "closed after {} of {want} bytes", got.len());
+            got.extend_from_slice(&io.plain.split());
+        }
+        got
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect()
+    }
+
+    /// A rustls server that sends session tickets, echoes, and updates its keys (asking us
+    /// to update ours) between echoes.
+    #[tokio::test]
+    async fn tickets_and_key_updates_from_a_rustls_peer() {
+        let (server_cfg, client_cfg) = configs(2);
+        let (c, s) = pair().await;
+        let server = tokio::spawn(async move {
+            let mut tls = tokio_rustls::TlsAcceptor::from(server_cfg)
+                .accept(s)
+                .await
+                .unwrap();
+            let mut buf = vec![0; 100_000];
+            for _ in 0..3 {
+                tls.read_exact(&mut buf).await.unwrap();
+                tls.write_all(&buf).await.unwrap();
+                tls.get_mut().1.refresh_traffic_keys().unwrap();
+                tls.flush().await.unwrap();
+            }
+        });
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let conn = rustls::client::UnbufferedClientConnection::new(client_cfg, name).unwrap();
+        let mut io = Io::new(c, Crypto::Client(Box::new(conn)));
+        io.handshake().await.unwrap();
+        assert!(matches!(io.crypto(), Crypto::Records(_)));
+        for seed in 0..3 {
+            let data = pattern(100_000, seed);
+            assert_eq!(round(&mut io, &data, data.len()).await, data);
+        }
+        server.await.unwrap();
+        // The last update may still be on its way; the first two were read before an echo.
+        let counts = io.records_mut().expect("ours").counts;
+        assert_eq!(counts.tickets, 2, "{counts:?}");
+        assert!(counts.rx_updates >= 2, "{counts:?}");
+        assert_eq!(counts.tx_updates, counts.rx_updates, "{counts:?}");
+    }
+
+    /// Our side updates its sending key every few records; a rustls client reads through.
+    #[tokio::test]
+    async fn our_key_updates_reach_a_rustls_peer() {
+        let (server_cfg, client_cfg) = configs(0);
+        let (c, s) = pair().await;
+        let client = tokio::spawn(async move {
+            let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+            let mut tls = tokio_rustls::TlsConnector::from(client_cfg)
+                .connect(name, c)
+                .await
+                .unwrap();
+            let data = pattern(300_000, 7);
+            tls.write_all(&data).await.unwrap();
+            let mut back = vec![0; data.len()];
+            tls.read_exact(&mut back).await.unwrap();
+            assert_eq!(back, data);
+        });
+        let conn = rustls::server::UnbufferedServerConnection::new(server_cfg).unwrap();
+        let mut io = Io::new(s, Crypto::Server(Box::new(conn)));
+        io.handshake().await.unwrap();
+        let Some(records) = io.records_mut() else {
+            panic!("TLS 1.3 records are ours after the handshake")
+        };
+        records.update_tx_after(3);
+        let mut got = Vec::new();
+        while got.len() < 300_000 {
+            let n = std::future::poll_fn(|cx| io.poll_read(cx)).await.unwrap();
+            assert!(n > 0);
+            let chunk = io.plain.split().freeze();
+            got.extend_from_slice(&chunk);
+            // Echo in small pieces so that many records (and key updates) go out.
+            for piece in chunk.chunks(5000) {
+                io.queue(Bytes::copy_from_slice(piece));
+                std::future::poll_fn(|cx| io.poll_flush(cx)).await.unwrap();
+            }
+        }
+        client.await.unwrap();
+        let counts = io.records_mut().expect("ours").counts;
+        assert!(counts.tx_updates >= 20, "{counts:?}");
+    }
+
+    /// Bytes that are not a valid record end the connection with an error, never a panic.
+    #[tokio::test]
+    async fn a_forged_record_is_an_error() {
+        for forged in [
+            &[23u8, 3, 3, 0, 40][..],          // a record that fails to decrypt (zeros)
+            &[22, 3, 3, 0, 4, 1, 2, 3, 4][..], // plaintext handshake after the handshake
+            &[23, 3, 3, 0xff, 0xff][..],       // over the largest record
+            &[21, 3, 3, 0, 2, 2, 40][..],      // a plaintext alert
+        ] {
+            let (server_cfg, client_cfg) = configs(0);
+            let (c, s) = pair().await;
+            let sent = forged.to_vec();
+            let (go_tx, go) = tokio::sync::oneshot::channel::<()>();
+            let client = tokio::spawn(async move {
+                let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+                let mut tls = tokio_rustls::TlsConnector::from(client_cfg)
+                    .connect(name, c)
+                    .await
+                    .unwrap();
+                tls.write_all(b"fine so far").await.unwrap();
+                tls.flush().await.unwrap();
+                // Forged once the good record is read, so that it comes in a read of its own.
+                go.await.unwrap();
+                let tcp = tls.get_mut().0;
+                tcp.write_all(&sent).await.unwrap();
+                tcp.write_all(&[0; 40]).await.unwrap();
+                // Our side answers with an alert (or just closes): the read ends either way.
+                let mut rest = Vec::new();
+                let _ = tls.read_to_end(&mut rest).await;
+            });
+            let conn = rustls::server::UnbufferedServerConnection::new(server_cfg).unwrap();
+            let mut io = Io::new(s, Crypto::Server(Box::new(conn)));
+            io.handshake().await.unwrap();
+            let mut got = Vec::new();
+            let mut go_tx = Some(go_tx);
+            let err = loop {
+                match std::future::poll_fn(|cx| io.poll_read(cx)).await {
+                    Ok(0) => panic!("{forged:?}: closed without an error"),
+                    Ok(_) => got.extend_from_slice(&io.plain.split()),
+                    Err(e) => break e,
+                }
+                if got.len() == b"fine so far".len() {
+                    go_tx.take().map(|g| g.send(()));
+                }
+            };
+            assert_eq!(got, b"fine so far", "{forged:?}");
+            assert_eq!(
+                err.kind(),
+                std::io::ErrorKind::InvalidData,
+                "{forged:?}: {err}"
+            );
+            let _ = std::future::poll_fn(|cx| io.poll_flush(cx)).await;
+            drop(io);
+            client.await.unwrap();
+        }
+    }
+}
