@@ -14,6 +14,7 @@ pub mod packet;
 pub mod relay;
 pub mod session;
 pub mod tls;
+pub mod tls_bytes;
 
 /// Metadata key by which Spoke peers advertise their per-connection receive window
 /// (bytes). Upstream peers never send it, so they never receive credit packets.

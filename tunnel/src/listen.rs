@@ -8,62 +8,16 @@
 //! the rest, which costs the server no memory. Open streams keep being served meanwhile.
 use crate::tls::{Reloading, ServerTlsFiles};
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+
+use crate::tls_bytes::TlsBytes;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
-use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 
 /// How long a TLS handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A server-side TLS stream that tonic can serve.
-pub struct TlsIo(pub TlsStream<TcpStream>);
-
-impl tonic::transport::server::Connected for TlsIo {
-    type ConnectInfo = ();
-    fn connect_info(&self) {}
-}
-
-impl AsyncRead for TlsIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for TlsIo {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-}
 
 /// Bounds on a TLS listener's work in progress.
 #[derive(Clone, Copy, Debug)]
@@ -199,25 +153,28 @@ pub fn handshake_failed(
     }
 }
 
-/// Accepts TCP connections and completes TLS handshakes (tokio-rustls) with the current
-/// config, within `limits`.
+/// Accepts TCP connections and completes TLS handshakes (rustls, then Spoke's own TLS 1.3
+/// records: [`TlsBytes`]) with the current config, within `limits`.
 pub fn tls_incoming(
     name: &'static str,
     listener: TcpListener,
     tls: Arc<Reloading<ServerTlsFiles>>,
     metrics: crate::metrics::TlsMetrics,
     limits: AcceptLimits,
-) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
+) -> ReceiverStream<io::Result<TlsBytes<TcpStream>>> {
     let (tx, rx) = mpsc::channel(64);
     let m = metrics.clone();
     accept_limited(name, listener, &metrics, limits, move |tcp, peer, slot| {
-        let (tx, metrics, acceptor) = (
-            tx.clone(),
-            m.clone(),
-            tokio_rustls::TlsAcceptor::from(tls.current()),
-        );
+        let (tx, metrics, config) = (tx.clone(), m.clone(), tls.current());
         async move {
-            let r = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+            let conn = match rustls::server::UnbufferedServerConnection::new(config) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(listener = name, error = %e, "cannot start a TLS session");
+                    return;
+                }
+            };
+            let r = tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsBytes::accept(tcp, conn)).await;
             drop(slot);
             match r {
                 Ok(Ok(s)) => {

@@ -16,7 +16,7 @@ use std::future::Future;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
@@ -86,17 +86,6 @@ macro_rules! readiness_read {
 }
 readiness_read!(tokio::net::tcp::OwnedReadHalf);
 readiness_read!(tokio::net::unix::OwnedReadHalf);
-
-/// Any `AsyncRead` (e.g. a TLS stream), read into a fresh buffer per chunk.
-pub struct BufferedRead<R>(pub R);
-
-impl<R: AsyncRead + Unpin + Send> LocalRead for BufferedRead<R> {
-    async fn read_chunk(&mut self, max: usize) -> io::Result<Read> {
-        let mut buf = BytesMut::with_capacity(max);
-        let n = self.0.read_buf(&mut buf).await?;
-        Ok(finish_read(buf, n))
-    }
-}
 
 /// The writing half of a byte stream.
 pub struct ByteWriter<W>(pub W);
@@ -278,14 +267,14 @@ async fn write_loop<W: LocalWrite>(
 /// A local byte stream that splits into the two halves [`Relay::run`] takes.
 pub trait SplitIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     type Reader: LocalRead + 'static;
-    type Writer: AsyncWrite + Unpin + Send + 'static;
-    fn split_io(self) -> (Self::Reader, ByteWriter<Self::Writer>);
+    type Writer: LocalWrite + 'static;
+    fn split_io(self) -> (Self::Reader, Self::Writer);
 }
 
 impl SplitIo for tokio::net::TcpStream {
     type Reader = tokio::net::tcp::OwnedReadHalf;
-    type Writer = tokio::net::tcp::OwnedWriteHalf;
-    fn split_io(self) -> (Self::Reader, ByteWriter<Self::Writer>) {
+    type Writer = ByteWriter<tokio::net::tcp::OwnedWriteHalf>;
+    fn split_io(self) -> (Self::Reader, Self::Writer) {
         let (r, w) = self.into_split();
         (r, ByteWriter(w))
     }
@@ -293,20 +282,9 @@ impl SplitIo for tokio::net::TcpStream {
 
 impl SplitIo for tokio::net::UnixStream {
     type Reader = tokio::net::unix::OwnedReadHalf;
-    type Writer = tokio::net::unix::OwnedWriteHalf;
-    fn split_io(self) -> (Self::Reader, ByteWriter<Self::Writer>) {
+    type Writer = ByteWriter<tokio::net::unix::OwnedWriteHalf>;
+    fn split_io(self) -> (Self::Reader, Self::Writer) {
         let (r, w) = self.into_split();
         (r, ByteWriter(w))
-    }
-}
-
-impl<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static> SplitIo
-    for tokio_rustls::server::TlsStream<IO>
-{
-    type Reader = BufferedRead<tokio::io::ReadHalf<Self>>;
-    type Writer = tokio::io::WriteHalf<Self>;
-    fn split_io(self) -> (Self::Reader, ByteWriter<Self::Writer>) {
-        let (r, w) = tokio::io::split(self);
-        (BufferedRead(r), ByteWriter(w))
     }
 }

@@ -13,7 +13,30 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(rustls::crypto::CryptoProvider {
+        cipher_suites: go_order(rustls::crypto::ring::default_provider().cipher_suites),
+        ..rustls::crypto::ring::default_provider()
+    })
+}
+
+/// rustls' suites in Go's order of preference on CPUs with AES instructions: AES-128-GCM,
+/// then ChaCha20-Poly1305, then AES-256-GCM (TLS 1.3 before 1.2). A TLS 1.3 server takes the
+/// client's order, so a Spoke agent gets what upstream's agent gets, and AES-128 seals a
+/// record in about 10% less time than AES-256.
+fn go_order(mut suites: Vec<rustls::SupportedCipherSuite>) -> Vec<rustls::SupportedCipherSuite> {
+    let rank = |s: &rustls::SupportedCipherSuite| {
+        let name = s.suite().as_str().unwrap_or("");
+        let aead = if name.contains("AES_128") {
+            0
+        } else if name.contains("CHACHA20") {
+            1
+        } else {
+            2
+        };
+        (matches!(s, rustls::SupportedCipherSuite::Tls12(_)), aead)
+    };
+    suites.sort_by_key(rank);
+    suites
 }
 
 static TLS13_ONLY: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
@@ -30,7 +53,7 @@ impl Default for TlsPolicy {
     fn default() -> Self {
         Self {
             versions: rustls::ALL_VERSIONS,
-            suites: rustls::crypto::ring::default_provider().cipher_suites,
+            suites: go_order(rustls::crypto::ring::default_provider().cipher_suites),
         }
     }
 }
@@ -460,6 +483,31 @@ pub fn handshake_failure_reason(e: &std::io::Error) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_suites_in_gos_order() {
+        let names: Vec<_> = TlsPolicy::default()
+            .suites
+            .iter()
+            .map(|s| s.suite().as_str().unwrap_or("?"))
+            .collect();
+        assert_eq!(
+            &names[..3],
+            [
+                "TLS13_AES_128_GCM_SHA256",
+                "TLS13_CHACHA20_POLY1305_SHA256",
+                "TLS13_AES_256_GCM_SHA384"
+            ],
+            "{names:?}"
+        );
+        assert!(
+            names[3..].iter().all(|n| !n.starts_with("TLS13")),
+            "{names:?}"
+        );
+        assert!(names[3].contains("AES_128"), "{names:?}");
+        assert_eq!(provider().cipher_suites.len(), names.len());
+        assert_eq!(provider().cipher_suites[0].suite().as_str(), Some(names[0]));
+    }
 
     #[test]
     fn go_cipher_names_and_versions() {
