@@ -43,6 +43,18 @@ impl Stats {
             Self::get(&self.failed),
         )
     }
+    /// The snapshot once at least `handlers` handlers have ended (or after `within`). A handler
+    /// is counted after it returns, which races with its client seeing the close it caused.
+    pub async fn settled(&self, handlers: u64, within: std::time::Duration) -> (u64, u64, u64) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let (acc, done, failed) = self.snapshot();
+            if done + failed >= handlers || tokio::time::Instant::now() >= deadline {
+                return (acc, done, failed);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
     /// Bytes written so far.
     pub fn sent(&self) -> u64 {
         Self::get(&self.bytes_sent)

@@ -317,7 +317,10 @@ async fn backend_reset_and_black_hole_affect_only_their_own_connections() {
         "{} of {GOOD} transfers failed: {failures:?}",
         failures.len()
     );
-    let (acc, done, failed) = pattern.stats.snapshot();
+    let (acc, done, failed) = pattern
+        .stats
+        .settled(GOOD as u64, Duration::from_secs(5))
+        .await;
     assert_eq!(
         (acc, done, failed),
         (GOOD as u64, GOOD as u64, 0),
@@ -607,7 +610,7 @@ async fn hundred_transfers_over_200ms_rtt_with_1pct_loss_arrive_intact() {
         failures.len(),
         &failures[..failures.len().min(5)]
     );
-    let (acc, done, failed) = pattern.stats.snapshot();
+    let (acc, done, failed) = pattern.stats.settled(CONNS, Duration::from_secs(5)).await;
     assert_eq!(failed, 0, "uploads corrupted at the backend");
     assert!(
         done >= CONNS && acc == done,

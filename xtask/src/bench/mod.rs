@@ -16,6 +16,7 @@ mod report;
 mod scenarios;
 pub(crate) mod stats;
 mod svg;
+mod wakeups;
 
 use anyhow::{bail, Context, Result};
 use report::Section;

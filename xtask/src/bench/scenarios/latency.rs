@@ -1,6 +1,6 @@
 //! Latency: 64-byte request/response ping-pong over an established connection (kubectl exec
 //! keystrokes); percentiles and what each route adds over direct TCP.
-use super::{pingpong, start, FRONTENDS};
+use super::{pingpong, rounds, start, FRONTENDS};
 use crate::bench::affinity::OneCpu;
 use crate::bench::baselines;
 use crate::bench::io::{self, Route};
@@ -8,6 +8,7 @@ use crate::bench::procs::{Cluster, ClusterCfg};
 use crate::bench::report::{num, Floor, Section};
 use crate::bench::stats::pct;
 use crate::bench::svg::{self, Bar};
+use crate::bench::wakeups::{Counting, PerRound, Watched};
 use crate::bench::Ctx;
 use anyhow::Result;
 use serde_json::json;
@@ -31,8 +32,33 @@ pub fn summarize(route: &str, rtts: &[f64], baseline: bool) -> Lat {
     }
 }
 
-/// Every route's ping-pong, each route's processes started for it and stopped after.
-async fn measure(ctx: &Ctx, sec: &mut Section, tag: &str) -> Result<Vec<Lat>> {
+/// Round trips of the counting run (wake-ups and system calls), apart from the timed one.
+const COUNTED: usize = 2_000;
+
+/// Per-round-trip counts of a route's processes (and the bench's own client and backend), in
+/// a ping-pong of its own right after the timed one.
+async fn count(
+    ctx: &Ctx,
+    route: &Route,
+    target: std::net::SocketAddr,
+    procs: &[Watched<'_>],
+) -> Result<Vec<PerRound>> {
+    let mut all: Vec<Watched<'_>> = vec![("bench client+backend", std::process::id(), false)];
+    all.extend_from_slice(procs);
+    let n = COUNTED.min(ctx.size.pings);
+    let counting = Counting::start(&ctx.work, &all);
+    pingpong(ctx, route, target, n).await?;
+    counting.stop(rounds(n))
+}
+
+/// Every route's ping-pong, each route's processes started for it and stopped after. With
+/// `counts`, each route's wake-ups and system calls per round trip are counted too.
+async fn measure(
+    ctx: &Ctx,
+    sec: &mut Section,
+    tag: &str,
+    mut counts: Option<&mut Vec<(String, Vec<PerRound>)>>,
+) -> Result<Vec<Lat>> {
     let backend = io::backend(TcpListener::bind("127.0.0.1:0").await?)?;
     let target = backend.addr;
     let n = ctx.size.pings;
@@ -49,16 +75,52 @@ async fn measure(ctx: &Ctx, sec: &mut Section, tag: &str) -> Result<Vec<Lat>> {
         &pingpong(ctx, &Route::Direct, target, n).await?,
         true,
     ));
+    let counting = counts.is_some();
+    let mut counted = |route: &str, r: Result<Vec<PerRound>>, sec: &mut Section| match r {
+        Ok(c) => {
+            if let Some(counts) = counts.as_mut() {
+                counts.push((route.to_string(), c));
+            }
+        }
+        Err(e) => sec.skipped.push(format!("counting {route}: {e:#}")),
+    };
+    let direct = Route::Direct;
+    if counting {
+        counted(
+            "direct loopback",
+            count(ctx, &direct, target, &[]).await,
+            sec,
+        );
+    }
+    let label = "ssh -L (aes128-gcm)";
     match baselines::ssh(&ctx.work, target) {
         Ok(t) => match pingpong(ctx, &Route::Forward(t.port), target, n).await {
-            Ok(r) => go(summarize("ssh -L (aes128-gcm)", &r, true)),
+            Ok(r) => {
+                go(summarize(label, &r, true));
+                if counting {
+                    let procs = [("ssh", t.ssh.pid, false), ("sshd", t.sshd.pid, true)];
+                    let route = Route::Forward(t.port);
+                    counted(label, count(ctx, &route, target, &procs).await, sec);
+                }
+            }
             Err(e) => sec.skipped.push(format!("ssh -L{tag}: {e:#}")),
         },
         Err(e) => sec.skipped.push(format!("ssh -L{tag}: {e:#}")),
     }
+    let label = "stunnel TLS hop";
     match baselines::stunnel(&ctx.work, &ctx.pki, target) {
         Ok(t) => match pingpong(ctx, &Route::Forward(t.port), target, n).await {
-            Ok(r) => go(summarize("stunnel TLS hop", &r, true)),
+            Ok(r) => {
+                go(summarize(label, &r, true));
+                if counting {
+                    let procs = [
+                        ("stunnel client", t.client.pid, false),
+                        ("stunnel server", t.server.pid, false),
+                    ];
+                    let route = Route::Forward(t.port);
+                    counted(label, count(ctx, &route, target, &procs).await, sec);
+                }
+            }
             Err(e) => sec.skipped.push(format!("stunnel{tag}: {e:#}")),
         },
         Err(e) => sec.skipped.push(format!("stunnel{tag}: {e:#}")),
@@ -67,15 +129,58 @@ async fn measure(ctx: &Ctx, sec: &mut Section, tag: &str) -> Result<Vec<Lat>> {
         let label = format!("spoke {}", Cluster::label(mode, t));
         let r = async {
             let c = start(ctx, &ClusterCfg::new(mode, t))?;
-            pingpong(ctx, &Route::through(&c), target, n).await
+            let route = Route::through(&c);
+            let rtts = pingpong(ctx, &route, target, n).await?;
+            let procs = [
+                ("spoke-server", c.server.pid, false),
+                ("spoke-agent", c.agent.pid, false),
+            ];
+            let per = match counting {
+                true => Some(count(ctx, &route, target, &procs).await),
+                false => None,
+            };
+            anyhow::Ok((rtts, per))
         }
         .await;
         match r {
-            Ok(r) => go(summarize(&label, &r, false)),
+            Ok((r, per)) => {
+                go(summarize(&label, &r, false));
+                if let Some(per) = per {
+                    counted(&label, per, sec);
+                }
+            }
             Err(e) => sec.skipped.push(format!("{label}{tag}: {e:#}")),
         }
     }
     Ok(lats)
+}
+
+fn count_table(counts: &[(String, Vec<PerRound>)]) -> String {
+    let mut md = String::from(
+        "| route | process | wake-ups per round trip | system calls per round trip |\n|---|---|---|---|\n",
+    );
+    for (route, procs) in counts {
+        for p in procs {
+            let calls = p.syscalls.map_or("—".to_string(), |c| format!("{c:.1}"));
+            md.push_str(&format!(
+                "| {route} | {} | {:.2} | {calls} |\n",
+                p.process, p.wakeups
+            ));
+        }
+        let relay: Vec<&PerRound> = procs
+            .iter()
+            .filter(|p| !p.process.starts_with("bench"))
+            .collect();
+        if !relay.is_empty() {
+            let w: f64 = relay.iter().map(|p| p.wakeups).sum();
+            let c: Option<f64> = relay.iter().map(|p| p.syscalls).sum();
+            let calls = c.map_or("—".to_string(), |c| format!("{c:.1}"));
+            md.push_str(&format!(
+                "| {route} | **relay processes** | **{w:.2}** | **{calls}** |\n"
+            ));
+        }
+    }
+    md
 }
 
 fn table(lats: &[Lat]) -> String {
@@ -171,13 +276,14 @@ fn floors(sec: &mut Section, lats: &[Lat], suffix: &str) {
 pub async fn run(ctx: &Ctx) -> Result<Section> {
     let mut sec = Section::new("latency", "Latency (64-byte ping-pong)");
     let n = ctx.size.pings;
-    let lats = measure(ctx, &mut sec, "").await?;
+    let mut counts = Vec::new();
+    let lats = measure(ctx, &mut sec, "", Some(&mut counts)).await?;
     // The same with every process on CPU 0: no wake-ups across CPUs, so what remains is the
     // route's own work per round trip (a halted vCPU woken by another CPU costs tens of µs on
     // this kind of VM, paid by every multi-process relay alike).
     let pinned = {
         let _one = OneCpu::pin(0, &[])?;
-        measure(ctx, &mut sec, " (one CPU)").await?
+        measure(ctx, &mut sec, " (one CPU)", None).await?
     };
     let md = format!(
         "{n} round trips of 64 bytes each way per route over one established connection (after a warm-up of {}), client and echo \
@@ -185,10 +291,14 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
          route adds no more p50 and p99 than `ssh -L` adds in the same table.\n\n\
          **Scheduler's placement** (as deployed; a round trip wakes each relay process, often on the other, halted, vCPU):\n\n{}\n\
          **All processes pinned to one CPU** (the bench process and every process it starts share CPU 0: wake-ups are context \
-         switches, not cross-CPU interrupts, so this isolates each route's own cost per round trip):\n\n{}",
+         switches, not cross-CPU interrupts, so this isolates each route's own cost per round trip):\n\n{}\n\
+         **Wake-ups and system calls per round trip**, per process ({COUNTED} round trips after the timed ones, scheduler's \
+         placement; wake-ups are voluntary context switches of all threads, system calls are `perf stat` counts of \
+         `raw_syscalls:sys_enter`). The bench's client and echo backend are one process, in every row:\n\n{}",
         n / 10 + 50,
         table(&lats),
         table(&pinned),
+        count_table(&counts),
     );
     floors(&mut sec, &lats, "");
     floors(&mut sec, &pinned, " (one CPU)");
@@ -230,6 +340,8 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
         "round_trips": n,
         "rows": rows(&lats),
         "rows_one_cpu": rows(&pinned),
+        "per_round_trip": counts.iter().map(|(route, procs)| json!({"route": route, "processes": procs.iter().map(|p| json!({
+            "process": p.process, "wakeups": p.wakeups, "syscalls": p.syscalls})).collect::<Vec<_>>()})).collect::<Vec<_>>(),
         "skipped": sec.skipped,
     });
     Ok(sec)

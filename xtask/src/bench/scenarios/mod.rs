@@ -54,6 +54,11 @@ pub fn start(ctx: &Ctx, cfg: &ClusterCfg) -> Result<Cluster> {
     Cluster::start(&ctx.bin, &ctx.work, &ctx.pki, cfg)
 }
 
+/// Round trips [`pingpong`] makes for `n` timed ones (a warm-up first).
+pub fn rounds(n: usize) -> usize {
+    n + n / 10 + 50
+}
+
 /// 64-byte ping-pong over an echo connection: round-trip times in µs (after a warm-up).
 pub async fn pingpong(ctx: &Ctx, route: &Route, target: SocketAddr, n: usize) -> Result<Vec<f64>> {
     let mut io: BoxIo = io::dial(route, &ctx.tls, target).await?;
@@ -61,7 +66,7 @@ pub async fn pingpong(ctx: &Ctx, route: &Route, target: SocketAddr, n: usize) ->
     let msg = [7u8; 64];
     let mut back = [0u8; 64];
     let mut rtts = Vec::with_capacity(n);
-    for i in 0..(n + n / 10 + 50) {
+    for i in 0..rounds(n) {
         let t = Instant::now();
         io.write_all(&msg).await?;
         io.read_exact(&mut back).await?;
