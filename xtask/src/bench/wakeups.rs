@@ -2,11 +2,12 @@
 //! 64-byte exchange, Spoke beside ssh and stunnel. Counted in a run of their own after the
 //! timed one, so that counting never touches the latency figures.
 //!
-//! Wake-ups are voluntary context switches (a thread went to sleep and was woken), summed
-//! over every thread from /proc. System calls are counted by `perf stat` on the
-//! `raw_syscalls:sys_enter` tracepoint (std's sockets use recv/send, which /proc/PID/io's
-//! syscr/syscw do not count); without perf they are left out.
-use anyhow::Result;
+//! Both come from `perf stat` on tracepoints, which follows threads a process starts and keeps
+//! the counts of threads that end (stunnel runs a thread per connection): context switches
+//! (`sched:sched_switch`, a thread going to sleep to be woken again, or preempted) and system
+//! calls (`raw_syscalls:sys_enter`; std's sockets use recv/send, which /proc/PID/io's
+//! syscr/syscw do not count). Without perf the table says so.
+use anyhow::{Context, Result};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -19,15 +20,14 @@ pub type Watched<'a> = (&'a str, u32, bool);
 #[derive(Clone, Debug)]
 pub struct PerRound {
     pub process: String,
-    pub wakeups: f64,
-    pub syscalls: Option<f64>,
+    pub switches: f64,
+    pub syscalls: f64,
 }
 
 struct Probe {
     label: String,
-    pids: Vec<u32>,
-    switches: u64,
-    perf: Option<(Child, PathBuf)>,
+    perf: Child,
+    out: PathBuf,
 }
 
 /// Counting started on some processes.
@@ -62,91 +62,67 @@ fn pids_of(pid: u32, tree: bool) -> Vec<u32> {
     all
 }
 
-/// Voluntary context switches of every thread of `pids`.
-fn switches(pids: &[u32]) -> u64 {
-    let mut total = 0;
-    for pid in pids {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-            continue;
-        };
-        for t in tasks.flatten() {
-            let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
-            total += status
-                .lines()
-                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .unwrap_or(0);
-        }
-    }
-    total
-}
+const EVENTS: [&str; 2] = ["sched:sched_switch", "raw_syscalls:sys_enter"];
 
-fn start_perf(pids: &[u32], out: &Path) -> Option<(Child, PathBuf)> {
+fn start_perf(pids: &[u32], out: &Path) -> Result<Child> {
     let list: Vec<String> = pids.iter().map(u32::to_string).collect();
-    let child = Command::new("perf")
-        .args(["stat", "-x", ",", "-e", "raw_syscalls:sys_enter", "-o"])
+    Command::new("perf")
+        .args(["stat", "-x", ",", "-e", EVENTS[0], "-e", EVENTS[1], "-o"])
         .arg(out)
         .args(["-p", &list.join(",")])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .ok()?;
-    Some((child, out.to_path_buf()))
+        .context("perf stat (for wake-ups and system calls)")
 }
 
-/// The count `perf stat -x,` wrote (its first field), once it has exited.
-fn perf_count(mut child: Child, out: &Path) -> Option<u64> {
+/// The counts `perf stat -x,` wrote for [`EVENTS`], once it has exited.
+fn perf_counts(mut child: Child, out: &Path) -> Result<[u64; 2]> {
     // SAFETY: kill has no memory effects; the pid is our own child's.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    child.wait().ok()?;
-    let text = std::fs::read_to_string(out).ok()?;
-    text.lines()
-        .find(|l| l.contains("raw_syscalls:sys_enter"))
-        .and_then(|l| l.split(',').next())
-        .and_then(|v| v.trim().parse().ok())
+    child.wait()?;
+    let text = std::fs::read_to_string(out).with_context(|| format!("read {}", out.display()))?;
+    let count = |event: &str| -> Result<u64> {
+        text.lines()
+            .find(|l| l.contains(event))
+            .and_then(|l| l.split(',').next())
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("no {event} count from perf stat: {text:?}"))
+    };
+    Ok([count(EVENTS[0])?, count(EVENTS[1])?])
 }
 
 impl Counting {
     /// Starts counting for `procs`; perf's output files go to `work`.
-    pub fn start(work: &Path, procs: &[Watched<'_>]) -> Counting {
-        let probes = procs
-            .iter()
-            .enumerate()
-            .map(|(i, (label, pid, tree))| {
-                let pids = pids_of(*pid, *tree);
-                let out = work.join(format!("perf-syscalls-{i}.txt"));
-                Probe {
-                    label: label.to_string(),
-                    switches: switches(&pids),
-                    perf: start_perf(&pids, &out),
-                    pids,
-                }
-            })
-            .collect();
+    pub fn start(work: &Path, procs: &[Watched<'_>]) -> Result<Counting> {
+        let mut probes = Vec::new();
+        for (i, (label, pid, tree)) in procs.iter().enumerate() {
+            let out = work.join(format!("perf-counts-{i}.txt"));
+            probes.push(Probe {
+                label: label.to_string(),
+                perf: start_perf(&pids_of(*pid, *tree), &out)?,
+                out,
+            });
+        }
         // perf attaches asynchronously: give it a moment before the counted work.
         std::thread::sleep(std::time::Duration::from_millis(300));
-        Counting(probes)
+        Ok(Counting(probes))
     }
 
     /// Stops counting; counts per round trip for `rounds` round trips.
     pub fn stop(self, rounds: usize) -> Result<Vec<PerRound>> {
         let n = rounds.max(1) as f64;
-        Ok(self
-            .0
+        self.0
             .into_iter()
             .map(|p| {
-                let wakeups = switches(&p.pids).saturating_sub(p.switches) as f64 / n;
-                let syscalls = p
-                    .perf
-                    .and_then(|(child, out)| perf_count(child, &out))
-                    .map(|c| c as f64 / n);
-                PerRound {
+                let [switches, syscalls] = perf_counts(p.perf, &p.out)?;
+                Ok(PerRound {
                     process: p.label,
-                    wakeups,
-                    syscalls,
-                }
+                    switches: switches as f64 / n,
+                    syscalls: syscalls as f64 / n,
+                })
             })
-            .collect())
+            .collect()
     }
 }

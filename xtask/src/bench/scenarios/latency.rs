@@ -46,7 +46,7 @@ async fn count(
     let mut all: Vec<Watched<'_>> = vec![("bench client+backend", std::process::id(), false)];
     all.extend_from_slice(procs);
     let n = COUNTED.min(ctx.size.pings);
-    let counting = Counting::start(&ctx.work, &all);
+    let counting = Counting::start(&ctx.work, &all)?;
     pingpong(ctx, route, target, n).await?;
     counting.stop(rounds(n))
 }
@@ -114,8 +114,8 @@ async fn measure(
                 go(summarize(label, &r, true));
                 if counting {
                     let procs = [
-                        ("stunnel client", t.client.pid, false),
-                        ("stunnel server", t.server.pid, false),
+                        ("stunnel client", t.client.pid, true),
+                        ("stunnel server", t.server.pid, true),
                     ];
                     let route = Route::Forward(t.port);
                     counted(label, count(ctx, &route, target, &procs).await, sec);
@@ -157,14 +157,13 @@ async fn measure(
 
 fn count_table(counts: &[(String, Vec<PerRound>)]) -> String {
     let mut md = String::from(
-        "| route | process | wake-ups per round trip | system calls per round trip |\n|---|---|---|---|\n",
+        "| route | process | context switches per round trip | system calls per round trip |\n|---|---|---|---|\n",
     );
     for (route, procs) in counts {
         for p in procs {
-            let calls = p.syscalls.map_or("—".to_string(), |c| format!("{c:.1}"));
             md.push_str(&format!(
-                "| {route} | {} | {:.2} | {calls} |\n",
-                p.process, p.wakeups
+                "| {route} | {} | {:.2} | {:.1} |\n",
+                p.process, p.switches, p.syscalls
             ));
         }
         let relay: Vec<&PerRound> = procs
@@ -172,11 +171,10 @@ fn count_table(counts: &[(String, Vec<PerRound>)]) -> String {
             .filter(|p| !p.process.starts_with("bench"))
             .collect();
         if !relay.is_empty() {
-            let w: f64 = relay.iter().map(|p| p.wakeups).sum();
-            let c: Option<f64> = relay.iter().map(|p| p.syscalls).sum();
-            let calls = c.map_or("—".to_string(), |c| format!("{c:.1}"));
+            let w: f64 = relay.iter().map(|p| p.switches).sum();
+            let c: f64 = relay.iter().map(|p| p.syscalls).sum();
             md.push_str(&format!(
-                "| {route} | **relay processes** | **{w:.2}** | **{calls}** |\n"
+                "| {route} | **relay processes** | **{w:.2}** | **{c:.1}** |\n"
             ));
         }
     }
@@ -293,8 +291,8 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
          **All processes pinned to one CPU** (the bench process and every process it starts share CPU 0: wake-ups are context \
          switches, not cross-CPU interrupts, so this isolates each route's own cost per round trip):\n\n{}\n\
          **Wake-ups and system calls per round trip**, per process ({COUNTED} round trips after the timed ones, scheduler's \
-         placement; wake-ups are voluntary context switches of all threads, system calls are `perf stat` counts of \
-         `raw_syscalls:sys_enter`). The bench's client and echo backend are one process, in every row:\n\n{}",
+         placement; `perf stat` counts of `sched:sched_switch` (a thread sleeping until woken, or preempted) and \
+         `raw_syscalls:sys_enter`, all threads). The bench's client and echo backend are one process, in every row:\n\n{}",
         n / 10 + 50,
         table(&lats),
         table(&pinned),
@@ -341,7 +339,7 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
         "rows": rows(&lats),
         "rows_one_cpu": rows(&pinned),
         "per_round_trip": counts.iter().map(|(route, procs)| json!({"route": route, "processes": procs.iter().map(|p| json!({
-            "process": p.process, "wakeups": p.wakeups, "syscalls": p.syscalls})).collect::<Vec<_>>()})).collect::<Vec<_>>(),
+            "process": p.process, "context_switches": p.switches, "syscalls": p.syscalls})).collect::<Vec<_>>()})).collect::<Vec<_>>(),
         "skipped": sec.skipped,
     });
     Ok(sec)

@@ -60,7 +60,32 @@ pub fn rounds(n: usize) -> usize {
 }
 
 /// 64-byte ping-pong over an echo connection: round-trip times in µs (after a warm-up).
+///
+/// The client runs on a thread of its own under a single-threaded runtime: its reads, writes
+/// and (gRPC) HTTP/2 driver share that thread, so a round trip wakes the client once on every
+/// route. On the bench's two-worker runtime a gRPC client's driver and reader could sit on
+/// different threads and wake each other, which the gRPC rows paid and the others did not.
 pub async fn pingpong(ctx: &Ctx, route: &Route, target: SocketAddr, n: usize) -> Result<Vec<f64>> {
+    tokio::task::block_in_place(|| {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?
+                    .block_on(pingpong_client(ctx, route, target, n))
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the ping-pong client thread panicked"))?
+        })
+    })
+}
+
+async fn pingpong_client(
+    ctx: &Ctx,
+    route: &Route,
+    target: SocketAddr,
+    n: usize,
+) -> Result<Vec<f64>> {
     let mut io: BoxIo = io::dial(route, &ctx.tls, target).await?;
     io.write_all(&io::command(b'E', 0)).await?;
     let msg = [7u8; 64];
