@@ -69,17 +69,17 @@ fn finish_read(mut buf: BytesMut, n: usize) -> Read {
 macro_rules! readiness_read {
     ($t:ty) => {
         impl LocalRead for $t {
-            // Wait for readability before allocating: idle connections hold no buffer.
+            // Wait for readability before allocating: idle connections hold no buffer. The
+            // read is tokio's `poll_read`, which takes a short read as the socket drained: one
+            // read per wake-up, not a second one that says EAGAIN.
             async fn read_chunk(&mut self, max: usize) -> io::Result<Read> {
-                loop {
-                    self.readable().await?;
-                    let mut buf = BytesMut::with_capacity(max);
-                    match self.try_read_buf(&mut buf) {
-                        Ok(n) => return Ok(finish_read(buf, n)),
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                        Err(e) => return Err(e),
-                    }
-                }
+                self.readable().await?;
+                let mut buf = BytesMut::with_capacity(max);
+                let n = std::future::poll_fn(|cx| {
+                    tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *self), cx, &mut buf)
+                })
+                .await?;
+                Ok(finish_read(buf, n))
             }
         }
     };

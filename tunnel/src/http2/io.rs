@@ -28,8 +28,13 @@ const WRITE_SIZE: usize = 256 * 1024;
 /// A stream socket driven by readiness (TCP or Unix).
 pub trait Socket: Send + Sync + 'static {
     fn poll_ready(&self, cx: &mut Context<'_>, interest: Interest) -> Poll<io::Result<()>>;
-    fn try_read_into(&self, buf: &mut [u8]) -> io::Result<usize>;
-    fn try_read_bytes(&self, buf: &mut BytesMut) -> io::Result<usize>;
+    /// Reads into `buf`'s spare room. A short read counts as draining the socket (tokio's
+    /// `poll_read`), so a wake-up costs one read, not a second one that says EAGAIN.
+    fn poll_read_bytes(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+    ) -> Poll<io::Result<usize>>;
     fn try_write_from(&self, buf: &[u8]) -> io::Result<usize>;
     fn try_write_vectored_from(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize>;
 }
@@ -44,11 +49,12 @@ macro_rules! socket {
                     self.poll_write_ready(cx)
                 }
             }
-            fn try_read_into(&self, buf: &mut [u8]) -> io::Result<usize> {
-                self.try_read(buf)
-            }
-            fn try_read_bytes(&self, buf: &mut BytesMut) -> io::Result<usize> {
-                self.try_read_buf(buf)
+            fn poll_read_bytes(
+                &mut self,
+                cx: &mut Context<'_>,
+                buf: &mut BytesMut,
+            ) -> Poll<io::Result<usize>> {
+                tokio_util::io::poll_read_buf(std::pin::Pin::new(self), cx, buf)
             }
             fn try_write_from(&self, buf: &[u8]) -> io::Result<usize> {
                 self.try_write(buf)
@@ -279,48 +285,27 @@ impl<S: Socket> Io<S> {
     }
 
     fn poll_read_plain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        loop {
-            let room = reserve(&mut self.plain, self.read_size);
-            match self.socket.try_read_bytes(&mut self.plain) {
-                Ok(n) => {
-                    self.grow_reads(n, room);
-                    return Poll::Ready(Ok(n));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    std::task::ready!(self.socket.poll_ready(cx, Interest::READABLE))?
-                }
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
+        let room = reserve(&mut self.plain, self.read_size);
+        let n = std::task::ready!(self.socket.poll_read_bytes(cx, &mut self.plain))?;
+        self.grow_reads(n, room);
+        Poll::Ready(Ok(n))
     }
 
     fn poll_read_tls(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        let ours = matches!(self.crypto, Crypto::Records(_));
-        loop {
-            let read = if ours {
-                // Into the block that ends `plain`, so records open where they land.
-                let (mut buf, plain_len) = self.join();
-                let room = reserve(&mut buf, self.read_size);
-                let read = self.socket.try_read_bytes(&mut buf).map(|n| (n, room));
-                self.split(buf, plain_len);
-                read
-            } else {
-                let room = reserve(&mut self.tls_in, self.read_size);
-                self.socket
-                    .try_read_bytes(&mut self.tls_in)
-                    .map(|n| (n, room))
-            };
-            match read {
-                Ok((n, room)) => {
-                    self.grow_reads(n, room);
-                    return Poll::Ready(Ok(n));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    std::task::ready!(self.socket.poll_ready(cx, Interest::READABLE))?
-                }
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
+        let (read, room) = if let Crypto::Records(_) = self.crypto {
+            // Into the block that ends `plain`, so records open where they land.
+            let (mut buf, plain_len) = self.join();
+            let room = reserve(&mut buf, self.read_size);
+            let read = self.socket.poll_read_bytes(cx, &mut buf);
+            self.split(buf, plain_len);
+            (read, room)
+        } else {
+            let room = reserve(&mut self.tls_in, self.read_size);
+            (self.socket.poll_read_bytes(cx, &mut self.tls_in), room)
+        };
+        let n = std::task::ready!(read)?;
+        self.grow_reads(n, room);
+        Poll::Ready(Ok(n))
     }
 
     /// `plain` and `tls_in` as one buffer, and where the ciphertext starts. No copy once the
