@@ -409,9 +409,16 @@ impl Records {
         Ok(())
     }
 
-    /// Packs the pending pieces into as few records as they fill, sealed into `out`.
-    pub(super) fn seal(&mut self, pending: &mut VecDeque<Bytes>, out: &mut Ring) -> io::Result<()> {
-        while !pending.is_empty() {
+    /// Packs pending pieces into as few records as they fill, sealed into `out`, until at
+    /// least `at_most` bytes are sealed or none is left; how many were.
+    pub(super) fn seal(
+        &mut self,
+        pending: &mut VecDeque<Bytes>,
+        out: &mut Ring,
+        at_most: usize,
+    ) -> io::Result<usize> {
+        let mut sealed = 0;
+        while !pending.is_empty() && sealed < at_most {
             if self.tx.seq >= self.tx_limit {
                 self.update_tx(out)?;
             }
@@ -427,6 +434,7 @@ impl Records {
                 len += take;
             }
             self.seal_record(content::APPLICATION_DATA, &pieces[..n], out)?;
+            sealed += len;
             let mut left = len;
             while left > 0 {
                 let Some(front) = pending.front_mut() else {
@@ -441,7 +449,7 @@ impl Records {
                 }
             }
         }
-        Ok(())
+        Ok(sealed)
     }
 
     /// Queues close_notify.

@@ -2,12 +2,13 @@
 //! `--ebpf=off` (userspace relay): throughput, 64-byte latency and agent CPU per GiB.
 use super::bulk::{measure, Row};
 use super::latency::{summarize, Lat};
-use super::{pingpong, start};
+use super::{count, pingpong, start};
 use crate::bench::affinity::OneCpu;
 use crate::bench::io::{self, Route};
 use crate::bench::procs::{metric_sum, ClusterCfg, Mode, Transport};
 use crate::bench::report::{num, Floor, Section};
 use crate::bench::svg::{self, Bar};
+use crate::bench::wakeups::PerRound;
 use crate::bench::Ctx;
 use anyhow::Result;
 use serde_json::json;
@@ -21,6 +22,8 @@ struct Leg {
     lat1: Lat,
     redirected_bytes: f64,
     pairs: f64,
+    /// Context switches and system calls per round trip of the server and the agent.
+    counts: Vec<PerRound>,
 }
 
 pub async fn run(ctx: &Ctx) -> Result<Section> {
@@ -70,6 +73,11 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
                 false,
             )
         };
+        let procs = [
+            ("spoke-server", c.server.pid, false),
+            ("spoke-agent", c.agent.pid, false),
+        ];
+        let counts = count(ctx, &route, target, &procs).await?;
         ctx.say(&format!(
             "   ebpf={mode}: 64-byte p50 {:.1} µs p99 {:.1} µs; on one CPU p50 {:.1} µs p99 {:.1} µs",
             lat.p50, lat.p99, lat1.p50, lat1.p99
@@ -84,6 +92,7 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
             lat1,
             redirected_bytes,
             pairs,
+            counts,
         });
     }
     let agent_cpu = |l: &Leg, dir: &str| {
@@ -111,14 +120,20 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
          Latency twice: as the scheduler places the processes, and with the bench, spoke-server and spoke-agent pinned to \
          one CPU (wake-ups become context switches instead of cross-CPU interrupts to a halted vCPU, which isolates what \
          the fast path changes).\n\n\
-         | agent | download MiB/s | upload MiB/s | agent CPU s/GiB down | agent CPU s/GiB up | p50 µs | p99 µs | p99.9 µs | one CPU p50 µs | one CPU p99 µs | bytes redirected by sk_msg | socket pairs |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
+         | agent | download MiB/s | upload MiB/s | agent CPU s/GiB down | agent CPU s/GiB up | p50 µs | p99 µs | p99.9 µs | one CPU p50 µs | one CPU p99 µs | bytes redirected by sk_msg | socket pairs | context switches per round trip: server / agent | system calls per round trip: server / agent |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         ctx.size.bulk >> 20,
         ctx.size.pings
     );
     for l in &legs {
+        let per = |name: &str, f: fn(&PerRound) -> f64| {
+            l.counts
+                .iter()
+                .find(|p| p.process == name)
+                .map_or(f64::NAN, f)
+        };
         md.push_str(&format!(
-            "| --ebpf={} | {} | {} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| --ebpf={} | {} | {} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {:.2} / {:.2} | {:.1} / {:.1} |\n",
             l.mode,
             num(mibs(l, "download")),
             num(mibs(l, "upload")),
@@ -130,7 +145,11 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
             num(l.lat1.p50),
             num(l.lat1.p99),
             l.redirected_bytes,
-            l.pairs
+            l.pairs,
+            per("spoke-server", |p| p.switches),
+            per("spoke-agent", |p| p.switches),
+            per("spoke-server", |p| p.syscalls),
+            per("spoke-agent", |p| p.syscalls),
         ));
     }
     if let Some(e) = &on_error {

@@ -1,6 +1,6 @@
 //! Latency: 64-byte request/response ping-pong over an established connection (kubectl exec
 //! keystrokes); percentiles and what each route adds over direct TCP.
-use super::{pingpong, rounds, start, FRONTENDS};
+use super::{count, pingpong, start, COUNTED, FRONTENDS};
 use crate::bench::affinity::OneCpu;
 use crate::bench::baselines;
 use crate::bench::io::{self, Route};
@@ -8,7 +8,7 @@ use crate::bench::procs::{Cluster, ClusterCfg};
 use crate::bench::report::{num, Floor, Section};
 use crate::bench::stats::pct;
 use crate::bench::svg::{self, Bar};
-use crate::bench::wakeups::{Counting, PerRound, Watched};
+use crate::bench::wakeups::PerRound;
 use crate::bench::Ctx;
 use anyhow::Result;
 use serde_json::json;
@@ -30,25 +30,6 @@ pub fn summarize(route: &str, rtts: &[f64], baseline: bool) -> Lat {
         p999: pct(rtts, 99.9),
         baseline,
     }
-}
-
-/// Round trips of the counting run (wake-ups and system calls), apart from the timed one.
-const COUNTED: usize = 2_000;
-
-/// Per-round-trip counts of a route's processes (and the bench's own client and backend), in
-/// a ping-pong of its own right after the timed one.
-async fn count(
-    ctx: &Ctx,
-    route: &Route,
-    target: std::net::SocketAddr,
-    procs: &[Watched<'_>],
-) -> Result<Vec<PerRound>> {
-    let mut all: Vec<Watched<'_>> = vec![("bench client+backend", std::process::id(), false)];
-    all.extend_from_slice(procs);
-    let n = COUNTED.min(ctx.size.pings);
-    let counting = Counting::start(&ctx.work, &all)?;
-    pingpong(ctx, route, target, n).await?;
-    counting.stop(rounds(n))
 }
 
 /// Every route's ping-pong, each route's processes started for it and stopped after. With

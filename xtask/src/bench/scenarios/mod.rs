@@ -13,6 +13,7 @@ use super::io::{self, Route};
 use super::procs::{Cluster, ClusterCfg, Mode, Transport};
 use super::report::Section;
 use super::stats;
+use super::wakeups::{Counting, PerRound, Watched};
 use super::Ctx;
 use anyhow::Result;
 use spoke_tests::BoxIo;
@@ -52,6 +53,25 @@ pub const FRONTENDS: [(Mode, Transport); 4] = [
 
 pub fn start(ctx: &Ctx, cfg: &ClusterCfg) -> Result<Cluster> {
     Cluster::start(&ctx.bin, &ctx.work, &ctx.pki, cfg)
+}
+
+/// Round trips of the counting run (wake-ups and system calls), apart from the timed one.
+pub const COUNTED: usize = 2_000;
+
+/// Per-round-trip counts of a route's processes (and the bench's own client and backend), in
+/// a ping-pong of its own right after the timed one.
+pub async fn count(
+    ctx: &Ctx,
+    route: &Route,
+    target: std::net::SocketAddr,
+    procs: &[Watched<'_>],
+) -> Result<Vec<PerRound>> {
+    let mut all: Vec<Watched<'_>> = vec![("bench client+backend", std::process::id(), false)];
+    all.extend_from_slice(procs);
+    let n = COUNTED.min(ctx.size.pings);
+    let counting = Counting::start(&ctx.work, &all)?;
+    pingpong(ctx, route, target, n).await?;
+    counting.stop(rounds(n))
 }
 
 /// Round trips [`pingpong`] makes for `n` timed ones (a warm-up first).
