@@ -173,9 +173,43 @@ pub async fn tunnel(
         .arg("-tunnels")
         .arg(tunnels.to_string())
         .arg("-address")
-        .arg(address)
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
+        .arg(address);
+    run(cmd).await
+}
+
+/// Runs `tunnels` tunnels through the mTLS gRPC frontend at `addr` (Go's crypto/tls, server
+/// name `localhost`, the client certificate `client` chained to `ca`), each sending `size`
+/// pattern bytes in one DATA packet and reading them back.
+pub async fn tunnel_tls(
+    bin: &Path,
+    addr: std::net::SocketAddr,
+    ca: &Path,
+    client: &crate::certs::CertKey,
+    tunnels: u32,
+    size: usize,
+    address: &str,
+) -> anyhow::Result<Run> {
+    let mut cmd = Command::new(bin);
+    cmd.arg("tunnel")
+        .arg("-tls")
+        .arg(addr.to_string())
+        .arg("-ca")
+        .arg(ca)
+        .arg("-cert")
+        .arg(&client.cert)
+        .arg("-key")
+        .arg(&client.key)
+        .arg("-tunnels")
+        .arg(tunnels.to_string())
+        .arg("-size")
+        .arg(size.to_string())
+        .arg("-address")
+        .arg(address);
+    run(cmd).await
+}
+
+async fn run(mut cmd: Command) -> anyhow::Result<Run> {
+    cmd.stdin(Stdio::null()).kill_on_drop(true);
     let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
         .await
         .context("the grpc-go client did not finish within 60 s")?

@@ -733,6 +733,56 @@ async fn grpc_go_client_tunnels_through_the_unix_socket() {
     wait_tables_empty(&server, &[&agent]).await;
 }
 
+/// The same real client over the mTLS TCP frontend: Go 1.19's crypto/tls (TLS 1.3) against
+/// Spoke's own TLS records, with messages that fit one record and ones that span many (a
+/// 300 KiB DATA packet each way), and two tunnels on one connection.
+#[tokio::test]
+async fn grpc_go_client_tunnels_over_mtls() {
+    let Some(bin) = goclient::built("grpc_go_client_tunnels_over_mtls").await else {
+        return;
+    };
+    let env = Env::new("conformance_goclient_tls");
+    let (server, agent) = env
+        .pair(ServerOpts::new(Mode::Grpc, Transport::Tls), |a| a)
+        .await;
+    let echo = backends::echo().await;
+    let addr = server.tcp.expect("TLS frontend address");
+    let mut failed = Vec::new();
+    let runs = [(1, 64), (1, 300 * 1024), (2, 100 * 1024)];
+    for (tunnels, size) in runs {
+        let run = goclient::tunnel_tls(
+            &bin,
+            addr,
+            &env.pki.main.ca,
+            &env.pki.main.frontend,
+            tunnels,
+            size,
+            &echo.target(),
+        )
+        .await
+        .expect("running the grpc-go client");
+        if !run.ok() {
+            failed.push(format!(
+                "{tunnels} tunnel(s) of {size} bytes: {}; stdout {:?}; stderr {:?}",
+                run.status,
+                run.stdout.trim(),
+                run.stderr.trim()
+            ));
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "the grpc-go 1.33.3 client over mTLS failed with:\n{}",
+        failed.join("\n")
+    );
+    assert_eq!(
+        echo.stats.snapshot().0,
+        runs.iter().map(|(n, _)| u64::from(*n)).sum::<u64>(),
+        "the echo server saw every dial"
+    );
+    wait_tables_empty(&server, &[&agent]).await;
+}
+
 /// Each capture holds a whole tunnel, and prost encodes its messages exactly as grpc-go's
 /// encoder (golang/protobuf) did, so messages built by the replay are the client's bytes.
 #[test]

@@ -3,13 +3,17 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"flag"
 	"fmt"
 	"math/rand"
 	"net"
+	"os"
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 )
 
 // tunnelCmd runs one single-use tunnel the way kube-apiserver's egress dialer drives
@@ -21,14 +25,32 @@ func tunnelCmd(args []string) error {
 	address := fs.String("address", "", "host:port to dial through the tunnel (an echo server)")
 	message := fs.String("message", "spoke conformance: grpc-go 1.33.3 through the tunnel", "bytes to send and expect back")
 	tunnels := fs.Int("tunnels", 1, "tunnels, one after the other; more than 1 share one connection, a Proxy stream each (konnectivity-client master's CreateGRPCTunnel)")
+	tlsAddr := fs.String("tls", "", "host:port of the proxy server's mTLS gRPC frontend, instead of -socket (Go's crypto/tls, TLS 1.3)")
+	ca := fs.String("ca", "", "with -tls: CA certificate PEM the server's certificate must chain to")
+	cert := fs.String("cert", "", "with -tls: client certificate PEM")
+	key := fs.String("key", "", "with -tls: client key PEM")
+	size := fs.Int("size", 0, "send this many bytes (a pattern, one DATA packet) instead of -message")
 	_ = fs.Parse(args)
-	if *socket == "" || *address == "" {
-		return fmt.Errorf("tunnel: -socket and -address are required")
+	if (*socket == "") == (*tlsAddr == "") || *address == "" {
+		return fmt.Errorf("tunnel: -address and one of -socket or -tls are required")
 	}
-	if *target == "" {
-		*target = *socket
+	msg := []byte(*message)
+	if *size > 0 {
+		msg = make([]byte, *size)
+		for i := range msg {
+			msg[i] = byte(i*31) ^ byte(i>>8)
+		}
 	}
-	if err := tunnel(*target, *socket, *address, []byte(*message), *tunnels); err != nil {
+	var err error
+	if *tlsAddr != "" {
+		err = tunnelTLS(*tlsAddr, *ca, *cert, *key, *address, msg, *tunnels)
+	} else {
+		if *target == "" {
+			*target = *socket
+		}
+		err = tunnel(*target, *socket, *address, msg, *tunnels)
+	}
+	if err != nil {
 		return err
 	}
 	fmt.Println("ok")
@@ -56,6 +78,37 @@ func tunnel(target, socket, address string, msg []byte, tunnels int) error {
 	}
 	defer cc.Close()
 
+	return proxyTunnels(cc, address, msg, tunnels)
+}
+
+// tunnelTLS is tunnel over mTLS TCP, as kube-apiserver's GRPC egress with a `tcp` transport
+// and a TLS config: Go's crypto/tls with the client certificate, the server name localhost.
+func tunnelTLS(addr, ca, cert, key, address string, msg []byte, tunnels int) error {
+	pair, err := tls.LoadX509KeyPair(cert, key)
+	if err != nil {
+		return fmt.Errorf("client certificate: %w", err)
+	}
+	pem, err := os.ReadFile(ca)
+	if err != nil {
+		return fmt.Errorf("CA: %w", err)
+	}
+	roots := x509.NewCertPool()
+	if !roots.AppendCertsFromPEM(pem) {
+		return fmt.Errorf("CA %s: no certificate", ca)
+	}
+	creds := credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{pair}, RootCAs: roots, ServerName: "localhost"})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cc, err := grpc.DialContext(ctx, addr, grpc.WithTransportCredentials(creds), grpc.WithBlock(),
+		grpc.WithReturnConnectionError())
+	if err != nil {
+		return fmt.Errorf("dial %s: %w", addr, err)
+	}
+	defer cc.Close()
+	return proxyTunnels(cc, address, msg, tunnels)
+}
+
+func proxyTunnels(cc *grpc.ClientConn, address string, msg []byte, tunnels int) error {
 	proxy := NewProxyServiceClient(cc)
 	if tunnels == 1 {
 		// The stream's context has no deadline (kube-apiserver uses context.Background()), so
