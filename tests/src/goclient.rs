@@ -100,11 +100,14 @@ pub async fn build() -> anyhow::Result<PathBuf> {
     }
     let dir = crate::bins::bin_dir().join("real-clients");
     let bin = dir.join(format!("goclient-{:016x}", hasher.finish()));
+    // Tests of one process build once (the others wait and find the binary); test processes
+    // may still build at once: each writes its own file and renames it into place.
+    static BUILDING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _one = BUILDING.lock().await;
     if bin.is_file() {
         return Ok(bin);
     }
     std::fs::create_dir_all(&dir).context("creating the client's build directory")?;
-    // Concurrent tests may build at once: each writes its own file and renames it into place.
     let tmp = dir.join(format!("goclient.{}.tmp", std::process::id()));
     let mut cmd = Command::new("go");
     cmd.arg("build")

@@ -508,34 +508,23 @@ impl Records {
 #[cfg(test)]
 mod tests {
     use super::super::io::{Crypto, Io};
+    use super::super::tests::tls_configs;
     use bytes::Bytes;
     use std::sync::Arc;
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
 
-    fn configs(tickets: usize) -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
-        let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-        let der = ck.cert.der().clone();
-        let key = rustls_pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
+    /// A tokio-rustls client on `tcp`, its handshake done.
+    async fn rustls_client(
+        cfg: Arc<rustls::ClientConfig>,
+        tcp: TcpStream,
+    ) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        tokio_rustls::TlsConnector::from(cfg)
+            .connect(name, tcp)
+            .await
             .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![der.clone()], key)
-            .unwrap();
-        server.send_tls13_tickets = tickets;
-        server.enable_secret_extraction = true;
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(der).unwrap();
-        let mut client = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        client.enable_secret_extraction = true;
-        (Arc::new(server), Arc::new(client))
     }
 
     async fn pair() -> (TcpStream, TcpStream) {
@@ -574,7 +563,7 @@ mod tests {
     /// to update ours) between echoes.
     #[tokio::test]
     async fn tickets_and_key_updates_from_a_rustls_peer() {
-        let (server_cfg, client_cfg) = configs(2);
+        let (server_cfg, client_cfg) = tls_configs(2);
         let (c, s) = pair().await;
         let server = tokio::spawn(async move {
             let mut tls = tokio_rustls::TlsAcceptor::from(server_cfg)
@@ -609,14 +598,10 @@ mod tests {
     /// Our side updates its sending key every few records; a rustls client reads through.
     #[tokio::test]
     async fn our_key_updates_reach_a_rustls_peer() {
-        let (server_cfg, client_cfg) = configs(0);
+        let (server_cfg, client_cfg) = tls_configs(0);
         let (c, s) = pair().await;
         let client = tokio::spawn(async move {
-            let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-            let mut tls = tokio_rustls::TlsConnector::from(client_cfg)
-                .connect(name, c)
-                .await
-                .unwrap();
+            let mut tls = rustls_client(client_cfg, c).await;
             let data = pattern(300_000, 7);
             tls.write_all(&data).await.unwrap();
             let mut back = vec![0; data.len()];
@@ -656,16 +641,12 @@ mod tests {
             &[23, 3, 3, 0xff, 0xff][..],       // over the largest record
             &[21, 3, 3, 0, 2, 2, 40][..],      // a plaintext alert
         ] {
-            let (server_cfg, client_cfg) = configs(0);
+            let (server_cfg, client_cfg) = tls_configs(0);
             let (c, s) = pair().await;
             let sent = forged.to_vec();
             let (go_tx, go) = tokio::sync::oneshot::channel::<()>();
             let client = tokio::spawn(async move {
-                let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-                let mut tls = tokio_rustls::TlsConnector::from(client_cfg)
-                    .connect(name, c)
-                    .await
-                    .unwrap();
+                let mut tls = rustls_client(client_cfg, c).await;
                 tls.write_all(b"fine so far").await.unwrap();
                 tls.flush().await.unwrap();
                 // Forged once the good record is read, so that it comes in a read of its own.

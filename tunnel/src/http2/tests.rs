@@ -92,6 +92,14 @@ impl StreamEnd for Pipe {
 }
 
 fn certs() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+    tls_configs(2)
+}
+
+/// A self-signed `localhost` server (sending `tickets` TLS 1.3 session tickets) and a client
+/// trusting it, both with ALPN h2 and secret extraction (Spoke's records take over).
+pub(super) fn tls_configs(
+    tickets: usize,
+) -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
     let der = ck.cert.der().clone();
     let key = rustls_pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
@@ -103,6 +111,7 @@ fn certs() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
         .with_single_cert(vec![der.clone()], key)
         .unwrap();
     server.alpn_protocols = vec![b"h2".to_vec()];
+    server.send_tls13_tickets = tickets;
     server.enable_secret_extraction = true;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(der).unwrap();
