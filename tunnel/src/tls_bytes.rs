@@ -67,7 +67,7 @@ fn poll_take<S: Socket>(
         if ready!(io.poll_read(cx))? == 0 {
             return Poll::Ready(Ok(None));
         }
-        // A key update the peer asked for is answered at once; a full socket waits for
+        // An alert queued by the read goes out at once; a full socket waits for
         // the writer's next flush.
         let _ = io.poll_flush(cx);
     }

@@ -247,10 +247,11 @@ impl<S: Socket> Driver<S> {
         self.end_all(&why);
         // Say goodbye if the socket still takes it; a failure changes nothing now.
         self.conn.go_away(Reason::NO_ERROR, "");
-        self.io.close_notify();
         while let Some(b) = self.conn.take_output() {
             self.io.queue(b);
         }
+        // Last: nothing sealed after close_notify is read.
+        self.io.close_notify();
         let _ = tokio::time::timeout(
             Duration::from_secs(1),
             std::future::poll_fn(|cx| self.io.poll_flush(cx)),

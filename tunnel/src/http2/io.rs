@@ -154,26 +154,74 @@ fn tls_err(e: rustls::Error) -> io::Error {
 /// Steps a rustls unbuffered connection (client or server: the same calls on two types) until
 /// it needs input or has made progress; on an error the fatal alert rustls queued goes out
 /// before we hang up. Evaluates to the `Progress`; returns from the caller on an error.
+///
+/// While the handshake runs, rustls is given whole records one more at a time, never past
+/// the one that ends the handshake: what follows it (a key update request, a session ticket)
+/// is left untouched for Spoke's own records (`records.rs`), which take over then. Given it,
+/// rustls would answer a key update into a slot the take-over does not carry, or decrypt a
+/// split message's records in place without discarding them.
 macro_rules! records {
-    ($c:expr, $tls_in:expr, $tls_out:expr, $plain:expr, $pending:expr) => {
+    ($c:expr, $tls_in:expr, $tls_out:expr, $plain:expr, $pending:expr) => {{
+        // Records fed beyond the first while rustls waits for more of a handshake message.
+        let mut more = 0;
         loop {
-            let status = $c.process_tls_records(&mut $tls_in[..]);
+            let handshaking = $c.is_handshaking();
+            let end = if handshaking {
+                whole_records(&$tls_in, 1 + more)
+            } else {
+                $tls_in.len()
+            };
+            let status = $c.process_tls_records(&mut $tls_in[..end]);
             let (discard, progress) = match step(status, $tls_out, $plain, $pending) {
                 Ok(r) => r,
                 Err(e) => {
                     while let ConnectionStateKind::Encoded =
-                        encode_pending($c.process_tls_records(&mut $tls_in[..]), $tls_out)
+                        encode_pending($c.process_tls_records(&mut $tls_in[..end]), $tls_out)
                     {
                     }
                     return Err(e);
                 }
             };
             $tls_in.advance(discard);
-            if let Some(p) = progress {
-                break p;
+            if discard > 0 {
+                more = 0;
+            }
+            match progress {
+                // Still handshaking with whole records held back: give rustls the next.
+                Some(Progress::NeedInput)
+                    if handshaking
+                        && $c.is_handshaking()
+                        && whole_records(&$tls_in, usize::MAX) > end - discard =>
+                {
+                    more += 1;
+                }
+                Some(p) => break p,
+                None => {}
             }
         }
-    };
+    }};
+}
+
+/// Where the first `n` whole TLS records in `buf` end (all of `buf` when it holds none whole,
+/// so that rustls sees a partial record and waits for the rest).
+fn whole_records(buf: &[u8], n: usize) -> usize {
+    let (mut end, mut count) = (0, 0);
+    while count < n {
+        let Some(header) = buf.get(end..end + 5) else {
+            break;
+        };
+        let next = end + 5 + usize::from(u16::from_be_bytes([header[3], header[4]]));
+        if next > buf.len() {
+            break;
+        }
+        end = next;
+        count += 1;
+    }
+    if count == 0 {
+        buf.len()
+    } else {
+        end
+    }
 }
 
 impl<S: Socket> Io<S> {
@@ -247,8 +295,9 @@ impl<S: Socket> Io<S> {
             }
             other => other,
         };
-        if let Crypto::Records(_) = self.crypto {
-            // Records that came with the end of the handshake are opened by our layer now.
+        if !matches!(self.crypto, Crypto::Plain) {
+            // Records that came after the one ending the handshake were held back from it:
+            // opened now (by our layer, or by rustls on TLS 1.2).
             self.process()?;
         }
         Ok(())
