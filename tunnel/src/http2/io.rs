@@ -331,7 +331,12 @@ impl<S: Socket> Io<S> {
             }
             let n = std::task::ready!(self.poll_read_tls(cx))?;
             if n == 0 {
-                return Poll::Ready(Ok(0));
+                // Only close_notify ends a TLS stream: a bare TCP close may be a cut, and
+                // must not pass for the end of the data (RFC 8446 6.1).
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "peer closed the connection without a TLS close_notify",
+                )));
             }
             self.process()?;
         }
@@ -345,7 +350,8 @@ impl<S: Socket> Io<S> {
     }
 
     fn poll_read_tls(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        let (read, room) = if let Crypto::Records(_) = self.crypto {
+        let (read, room) = if let Crypto::Records(r) = &self.crypto {
+            r.check()?;
             // Into the block that ends `plain`, so records open where they land.
             let (mut buf, plain_len) = self.join();
             let room = reserve(&mut buf, self.read_size);

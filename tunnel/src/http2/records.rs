@@ -140,9 +140,21 @@ pub struct Records {
     /// Key update requests since the peer's last application data: a peer that only asks
     /// would make us derive keys for nothing, so past a bound (rustls' 32) it is an error.
     requests_in_a_row: u32,
+    /// A fatal error was met: nothing more is opened or sealed.
+    failed: bool,
+    /// We sent close_notify: nothing more is sealed (the peer may still send; TLS 1.3
+    /// closes each direction on its own).
+    closed: bool,
 }
 
 const MAX_REQUESTS_IN_A_ROW: u32 = 32;
+
+fn ended() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::BrokenPipe,
+        "TLS connection already closed or failed",
+    )
+}
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Counts {
@@ -199,6 +211,8 @@ impl Records {
             counts: Counts::default(),
             update_owed: false,
             requests_in_a_row: 0,
+            failed: false,
+            closed: false,
         })
     }
 
@@ -213,6 +227,7 @@ impl Records {
         plain_len: &mut usize,
         out: &mut Ring,
     ) -> io::Result<Opened> {
+        self.check()?;
         let start = *plain_len;
         self.payloads.clear();
         let (used, opened) = match self.open_records(&mut buf[start..]) {
@@ -221,6 +236,7 @@ impl Records {
                 if let Some(alert) = f.alert {
                     self.seal_alert(alert, out);
                 }
+                self.failed = true;
                 return Err(io::Error::new(io::ErrorKind::InvalidData, f.why));
             }
         };
@@ -435,6 +451,9 @@ impl Records {
         out: &mut Ring,
         at_most: usize,
     ) -> io::Result<usize> {
+        if (self.failed || self.closed) && !pending.is_empty() {
+            return Err(ended());
+        }
         let mut sealed = 0;
         while !pending.is_empty() && sealed < at_most {
             if self.update_owed || self.tx.seq >= self.tx_limit {
@@ -471,9 +490,20 @@ impl Records {
         Ok(sealed)
     }
 
+    /// An error once a fatal one was met: the connection is unusable.
+    pub(super) fn check(&self) -> io::Result<()> {
+        if self.failed {
+            return Err(ended());
+        }
+        Ok(())
+    }
+
     /// Queues close_notify.
     pub(super) fn close_notify(&mut self, out: &mut Ring) {
-        self.seal_alert(alert::CLOSE_NOTIFY, out);
+        if !self.failed && !self.closed {
+            self.seal_alert(alert::CLOSE_NOTIFY, out);
+            self.closed = true;
+        }
     }
 
     fn seal_alert(&mut self, desc: u8, out: &mut Ring) {
@@ -700,9 +730,57 @@ mod tests {
                 std::io::ErrorKind::InvalidData,
                 "{forged:?}: {err}"
             );
+            // Failed for good: nothing more is opened or sealed.
             let _ = std::future::poll_fn(|cx| io.poll_flush(cx)).await;
+            let again = std::future::poll_fn(|cx| io.poll_read(cx)).await;
+            assert!(
+                again.is_err(),
+                "{forged:?}: read after a failure: {again:?}"
+            );
+            io.queue(Bytes::from_static(b"after the failure"));
+            let sent = std::future::poll_fn(|cx| io.poll_flush(cx)).await;
+            assert!(sent.is_err(), "{forged:?}: sealed after a failure");
             drop(io);
             client.await.unwrap();
+        }
+    }
+
+    /// A TCP close without close_notify may be a cut: an error, never the end of the data.
+    /// With close_notify first, the same close is a clean end.
+    #[tokio::test]
+    async fn a_close_without_close_notify_is_an_error() {
+        for notify in [false, true] {
+            let (server_cfg, client_cfg) = tls_configs(0);
+            let (c, s) = pair().await;
+            let client = tokio::spawn(async move {
+                let mut tls = rustls_client(client_cfg, c).await;
+                tls.write_all(b"all of it").await.unwrap();
+                if notify {
+                    tls.shutdown().await.unwrap();
+                } else {
+                    tls.flush().await.unwrap();
+                    tls.get_mut().0.shutdown().await.unwrap();
+                }
+                tls
+            });
+            let conn = rustls::server::UnbufferedServerConnection::new(server_cfg).unwrap();
+            let mut io = Io::new(s, Crypto::Server(Box::new(conn)));
+            io.handshake().await.unwrap();
+            let mut got = Vec::new();
+            let end = loop {
+                match std::future::poll_fn(|cx| io.poll_read(cx)).await {
+                    Ok(0) => break Ok(()),
+                    Ok(_) => got.extend_from_slice(&io.plain.split()),
+                    Err(e) => break Err(e),
+                }
+            };
+            assert_eq!(got, b"all of it");
+            match (notify, end) {
+                (true, Ok(())) => {}
+                (false, Err(e)) => assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof),
+                (_, end) => panic!("close_notify sent: {notify}, read ended {end:?}"),
+            }
+            drop(client.await.unwrap());
         }
     }
 }

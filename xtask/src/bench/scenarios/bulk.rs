@@ -82,7 +82,7 @@ pub async fn measure(
 }
 
 pub async fn run(ctx: &Ctx) -> Result<Section> {
-    let mut sec = Section::new("bulk", "Bulk transfer");
+    let mut sec = Section::new("bulk", super::title("bulk"));
     let backend = io::backend(TcpListener::bind("127.0.0.1:0").await?)?;
     let target = backend.addr;
     let mut rows: Vec<Row> = Vec::new();

@@ -119,7 +119,7 @@ async fn churn(
 }
 
 pub async fn run(ctx: &Ctx) -> Result<Section> {
-    let mut sec = Section::new("churn", "Connection churn");
+    let mut sec = Section::new("churn", super::title("churn"));
     let backend = io::backend(TcpListener::bind("127.0.0.1:0").await?)?;
     let target = backend.addr;
     let me = std::process::id();

@@ -27,7 +27,7 @@ struct Leg {
 }
 
 pub async fn run(ctx: &Ctx) -> Result<Section> {
-    let mut sec = Section::new("ebpf", "eBPF fast path on the node-local legs");
+    let mut sec = Section::new("ebpf", super::title("ebpf"));
     let backend = io::backend(TcpListener::bind("127.0.0.1:0").await?)?;
     let target = backend.addr;
     let mut legs: Vec<Leg> = Vec::new();

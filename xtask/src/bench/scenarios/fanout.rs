@@ -183,7 +183,7 @@ fn rand_ms() -> u64 {
 }
 
 pub async fn run(ctx: &Ctx) -> Result<Section> {
-    let mut sec = Section::new("fanout", "Fanout (many connections through one agent)");
+    let mut sec = Section::new("fanout", super::title("fanout"));
     let mut res = Vec::new();
     for &n in &ctx.size.fanout {
         match one(ctx, n)

@@ -620,7 +620,7 @@ async fn ha(ctx: &Ctx, spoke: &Impl, n: usize, tls: &Arc<ClientConfig>) -> Resul
 }
 
 pub async fn run(ctx: &Ctx) -> Result<Section> {
-    let mut sec = Section::new("fleet", "Fleet (many agents on one server)");
+    let mut sec = Section::new("fleet", super::title("fleet"));
     let tls = agent_tls(ctx)?;
     let mut imps = vec![Impl {
         name: "spoke-server".into(),

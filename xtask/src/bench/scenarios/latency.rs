@@ -253,7 +253,7 @@ fn floors(sec: &mut Section, lats: &[Lat], suffix: &str) {
 }
 
 pub async fn run(ctx: &Ctx) -> Result<Section> {
-    let mut sec = Section::new("latency", "Latency (64-byte ping-pong)");
+    let mut sec = Section::new("latency", super::title("latency"));
     let n = ctx.size.pings;
     let mut counts = Vec::new();
     let lats = measure(ctx, &mut sec, "", Some(&mut counts)).await?;

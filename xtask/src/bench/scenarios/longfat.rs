@@ -245,10 +245,7 @@ fn measure(ctx: &Ctx, i: usize, link: Link) -> Result<LinkResult> {
 }
 
 pub fn run(ctx: &Ctx) -> Result<Section> {
-    let mut sec = Section::new(
-        "longfat",
-        "Long fat links (25 and 50 ms each way; 0.1% loss reported)",
-    );
+    let mut sec = Section::new("longfat", super::title("longfat"));
     let dur = ctx.size.longfat;
     let mut results = Vec::new();
     for (i, link) in LINKS.into_iter().enumerate() {

@@ -39,8 +39,23 @@ pub async fn run(ctx: &Ctx, name: &str) -> Section {
             .find(|k| **k == name)
             .copied()
             .unwrap_or("unknown");
-        Section::not_run(key, key, format!("failed: {e:#}"))
+        Section::not_run(key, title(key), format!("failed: {e:#}"))
     })
+}
+
+/// Each scenario's heading in the report, also when it failed to run.
+pub fn title(key: &str) -> &'static str {
+    match key {
+        "bulk" => "Bulk transfer",
+        "latency" => "Latency (64-byte ping-pong)",
+        "churn" => "Connection churn",
+        "fanout" => "Fanout (many connections through one agent)",
+        "fleet" => "Fleet (many agents on one server)",
+        "longfat" => "Long fat links (25 and 50 ms each way; 0.1% loss reported)",
+        "ebpf" => "eBPF fast path on the node-local legs",
+        "xdp" => "XDP guard under a SYN flood",
+        _ => "Unknown scenario",
+    }
 }
 
 /// The four frontend combinations kube-apiserver can use.

@@ -147,7 +147,7 @@ fn measure(
 }
 
 pub fn run(ctx: &Ctx) -> Result<Section> {
-    let mut sec = Section::new("xdp", "XDP guard under a SYN flood");
+    let mut sec = Section::new("xdp", super::title("xdp"));
     let net = &ctx.nets[1];
     let (node_ip, atk_ip): (Ipv4Addr, Ipv4Addr) =
         (format!("{net}.1").parse()?, format!("{net}.2").parse()?);
