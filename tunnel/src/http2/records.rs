@@ -38,6 +38,7 @@ mod alert {
     pub const UNEXPECTED_MESSAGE: u8 = 10;
     pub const BAD_RECORD_MAC: u8 = 20;
     pub const RECORD_OVERFLOW: u8 = 22;
+    pub const ILLEGAL_PARAMETER: u8 = 47;
     pub const DECODE_ERROR: u8 = 50;
     pub const USER_CANCELED: u8 = 90;
 }
@@ -302,7 +303,8 @@ impl Records {
                     "TLS record without a content type",
                 ));
             };
-            if typ_at > MAX_PLAIN {
+            // Padding included (RFC 8446 5.4).
+            if inner.len() > MAX_PLAIN + 1 {
                 return Err(fatal(
                     alert::RECORD_OVERFLOW,
                     "TLS record over 16 KiB of plaintext",
@@ -325,9 +327,21 @@ impl Records {
                     }
                 }
                 content::HANDSHAKE => {
+                    if typ_at == 0 {
+                        return Err(fatal(
+                            alert::UNEXPECTED_MESSAGE,
+                            "empty TLS handshake record",
+                        ));
+                    }
                     let message = &input[payload..payload + typ_at];
                     self.handshake.extend_from_slice(message);
                     self.post_handshake()?;
+                }
+                content::ALERT if !self.handshake.is_empty() => {
+                    return Err(fatal(
+                        alert::UNEXPECTED_MESSAGE,
+                        "TLS alert inside a handshake message",
+                    ));
                 }
                 content::ALERT => match &input[payload..payload + typ_at] {
                     [_, alert::CLOSE_NOTIFY] => return Ok((at, Opened::PeerClosed)),
@@ -390,6 +404,12 @@ impl Records {
                     let requested = match body {
                         [0] => false,
                         [1] => true,
+                        [_] => {
+                            return Err(fatal(
+                                alert::ILLEGAL_PARAMETER,
+                                "TLS KeyUpdate with an unknown request_update",
+                            ))
+                        }
                         _ => return Err(fatal(alert::DECODE_ERROR, "malformed TLS KeyUpdate")),
                     };
                     // A key change ends the record: nothing may follow it under the old key.
@@ -742,6 +762,96 @@ mod tests {
             assert!(sent.is_err(), "{forged:?}: sealed after a failure");
             drop(io);
             client.await.unwrap();
+        }
+    }
+
+    /// Seals `inner` (content, type byte, padding) as one record under `keys`.
+    fn forge(keys: &mut super::Keys, inner: &[u8]) -> Vec<u8> {
+        let len = inner.len() + super::TAG;
+        let header = [23, 3, 3, (len >> 8) as u8, len as u8];
+        let mut body = inner.to_vec();
+        let nonce = keys.next_nonce().unwrap();
+        keys.key
+            .seal_in_place_append_tag(nonce, ring::aead::Aad::from(header), &mut body)
+            .unwrap();
+        [&header[..], &body].concat()
+    }
+
+    /// Records sealed with the client's real keys (taken out of rustls after the handshake)
+    /// but whose inner plaintext breaks RFC 8446: each is refused with the alert the RFC
+    /// names, which is read back and opened with the client's keys. A good record first
+    /// shows that the forging itself is right.
+    #[tokio::test]
+    async fn records_that_break_the_rfc_inside_get_its_alert() {
+        let overflow = [vec![b'x'; 16384], vec![23, 0]].concat();
+        let cases: [(&str, Vec<Vec<u8>>, u8); 4] = [
+            ("padding past 2^14+1", vec![overflow], 22),
+            ("an empty handshake record", vec![vec![22]], 10),
+            (
+                "an alert inside a split handshake message",
+                vec![vec![4, 0, 0, 10, 1, 2, 22], vec![1, 0, 21]],
+                10,
+            ),
+            (
+                "a KeyUpdate asking for neither",
+                vec![vec![24, 0, 0, 1, 2, 22]],
+                47,
+            ),
+        ];
+        for (what, records, want) in cases {
+            let (server_cfg, client_cfg) = tls_configs(0);
+            let (c, s) = pair().await;
+            let (go_tx, go) = tokio::sync::oneshot::channel::<()>();
+            let client = tokio::spawn(async move {
+                let tls = rustls_client(client_cfg, c).await;
+                let (mut tcp, conn) = tls.into_inner();
+                let secrets = conn.dangerous_extract_secrets().unwrap();
+                let mut tx = super::Keys::new(secrets.tx).unwrap();
+                let mut rx = super::Keys::new(secrets.rx).unwrap();
+                let good = forge(&mut tx, b"good\x17\0\0\0");
+                tcp.write_all(&good).await.unwrap();
+                // The rest once the good record is read, in a read of its own.
+                go.await.unwrap();
+                let mut out = Vec::new();
+                for r in &records {
+                    out.extend(forge(&mut tx, r));
+                }
+                tcp.write_all(&out).await.unwrap();
+                // The answer: one record holding the alert.
+                let mut back = Vec::new();
+                let _ = tcp.read_to_end(&mut back).await;
+                assert!(back.len() > 5, "no alert came back");
+                let len = usize::from(u16::from_be_bytes([back[3], back[4]]));
+                let header: [u8; 5] = back[..5].try_into().unwrap();
+                let nonce = rx.next_nonce().unwrap();
+                rx.key
+                    .open_in_place(nonce, ring::aead::Aad::from(header), &mut back[5..5 + len])
+                    .unwrap()
+                    .to_vec()
+            });
+            let conn = rustls::server::UnbufferedServerConnection::new(server_cfg).unwrap();
+            let mut io = Io::new(s, Crypto::Server(Box::new(conn)));
+            io.handshake().await.unwrap();
+            let mut got = Vec::new();
+            let mut go_tx = Some(go_tx);
+            let err = loop {
+                let read = std::future::poll_fn(|cx| io.poll_read(cx));
+                let read = tokio::time::timeout(Duration::from_secs(10), read).await;
+                match read.unwrap_or_else(|_| panic!("{what}: accepted")) {
+                    Ok(0) => panic!("{what}: closed without an error"),
+                    Ok(_) => got.extend_from_slice(&io.plain.split()),
+                    Err(e) => break e,
+                }
+                if got == b"good" {
+                    go_tx.take().map(|g| g.send(()));
+                }
+            };
+            assert_eq!(got, b"good", "{what}");
+            assert_eq!(err.kind(), std::io::ErrorKind::InvalidData, "{what}: {err}");
+            let _ = std::future::poll_fn(|cx| io.poll_flush(cx)).await;
+            drop(io);
+            let alert = client.await.unwrap();
+            assert_eq!(alert, [2, want, 21], "{what}: {err}");
         }
     }
 
