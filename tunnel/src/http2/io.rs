@@ -79,6 +79,9 @@ pub enum Crypto {
     Server(Box<UnbufferedServerConnection>),
     /// TLS 1.3 after the handshake: the records are sealed and opened here.
     Records(Box<Records>),
+    /// Taking the records over from rustls failed: nothing is read or written any more
+    /// (never plaintext in place of TLS).
+    Failed,
 }
 
 /// What TLS did with the input it was given.
@@ -149,6 +152,10 @@ pub struct Io<S> {
 
 fn tls_err(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+fn failed() -> io::Error {
+    io::Error::other("TLS connection unusable: taking over its records failed")
 }
 
 /// Steps a rustls unbuffered connection (client or server: the same calls on two types) until
@@ -266,7 +273,7 @@ impl<S: Socket> Io<S> {
             };
             std::future::poll_fn(|cx| self.poll_flush(cx)).await?;
             let handshaking = match &self.crypto {
-                Crypto::Plain | Crypto::Records(_) => false,
+                Crypto::Plain | Crypto::Records(_) | Crypto::Failed => false,
                 Crypto::Client(c) => c.is_handshaking(),
                 Crypto::Server(c) => c.is_handshaking(),
             };
@@ -286,7 +293,7 @@ impl<S: Socket> Io<S> {
     fn take_over_records(&mut self) -> io::Result<()> {
         let tls13 =
             |v: Option<rustls::ProtocolVersion>| v == Some(rustls::ProtocolVersion::TLSv1_3);
-        self.crypto = match std::mem::replace(&mut self.crypto, Crypto::Plain) {
+        self.crypto = match std::mem::replace(&mut self.crypto, Crypto::Failed) {
             Crypto::Client(c) if tls13(c.protocol_version()) => {
                 Crypto::Records(Box::new(records::client(*c)?))
             }
@@ -350,6 +357,9 @@ impl<S: Socket> Io<S> {
     }
 
     fn poll_read_tls(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if let Crypto::Failed = self.crypto {
+            return Poll::Ready(Err(failed()));
+        }
         let (read, room) = if let Crypto::Records(r) = &self.crypto {
             r.check()?;
             // Into the block that ends `plain`, so records open where they land.
@@ -442,6 +452,7 @@ impl<S: Socket> Io<S> {
             Crypto::Client(c) => records!(c, tls_in, tls_out, plain, pending),
             Crypto::Server(c) => records!(c, tls_in, tls_out, plain, pending),
             Crypto::Records(_) => unreachable!("handled above"),
+            Crypto::Failed => return Err(failed()),
         };
         if self.pending.is_empty() {
             self.pending_len = 0;
@@ -457,6 +468,7 @@ impl<S: Socket> Io<S> {
     /// written.
     pub fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match &mut self.crypto {
+            Crypto::Failed => return Poll::Ready(Err(failed())),
             Crypto::Plain if !self.pending.is_empty() => return self.poll_flush_plain(cx),
             Crypto::Records(_) => loop {
                 std::task::ready!(self.poll_write_out(cx))?;
@@ -554,7 +566,7 @@ impl<S: Socket> Io<S> {
         } = self;
         // rustls must see the same input buffer on every call (it keeps offsets into it).
         let _ = match crypto {
-            Crypto::Plain | Crypto::Records(_) => return,
+            Crypto::Plain | Crypto::Records(_) | Crypto::Failed => return,
             Crypto::Client(c) => close_notify(c.process_tls_records(&mut tls_in[..]), tls_out),
             Crypto::Server(c) => close_notify(c.process_tls_records(&mut tls_in[..]), tls_out),
         };

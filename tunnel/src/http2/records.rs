@@ -855,6 +855,34 @@ mod tests {
         }
     }
 
+    /// Without secret extraction rustls cannot hand the records over: the handshake fails,
+    /// and the connection refuses to read or write after it, never falling back to plaintext.
+    #[tokio::test]
+    async fn a_failed_take_over_leaves_nothing_usable() {
+        let (server_cfg, client_cfg) = tls_configs(0);
+        let mut no_secrets = (*client_cfg).clone();
+        no_secrets.enable_secret_extraction = false;
+        let (c, s) = pair().await;
+        let server = tokio::spawn(async move {
+            let mut tls = tokio_rustls::TlsAcceptor::from(server_cfg)
+                .accept(s)
+                .await
+                .unwrap();
+            let mut rest = Vec::new();
+            let _ = tls.read_to_end(&mut rest).await;
+            rest
+        });
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let conn = rustls::client::UnbufferedClientConnection::new(Arc::new(no_secrets), name);
+        let mut io = Io::new(c, Crypto::Client(Box::new(conn.unwrap())));
+        assert!(io.handshake().await.is_err());
+        io.queue(Bytes::from_static(b"secret"));
+        assert!(std::future::poll_fn(|cx| io.poll_flush(cx)).await.is_err());
+        assert!(std::future::poll_fn(|cx| io.poll_read(cx)).await.is_err());
+        drop(io);
+        assert_eq!(server.await.unwrap(), b"");
+    }
+
     /// A TCP close without close_notify may be a cut: an error, never the end of the data.
     /// With close_notify first, the same close is a clean end.
     #[tokio::test]
