@@ -464,7 +464,8 @@ impl Records {
     }
 
     /// Packs pending pieces into as few records as they fill, sealed into `out`, until at
-    /// least `at_most` bytes are sealed or none is left; how many were.
+    /// least `at_most` bytes are sealed or none is left; how many were. A failure (no key
+    /// update possible, sequence numbers exhausted) leaves the records failed.
     pub(super) fn seal(
         &mut self,
         pending: &mut VecDeque<Bytes>,
@@ -474,6 +475,17 @@ impl Records {
         if (self.failed || self.closed) && !pending.is_empty() {
             return Err(ended());
         }
+        let sealed = self.seal_pieces(pending, out, at_most);
+        self.failed |= sealed.is_err();
+        sealed
+    }
+
+    fn seal_pieces(
+        &mut self,
+        pending: &mut VecDeque<Bytes>,
+        out: &mut Ring,
+        at_most: usize,
+    ) -> io::Result<usize> {
         let mut sealed = 0;
         while !pending.is_empty() && sealed < at_most {
             if self.update_owed || self.tx.seq >= self.tx_limit {
