@@ -715,6 +715,36 @@ mod tests {
         assert!(counts.tx_updates >= 20, "{counts:?}");
     }
 
+    /// Our server on `s`: reads `first` (then lets the peer go on) and then an error, which
+    /// it returns with the connection.
+    async fn read_until_error(
+        s: TcpStream,
+        cfg: Arc<rustls::ServerConfig>,
+        first: &[u8],
+        go: tokio::sync::oneshot::Sender<()>,
+        what: &str,
+    ) -> (Io<TcpStream>, std::io::Error) {
+        let conn = rustls::server::UnbufferedServerConnection::new(cfg).unwrap();
+        let mut io = Io::new(s, Crypto::Server(Box::new(conn)));
+        io.handshake().await.unwrap();
+        let mut got = Vec::new();
+        let mut go = Some(go);
+        let err = loop {
+            let read = std::future::poll_fn(|cx| io.poll_read(cx));
+            let read = tokio::time::timeout(Duration::from_secs(10), read).await;
+            match read.unwrap_or_else(|_| panic!("{what}: accepted")) {
+                Ok(0) => panic!("{what}: closed without an error"),
+                Ok(_) => got.extend_from_slice(&io.plain.split()),
+                Err(e) => break e,
+            }
+            if got == first {
+                go.take().map(|g| g.send(()));
+            }
+        };
+        assert_eq!(got, first, "{what}");
+        (io, err)
+    }
+
     /// Bytes that are not a valid record end the connection with an error, never a panic.
     #[tokio::test]
     async fn a_forged_record_is_an_error() {
@@ -741,22 +771,8 @@ mod tests {
                 let mut rest = Vec::new();
                 let _ = tls.read_to_end(&mut rest).await;
             });
-            let conn = rustls::server::UnbufferedServerConnection::new(server_cfg).unwrap();
-            let mut io = Io::new(s, Crypto::Server(Box::new(conn)));
-            io.handshake().await.unwrap();
-            let mut got = Vec::new();
-            let mut go_tx = Some(go_tx);
-            let err = loop {
-                match std::future::poll_fn(|cx| io.poll_read(cx)).await {
-                    Ok(0) => panic!("{forged:?}: closed without an error"),
-                    Ok(_) => got.extend_from_slice(&io.plain.split()),
-                    Err(e) => break e,
-                }
-                if got.len() == b"fine so far".len() {
-                    go_tx.take().map(|g| g.send(()));
-                }
-            };
-            assert_eq!(got, b"fine so far", "{forged:?}");
+            let what = format!("{forged:?}");
+            let (mut io, err) = read_until_error(s, server_cfg, b"fine so far", go_tx, &what).await;
             assert_eq!(
                 err.kind(),
                 std::io::ErrorKind::InvalidData,
@@ -841,24 +857,7 @@ mod tests {
                     .unwrap()
                     .to_vec()
             });
-            let conn = rustls::server::UnbufferedServerConnection::new(server_cfg).unwrap();
-            let mut io = Io::new(s, Crypto::Server(Box::new(conn)));
-            io.handshake().await.unwrap();
-            let mut got = Vec::new();
-            let mut go_tx = Some(go_tx);
-            let err = loop {
-                let read = std::future::poll_fn(|cx| io.poll_read(cx));
-                let read = tokio::time::timeout(Duration::from_secs(10), read).await;
-                match read.unwrap_or_else(|_| panic!("{what}: accepted")) {
-                    Ok(0) => panic!("{what}: closed without an error"),
-                    Ok(_) => got.extend_from_slice(&io.plain.split()),
-                    Err(e) => break e,
-                }
-                if got == b"good" {
-                    go_tx.take().map(|g| g.send(()));
-                }
-            };
-            assert_eq!(got, b"good", "{what}");
+            let (mut io, err) = read_until_error(s, server_cfg, b"good", go_tx, what).await;
             assert_eq!(err.kind(), std::io::ErrorKind::InvalidData, "{what}: {err}");
             let _ = std::future::poll_fn(|cx| io.poll_flush(cx)).await;
             drop(io);
