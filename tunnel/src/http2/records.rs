@@ -608,6 +608,17 @@ mod tests {
             .unwrap()
     }
 
+    /// A tokio-rustls server on `tcp`, its handshake done.
+    async fn rustls_server(
+        cfg: Arc<rustls::ServerConfig>,
+        tcp: TcpStream,
+    ) -> tokio_rustls::server::TlsStream<TcpStream> {
+        tokio_rustls::TlsAcceptor::from(cfg)
+            .accept(tcp)
+            .await
+            .unwrap()
+    }
+
     async fn pair() -> (TcpStream, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
@@ -647,10 +658,7 @@ mod tests {
         let (server_cfg, client_cfg) = tls_configs(2);
         let (c, s) = pair().await;
         let server = tokio::spawn(async move {
-            let mut tls = tokio_rustls::TlsAcceptor::from(server_cfg)
-                .accept(s)
-                .await
-                .unwrap();
+            let mut tls = rustls_server(server_cfg, s).await;
             let mut buf = vec![0; 100_000];
             for _ in 0..3 {
                 tls.read_exact(&mut buf).await.unwrap();
@@ -875,10 +883,7 @@ mod tests {
         no_secrets.enable_secret_extraction = false;
         let (c, s) = pair().await;
         let server = tokio::spawn(async move {
-            let mut tls = tokio_rustls::TlsAcceptor::from(server_cfg)
-                .accept(s)
-                .await
-                .unwrap();
+            let mut tls = rustls_server(server_cfg, s).await;
             let mut rest = Vec::new();
             let _ = tls.read_to_end(&mut rest).await;
             rest
