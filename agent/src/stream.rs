@@ -71,6 +71,7 @@ pub async fn connect(agent: &Arc<Agent>, host: &str, port: u16) -> Result<Connec
         let tcp = TcpStream::connect((host, port)).await?;
         tcp.set_nodelay(true)?;
         let mut io = Io::new(tcp, Crypto::Client(Box::new(tls)));
+        io.count_errors(agent.metrics.tls.connection_errors());
         io.handshake().await?;
         Ok::<_, std::io::Error>(io)
     })

@@ -21,6 +21,7 @@ use tokio::net::{TcpStream, UnixStream};
 const JUNK: usize = 64 * 1024;
 const REJECT_WITHIN: Duration = Duration::from_secs(10);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+const TLS_ERRORS: &str = "spoke_server_tls_connection_errors_total";
 
 async fn tcp(addr: std::net::SocketAddr) -> BoxIo {
     Box::new(TcpStream::connect(addr).await.expect("connect"))
@@ -63,6 +64,15 @@ async fn junk_on_agent_health_and_admin_ports_is_dropped() {
     )
     .await
     .expect("TLS to agent port");
+    // Junk under TLS: a valid handshake, then bytes that are no TLS record at all.
+    let under_tls = tls::connect(
+        server.agent_addr,
+        env.tls_client(Some(&env.pki.main.agent), &[b"h2"]),
+    )
+    .await
+    .expect("TLS to agent port")
+    .into_inner()
+    .0;
     // A half-sent request on the health port stays open meanwhile (its timeout is long).
     let mut held = TcpStream::connect(server.health_addr).await.unwrap();
     held.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
@@ -76,6 +86,10 @@ async fn junk_on_agent_health_and_admin_ports_is_dropped() {
             "agent port, after a valid mTLS handshake",
             Box::new(agent_tls) as BoxIo,
         ),
+        (
+            "agent port, junk records after a valid mTLS handshake",
+            Box::new(under_tls) as BoxIo,
+        ),
         ("server health port", tcp(server.health_addr).await),
         ("agent health port", tcp(agent.health_addr).await),
     ];
@@ -83,6 +97,8 @@ async fn junk_on_agent_health_and_admin_ports_is_dropped() {
     grpc::uds_echo_roundtrip(&uds, &echo.target())
         .await
         .expect("normal dial after the junk");
+    let errors = server.metrics().await.unwrap().counter(TLS_ERRORS, &[]);
+    assert!(errors >= 1.0, "{TLS_ERRORS} = {errors} after junk records");
     let m = agent.metrics().await.unwrap();
     assert_eq!(
         gauge(&m, names::AGENT_OPEN_SERVERS),

@@ -177,7 +177,8 @@ pub fn tls_incoming(
             let r = tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsBytes::accept(tcp, conn)).await;
             drop(slot);
             match r {
-                Ok(Ok(s)) => {
+                Ok(Ok(mut s)) => {
+                    s.io_mut().count_errors(metrics.connection_errors());
                     let _ = tx.send(Ok(s)).await;
                 }
                 Ok(Err(e)) => handshake_failed(name, peer, &metrics, Some(&e)),
@@ -216,6 +217,7 @@ pub async fn serve_http2_tls<A>(
                 }
             };
             let mut io = Io::new(tcp, Crypto::Server(Box::new(conn)));
+            io.count_errors(metrics.connection_errors());
             let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, io.handshake()).await;
             drop(slot);
             match handshake {

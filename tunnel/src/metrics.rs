@@ -192,6 +192,7 @@ struct ListenerLabels {
 pub struct TlsMetrics {
     expiry: Family<CertLabels, Gauge>,
     refused: Family<ReasonLabels, Counter>,
+    errors: Family<ReasonLabels, Counter>,
     pub reload_failures: Counter,
     handshaking: Family<ListenerLabels, Gauge>,
     pending: Family<ListenerLabels, Gauge>,
@@ -220,6 +221,11 @@ impl TlsMetrics {
             "tls_handshakes_refused",
             "TLS handshakes refused on our listeners, by reason",
             self.refused.clone(),
+        );
+        reg.register(
+            "tls_connection_errors",
+            "TLS connections ended by an error after the handshake, by reason (bad_record_mac, record_overflow, protocol, alert_received, truncated)",
+            self.errors.clone(),
         );
         reg.register(
             "tls_handshakes_in_progress",
@@ -251,6 +257,11 @@ impl TlsMetrics {
 
     pub fn refused(&self, reason: &'static str) {
         self.refused.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    /// The counter of errors on established connections, for their `Io` to count in.
+    pub fn connection_errors(&self) -> Family<ReasonLabels, Counter> {
+        self.errors.clone()
     }
 
     /// The gauges of listener `listener` (`agent`, `frontend`).

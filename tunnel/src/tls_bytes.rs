@@ -50,6 +50,10 @@ impl<S: Socket + AsyncWrite + Unpin> TlsBytes<S> {
     pub fn io(&self) -> &Io<S> {
         &self.io
     }
+
+    pub fn io_mut(&mut self) -> &mut Io<S> {
+        &mut self.io
+    }
 }
 
 /// Up to `max` bytes of what `io` has decrypted (a slice of its buffer), reading when it has

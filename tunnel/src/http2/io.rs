@@ -10,7 +10,9 @@
 //! buffers have grown to their working size. The handshake and TLS 1.2 go through rustls'
 //! unbuffered API (`tls_in` → `plain`, one copy).
 use super::records::{self, Opened, Records};
+use crate::metrics::ReasonLabels;
 use bytes::{Buf, Bytes, BytesMut};
+use prometheus_client::metrics::{counter::Counter, family::Family};
 use rustls::client::UnbufferedClientConnection;
 use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
@@ -148,6 +150,9 @@ pub struct Io<S> {
     /// Bytes added to `plain` that no read has reported yet (decrypted while flushing).
     fresh: usize,
     peer_closed: bool,
+    /// Where errors after the handshake are counted, by reason (the listener's or agent's
+    /// `spoke_tls_connection_errors_total`).
+    errors: Option<Family<ReasonLabels, Counter>>,
 }
 
 fn tls_err(e: rustls::Error) -> io::Error {
@@ -244,6 +249,18 @@ impl<S: Socket> Io<S> {
             pending_len: 0,
             fresh: 0,
             peer_closed: false,
+            errors: None,
+        }
+    }
+
+    /// Counts errors after the handshake in `errors`, by reason.
+    pub fn count_errors(&mut self, errors: Family<ReasonLabels, Counter>) {
+        self.errors = Some(errors);
+    }
+
+    fn count_error(&self, reason: &'static str) {
+        if let Some(errors) = &self.errors {
+            crate::metrics::count(errors, reason);
         }
     }
 
@@ -340,6 +357,7 @@ impl<S: Socket> Io<S> {
             if n == 0 {
                 // Only close_notify ends a TLS stream: a bare TCP close may be a cut, and
                 // must not pass for the end of the data (RFC 8446 6.1).
+                self.count_error("truncated");
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "peer closed the connection without a TLS close_notify",
@@ -424,8 +442,13 @@ impl<S: Socket> Io<S> {
                 unreachable!("matched above")
             };
             let opened = r.open(&mut buf, &mut plain_len, &mut self.tls_out);
+            // Taken: a connection's failure is counted once.
+            let failure = std::mem::take(&mut r.failure);
             self.split(buf, plain_len);
             self.fresh += self.plain.len() - before;
+            if opened.is_err() && !failure.is_empty() {
+                self.count_error(failure);
+            }
             if opened? == Opened::PeerClosed {
                 self.peer_closed = true;
                 return Ok(Progress::PeerClosed);

@@ -143,6 +143,8 @@ pub struct Records {
     requests_in_a_row: u32,
     /// A fatal error was met: nothing more is opened or sealed.
     failed: bool,
+    /// Why opening failed, for the error counter (taken once counted).
+    pub(super) failure: &'static str,
     /// We sent close_notify: nothing more is sealed (the peer may still send; TLS 1.3
     /// closes each direction on its own).
     closed: bool,
@@ -213,6 +215,7 @@ impl Records {
             update_owed: false,
             requests_in_a_row: 0,
             failed: false,
+            failure: "",
             closed: false,
         })
     }
@@ -238,6 +241,12 @@ impl Records {
                     self.seal_alert(alert, out);
                 }
                 self.failed = true;
+                self.failure = match f.alert {
+                    None => "alert_received",
+                    Some(alert::BAD_RECORD_MAC) => "bad_record_mac",
+                    Some(alert::RECORD_OVERFLOW) => "record_overflow",
+                    Some(_) => "protocol",
+                };
                 return Err(io::Error::new(io::ErrorKind::InvalidData, f.why));
             }
         };
@@ -590,7 +599,9 @@ impl Records {
 mod tests {
     use super::super::io::{Crypto, Io};
     use super::super::tests::tls_configs;
+    use crate::metrics::ReasonLabels;
     use bytes::Bytes;
+    use prometheus_client::metrics::{counter::Counter, family::Family};
     use std::sync::Arc;
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -699,9 +710,7 @@ mod tests {
             tls.read_exact(&mut back).await.unwrap();
             assert_eq!(back, data);
         });
-        let conn = rustls::server::UnbufferedServerConnection::new(server_cfg).unwrap();
-        let mut io = Io::new(s, Crypto::Server(Box::new(conn)));
-        io.handshake().await.unwrap();
+        let (mut io, _) = our_server(s, server_cfg).await;
         let Some(records) = io.records_mut() else {
             panic!("TLS 1.3 records are ours after the handshake")
         };
@@ -723,18 +732,42 @@ mod tests {
         assert!(counts.tx_updates >= 20, "{counts:?}");
     }
 
+    type Errors = Family<ReasonLabels, Counter>;
+
+    /// The connection errors counted under `reason`, and in all.
+    fn counted(errors: &Errors, reason: &'static str) -> (u64, u64) {
+        let all = [
+            "bad_record_mac",
+            "record_overflow",
+            "protocol",
+            "alert_received",
+            "truncated",
+        ]
+        .map(|r| errors.get_or_create(&ReasonLabels { reason: r }).get());
+        let one = errors.get_or_create(&ReasonLabels { reason }).get();
+        (one, all.iter().sum())
+    }
+
+    /// Our server on `s`, its handshake done, counting its errors.
+    async fn our_server(s: TcpStream, cfg: Arc<rustls::ServerConfig>) -> (Io<TcpStream>, Errors) {
+        let conn = rustls::server::UnbufferedServerConnection::new(cfg).unwrap();
+        let mut io = Io::new(s, Crypto::Server(Box::new(conn)));
+        let errors = Errors::default();
+        io.count_errors(errors.clone());
+        io.handshake().await.unwrap();
+        (io, errors)
+    }
+
     /// Our server on `s`: reads `first` (then lets the peer go on) and then an error, which
-    /// it returns with the connection.
+    /// it returns with the connection and its error counter.
     async fn read_until_error(
         s: TcpStream,
         cfg: Arc<rustls::ServerConfig>,
         first: &[u8],
         go: tokio::sync::oneshot::Sender<()>,
         what: &str,
-    ) -> (Io<TcpStream>, std::io::Error) {
-        let conn = rustls::server::UnbufferedServerConnection::new(cfg).unwrap();
-        let mut io = Io::new(s, Crypto::Server(Box::new(conn)));
-        io.handshake().await.unwrap();
+    ) -> (Io<TcpStream>, std::io::Error, Errors) {
+        let (mut io, errors) = our_server(s, cfg).await;
         let mut got = Vec::new();
         let mut go = Some(go);
         let err = loop {
@@ -750,17 +783,21 @@ mod tests {
             }
         };
         assert_eq!(got, first, "{what}");
-        (io, err)
+        (io, err, errors)
     }
 
     /// Bytes that are not a valid record end the connection with an error, never a panic.
     #[tokio::test]
     async fn a_forged_record_is_an_error() {
-        for forged in [
-            &[23u8, 3, 3, 0, 40][..],          // a record that fails to decrypt (zeros)
-            &[22, 3, 3, 0, 4, 1, 2, 3, 4][..], // plaintext handshake after the handshake
-            &[23, 3, 3, 0xff, 0xff][..],       // over the largest record
-            &[21, 3, 3, 0, 2, 2, 40][..],      // a plaintext alert
+        for (forged, reason) in [
+            // A record that fails to decrypt (zeros).
+            (&[23u8, 3, 3, 0, 40][..], "bad_record_mac"),
+            // Plaintext handshake after the handshake.
+            (&[22, 3, 3, 0, 4, 1, 2, 3, 4][..], "protocol"),
+            // Over the largest record.
+            (&[23, 3, 3, 0xff, 0xff][..], "record_overflow"),
+            // A plaintext alert.
+            (&[21, 3, 3, 0, 2, 2, 40][..], "protocol"),
         ] {
             let (server_cfg, client_cfg) = tls_configs(0);
             let (c, s) = pair().await;
@@ -780,7 +817,8 @@ mod tests {
                 let _ = tls.read_to_end(&mut rest).await;
             });
             let what = format!("{forged:?}");
-            let (mut io, err) = read_until_error(s, server_cfg, b"fine so far", go_tx, &what).await;
+            let (mut io, err, errors) =
+                read_until_error(s, server_cfg, b"fine so far", go_tx, &what).await;
             assert_eq!(
                 err.kind(),
                 std::io::ErrorKind::InvalidData,
@@ -796,6 +834,7 @@ mod tests {
             io.queue(Bytes::from_static(b"after the failure"));
             let sent = std::future::poll_fn(|cx| io.poll_flush(cx)).await;
             assert!(sent.is_err(), "{forged:?}: sealed after a failure");
+            assert_eq!(counted(&errors, reason), (1, 1), "{forged:?}: counted once");
             drop(io);
             client.await.unwrap();
         }
@@ -865,7 +904,13 @@ mod tests {
                     .unwrap()
                     .to_vec()
             });
-            let (mut io, err) = read_until_error(s, server_cfg, b"good", go_tx, what).await;
+            let (mut io, err, errors) = read_until_error(s, server_cfg, b"good", go_tx, what).await;
+            let reason = if want == 22 {
+                "record_overflow"
+            } else {
+                "protocol"
+            };
+            assert_eq!(counted(&errors, reason), (1, 1), "{what}: counted once");
             assert_eq!(err.kind(), std::io::ErrorKind::InvalidData, "{what}: {err}");
             let _ = std::future::poll_fn(|cx| io.poll_flush(cx)).await;
             drop(io);
@@ -917,9 +962,7 @@ mod tests {
                 }
                 tls
             });
-            let conn = rustls::server::UnbufferedServerConnection::new(server_cfg).unwrap();
-            let mut io = Io::new(s, Crypto::Server(Box::new(conn)));
-            io.handshake().await.unwrap();
+            let (mut io, errors) = our_server(s, server_cfg).await;
             let mut got = Vec::new();
             let end = loop {
                 match std::future::poll_fn(|cx| io.poll_read(cx)).await {
@@ -934,6 +977,8 @@ mod tests {
                 (false, Err(e)) => assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof),
                 (_, end) => panic!("close_notify sent: {notify}, read ended {end:?}"),
             }
+            let want = if notify { (0, 0) } else { (1, 1) };
+            assert_eq!(counted(&errors, "truncated"), want, "notify {notify}");
             drop(client.await.unwrap());
         }
     }
