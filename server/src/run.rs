@@ -259,6 +259,7 @@ async fn serve_frontend(server: Arc<Server>, listener: FrontendListener) -> Resu
         (FrontendListener::Uds(l), Mode::HttpConnect) => loop {
             match l.accept().await {
                 Ok((s, _)) => {
+                    listen::frontend_unix_socket(&s);
                     tokio::spawn(http_connect::serve(server.clone(), s));
                 }
                 Err(e) => {

@@ -233,6 +233,20 @@ pub async fn serve_http2_tls<A>(
     let _ = accepting.await;
 }
 
+/// Send buffer of an accepted frontend Unix socket. A Unix stream socket has no autotuning:
+/// at the default (about 208 KiB) a fast download stalls each time the client has not read
+/// yet, and `cargo xtask bench` measured HTTP CONNECT over UDS 7-10 % faster with 1 MiB (three
+/// alternating runs each way). TCP sockets tune themselves up to `tcp_wmem`.
+const UDS_SEND_BUFFER: usize = 1 << 20;
+
+/// Sizes an accepted frontend Unix socket's send buffer (see [`UDS_SEND_BUFFER`]; the kernel
+/// caps it at `net.core.wmem_max`). Failing changes nothing but speed.
+pub fn frontend_unix_socket(s: &tokio::net::UnixStream) {
+    if let Err(e) = socket2::SockRef::from(s).set_send_buffer_size(UDS_SEND_BUFFER) {
+        tracing::debug!(error = %e, "cannot size a frontend socket's send buffer");
+    }
+}
+
 /// Serves Spoke's HTTP/2 in plain text (h2c, prior knowledge) on a Unix socket.
 pub async fn serve_http2_unix<A>(
     listener: tokio::net::UnixListener,
@@ -246,6 +260,7 @@ pub async fn serve_http2_unix<A>(
     loop {
         match listener.accept().await {
             Ok((s, _)) => {
+                frontend_unix_socket(&s);
                 let driver = Driver::server(Io::new(s, Crypto::Plain), opts, acceptor());
                 tokio::spawn(async move {
                     if let Err(e) = driver.run().await {
@@ -259,5 +274,24 @@ pub async fn serve_http2_unix<A>(
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// An accepted frontend socket gets the larger send buffer, as far as the kernel's
+    /// `net.core.wmem_max` allows (Linux reports twice the size set, for its bookkeeping).
+    #[tokio::test]
+    async fn frontend_unix_sockets_get_a_larger_send_buffer() {
+        let (a, _b) = tokio::net::UnixStream::pair().unwrap();
+        let before = socket2::SockRef::from(&a).send_buffer_size().unwrap();
+        super::frontend_unix_socket(&a);
+        let after = socket2::SockRef::from(&a).send_buffer_size().unwrap();
+        let max: usize = std::fs::read_to_string("/proc/sys/net/core/wmem_max")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(after, 2 * super::UDS_SEND_BUFFER.min(max), "was {before}");
     }
 }
