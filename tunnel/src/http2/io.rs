@@ -253,7 +253,7 @@ impl<S: Socket> Io<S> {
         }
     }
 
-    /// Counts errors after the handshake in `errors`, by reason.
+    /// Counts errors after the handshake in `errors`, by reason (once per connection).
     pub fn count_errors(&mut self, errors: Family<ReasonLabels, Counter>) {
         self.errors = Some(errors);
     }
@@ -436,18 +436,19 @@ impl<S: Socket> Io<S> {
         let before = self.plain.len();
         if let Crypto::Records(_) = self.crypto {
             // Only opening: pending plaintext is sealed as it is written (`poll_flush`), under
-            // whatever key is current then (a key update answered here goes out first).
+            // whatever key is current then (a key update the peer asked for goes out first).
             let (mut buf, mut plain_len) = self.join();
             let Crypto::Records(r) = &mut self.crypto else {
                 unreachable!("matched above")
             };
+            let failed_before = r.failure.is_some();
             let opened = r.open(&mut buf, &mut plain_len, &mut self.tls_out);
-            // Taken: a connection's failure is counted once.
-            let failure = std::mem::take(&mut r.failure);
+            // Counted once, when the failure happens.
+            let failure = r.failure.filter(|_| !failed_before);
             self.split(buf, plain_len);
             self.fresh += self.plain.len() - before;
-            if opened.is_err() && !failure.is_empty() {
-                self.count_error(failure);
+            if let Some(reason) = failure {
+                self.count_error(reason);
             }
             if opened? == Opened::PeerClosed {
                 self.peer_closed = true;

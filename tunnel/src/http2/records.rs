@@ -141,10 +141,9 @@ pub struct Records {
     /// Key update requests since the peer's last application data: a peer that only asks
     /// would make us derive keys for nothing, so past a bound (rustls' 32) it is an error.
     requests_in_a_row: u32,
-    /// A fatal error was met: nothing more is opened or sealed.
-    failed: bool,
-    /// Why opening failed, for the error counter (taken once counted).
-    pub(super) failure: &'static str,
+    /// Why a fatal error ended the connection (an opening failure is counted under it): once
+    /// set, nothing more is opened or sealed.
+    pub(super) failure: Option<&'static str>,
     /// We sent close_notify: nothing more is sealed (the peer may still send; TLS 1.3
     /// closes each direction on its own).
     closed: bool,
@@ -214,8 +213,7 @@ impl Records {
             counts: Counts::default(),
             update_owed: false,
             requests_in_a_row: 0,
-            failed: false,
-            failure: "",
+            failure: None,
             closed: false,
         })
     }
@@ -240,13 +238,12 @@ impl Records {
                 if let Some(alert) = f.alert {
                     self.seal_alert(alert, out);
                 }
-                self.failed = true;
-                self.failure = match f.alert {
+                self.failure = Some(match f.alert {
                     None => "alert_received",
                     Some(alert::BAD_RECORD_MAC) => "bad_record_mac",
                     Some(alert::RECORD_OVERFLOW) => "record_overflow",
                     Some(_) => "protocol",
-                };
+                });
                 return Err(io::Error::new(io::ErrorKind::InvalidData, f.why));
             }
         };
@@ -481,11 +478,13 @@ impl Records {
         out: &mut Ring,
         at_most: usize,
     ) -> io::Result<usize> {
-        if (self.failed || self.closed) && !pending.is_empty() {
+        if (self.failure.is_some() || self.closed) && !pending.is_empty() {
             return Err(ended());
         }
         let sealed = self.seal_pieces(pending, out, at_most);
-        self.failed |= sealed.is_err();
+        if sealed.is_err() {
+            self.failure = Some("seal");
+        }
         sealed
     }
 
@@ -533,7 +532,7 @@ impl Records {
 
     /// An error once a fatal one was met: the connection is unusable.
     pub(super) fn check(&self) -> io::Result<()> {
-        if self.failed {
+        if self.failure.is_some() {
             return Err(ended());
         }
         Ok(())
@@ -541,7 +540,7 @@ impl Records {
 
     /// Queues close_notify.
     pub(super) fn close_notify(&mut self, out: &mut Ring) {
-        if !self.failed && !self.closed {
+        if self.failure.is_none() && !self.closed {
             self.seal_alert(alert::CLOSE_NOTIFY, out);
             self.closed = true;
         }
