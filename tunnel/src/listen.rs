@@ -153,6 +153,16 @@ pub fn handshake_failed(
     }
 }
 
+/// A rustls server session on the current config (`None`, logged, if rustls refuses it).
+fn server_session(
+    name: &'static str,
+    config: Arc<rustls::ServerConfig>,
+) -> Option<rustls::server::UnbufferedServerConnection> {
+    rustls::server::UnbufferedServerConnection::new(config)
+        .inspect_err(|e| tracing::warn!(listener = name, error = %e, "cannot start a TLS session"))
+        .ok()
+}
+
 /// Accepts TCP connections and completes TLS handshakes (rustls, then Spoke's own TLS 1.3
 /// records: [`TlsBytes`]) with the current config, within `limits`.
 pub fn tls_incoming(
@@ -167,12 +177,8 @@ pub fn tls_incoming(
     accept_limited(name, listener, &metrics, limits, move |tcp, peer, slot| {
         let (tx, metrics, config) = (tx.clone(), m.clone(), tls.current());
         async move {
-            let conn = match rustls::server::UnbufferedServerConnection::new(config) {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(listener = name, error = %e, "cannot start a TLS session");
-                    return;
-                }
+            let Some(conn) = server_session(name, config) else {
+                return;
             };
             let r = tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsBytes::accept(tcp, conn)).await;
             drop(slot);
@@ -209,12 +215,8 @@ pub async fn serve_http2_tls<A>(
     let accepting = accept_limited(name, listener, &metrics, limits, move |tcp, peer, slot| {
         let (config, metrics, acceptor) = (tls.current(), m.clone(), acceptor());
         async move {
-            let conn = match rustls::server::UnbufferedServerConnection::new(config) {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(listener = name, error = %e, "cannot start a TLS session");
-                    return;
-                }
+            let Some(conn) = server_session(name, config) else {
+                return;
             };
             let mut io = Io::new(tcp, Crypto::Server(Box::new(conn)));
             io.count_errors(metrics.connection_errors());
@@ -235,8 +237,8 @@ pub async fn serve_http2_tls<A>(
 
 /// Send buffer of an accepted frontend Unix socket. A Unix stream socket has no autotuning:
 /// at the default (about 208 KiB) a fast download stalls each time the client has not read
-/// yet, and `cargo xtask bench` measured HTTP CONNECT over UDS 7-10 % faster with 1 MiB (three
-/// alternating runs each way). TCP sockets tune themselves up to `tcp_wmem`.
+/// yet, and `cargo xtask bench` measured HTTP CONNECT over UDS downloads 7-15 % faster with
+/// 1 MiB (two sets of three alternating runs). TCP sockets tune themselves up to `tcp_wmem`.
 const UDS_SEND_BUFFER: usize = 1 << 20;
 
 /// Sizes an accepted frontend Unix socket's send buffer (see [`UDS_SEND_BUFFER`]; the kernel
