@@ -153,6 +153,16 @@ impl Run {
     pub fn ok(&self) -> bool {
         self.status.success() && self.stdout.trim() == "ok"
     }
+
+    /// The exit status and both outputs, for a failure message.
+    pub fn describe(&self) -> String {
+        format!(
+            "{}; stdout {:?}; stderr {:?}",
+            self.status,
+            self.stdout.trim(),
+            self.stderr.trim()
+        )
+    }
 }
 
 /// Runs `tunnels` tunnels through the gRPC frontend on `socket` to `address`, dialling gRPC

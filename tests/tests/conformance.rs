@@ -712,12 +712,7 @@ async fn grpc_go_client_tunnels_through_the_unix_socket() {
             .await
             .expect("running the grpc-go client");
         if !run.ok() {
-            failed.push(format!(
-                "target {what} ({target}): {}; stdout {:?}; stderr {:?}",
-                run.status,
-                run.stdout.trim(),
-                run.stderr.trim()
-            ));
+            failed.push(format!("target {what} ({target}): {}", run.describe()));
         }
     }
     assert!(
@@ -763,10 +758,8 @@ async fn grpc_go_client_tunnels_over_mtls() {
         .expect("running the grpc-go client");
         if !run.ok() {
             failed.push(format!(
-                "{tunnels} tunnel(s) of {size} bytes: {}; stdout {:?}; stderr {:?}",
-                run.status,
-                run.stdout.trim(),
-                run.stderr.trim()
+                "{tunnels} tunnel(s) of {size} bytes: {}",
+                run.describe()
             ));
         }
     }
