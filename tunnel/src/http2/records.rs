@@ -1,4 +1,4 @@
-//! TLS 1.3 records after the handshake, sealed and opened here with ring's AEAD, as the kernel
+//! TLS 1.3 records after the handshake, sealed and opened here with aws-lc-rs' AEAD, as the kernel
 //! does for kTLS: rustls completes the handshake, hands over the traffic secrets, and keeps
 //! only what needs the key schedule (key updates, session tickets) in its `KernelConnection`.
 //!
@@ -8,8 +8,8 @@
 //! plaintext while it is still in the cache, and pending pieces are packed into full records.
 //! TLS 1.2 connections stay on rustls.
 use super::io::Ring;
+use aws_lc_rs::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
 use bytes::{Bytes, BytesMut};
-use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
 use rustls::client::ClientConnectionData;
 use rustls::kernel::KernelConnection;
 use rustls::server::ServerConnectionData;
@@ -846,7 +846,7 @@ mod tests {
         let mut body = inner.to_vec();
         let nonce = keys.next_nonce().unwrap();
         keys.key
-            .seal_in_place_append_tag(nonce, ring::aead::Aad::from(header), &mut body)
+            .seal_in_place_append_tag(nonce, super::Aad::from(header), &mut body)
             .unwrap();
         [&header[..], &body].concat()
     }
@@ -899,7 +899,7 @@ mod tests {
                 let header: [u8; 5] = back[..5].try_into().unwrap();
                 let nonce = rx.next_nonce().unwrap();
                 rx.key
-                    .open_in_place(nonce, ring::aead::Aad::from(header), &mut back[5..5 + len])
+                    .open_in_place(nonce, super::Aad::from(header), &mut back[5..5 + len])
                     .unwrap()
                     .to_vec()
             });
