@@ -165,10 +165,22 @@ const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 
 /// Creates TUN device `name` inside namespace `ns`; the fd keeps it alive.
 fn tun(ns: &str, name: &str) -> Result<OwnedFd> {
+    tun_device(ns, name, libc::IFF_TUN, 0)
+}
+
+/// Creates TAP device `name` inside namespace `ns`, its fd non-blocking: the kernel then
+/// receives each written frame the way a NIC driver receives its RX ring (a page-sized
+/// buffer, native XDP before any skb exists; `tun_build_skb`).
+pub fn tap(ns: &str, name: &str) -> Result<OwnedFd> {
+    tun_device(ns, name, libc::IFF_TAP, libc::O_NONBLOCK)
+}
+
+fn tun_device(ns: &str, name: &str, kind: libc::c_int, open_flags: libc::c_int) -> Result<OwnedFd> {
     let name = name.to_string();
     in_ns(ns, move || {
+        let flags = libc::O_RDWR | libc::O_CLOEXEC | open_flags;
         // SAFETY: plain open of a device node.
-        let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+        let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), flags) };
         if fd < 0 {
             bail!("open /dev/net/tun: {}", std::io::Error::last_os_error());
         }
@@ -177,7 +189,7 @@ fn tun(ns: &str, name: &str) -> Result<OwnedFd> {
         let mut ifr = [0u8; 40];
         let n = name.len().min(15);
         ifr[..n].copy_from_slice(&name.as_bytes()[..n]);
-        let flags = (libc::IFF_TUN | libc::IFF_NO_PI) as i16;
+        let flags = (kind | libc::IFF_NO_PI) as i16;
         ifr[16..18].copy_from_slice(&flags.to_ne_bytes());
         // SAFETY: ifr is a valid, large enough ifreq buffer.
         if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF as _, ifr.as_mut_ptr()) } != 0 {

@@ -276,6 +276,7 @@ pub struct Cluster {
     pub mode: Mode,
     pub server_health: (Option<String>, u16),
     pub agent_health: (Option<String>, u16),
+    pub agent_admin: (Option<String>, u16),
 }
 
 static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -366,6 +367,7 @@ impl Cluster {
             mode: cfg.mode,
             server_health: (cfg.server_ns.clone(), s_health),
             agent_health: (cfg.agent_ns.clone(), a_health),
+            agent_admin: (cfg.agent_ns.clone(), a_admin),
         };
         c.wait_ready()?;
         Ok(c)
@@ -409,6 +411,13 @@ impl Cluster {
         )
         .map(|x| x.1)
         .unwrap_or_default()
+    }
+
+    /// The agent's `/status` (JSON: eBPF programs, attach modes), empty if unreachable.
+    pub fn agent_status(&self) -> String {
+        http_get(self.agent_admin.0.as_deref(), self.agent_admin.1, "/status")
+            .map(|x| x.1)
+            .unwrap_or_default()
     }
 
     /// Label of the frontend, e.g. `http-connect/uds`.
