@@ -51,6 +51,37 @@ pub struct PendingPeer {
     pub rcv_nxt: u32,
 }
 
+/// Value of `PEERS` (keyed by the agent's socket): the endpoint socket its payload is
+/// redirected to, and how far the redirect may run ahead of the endpoint's reader.
+///
+/// A redirect puts bytes straight into the endpoint's receive queue, and the kernel charges
+/// them to no receive buffer: a reader that stops would let the agent queue without bound
+/// (until the node's whole TCP memory is gone). So `spoke_msg` counts every byte the agent
+/// sends once paired, the endpoint's reads are counted in `CONSUMED`, and when the unread
+/// difference would pass [`REDIRECT_BACKLOG_LIMIT`] the pair's messages take the TCP path,
+/// where TCP's buffers and backpressure bound them. The redirect resumes only once the reader
+/// has read every byte sent (both queues empty), so no redirected byte can overtake a TCP one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Peer {
+    /// The endpoint's socket.
+    pub key: SockKey,
+    /// Its kernel address (`struct sock *`): the key of its reads in `CONSUMED`, as the read
+    /// tracepoint knows a socket only by that pointer.
+    pub sock: u64,
+    /// Bytes the agent sent since pairing, redirected or not (written only by the agent
+    /// socket's sendmsg, under its socket lock).
+    pub sent: u64,
+    /// Nonzero while the pair is on the TCP path.
+    pub on_tcp: u32,
+    pub _pad: u32,
+}
+
+/// Most redirected bytes a reader may leave unread before its writer falls back to TCP: the
+/// agent's default per-connection buffer, so a stalled reader holds no more kernel memory
+/// than a userspace leg would.
+pub const REDIRECT_BACKLOG_LIMIT: u64 = 4 << 20;
+
 /// Value of `AGENT_SOCKS` (keyed by socket cookie): the socket belongs to the agent.
 pub const AGENT_SOCK_MARK: u8 = 1;
 
@@ -83,8 +114,11 @@ pub mod counter {
     /// sock_ops: accepted sockets that mirrored a waiting agent socket's tuple but not its
     /// handshake (another namespace), so were not paired.
     pub const PAIRS_REFUSED: u32 = 12;
+    /// sk_msg: times a pair's reader fell [`super::REDIRECT_BACKLOG_LIMIT`] behind and the
+    /// pair went to the TCP path (until the reader catches up).
+    pub const BACKLOG_FALLBACKS: u32 = 13;
     /// Number of slots in the array.
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
 }
 
 /// Value stored in the protected-port and allow-CIDR maps.
@@ -96,4 +130,6 @@ mod user {
     unsafe impl aya::Pod for super::SockKey {}
     // SAFETY: as above (a SockKey and two u32, no padding).
     unsafe impl aya::Pod for super::PendingPeer {}
+    // SAFETY: as above (a SockKey, two u64 and two u32, no padding).
+    unsafe impl aya::Pod for super::Peer {}
 }

@@ -1,10 +1,16 @@
 //! Spoke agent kernel programs.
 //!
 //! * `spoke_sockops` (sock_ops, cgroup v2): puts the agent's backend sockets (marked by
-//!   userspace through their socket cookie) and the local endpoint socket they connect to into
-//!   `SOCKS`, and records each side's peer in `PEERS`.
-//! * `spoke_msg` (sk_msg, attached to `SOCKS`): redirects each side's payload straight into
-//!   the peer socket's receive queue, skipping the TCP/IP stack.
+//!   userspace through their socket cookie) into `SOCKS` and the local endpoint socket each
+//!   connects to into `ENDPOINTS`, and records each agent socket's endpoint in `PEERS`.
+//! * `spoke_msg` (sk_msg, attached to `SOCKS`): redirects what the agent writes straight into
+//!   the endpoint socket's receive queue, skipping the TCP/IP stack, while the endpoint's
+//!   reader keeps up (see [`Peer`]); after that the pair stays on the TCP path. The other
+//!   direction, endpoint to agent, is plain TCP: its writer is the endpoint (a pod, untrusted
+//!   and often faster than the agent forwards), whose redirect would only fall back soon and
+//!   meanwhile costs its every send the sk_msg path (measured in BENCHMARKS.md).
+//! * `spoke_recv` (raw tracepoint `sock_recv_length`, every socket read on the node): counts
+//!   what each paired socket's reader consumed, in `CONSUMED`.
 //! * `spoke_xdp_guard` (XDP): drops TCP to protected local ports unless the source is allowed.
 #![no_std]
 #![no_main]
@@ -17,24 +23,34 @@ use aya_ebpf::{
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
     },
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{map, sk_msg, sock_ops, xdp},
+    macros::{map, raw_tracepoint, sk_msg, sock_ops, xdp},
     maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
-    programs::{SkMsgContext, SockOpsContext, XdpContext},
+    programs::{RawTracePointContext, SkMsgContext, SockOpsContext, XdpContext},
 };
 use aya_log_ebpf::warn;
-use spoke_agent_common::{counter, PendingPeer, SockKey};
+use spoke_agent_common::{counter, Peer, PendingPeer, SockKey, REDIRECT_BACKLOG_LIMIT};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 const TCP_CLOSE: u32 = 7;
+const MSG_PEEK: i32 = 2;
 
-/// Tracked sockets: the agent's backend sockets and their local endpoint peers.
+/// The agent's backend sockets; `spoke_msg` runs on their sends.
 #[map]
 static SOCKS: SockHash<SockKey> = SockHash::with_max_entries(65536, 0);
 
-/// Socket key -> key of the socket its payload is redirected to.
+/// The local endpoints' sockets paired with them: redirect targets only. No program is
+/// attached to this map, so an endpoint's own sends stay plain TCP (see `spoke_msg`).
 #[map]
-static PEERS: LruHashMap<SockKey, SockKey> = LruHashMap::with_max_entries(65536, 0);
+static ENDPOINTS: SockHash<SockKey> = SockHash::with_max_entries(65536, 0);
+
+/// Socket key -> the socket its payload is redirected to, and how far ahead it is.
+#[map]
+static PEERS: LruHashMap<SockKey, Peer> = LruHashMap::with_max_entries(65536, 0);
+
+/// Kernel address of a paired socket -> bytes its reader has read.
+#[map]
+static CONSUMED: LruHashMap<u64, u64> = LruHashMap::with_max_entries(65536, 0);
 
 /// Tuple the endpoint's socket will have (netns 0) -> key of the agent socket waiting for it.
 /// The agent's side is established first, so the endpoint's passive callback finds it here.
@@ -185,21 +201,28 @@ fn on_passive_established(ctx: &SockOpsContext) {
     }
     let agent = pending.agent;
     let _ = PENDING.remove(tuple);
-    if let Err(e) = SOCKS.update(&mut key, unsafe { &mut *ctx.ops }, BPF_ANY as u64) {
+    if let Err(e) = ENDPOINTS.update(&mut key, unsafe { &mut *ctx.ops }, BPF_ANY as u64) {
         count(counter::SOCKHASH_ERRORS, 1);
         warn!(ctx, "sockhash insert (endpoint side) failed: {}", e);
         return;
     }
     count(counter::SOCKETS_TRACKED, 1);
-    if PEERS.insert(key, agent, BPF_ANY as u64).is_ok()
-        && PEERS.insert(agent, key, BPF_ANY as u64).is_ok()
+    let sock = sock_addr(ctx);
+    let peer = Peer {
+        key,
+        sock,
+        ..Peer::default()
+    };
+    // The endpoint's reads are counted from zero before the agent can redirect to it.
+    if CONSUMED.insert(sock, 0, BPF_ANY as u64).is_ok()
+        && PEERS.insert(agent, peer, BPF_ANY as u64).is_ok()
     {
         count(counter::PAIRS, 1);
     }
     let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
 }
 
-/// Tracked socket closing: the kernel drops it from `SOCKS` by itself; clear our tables.
+/// Tracked socket closing: the kernel drops it from its SockHash by itself; clear our tables.
 #[inline(always)]
 fn on_state_change(ctx: &SockOpsContext) {
     if ctx.arg(1) != TCP_CLOSE {
@@ -210,6 +233,7 @@ fn on_state_change(ctx: &SockOpsContext) {
     };
     let _ = PEERS.remove(key);
     let _ = PENDING.remove(key.reversed(0));
+    let _ = CONSUMED.remove(sock_addr(ctx));
     count(counter::SOCKETS_CLOSED, 1);
 }
 
@@ -235,21 +259,69 @@ pub fn spoke_msg(ctx: SkMsgContext) -> u32 {
     let Some(key) = key else {
         return SK_PASS;
     };
-    let Some(peer) = PEERS.get_ptr(key) else {
+    let Some(peer) = PEERS.get_ptr_mut(key) else {
         count(counter::MSG_PASSED, 1);
         return SK_PASS;
     };
-    let mut peer = unsafe { *peer };
-    let size = ctx.size();
+    // Only this socket's sendmsg writes its entry, under the socket lock.
+    let peer = unsafe { &mut *peer };
+    let size = u64::from(ctx.size());
+    // No entry: the endpoint is closing; the redirect below fails and TCP takes it.
+    let consumed = unsafe { CONSUMED.get(peer.sock) }.copied().unwrap_or(0);
+    let sent = peer.sent;
+    peer.sent += size;
+    if peer.on_tcp != 0 {
+        // Back to redirecting only when everything sent has been read: then no TCP byte is
+        // left for a redirected one to overtake.
+        if consumed != sent {
+            count(counter::MSG_PASSED, 1);
+            return SK_PASS;
+        }
+        peer.on_tcp = 0;
+    }
+    if (sent + size).saturating_sub(consumed) > REDIRECT_BACKLOG_LIMIT {
+        peer.on_tcp = 1;
+        count(counter::BACKLOG_FALLBACKS, 1);
+        count(counter::MSG_PASSED, 1);
+        return SK_PASS;
+    }
+    let mut to = peer.key;
     // SK_PASS here means "redirect queued"; anything else means the peer is gone from
-    // SOCKS (closing), in which case the message takes the normal TCP path.
-    if SOCKS.redirect_msg(&ctx, &mut peer, BPF_F_INGRESS as u64) == SK_PASS as i64 {
+    // ENDPOINTS (closing), in which case the message takes the normal TCP path.
+    if ENDPOINTS.redirect_msg(&ctx, &mut to, BPF_F_INGRESS as u64) == SK_PASS as i64 {
         count(counter::MSG_REDIRECTED, 1);
-        count(counter::BYTES_REDIRECTED, u64::from(size));
+        count(counter::BYTES_REDIRECTED, size);
     } else {
         count(counter::MSG_PASSED, 1);
     }
     SK_PASS
+}
+
+/// Counts what a paired socket's reader consumed. `sock_recv_length` fires after every
+/// socket read on the node with the socket, the bytes read and the flags; only paired
+/// sockets have a `CONSUMED` entry. (fexit on `tcp_bpf_recvmsg` would see only tracked
+/// sockets, but needs the tracing program type, which not every kernel allows.)
+#[raw_tracepoint(tracepoint = "sock_recv_length")]
+pub fn spoke_recv(ctx: RawTracePointContext) -> i32 {
+    let sock: u64 = ctx.arg(0);
+    let copied: i64 = ctx.arg::<u64>(1) as i32 as i64;
+    let flags = ctx.arg::<u64>(2) as i32;
+    if copied <= 0 || flags & MSG_PEEK != 0 {
+        return 0;
+    }
+    if let Some(total) = CONSUMED.get_ptr_mut(sock) {
+        // Two threads reading one socket at once could lose an add: the backlog then reads
+        // high and the pair falls back early, the safe way round.
+        unsafe { *total += copied as u64 };
+    }
+    0
+}
+
+/// The socket's kernel address, as `sock_recv_length` passes it. Storing a pointer as a
+/// number needs CAP_PERFMON (the verifier's pointer-leak rule), which the agent has.
+#[inline(always)]
+fn sock_addr(ctx: &SockOpsContext) -> u64 {
+    unsafe { (*ctx.ops).__bindgen_anon_2.sk as u64 }
 }
 
 // ---------------------------------------------------------------------------------------

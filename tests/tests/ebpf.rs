@@ -21,7 +21,7 @@
 use std::{
     collections::HashMap,
     fs::File,
-    io::{Read, Write},
+    io::{self, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     os::unix::net::UnixStream,
     path::PathBuf,
@@ -450,6 +450,7 @@ const CLOSED: &str = "spoke_ebpf_sockets_closed_total";
 const PAIRS_REFUSED: &str = "spoke_ebpf_pairs_refused_total";
 const REDIR_BYTES: &str = "spoke_ebpf_redirected_bytes_total";
 const REDIR_MSGS: &str = "spoke_ebpf_redirected_messages_total";
+const FALLBACKS: &str = "spoke_ebpf_backlog_fallbacks_total";
 const XDP_DENIED: &str = "spoke_ebpf_xdp_packets_total{action=\"drop\",reason=\"denied_source\"}";
 const XDP_ALLOWED: &str = "spoke_ebpf_xdp_packets_total{action=\"pass\",reason=\"allowed_source\"}";
 
@@ -472,7 +473,16 @@ enum Behaviour {
     Sink,
     /// Accepts and holds.
     Hold,
+    /// Accepts and never reads, for 15 s (a stalled reader).
+    Stall,
+    /// Writes as fast as it can for 15 s, counting into [`FLOODED`], and never reads.
+    Flood,
+    /// Echoes, but reads 64 KiB at a time with a pause: a reader slower than the agent.
+    SlowEcho,
 }
+
+/// Bytes the `Flood` backend managed to write.
+static FLOODED: AtomicUsize = AtomicUsize::new(0);
 
 impl Backend {
     fn start(ns: &NetNs, addr: &str, behaviour: Behaviour) -> Backend {
@@ -538,6 +548,30 @@ fn serve(conn: &mut TcpStream, behaviour: Behaviour) {
         }
         Behaviour::Hold => {
             let _ = conn.read(&mut buf);
+        }
+        Behaviour::Stall => thread::sleep(Duration::from_secs(15)),
+        Behaviour::Flood => {
+            let _ = conn.set_write_timeout(Some(Duration::from_millis(200)));
+            let end = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < end {
+                match conn.write(&buf) {
+                    Ok(n) => {
+                        FLOODED.fetch_add(n, Ordering::Relaxed);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == io::ErrorKind::TimedOut => {}
+                    Err(_) => return,
+                }
+            }
+        }
+        Behaviour::SlowEcho => {
+            while let Ok(n) = conn.read(&mut buf[..64 * 1024]) {
+                if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+                thread::sleep(Duration::from_millis(3));
+            }
+            let _ = conn.shutdown(Shutdown::Write);
         }
     }
 }
@@ -741,11 +775,18 @@ fn fast_path_redirects_agent_legs_only() {
             "{what}: both sockets tracked"
         );
         let bytes = delta(&before, &after, REDIR_BYTES);
-        // Both directions of the agent's local leg go socket to socket.
+        // What the agent writes goes socket to socket (all of it unless the echo's reader
+        // fell the backlog limit behind); what the endpoint writes back stays on TCP.
+        let fell_back = delta(&before, &after, FALLBACKS);
         assert!(
-            bytes >= 2.0 * data.len() as f64,
-            "{what}: redirected {bytes} bytes, expected >= {}",
-            2 * data.len()
+            bytes > 0.0 && bytes <= data.len() as f64,
+            "{what}: redirected {bytes} bytes, expected 1..={} (the agent's writes only)",
+            data.len()
+        );
+        assert!(
+            bytes == data.len() as f64 || fell_back >= 1.0,
+            "{what}: {bytes} of {} bytes redirected without a backlog fallback",
+            data.len()
         );
         wait_for("closed sockets to leave the maps", || {
             delta(&before, &agent.metrics(), CLOSED) >= 2.0
@@ -770,6 +811,13 @@ fn fast_path_redirects_agent_legs_only() {
     );
     assert_eq!(
         counter(&after, "spoke_ebpf_program_attached{program=\"sk_msg\"}"),
+        1.0
+    );
+    assert_eq!(
+        counter(
+            &after,
+            "spoke_ebpf_program_attached{program=\"raw_tracepoint\"}"
+        ),
         1.0
     );
 
@@ -799,9 +847,102 @@ fn fast_path_redirects_agent_legs_only() {
     );
 }
 
-/// Tries to open TCP to `to` from inside `ns` for up to `timeout`. Returns whether it
-/// connected and how many SYNs the socket sent (1 + its retransmissions, from TCP_INFO):
-/// exact for this socket, whatever else the namespace sends meanwhile.
+/// A redirect puts bytes into the reader's socket without charging its receive buffer, so a
+/// reader that stops must not let the other side queue without bound (before the backlog
+/// limit, 2 GiB piled up in 5 s and the writer then got ENOMEM). Both ways: the agent writing
+/// to an endpoint that never reads, and an endpoint writing to a client that never reads.
+/// Then a reader slower than the agent: the pair goes to TCP and back, and every byte
+/// arrives in order.
+#[test]
+fn fast_path_memory_stays_bounded_when_a_reader_stalls() {
+    if !require_root(
+        "fast_path_memory_stays_bounded_when_a_reader_stalls",
+        "root and eBPF",
+    ) {
+        return;
+    }
+    let _serial = serial();
+    let n = Node::new("bounded");
+    let _stall = Backend::start(&n.node, "127.0.0.1:7010", Behaviour::Stall);
+    let _flood = Backend::start(&n.node, "127.0.0.1:7011", Behaviour::Flood);
+    let _slow = Backend::start(&n.node, "127.0.0.1:7012", Behaviour::SlowEcho);
+    let mut server = SpokeServer::start(&n);
+    let agent = server.start_agent(&n, &["--ebpf=on", "--cgroup-path", &n.cg()]);
+    let status = agent.ebpf_status();
+    assert_eq!(state(&status, "fast_path"), "on", "{status}");
+    // With TCP all the way, either stall holds about 10 MiB (socket buffers plus the
+    // agent's and server's per-connection buffers); the redirect may add its 4 MiB limit.
+    const BOUND: usize = 48 << 20;
+
+    // The agent writes, the endpoint never reads.
+    let before = agent.metrics();
+    let mut conn = server.tunnel("127.0.0.1:7010");
+    conn.set_write_timeout(Some(Duration::from_millis(200)))
+        .expect("write timeout");
+    let chunk = vec![7u8; 256 * 1024];
+    let mut written = 0usize;
+    let end = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < end && written < 4 * BOUND {
+        match conn.write(&chunk) {
+            Ok(n) => written += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("write toward a stalled endpoint failed: {e}"),
+        }
+    }
+    let after = agent.metrics();
+    assert!(
+        written < BOUND,
+        "wrote {} MiB toward an endpoint that never reads (bound {} MiB)",
+        written >> 20,
+        BOUND >> 20
+    );
+    assert!(
+        delta(&before, &after, REDIR_BYTES) > 0.0,
+        "nothing was redirected before the stall"
+    );
+    assert!(
+        delta(&before, &after, FALLBACKS) >= 1.0,
+        "the stalled pair did not fall back to TCP"
+    );
+    drop(conn);
+
+    // The endpoint writes, the client never reads.
+    let conn = server.tunnel("127.0.0.1:7011");
+    thread::sleep(Duration::from_secs(4));
+    let flooded = FLOODED.load(Ordering::Relaxed);
+    assert!(
+        flooded < BOUND,
+        "the endpoint wrote {} MiB toward a client that never reads (bound {} MiB)",
+        flooded >> 20,
+        BOUND >> 20
+    );
+    drop(conn);
+
+    // A reader slower than the agent: the pair goes to TCP, every byte arrives in order, and
+    // once the reader has caught up the next bytes are redirected again.
+    let before = agent.metrics();
+    let conn = server.tunnel("127.0.0.1:7012");
+    echo_over(&conn, "a slow reader", &Arc::new(payload(24 << 20, 11)));
+    let mid = agent.metrics();
+    assert!(
+        delta(&before, &mid, FALLBACKS) >= 1.0,
+        "the slow reader never made the pair fall back"
+    );
+    let burst = Arc::new(payload(1 << 20, 12));
+    echo_over(&conn, "the caught-up reader", &burst);
+    let after = agent.metrics();
+    assert!(
+        delta(&mid, &after, REDIR_BYTES) >= burst.len() as f64,
+        "after the reader caught up, only {} of {} bytes were redirected",
+        delta(&mid, &after, REDIR_BYTES),
+        burst.len()
+    );
+}
+
 fn try_connect(ns: &NetNs, to: &str, timeout: Duration) -> (bool, u32) {
     let to: SocketAddr = to.parse().expect("addr");
     ns.spawn(move || {
@@ -1060,9 +1201,14 @@ fn our_prog_ids() -> Vec<u32> {
     let out = netns::run(&["bpftool", "prog", "show"]).expect("bpftool prog");
     out.lines()
         .filter(|l| {
-            ["spoke_sockops", "spoke_msg", "spoke_xdp_guard"]
-                .iter()
-                .any(|p| l.contains(&format!("name {p} ")))
+            [
+                "spoke_sockops",
+                "spoke_msg",
+                "spoke_recv",
+                "spoke_xdp_guard",
+            ]
+            .iter()
+            .any(|p| l.contains(&format!("name {p} ")))
         })
         .filter_map(|l| l.split(':').next()?.trim().parse().ok())
         .collect()
@@ -1262,7 +1408,11 @@ fn sigkill_leaves_nothing_attached() {
         .into_iter()
         .filter(|id| !existing.contains(id))
         .collect();
-    assert_eq!(ours.len(), 3, "sock_ops, sk_msg and xdp loaded: {ours:?}");
+    assert_eq!(
+        ours.len(),
+        4,
+        "sock_ops, sk_msg, the read counter and xdp loaded: {ours:?}"
+    );
     let cgroup_tree =
         || netns::run(&["bpftool", "cgroup", "show", &n.cg()]).expect("bpftool cgroup");
     assert!(cgroup_tree().contains("spoke_sockops"), "{}", cgroup_tree());
@@ -1312,7 +1462,8 @@ fn sigkill_leaves_nothing_attached() {
     tunnel_echo(&server, "10.211.0.2:7000", &data);
     let after = agent.metrics();
     assert_eq!(delta(&before, &after, PAIRS), 1.0);
-    assert!(delta(&before, &after, REDIR_BYTES) >= 2.0 * data.len() as f64);
+    // The agent's writes (the endpoint's replies stay on TCP).
+    assert!(delta(&before, &after, REDIR_BYTES) >= data.len() as f64);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -42,6 +42,11 @@ const COUNTERS: &[(&str, &str, u32)] = &[
         counter::MSG_PASSED,
     ),
     (
+        "spoke_ebpf_backlog_fallbacks",
+        "Redirected legs whose reader fell the backlog limit behind; on the TCP path from then on",
+        counter::BACKLOG_FALLBACKS,
+    ),
+    (
         "spoke_ebpf_pairs_refused",
         "Accepted sockets that mirrored a waiting agent socket's tuple but not its handshake (another network namespace); not paired",
         counter::PAIRS_REFUSED,

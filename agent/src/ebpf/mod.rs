@@ -24,7 +24,7 @@ use std::{
 
 use aya::{
     maps::{lpm_trie::Key, HashMap, LpmTrie, MapData, PerCpuArray, SockHash},
-    programs::{links::FdLink, CgroupAttachMode, SkMsg, SockOps, Xdp, XdpMode},
+    programs::{links::FdLink, CgroupAttachMode, RawTracePoint, SkMsg, SockOps, Xdp, XdpMode},
     util::KernelVersion,
     EbpfLoader,
 };
@@ -237,6 +237,9 @@ impl Ebpf {
                 if let Ok(p) = program::<SockOps>(&mut bpf, "spoke_sockops") {
                     let _ = p.unload();
                 }
+                if let Ok(p) = program::<RawTracePoint>(&mut bpf, "spoke_recv") {
+                    let _ = p.unload();
+                }
                 ebpf._socks = None;
                 ebpf.agent_socks = None;
                 ebpf.status.fast_path = Component::off(why);
@@ -286,6 +289,26 @@ impl Ebpf {
             .try_into()
             .map_err(|e| explain("AGENT_SOCKS map", &e))?;
 
+        // Without counting what readers consume, a redirect could queue without bound in a
+        // stalled reader's socket (the kernel charges it to no receive buffer): no count, no
+        // fast path.
+        let recv: &mut RawTracePoint = program(bpf, "spoke_recv")?;
+        recv.load()
+            .map_err(|e| explain("loading the read counter that bounds redirects", &e))?;
+        recv.attach("sock_recv_length").map_err(|e| {
+            explain(
+                "attaching the read counter to the sock_recv_length tracepoint (Linux 6.5+)",
+                &e,
+            )
+        })?;
+        self.status.programs.push(ProgramStatus {
+            program: "raw_tracepoint",
+            target: "sock_recv_length".into(),
+            attached: true,
+            xdp_mode: None,
+            error: None,
+        });
+
         let msg: &mut SkMsg = program(bpf, "spoke_msg")?;
         msg.load().map_err(|e| explain("loading sk_msg", &e))?;
         msg.attach(&socks_fd)
@@ -327,7 +350,10 @@ impl Ebpf {
             error: None,
         });
         self.agent_socks = Some(Mutex::new(agent_socks));
-        Ok(format!("sock_ops on {cgroup_label}, sk_msg redirect"))
+        Ok(format!(
+            "sock_ops on {cgroup_label}, sk_msg redirect (each pair back on TCP once its reader lags {} MiB)",
+            spoke_agent_common::REDIRECT_BACKLOG_LIMIT >> 20
+        ))
     }
 
     fn attach_xdp(&mut self, bpf: &mut aya::Ebpf, cfg: &EbpfConfig) -> Component {
@@ -429,6 +455,7 @@ impl Ebpf {
             programs: vec![
                 ("sock_ops", attached("sock_ops")),
                 ("sk_msg", attached("sk_msg")),
+                ("raw_tracepoint", attached("raw_tracepoint")),
                 ("xdp", attached("xdp")),
             ],
         }

@@ -39,6 +39,9 @@ pub struct Size {
     pub longfat: Duration,
     pub longfat_trials: usize,
     pub xdp: Duration,
+    /// Alternating `--ebpf=off` / `--ebpf=on` rounds in the ebpf scenario (its floors compare
+    /// the means: one pair of runs differs by more than the fast path changes).
+    pub ebpf_rounds: usize,
     /// Fleet sizes (agents on one server).
     pub fleet: Vec<usize>,
     /// First connects in flight across the fleet.
@@ -72,6 +75,7 @@ impl Size {
                 longfat: Duration::from_secs(1),
                 longfat_trials: 1,
                 xdp: Duration::from_millis(500),
+                ebpf_rounds: 1,
                 fleet: vec![20],
                 fleet_first_connects: 500,
                 fleet_dials: 20,
@@ -88,6 +92,7 @@ impl Size {
                 longfat: Duration::from_secs(8),
                 longfat_trials: 1,
                 xdp: Duration::from_secs(3),
+                ebpf_rounds: 1,
                 fleet: vec![1_000, 5_000],
                 fleet_first_connects: 500,
                 fleet_dials: 500,
@@ -104,6 +109,7 @@ impl Size {
                 longfat: Duration::from_secs(15),
                 longfat_trials: 2,
                 xdp: Duration::from_secs(5),
+                ebpf_rounds: 3,
                 fleet: vec![1_000, 5_000, 10_000],
                 fleet_first_connects: 500,
                 fleet_dials: 10_000,
