@@ -489,7 +489,8 @@ fn print_table(rows: &[(&str, &Bulk)], direct: f64, on: Option<&Bulk>) {
     match on {
         Some(b) if b.redirected > 0.0 => {
             println!(
-                "   sk_msg redirected {:.2} GiB ({} bytes: the bulk bytes and their TLS framing)",
+                "   sk_msg redirected {:.2} GiB ({} bytes: what the agent wrote to the kubelet, the \
+                 upload and its TLS framing; the kubelet's side stays on TCP)",
                 b.redirected / GIB,
                 b.redirected
             );
