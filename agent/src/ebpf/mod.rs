@@ -297,7 +297,7 @@ impl Ebpf {
             .map_err(|e| explain("loading the read counter that bounds redirects", &e))?;
         recv.attach("sock_recv_length").map_err(|e| {
             explain(
-                "attaching the read counter to the sock_recv_length tracepoint (Linux 6.5+)",
+                "attaching the read counter to the sock_recv_length tracepoint",
                 &e,
             )
         })?;
