@@ -124,7 +124,7 @@ async fn connect_one(addr: SocketAddr, ebpf: &Ebpf) -> io::Result<TcpStream> {
     };
     socket.set_nodelay(true)?;
     // The fast path must know this socket before connect() fires its sock_ops callback.
-    if let Err(e) = ebpf.prepare_socket(socket.as_fd()) {
+    if let Err(e) = ebpf.prepare_socket(socket.as_fd(), addr.port()) {
         tracing::debug!(error = %e, "could not mark socket for the eBPF fast path");
     }
     socket.connect(addr).await

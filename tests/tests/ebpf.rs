@@ -367,6 +367,9 @@ impl Agent {
             format!("--admin-server-port={}", admin.port()),
             "--sync-interval=100ms".into(),
             "--sync-interval-cap=1s".into(),
+            // The test endpoints' ports (7300 is left out on purpose: see
+            // `fast_path_leaves_unlisted_ports_to_tcp`).
+            "--ebpf-fast-path-ports=7000,7001,7005,7010,7011,7012,7100,7200,10250".into(),
         ])
         .args(extra);
         Agent {
@@ -941,6 +944,54 @@ fn fast_path_memory_stays_bounded_when_a_reader_stalls() {
         delta(&mid, &after, REDIR_BYTES),
         burst.len()
     );
+}
+
+/// An echo backend that reads with splice(2), as Go's io.Copy between TCP connections does.
+const PY_SPLICE_ECHO: &str = "import socket,sys,os,threading
+s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)
+s.bind((sys.argv[1],int(sys.argv[2])));s.listen(64)
+def h(c):
+    r,w=os.pipe()
+    while True:
+        n=os.splice(c.fileno(),w,65536)
+        if not n:break
+        c.sendall(os.read(r,n))
+    c.close()
+while True:
+    c,_=s.accept();threading.Thread(target=h,args=(c,),daemon=True).start()
+";
+
+/// Bytes sk_msg redirects never reach a reader that uses splice(2) (it reads only the TCP
+/// receive queue), so only `--ebpf-fast-path-ports` are paired: a splice reader on another
+/// port gets every byte, over TCP.
+#[test]
+fn fast_path_leaves_unlisted_ports_to_tcp() {
+    if !require_root("fast_path_leaves_unlisted_ports_to_tcp", "root and eBPF") {
+        return;
+    }
+    let _serial = serial();
+    let n = Node::new("unlisted");
+    let mut cmd = n.node.command("python3").expect("command in node ns");
+    cmd.args(["-c", PY_SPLICE_ECHO, "127.0.0.1", "7300"]);
+    let _backend = Proc::spawn("py-splice-echo", cmd, &n.dir);
+    wait_for("the splice echo backend to listen", || {
+        n.node
+            .exec(&["ss", "-Htln", "sport", "= :7300"])
+            .is_ok_and(|o| o.contains("7300"))
+    });
+    let mut server = SpokeServer::start(&n);
+    let agent = server.start_agent(&n, &["--ebpf=on", "--cgroup-path", &n.cg()]);
+    assert_eq!(state(&agent.ebpf_status(), "fast_path"), "on");
+    let before = agent.metrics();
+    tunnel_echo(&server, "127.0.0.1:7300", &Arc::new(payload(2 << 20, 5)));
+    let after = agent.metrics();
+    for name in [PAIRS, REDIR_BYTES] {
+        assert_eq!(
+            delta(&before, &after, name),
+            0.0,
+            "an unlisted port moved {name}"
+        );
+    }
 }
 
 fn try_connect(ns: &NetNs, to: &str, timeout: Duration) -> (bool, u32) {

@@ -359,6 +359,8 @@ async fn start_agent(setup: &Setup, mode: &str) -> Result<Agent> {
         format!("--health-server-port={health}"),
         format!("--admin-server-port={admin}"),
         format!("--ebpf={mode}"),
+        // The kubelet stand-in listens on a free port, not 10250.
+        format!("--ebpf-fast-path-ports={}", setup.kubelet.port()),
     ]);
     let log = setup.dir.join(format!("agent-ebpf-{mode}.log"));
     let proc = spawn("spoke-agent", &setup.bin.join("spoke-agent"), &args, &log)?;

@@ -68,6 +68,8 @@ impl fmt::Display for Cidr {
 #[derive(Clone, Debug, Default)]
 pub struct EbpfConfig {
     pub mode: EbpfMode,
+    /// Endpoint ports whose legs the fast path redirects.
+    pub fast_path_ports: Vec<u16>,
     /// cgroup v2 directory for sock_ops; `None` means the cgroup2 root found in /proc/mounts.
     pub cgroup_path: Option<PathBuf>,
     pub xdp_guard_interfaces: Vec<String>,
@@ -87,6 +89,13 @@ pub struct EbpfArgs {
     /// and the local endpoints it dials. Default: the cgroup2 mount root.
     #[arg(long, env = "SPOKE_CGROUP_PATH")]
     pub cgroup_path: Option<PathBuf>,
+
+    /// Endpoint ports whose legs the socket fast path redirects (comma-separated). Only
+    /// endpoints known to read with read()/recvmsg() belong here: bytes sk_msg redirects are
+    /// invisible to a reader that uses splice(2) (Go's io.Copy between TCP connections does).
+    /// The default is the kubelet's port, served by Go's TLS stack.
+    #[arg(long, env = "SPOKE_EBPF_FAST_PATH_PORTS", default_value = "10250")]
+    pub ebpf_fast_path_ports: String,
 
     /// Interfaces the XDP guard attaches to (comma-separated; empty disables the guard).
     #[arg(long, env = "SPOKE_XDP_GUARD_INTERFACES", default_value = "")]
@@ -113,12 +122,16 @@ fn list(value: &str) -> impl Iterator<Item = &str> {
 
 impl EbpfArgs {
     pub fn config(&self) -> anyhow::Result<EbpfConfig> {
-        let xdp_protected_ports = list(&self.xdp_protected_ports)
-            .map(|p| match p.parse::<u16>() {
-                Ok(port) if port != 0 => Ok(port),
-                _ => bail!("--xdp-protected-ports: {p:?} is not a TCP port"),
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let ports = |flag: &str, value: &str| {
+            list(value)
+                .map(|p| match p.parse::<u16>() {
+                    Ok(port) if port != 0 => Ok(port),
+                    _ => bail!("{flag}: {p:?} is not a TCP port"),
+                })
+                .collect::<anyhow::Result<Vec<_>>>()
+        };
+        let xdp_protected_ports = ports("--xdp-protected-ports", &self.xdp_protected_ports)?;
+        let fast_path_ports = ports("--ebpf-fast-path-ports", &self.ebpf_fast_path_ports)?;
         let xdp_allow_cidrs = list(&self.xdp_allow_cidrs)
             .map(|c| c.parse::<Cidr>().context("--xdp-allow-cidrs"))
             .collect::<anyhow::Result<Vec<_>>>()?;
@@ -132,6 +145,7 @@ impl EbpfArgs {
         }
         Ok(EbpfConfig {
             mode: self.mode,
+            fast_path_ports,
             cgroup_path: self.cgroup_path.clone(),
             xdp_guard_interfaces,
             xdp_protected_ports,
@@ -161,6 +175,7 @@ mod tests {
         let c = parse(&[]).expect("defaults parse");
         assert_eq!(c.mode, EbpfMode::Auto);
         assert_eq!(c.xdp_protected_ports, vec![10250]);
+        assert_eq!(c.fast_path_ports, vec![10250]);
         assert!(c.xdp_guard_interfaces.is_empty());
         assert!(c.xdp_allow_cidrs.is_empty());
         assert!(c.cgroup_path.is_none());
@@ -189,6 +204,7 @@ mod tests {
         assert!(parse(&["--xdp-protected-ports=0"]).is_err());
         assert!(parse(&["--xdp-protected-ports=70000"]).is_err());
         assert!(parse(&["--xdp-guard-interfaces=a/b"]).is_err());
+        assert!(parse(&["--ebpf-fast-path-ports=10250,http"]).is_err());
         assert!(parse(&["--ebpf=maybe"]).is_err());
     }
 }

@@ -121,6 +121,8 @@ pub struct Ebpf {
     status: EbpfStatus,
     /// Socket cookies of agent sockets (`AGENT_SOCKS`); `Some` only while the fast path runs.
     agent_socks: Option<Mutex<HashMap<MapData, u64, u8>>>,
+    /// Endpoint ports whose legs are redirected (`--ebpf-fast-path-ports`).
+    fast_path_ports: Vec<u16>,
     counters: Option<Arc<PerCpuArray<MapData, u64>>>,
     // Field order is drop order: XDP links, then the log task, then programs and maps.
     _xdp_links: Vec<FdLink>,
@@ -158,6 +160,7 @@ impl Ebpf {
         Ebpf {
             status,
             agent_socks: None,
+            fast_path_ports: Vec::new(),
             counters: None,
             _xdp_links: Vec::new(),
             _logger: None,
@@ -215,6 +218,7 @@ impl Ebpf {
         let mut ebpf = Ebpf {
             status,
             agent_socks: None,
+            fast_path_ports: cfg.fast_path_ports.clone(),
             counters,
             _xdp_links: Vec::new(),
             _logger: logger,
@@ -350,8 +354,10 @@ impl Ebpf {
             error: None,
         });
         self.agent_socks = Some(Mutex::new(agent_socks));
+        let ports: Vec<String> = cfg.fast_path_ports.iter().map(u16::to_string).collect();
         Ok(format!(
-            "sock_ops on {cgroup_label}, sk_msg redirect (each pair back on TCP once its reader lags {} MiB)",
+            "sock_ops on {cgroup_label}, sk_msg redirect to endpoint ports {} (a leg goes to TCP while its reader lags {} MiB)",
+            ports.join(","),
             spoke_agent_common::REDIRECT_BACKLOG_LIMIT >> 20
         ))
     }
@@ -418,13 +424,16 @@ impl Ebpf {
         }
     }
 
-    /// Marks `fd` (a TCP socket the agent is about to connect() to a backend) so the fast path
-    /// picks up the connection. Must be called before connect(); no-op when the fast path is
-    /// off.
-    pub fn prepare_socket(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+    /// Marks `fd` (a TCP socket the agent is about to connect() to a backend at `port`) so the
+    /// fast path picks up the connection. Must be called before connect(); no-op when the fast
+    /// path is off or the port is not one of `--ebpf-fast-path-ports`.
+    pub fn prepare_socket(&self, fd: BorrowedFd<'_>, port: u16) -> io::Result<()> {
         let Some(agent_socks) = &self.agent_socks else {
             return Ok(());
         };
+        if !self.fast_path_ports.contains(&port) {
+            return Ok(());
+        }
         let cookie = sys::socket_cookie(fd)?;
         let mut map = agent_socks
             .lock()

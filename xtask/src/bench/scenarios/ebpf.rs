@@ -40,6 +40,7 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
         }
         let mut cfg = ClusterCfg::new(Mode::HttpConnect, Transport::Uds);
         cfg.ebpf = mode.into();
+        cfg.agent_extra = vec![format!("--ebpf-fast-path-ports={}", target.port())];
         let c = match start(ctx, &cfg) {
             Ok(c) => c,
             Err(e) => {
