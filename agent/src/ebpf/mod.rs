@@ -244,6 +244,10 @@ impl Ebpf {
                 if let Ok(p) = program::<RawTracePoint>(&mut bpf, "spoke_recv") {
                     let _ = p.unload();
                 }
+                // Whatever attached before the failure is unloaded now (XDP comes later).
+                for p in &mut ebpf.status.programs {
+                    p.attached = false;
+                }
                 ebpf._socks = None;
                 ebpf.agent_socks = None;
                 ebpf.status.fast_path = Component::off(why);
@@ -336,14 +340,6 @@ impl Ebpf {
                 xdp_mode: None,
                 error: Some(why.clone()),
             });
-            if let Some(p) = self
-                .status
-                .programs
-                .iter_mut()
-                .find(|p| p.program == "sk_msg")
-            {
-                p.attached = false;
-            }
             return Err(why);
         }
         self.status.programs.push(ProgramStatus {
