@@ -994,6 +994,36 @@ fn fast_path_leaves_unlisted_ports_to_tcp() {
     }
 }
 
+/// An empty `--ebpf-fast-path-ports` means nothing to redirect: `--ebpf=on` still starts, the
+/// fast path reads "not configured", and none of its programs (the read counter included) load.
+#[test]
+fn an_empty_port_list_loads_no_fast_path() {
+    if !require_root("an_empty_port_list_loads_no_fast_path", "root and eBPF") {
+        return;
+    }
+    let _serial = serial();
+    let n = Node::new("noports");
+    let _backend = Backend::start(&n.node, "127.0.0.1:7000", Behaviour::Echo);
+    let mut server = SpokeServer::start(&n);
+    let agent = server.start_agent(
+        &n,
+        &[
+            "--ebpf=on",
+            "--cgroup-path",
+            &n.cg(),
+            "--ebpf-fast-path-ports=",
+        ],
+    );
+    let ebpf = agent.ebpf_status();
+    assert_eq!(state(&ebpf, "fast_path"), "not_configured", "{ebpf}");
+    assert!(
+        detail(&ebpf, "fast_path").contains("--ebpf-fast-path-ports"),
+        "{ebpf}"
+    );
+    assert_eq!(our_prog_ids(), Vec::<u32>::new(), "programs loaded: {ebpf}");
+    tunnel_echo(&server, "127.0.0.1:7000", &Arc::new(payload(1 << 20, 6)));
+}
+
 fn try_connect(ns: &NetNs, to: &str, timeout: Duration) -> (bool, u32) {
     let to: SocketAddr = to.parse().expect("addr");
     ns.spawn(move || {

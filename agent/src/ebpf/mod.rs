@@ -171,25 +171,36 @@ impl Ebpf {
 
     fn load_inner(cfg: &EbpfConfig) -> Ebpf {
         let xdp_wanted = !cfg.xdp_guard_interfaces.is_empty();
-        let not_configured = Component {
+        // No ports: nothing to redirect, so neither the redirect nor the read counter loads.
+        let fast_path_wanted = !cfg.fast_path_ports.is_empty();
+        let not_configured = |detail: &str| Component {
             state: State::NotConfigured,
-            detail: "no --xdp-guard-interfaces".into(),
+            detail: detail.into(),
         };
         let mut status = EbpfStatus {
             mode: cfg.mode,
             object_embedded: !OBJECT.is_empty(),
-            fast_path: Component::off("not loaded"),
-            xdp_guard: not_configured.clone(),
+            fast_path: if fast_path_wanted {
+                Component::off("not loaded")
+            } else {
+                not_configured("no --ebpf-fast-path-ports")
+            },
+            xdp_guard: not_configured("no --xdp-guard-interfaces"),
             programs: Vec::new(),
         };
         let all_off = |status: &mut EbpfStatus, why: String| {
-            status.fast_path = Component::off(why.clone());
+            if fast_path_wanted {
+                status.fast_path = Component::off(why.clone());
+            }
             if xdp_wanted {
                 status.xdp_guard = Component::off(why);
             }
         };
         if cfg.mode == EbpfMode::Off {
             all_off(&mut status, "--ebpf=off".into());
+            return Self::inert(status);
+        }
+        if !fast_path_wanted && !xdp_wanted {
             return Self::inert(status);
         }
         if OBJECT.is_empty() {
@@ -226,31 +237,33 @@ impl Ebpf {
             _bpf: None,
         };
 
-        match ebpf.attach_fast_path(&mut bpf, cfg) {
-            Ok(detail) => {
-                ebpf.status.fast_path = Component {
-                    state: State::On,
-                    detail,
+        if fast_path_wanted {
+            match ebpf.attach_fast_path(&mut bpf, cfg) {
+                Ok(detail) => {
+                    ebpf.status.fast_path = Component {
+                        state: State::On,
+                        detail,
+                    }
                 }
-            }
-            Err(why) => {
-                // Leave nothing half attached (sk_msg without sock_ops is useless).
-                if let Ok(p) = program::<SkMsg>(&mut bpf, "spoke_msg") {
-                    let _ = p.unload();
+                Err(why) => {
+                    // Leave nothing half attached (sk_msg without sock_ops is useless).
+                    if let Ok(p) = program::<SkMsg>(&mut bpf, "spoke_msg") {
+                        let _ = p.unload();
+                    }
+                    if let Ok(p) = program::<SockOps>(&mut bpf, "spoke_sockops") {
+                        let _ = p.unload();
+                    }
+                    if let Ok(p) = program::<RawTracePoint>(&mut bpf, "spoke_recv") {
+                        let _ = p.unload();
+                    }
+                    // Whatever attached before the failure is unloaded now (XDP comes later).
+                    for p in &mut ebpf.status.programs {
+                        p.attached = false;
+                    }
+                    ebpf._socks = None;
+                    ebpf.agent_socks = None;
+                    ebpf.status.fast_path = Component::off(why);
                 }
-                if let Ok(p) = program::<SockOps>(&mut bpf, "spoke_sockops") {
-                    let _ = p.unload();
-                }
-                if let Ok(p) = program::<RawTracePoint>(&mut bpf, "spoke_recv") {
-                    let _ = p.unload();
-                }
-                // Whatever attached before the failure is unloaded now (XDP comes later).
-                for p in &mut ebpf.status.programs {
-                    p.attached = false;
-                }
-                ebpf._socks = None;
-                ebpf.agent_socks = None;
-                ebpf.status.fast_path = Component::off(why);
             }
         }
         if xdp_wanted {
