@@ -184,6 +184,7 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
     // than off by more than NOISE, the spread of one configuration's means between runs
     // (download is TCP in both modes).
     const NOISE: f64 = 0.05;
+    let noise = format!("{:.0} %", NOISE * 100.0);
     let mean = |mode: &str, f: &dyn Fn(&Leg) -> f64| {
         let v: Vec<f64> = legs.iter().filter(|l| l.mode == mode).map(f).collect();
         v.iter().sum::<f64>() / v.len() as f64
@@ -202,7 +203,7 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
         sec.floors.push(Floor::new(
             "agent CPU/GiB download (TCP both ways), on vs off",
             format!("{a:.2} vs {b:.2} s/GiB"),
-            "on ≤ off + 5 %",
+            format!("on ≤ off + {noise}"),
             Some(a <= b * (1.0 + NOISE)),
         ));
         for dir in ["download", "upload"] {
@@ -210,7 +211,7 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
             sec.floors.push(Floor::new(
                 format!("{dir} MiB/s, on vs off"),
                 format!("{} vs {} MiB/s", num(a), num(b)),
-                "on ≥ off − 5 %",
+                format!("on ≥ off − {noise}"),
                 Some(a >= b * (1.0 - NOISE)),
             ));
         }
@@ -226,7 +227,7 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
             sec.floors.push(Floor::new(
                 what,
                 format!("{on_us:.1} vs {off_us:.1} µs"),
-                "on ≤ off + 5 %",
+                format!("on ≤ off + {noise}"),
                 Some(on_us <= off_us * (1.0 + NOISE)),
             ));
         }
