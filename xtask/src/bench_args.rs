@@ -29,6 +29,12 @@ pub struct BenchArgs {
     /// Do not install missing apt packages (baselines whose tools are missing are not run).
     #[arg(long)]
     pub no_install: bool,
+    /// TCP congestion control in the bench's own network namespace, where every route runs
+    /// (Spoke and its baselines alike): a name from
+    /// /proc/sys/net/ipv4/tcp_available_congestion_control, or `host` for the host's setting.
+    /// The default is the kernel's own default, cubic.
+    #[arg(long, default_value = "cubic")]
+    pub congestion_control: String,
     /// Internal: serve the bench backend on ADDR in this process until stdin closes (lets the
     /// fanout scenario spread its file descriptors over two processes).
     #[arg(long, hide = true)]

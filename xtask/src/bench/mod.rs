@@ -208,6 +208,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
 
     let host = env::host(&root);
+    // Before the runtime starts any thread: every thread and process of the run inherits it.
+    let net = netns::BenchNet::enter(&args.congestion_control)?;
+    say0(
+        t0,
+        &format!(
+            "running in network namespace of its own, TCP congestion control {} (the host's: {}, default qdisc {})",
+            net.congestion_control, net.host_congestion_control, net.host_qdisc
+        ),
+    );
     let work = std::env::temp_dir().join(format!("spoke-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
     let _cleanup = RemoveDir(work.clone());
@@ -299,6 +308,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         duration_s: t0.elapsed().as_secs_f64(),
         nofile,
         commands: &commands,
+        net: &net,
     };
     for sec in &sections {
         for (file, _, svg) in &sec.charts {

@@ -149,6 +149,58 @@ impl Drop for Ns {
     }
 }
 
+/// The namespace the whole bench runs in, entered by the main thread before any other thread
+/// starts (threads and processes inherit it): its own loopback, with one TCP congestion control
+/// for every route. The host's own setting is recorded for the report.
+pub struct BenchNet {
+    _ns: Ns,
+    /// What every route in the bench ran with.
+    pub congestion_control: String,
+    /// The root namespace's setting and default qdisc, for the report.
+    pub host_congestion_control: String,
+    pub host_qdisc: String,
+}
+
+const CC: &str = "/proc/sys/net/ipv4/tcp_congestion_control";
+
+fn sysctl(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+impl BenchNet {
+    /// Creates the namespace, moves the calling thread into it and sets `cc` there (`host`:
+    /// the root namespace's).
+    pub fn enter(cc: &str) -> Result<BenchNet> {
+        let host_congestion_control = sysctl(CC);
+        let host_qdisc = sysctl("/proc/sys/net/core/default_qdisc");
+        let want = if cc == "host" {
+            host_congestion_control.clone()
+        } else {
+            cc.to_string()
+        };
+        let available = sysctl("/proc/sys/net/ipv4/tcp_available_congestion_control");
+        if !available.split_whitespace().any(|a| a == want) {
+            bail!("--congestion-control {want:?} is not available here (available: {available})");
+        }
+        let ns = Ns::new("net")?;
+        enter(&format!("/run/netns/{}", ns.name))?;
+        // /proc/sys/net shows the namespace of the thread that opens it: this one's now.
+        std::fs::write(CC, &want).with_context(|| format!("set {CC} to {want}"))?;
+        let got = sysctl(CC);
+        if got != want {
+            bail!("{CC} reads {got:?} after writing {want:?}");
+        }
+        Ok(BenchNet {
+            _ns: ns,
+            congestion_control: want,
+            host_congestion_control,
+            host_qdisc,
+        })
+    }
+}
+
 /// A veth pair created inside `a` with one end moved to `b`, addressed and up.
 pub fn veth(a: &Ns, a_if: &str, a_addr: &str, b: &Ns, b_if: &str, b_addr: &str) -> Result<()> {
     a.ip(&[

@@ -83,6 +83,7 @@ pub struct RunInfo<'a> {
     pub duration_s: f64,
     pub nofile: u64,
     pub commands: &'a [String],
+    pub net: &'a super::netns::BenchNet,
 }
 
 /// The Markdown report; chart links are prefixed with `chart_prefix`.
@@ -117,6 +118,19 @@ pub fn markdown(info: &RunInfo, sections: &[Section], chart_prefix: &str) -> Str
         "| load average | {} at the start, {} at the end (1/5/15 min; other work on the machine skews timings) |",
         h.loadavg,
         super::env::loadavg()
+    );
+    let net = info.net;
+    let _ = writeln!(
+        s,
+        "| TCP | every route runs in the bench's own network namespace with congestion control **{}**; the host's is {} with default qdisc {}{} |",
+        net.congestion_control,
+        net.host_congestion_control,
+        net.host_qdisc,
+        if net.host_congestion_control == "bbr" && net.host_qdisc != "fq" {
+            " (bbr without fq paces every socket with its own timer: see the analysis)"
+        } else {
+            ""
+        }
     );
     let _ = writeln!(s, "| commit | `{}` |\n", h.commit);
     let _ = writeln!(s, "## Figures against their floors\n\n| scenario | figure | value | floor | |\n|---|---|---|---|---|");
@@ -202,6 +216,7 @@ pub fn json(info: &RunInfo, sections: &[Section]) -> Value {
         "profile": info.profile,
         "command": info.command,
         "duration_s": info.duration_s,
+        "tcp": {"congestion_control": info.net.congestion_control, "host_congestion_control": info.net.host_congestion_control, "host_default_qdisc": info.net.host_qdisc},
         "host": {"cpu": h.cpu, "cpus": h.cpus, "mem_gib": h.mem_gib, "kernel": h.kernel, "os": h.os, "rustc": h.rustc, "loadavg_start": h.loadavg, "loadavg_end": super::env::loadavg()},
         "commit": h.commit,
         "dirty": h.dirty,

@@ -1,12 +1,13 @@
-//! Wake-ups and system calls per round trip, per process: what each relay does for one
-//! 64-byte exchange, Spoke beside ssh and stunnel. Counted in a run of their own after the
+//! Wake-ups, system calls and CPU time per round trip, per process: what each relay does for
+//! one 64-byte exchange, Spoke beside ssh and stunnel. Counted in a run of their own after the
 //! timed one, so that counting never touches the latency figures.
 //!
 //! Both come from `perf stat` on tracepoints, which follows threads a process starts and keeps
 //! the counts of threads that end (stunnel runs a thread per connection): context switches
 //! (`sched:sched_switch`, a thread going to sleep to be woken again, or preempted) and system
 //! calls (`raw_syscalls:sys_enter`; std's sockets use recv/send, which /proc/PID/io's
-//! syscr/syscw do not count). Without perf the table says so.
+//! syscr/syscw do not count), and CPU time (`task-clock`, user and kernel). Without perf the
+//! table says so.
 use anyhow::{Context, Result};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -22,6 +23,8 @@ pub struct PerRound {
     pub process: String,
     pub switches: f64,
     pub syscalls: f64,
+    /// CPU time, user and kernel, in µs.
+    pub cpu_us: f64,
 }
 
 struct Probe {
@@ -62,12 +65,14 @@ fn pids_of(pid: u32, tree: bool) -> Vec<u32> {
     all
 }
 
-const EVENTS: [&str; 2] = ["sched:sched_switch", "raw_syscalls:sys_enter"];
+const EVENTS: [&str; 3] = ["sched:sched_switch", "raw_syscalls:sys_enter", "task-clock"];
 
 fn start_perf(pids: &[u32], out: &Path) -> Result<Child> {
     let list: Vec<String> = pids.iter().map(u32::to_string).collect();
     Command::new("perf")
-        .args(["stat", "-x", ",", "-e", EVENTS[0], "-e", EVENTS[1], "-o"])
+        .args(["stat", "-x", ","])
+        .args(EVENTS.iter().flat_map(|e| ["-e", e]))
+        .arg("-o")
         .arg(out)
         .args(["-p", &list.join(",")])
         .stdin(Stdio::null())
@@ -77,20 +82,20 @@ fn start_perf(pids: &[u32], out: &Path) -> Result<Child> {
         .context("perf stat (for wake-ups and system calls)")
 }
 
-/// The counts `perf stat -x,` wrote for [`EVENTS`], once it has exited.
-fn perf_counts(mut child: Child, out: &Path) -> Result<[u64; 2]> {
+/// The counts `perf stat -x,` wrote for [`EVENTS`] (task-clock in ms), once it has exited.
+fn perf_counts(mut child: Child, out: &Path) -> Result<[f64; 3]> {
     // SAFETY: kill has no memory effects; the pid is our own child's.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     child.wait()?;
     let text = std::fs::read_to_string(out).with_context(|| format!("read {}", out.display()))?;
-    let count = |event: &str| -> Result<u64> {
+    let count = |event: &str| -> Result<f64> {
         text.lines()
-            .find(|l| l.contains(event))
+            .find(|l| l.split(',').nth(2).is_some_and(|e| e == event))
             .and_then(|l| l.split(',').next())
             .and_then(|v| v.trim().parse().ok())
             .with_context(|| format!("no {event} count from perf stat: {text:?}"))
     };
-    Ok([count(EVENTS[0])?, count(EVENTS[1])?])
+    Ok([count(EVENTS[0])?, count(EVENTS[1])?, count(EVENTS[2])?])
 }
 
 impl Counting {
@@ -116,11 +121,12 @@ impl Counting {
         self.0
             .into_iter()
             .map(|p| {
-                let [switches, syscalls] = perf_counts(p.perf, &p.out)?;
+                let [switches, syscalls, cpu_ms] = perf_counts(p.perf, &p.out)?;
                 Ok(PerRound {
                     process: p.label,
-                    switches: switches as f64 / n,
-                    syscalls: syscalls as f64 / n,
+                    switches: switches / n,
+                    syscalls: syscalls / n,
+                    cpu_us: cpu_ms * 1e3 / n,
                 })
             })
             .collect()

@@ -138,13 +138,13 @@ async fn measure(
 
 fn count_table(counts: &[(String, Vec<PerRound>)]) -> String {
     let mut md = String::from(
-        "| route | process | context switches per round trip | system calls per round trip |\n|---|---|---|---|\n",
+        "| route | process | context switches per round trip | system calls per round trip | CPU µs per round trip |\n|---|---|---|---|---|\n",
     );
     for (route, procs) in counts {
         for p in procs {
             md.push_str(&format!(
-                "| {route} | {} | {:.2} | {:.1} |\n",
-                p.process, p.switches, p.syscalls
+                "| {route} | {} | {:.2} | {:.1} | {:.1} |\n",
+                p.process, p.switches, p.syscalls, p.cpu_us
             ));
         }
         let relay: Vec<&PerRound> = procs
@@ -152,10 +152,12 @@ fn count_table(counts: &[(String, Vec<PerRound>)]) -> String {
             .filter(|p| !p.process.starts_with("bench"))
             .collect();
         if !relay.is_empty() {
-            let w: f64 = relay.iter().map(|p| p.switches).sum();
-            let c: f64 = relay.iter().map(|p| p.syscalls).sum();
+            let sum = |f: fn(&PerRound) -> f64| relay.iter().map(|p| f(p)).sum::<f64>();
             md.push_str(&format!(
-                "| {route} | **relay processes** | **{w:.2}** | **{c:.1}** |\n"
+                "| {route} | **relay processes** | **{:.2}** | **{:.1}** | **{:.1}** |\n",
+                sum(|p| p.switches),
+                sum(|p| p.syscalls),
+                sum(|p| p.cpu_us)
             ));
         }
     }
@@ -260,9 +262,10 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
     // The same with every process on CPU 0: no wake-ups across CPUs, so what remains is the
     // route's own work per round trip (a halted vCPU woken by another CPU costs tens of µs on
     // this kind of VM, paid by every multi-process relay alike).
+    let mut pinned_counts = Vec::new();
     let pinned = {
         let _one = OneCpu::pin(0, &[])?;
-        measure(ctx, &mut sec, " (one CPU)", None).await?
+        measure(ctx, &mut sec, " (one CPU)", Some(&mut pinned_counts)).await?
     };
     let md = format!(
         "{n} round trips of 64 bytes each way per route over one established connection (after a warm-up of {}), client and echo \
@@ -271,13 +274,17 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
          **Scheduler's placement** (as deployed; a round trip wakes each relay process, often on the other, halted, vCPU):\n\n{}\n\
          **All processes pinned to one CPU** (the bench process and every process it starts share CPU 0: wake-ups are context \
          switches, not cross-CPU interrupts, so this isolates each route's own cost per round trip):\n\n{}\n\
-         **Wake-ups and system calls per round trip**, per process ({COUNTED} round trips after the timed ones, scheduler's \
-         placement; `perf stat` counts of `sched:sched_switch` (a thread sleeping until woken, or preempted) and \
-         `raw_syscalls:sys_enter`, all threads). The bench's client and echo backend are one process, in every row:\n\n{}",
+         **Wake-ups, system calls and CPU time per round trip**, per process ({COUNTED} round trips after the timed ones, \
+         scheduler's placement; `perf stat` counts of `sched:sched_switch` (a thread sleeping until woken, or preempted), \
+         `raw_syscalls:sys_enter` and `task-clock` (user and kernel time), all threads). The bench's client and echo backend \
+         are one process, in every row; its gRPC rows include the client's HTTP/2 and gRPC framing:\n\n{}\n\
+         **The same counts with all processes pinned to one CPU**: here a round trip's CPU time, summed over the processes, \
+         is most of its latency, so this is where a route's microseconds go:\n\n{}",
         n / 10 + 50,
         table(&lats),
         table(&pinned),
         count_table(&counts),
+        count_table(&pinned_counts),
     );
     floors(&mut sec, &lats, "");
     floors(&mut sec, &pinned, " (one CPU)");
@@ -315,12 +322,16 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
         lats.iter().map(|l| json!({"route": l.route, "p50_us": l.p50, "p99_us": l.p99, "p999_us": l.p999,
             "added_p50_us": l.p50 - direct.0, "added_p99_us": l.p99 - direct.1, "added_p999_us": l.p999 - direct.2, "baseline": l.baseline})).collect::<Vec<_>>()
     };
+    let per_round = |counts: &[(String, Vec<PerRound>)]| {
+        counts.iter().map(|(route, procs)| json!({"route": route, "processes": procs.iter().map(|p| json!({
+            "process": p.process, "context_switches": p.switches, "syscalls": p.syscalls, "cpu_us": p.cpu_us})).collect::<Vec<_>>()})).collect::<Vec<_>>()
+    };
     sec.json = json!({
         "round_trips": n,
         "rows": rows(&lats),
         "rows_one_cpu": rows(&pinned),
-        "per_round_trip": counts.iter().map(|(route, procs)| json!({"route": route, "processes": procs.iter().map(|p| json!({
-            "process": p.process, "context_switches": p.switches, "syscalls": p.syscalls})).collect::<Vec<_>>()})).collect::<Vec<_>>(),
+        "per_round_trip": per_round(&counts),
+        "per_round_trip_one_cpu": per_round(&pinned_counts),
         "skipped": sec.skipped,
     });
     Ok(sec)
