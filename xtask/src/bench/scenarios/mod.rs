@@ -94,25 +94,31 @@ pub fn rounds(n: usize) -> usize {
     n + n / 10 + 50
 }
 
-/// 64-byte ping-pong over an echo connection: round-trip times in µs (after a warm-up).
-///
-/// The client runs on a thread of its own under a single-threaded runtime: its reads, writes
-/// and (gRPC) HTTP/2 driver share that thread, so a round trip wakes the client once on every
-/// route. On the bench's two-worker runtime a gRPC client's driver and reader could sit on
-/// different threads and wake each other, which the gRPC rows paid and the others did not.
-pub async fn pingpong(ctx: &Ctx, route: &Route, target: SocketAddr, n: usize) -> Result<Vec<f64>> {
+/// Runs a client on a thread of its own under a single-threaded runtime: its reads, writes
+/// and (gRPC) HTTP/2 driver share that thread, as they would in one process's event loop. On
+/// the bench's two-worker runtime a gRPC client's driver and reader could sit on different
+/// threads and wake each other across CPUs, which the gRPC rows paid and the others did not.
+pub fn on_client_thread<T: Send, F: std::future::Future<Output = Result<T>>>(
+    client: impl FnOnce() -> F + Send,
+) -> Result<T> {
     tokio::task::block_in_place(|| {
         std::thread::scope(|s| {
             s.spawn(|| {
                 tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()?
-                    .block_on(pingpong_client(ctx, route, target, n))
+                    .block_on(client())
             })
             .join()
-            .map_err(|_| anyhow::anyhow!("the ping-pong client thread panicked"))?
+            .map_err(|_| anyhow::anyhow!("the client thread panicked"))?
         })
     })
+}
+
+/// 64-byte ping-pong over an echo connection: round-trip times in µs (after a warm-up), from
+/// a client on its own thread ([`on_client_thread`]).
+pub async fn pingpong(ctx: &Ctx, route: &Route, target: SocketAddr, n: usize) -> Result<Vec<f64>> {
+    on_client_thread(|| pingpong_client(ctx, route, target, n))
 }
 
 async fn pingpong_client(
