@@ -95,6 +95,13 @@ impl Ns {
         run("ip", &["netns", "add", &name])?;
         let ns = Ns { name };
         ns.ip(&["link", "set", "lo", "up"])?;
+        // A new namespace copies the root namespace's congestion control, not its creator's.
+        if let Some(cc) = BENCH_CC.get() {
+            let cc = cc.clone();
+            in_ns(&ns.name, move || {
+                std::fs::write(CC, &cc).with_context(|| format!("set {CC} to {cc}"))
+            })?;
+        }
         Ok(ns)
     }
 
@@ -151,7 +158,8 @@ impl Drop for Ns {
 
 /// The namespace the whole bench runs in, entered by the main thread before any other thread
 /// starts (threads and processes inherit it): its own loopback, with one TCP congestion control
-/// for every route. The host's own setting is recorded for the report.
+/// for every route, also in the namespaces scenarios create ([`Ns::new`]). The host's own
+/// setting is recorded for the report.
 pub struct BenchNet {
     _ns: Ns,
     /// What every route in the bench ran with.
@@ -162,6 +170,9 @@ pub struct BenchNet {
 }
 
 const CC: &str = "/proc/sys/net/ipv4/tcp_congestion_control";
+
+/// The congestion control of the bench's namespace, set in every namespace the bench creates.
+static BENCH_CC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 fn sysctl(path: &str) -> String {
     std::fs::read_to_string(path)
@@ -192,6 +203,7 @@ impl BenchNet {
         if got != want {
             bail!("{CC} reads {got:?} after writing {want:?}");
         }
+        let _ = BENCH_CC.set(want.clone());
         Ok(BenchNet {
             _ns: ns,
             congestion_control: want,
