@@ -90,11 +90,14 @@ pub struct EbpfArgs {
     #[arg(long, env = "SPOKE_CGROUP_PATH")]
     pub cgroup_path: Option<PathBuf>,
 
-    /// Endpoint ports whose legs the socket fast path redirects (comma-separated). Only
-    /// endpoints known to read with read()/recvmsg() belong here: bytes sk_msg redirects are
-    /// invisible to a reader that uses splice(2) (Go's io.Copy between TCP connections does).
-    /// The default is the kubelet's port, served by Go's TLS stack.
-    #[arg(long, env = "SPOKE_EBPF_FAST_PATH_PORTS", default_value = "10250")]
+    /// Endpoint ports whose legs the socket fast path redirects (comma-separated; empty, the
+    /// default, loads no fast path). Only endpoints known to read with read()/recvmsg() belong
+    /// here: bytes sk_msg redirects are invisible to a reader that uses splice(2) (Go's io.Copy
+    /// between TCP connections does). The kubelet (10250) reads through Go's TLS stack. Off by
+    /// default because under the kernel's default congestion control (cubic) the redirect cost
+    /// the agent more CPU per byte than loopback TCP (BENCHMARKS.md); it saved CPU where TCP
+    /// paces every socket (bbr without the fq qdisc).
+    #[arg(long, env = "SPOKE_EBPF_FAST_PATH_PORTS", default_value = "")]
     pub ebpf_fast_path_ports: String,
 
     /// Interfaces the XDP guard attaches to (comma-separated; empty disables the guard).
@@ -175,7 +178,7 @@ mod tests {
         let c = parse(&[]).expect("defaults parse");
         assert_eq!(c.mode, EbpfMode::Auto);
         assert_eq!(c.xdp_protected_ports, vec![10250]);
-        assert_eq!(c.fast_path_ports, vec![10250]);
+        assert!(c.fast_path_ports.is_empty());
         assert!(c.xdp_guard_interfaces.is_empty());
         assert!(c.xdp_allow_cidrs.is_empty());
         assert!(c.cgroup_path.is_none());
