@@ -7,6 +7,7 @@ use crate::bench::procs::{Cluster, ClusterCfg};
 use crate::bench::report::{num, Floor, Section};
 use crate::bench::stats::CpuProbe;
 use crate::bench::svg::{self, Bar};
+use crate::bench::wakeups::{Counting, PerRound};
 use crate::bench::Ctx;
 use anyhow::Result;
 use serde_json::json;
@@ -22,6 +23,8 @@ pub struct Row {
     pub mibs: f64,
     /// (process, CPU seconds per GiB)
     pub cpu: Vec<(String, f64)>,
+    /// System calls and context switches per MiB, per process; empty without perf.
+    pub per_mib: Vec<PerRound>,
     pub baseline: bool,
 }
 
@@ -54,18 +57,25 @@ pub async fn measure(
     for dir in ["download", "upload"] {
         // The client on a thread of its own, as in the latency scenario; the backend stays on
         // the bench's runtime.
-        let (secs, cpu) = super::on_client_thread(|| async {
+        let (secs, cpu, per_mib) = super::on_client_thread(|| async {
             let mut conn = io::dial(route, &ctx.tls, target).await?;
             // Warm up the connection (windows, allocations) before measuring.
             let warm = (n / 16).min(16 << 20);
             io::download(&mut conn, warm).await?;
+            // perf's tracepoint counts cost each system call a little; CPU is read alike
+            // for every route.
+            let counting = Counting::start(&ctx.work, &all).ok();
             let probe = CpuProbe::start(&all);
             let secs = if dir == "download" {
                 io::download(&mut conn, n).await?
             } else {
                 io::upload(&mut conn, n).await?
             };
-            anyhow::Ok((secs, probe.stop()))
+            let cpu = probe.stop();
+            let per_mib = counting
+                .and_then(|c| c.stop((n >> 20) as usize).ok())
+                .unwrap_or_default();
+            anyhow::Ok((secs, cpu, per_mib))
         })?;
         let mibs = n as f64 / (1 << 20) as f64 / secs;
         ctx.say(&format!(
@@ -78,6 +88,7 @@ pub async fn measure(
             dir,
             mibs,
             cpu: cpu.into_iter().map(|(p, c)| (p, c / gib)).collect(),
+            per_mib,
             baseline,
         });
     }
@@ -183,6 +194,27 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
             }
         ));
     }
+    md.push_str(
+        "\n**System calls and context switches per MiB**, per process (`perf stat` counts of `raw_syscalls:sys_enter` and \
+         `sched:sched_switch` over the same transfer; every route pays perf's small cost per system call alike):\n\n\
+         | route | direction | system calls per MiB | context switches per MiB |\n|---|---|---|---|\n",
+    );
+    for r in rows.iter().filter(|r| !r.per_mib.is_empty()) {
+        let each = |f: fn(&PerRound) -> f64| {
+            r.per_mib
+                .iter()
+                .map(|p| format!("{} {:.1}", p.process, f(p)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        md.push_str(&format!(
+            "| {} | {} | {} | {} |\n",
+            r.route,
+            r.dir,
+            each(|p| p.syscalls),
+            each(|p| p.switches)
+        ));
+    }
     for r in rows.iter().filter(|r| !r.baseline) {
         // The goal: faster than `ssh -L` on the same machine. A UDS frontend skips one TLS
         // termination that ssh pays too, so it must beat ssh by 20%; an mTLS TCP frontend
@@ -246,6 +278,7 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
             "route": r.route, "direction": r.dir, "mib_per_s": r.mibs, "baseline": r.baseline,
             "cpu_s_per_gib": r.cpu.iter().map(|(p, c)| (p.clone(), json!(c))).collect::<serde_json::Map<_, _>>(),
             "tunnel_cpu_s_per_gib": r.tunnel_cpu(),
+            "per_mib": r.per_mib.iter().map(|p| json!({"process": p.process, "syscalls": p.syscalls, "context_switches": p.switches})).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "skipped": sec.skipped,
     });
