@@ -39,7 +39,7 @@ async fn curl_over_mtls_tcp_frontend_downloads_256_mib_intact() {
     .await
     .expect("256 MiB through the mTLS HTTP CONNECT frontend");
     assert_eq!(
-        backend.stats.snapshot(),
+        backend.stats.settled(1, Duration::from_secs(10)).await,
         (1, 1, 0),
         "backend (accepted, completed, failed)"
     );
@@ -75,7 +75,7 @@ async fn curl_over_uds_frontend_downloads_256_mib_intact() {
         "curl must have gone through the relay to the socket"
     );
     assert_eq!(
-        backend.stats.snapshot(),
+        backend.stats.settled(1, Duration::from_secs(10)).await,
         (1, 1, 0),
         "backend (accepted, completed, failed)"
     );
