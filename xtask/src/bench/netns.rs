@@ -195,15 +195,17 @@ impl BenchNet {
         if !available.split_whitespace().any(|a| a == want) {
             bail!("--congestion-control {want:?} is not available here (available: {available})");
         }
+        // Set first, so that `Ns::new` writes it into this namespace as into every other.
+        if BENCH_CC.set(want.clone()).is_err() {
+            bail!("the bench's network namespace was entered twice");
+        }
         let ns = Ns::new("net")?;
         enter(&format!("/run/netns/{}", ns.name))?;
         // /proc/sys/net shows the namespace of the thread that opens it: this one's now.
-        std::fs::write(CC, &want).with_context(|| format!("set {CC} to {want}"))?;
         let got = sysctl(CC);
         if got != want {
             bail!("{CC} reads {got:?} after writing {want:?}");
         }
-        let _ = BENCH_CC.set(want.clone());
         Ok(BenchNet {
             _ns: ns,
             congestion_control: want,

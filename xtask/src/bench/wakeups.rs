@@ -79,7 +79,7 @@ fn start_perf(pids: &[u32], out: &Path) -> Result<Child> {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .context("perf stat (for wake-ups and system calls)")
+        .context("perf stat (for wake-ups, system calls and CPU time)")
 }
 
 /// The counts `perf stat -x,` wrote for [`EVENTS`] (task-clock in ms), once it has exited.
