@@ -238,39 +238,41 @@ impl Ebpf {
         };
 
         if fast_path_wanted {
-            match ebpf.attach_fast_path(&mut bpf, cfg) {
-                Ok(detail) => {
-                    ebpf.status.fast_path = Component {
-                        state: State::On,
-                        detail,
-                    }
-                }
+            ebpf.status.fast_path = match ebpf.attach_fast_path(&mut bpf, cfg) {
+                Ok(detail) => Component {
+                    state: State::On,
+                    detail,
+                },
                 Err(why) => {
-                    // Leave nothing half attached (sk_msg without sock_ops is useless).
-                    if let Ok(p) = program::<SkMsg>(&mut bpf, "spoke_msg") {
-                        let _ = p.unload();
-                    }
-                    if let Ok(p) = program::<SockOps>(&mut bpf, "spoke_sockops") {
-                        let _ = p.unload();
-                    }
-                    if let Ok(p) = program::<RawTracePoint>(&mut bpf, "spoke_recv") {
-                        let _ = p.unload();
-                    }
-                    // Whatever attached before the failure is unloaded now (XDP comes later).
-                    for p in &mut ebpf.status.programs {
-                        p.attached = false;
-                    }
-                    ebpf._socks = None;
-                    ebpf.agent_socks = None;
-                    ebpf.status.fast_path = Component::off(why);
+                    ebpf.unload_fast_path(&mut bpf);
+                    Component::off(why)
                 }
-            }
+            };
         }
         if xdp_wanted {
             ebpf.status.xdp_guard = ebpf.attach_xdp(&mut bpf, cfg);
         }
         ebpf._bpf = Some(bpf);
         ebpf
+    }
+
+    /// Leaves nothing of a failed fast-path attach half attached (sk_msg without sock_ops is
+    /// useless); XDP comes later, so every program listed so far is the fast path's.
+    fn unload_fast_path(&mut self, bpf: &mut aya::Ebpf) {
+        if let Ok(p) = program::<SkMsg>(bpf, "spoke_msg") {
+            let _ = p.unload();
+        }
+        if let Ok(p) = program::<SockOps>(bpf, "spoke_sockops") {
+            let _ = p.unload();
+        }
+        if let Ok(p) = program::<RawTracePoint>(bpf, "spoke_recv") {
+            let _ = p.unload();
+        }
+        for p in &mut self.status.programs {
+            p.attached = false;
+        }
+        self._socks = None;
+        self.agent_socks = None;
     }
 
     fn attach_fast_path(
