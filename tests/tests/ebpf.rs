@@ -34,6 +34,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use rustix::event::{self, PollFd, PollFlags};
 use spoke_tests::{
     bins::{agent_bin, server_bin},
     certs::{CaSet, Pki},
@@ -482,7 +483,14 @@ enum Behaviour {
     Flood,
     /// Echoes, but reads 64 KiB at a time with a pause: a reader slower than the agent.
     SlowEcho,
+    /// Writes [`WRITTEN_WHILE_READING`] bytes on one thread while another waits for one byte
+    /// in a plain blocking read (no retry on EAGAIN), as a thread-per-connection server does.
+    /// Puts what that read returned into [`READ_OUTCOMES`], then echoes the byte.
+    WriteWhileReading,
 }
+
+const WRITTEN_WHILE_READING: usize = 32 << 20;
+static READ_OUTCOMES: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
 /// Bytes the `Flood` backend managed to write.
 static FLOODED: AtomicUsize = AtomicUsize::new(0);
@@ -523,11 +531,33 @@ impl Backend {
     }
 }
 
+/// How the endpoints the fast path is meant for read: a Go server (the kubelet) or an epoll
+/// loop answers EAGAIN by waiting for readiness and reading again. They need to: on a socket
+/// in a sockmap the kernel's `tcp_bpf_recvmsg` returns EAGAIN even to a *blocking* read that
+/// wakes without data (its own write space freeing up is enough), where plain TCP sleeps on;
+/// see [`a_blocking_reader_of_a_listed_port_can_get_eagain`]. The test endpoints read through
+/// this, as such a server would; a plain blocking read once cost a CI run its echo.
+struct Polled<'a>(&'a mut TcpStream);
+
+impl Read for Polled<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.0.read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let mut fd = [PollFd::new(&*self.0, PollFlags::IN)];
+                    event::poll(&mut fd, None)?;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
 fn serve(conn: &mut TcpStream, behaviour: Behaviour) {
     let mut buf = vec![0u8; 256 * 1024];
     match behaviour {
         Behaviour::Echo => {
-            while let Ok(n) = conn.read(&mut buf) {
+            while let Ok(n) = Polled(conn).read(&mut buf) {
                 if n == 0 || conn.write_all(&buf[..n]).is_err() {
                     break;
                 }
@@ -536,10 +566,10 @@ fn serve(conn: &mut TcpStream, behaviour: Behaviour) {
         }
         Behaviour::Sink => {
             let mut len = [0u8; 8];
-            while conn.read_exact(&mut len).is_ok() {
+            while Polled(conn).read_exact(&mut len).is_ok() {
                 let mut left = u64::from_le_bytes(len) as usize;
                 while left > 0 {
-                    match conn.read(&mut buf[..left.min(256 * 1024)]) {
+                    match Polled(conn).read(&mut buf[..left.min(256 * 1024)]) {
                         Ok(0) | Err(_) => return,
                         Ok(n) => left -= n,
                     }
@@ -550,7 +580,7 @@ fn serve(conn: &mut TcpStream, behaviour: Behaviour) {
             }
         }
         Behaviour::Hold => {
-            let _ = conn.read(&mut buf);
+            let _ = Polled(conn).read(&mut buf);
         }
         Behaviour::Stall => thread::sleep(Duration::from_secs(15)),
         Behaviour::Flood => {
@@ -567,8 +597,31 @@ fn serve(conn: &mut TcpStream, behaviour: Behaviour) {
                 }
             }
         }
+        Behaviour::WriteWhileReading => {
+            let mut w = conn.try_clone().expect("clone");
+            let writer = thread::spawn(move || {
+                let chunk = vec![5u8; 64 * 1024];
+                let mut left = WRITTEN_WHILE_READING;
+                while left > 0 {
+                    let n = left.min(chunk.len());
+                    if w.write_all(&chunk[..n]).is_err() {
+                        return;
+                    }
+                    left -= n;
+                }
+            });
+            let got = conn.read(&mut buf[..1]);
+            let _ = writer.join();
+            READ_OUTCOMES
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(format!("{got:?}"));
+            if matches!(got, Ok(1)) {
+                let _ = conn.write_all(&buf[..1]);
+            }
+        }
         Behaviour::SlowEcho => {
-            while let Ok(n) = conn.read(&mut buf[..64 * 1024]) {
+            while let Ok(n) = Polled(conn).read(&mut buf[..64 * 1024]) {
                 if n == 0 || conn.write_all(&buf[..n]).is_err() {
                     break;
                 }
@@ -943,6 +996,90 @@ fn fast_path_memory_stays_bounded_when_a_reader_stalls() {
         "after the reader caught up, only {} of {} bytes were redirected",
         delta(&mid, &after, REDIR_BYTES),
         burst.len()
+    );
+}
+
+/// One connection to a [`Behaviour::WriteWhileReading`] endpoint: takes everything it
+/// writes (pausing now and then, so its writer blocks and is woken again), sends the byte its
+/// reader waits for, and returns what that blocking read returned.
+fn blocking_read_while_writing(server: &SpokeServer, target: &str) -> String {
+    READ_OUTCOMES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clear();
+    let mut conn = server.tunnel(target);
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0;
+    while got < WRITTEN_WHILE_READING {
+        let want = buf.len().min(WRITTEN_WHILE_READING - got);
+        match conn.read(&mut buf[..want]) {
+            Ok(0) => panic!("{target}: the tunnel closed after {got} bytes"),
+            Ok(k) => got += k,
+            Err(e) => panic!("{target}: reading after {got} bytes: {e}"),
+        }
+        if got % (4 << 20) < buf.len() {
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
+    // The read has failed already if the endpoint closed; the tunnel may be gone then.
+    if conn.write_all(b"x").is_ok() {
+        let _ = conn.read(&mut buf[..1]);
+    }
+    let mut outcome = None;
+    wait_for("the endpoint's read to return", || {
+        outcome = READ_OUTCOMES
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop();
+        outcome.is_some()
+    });
+    outcome.unwrap_or_default()
+}
+
+/// Why only endpoints that read as Go does belong in `--ebpf-fast-path-ports`. Once the
+/// endpoint's socket is in a sockmap (a redirect target), its reads go through the kernel's
+/// `tcp_bpf_recvmsg`, which sleeps once and, if woken with no data (its own writes' space
+/// freeing up wakes it too), returns EAGAIN even to a blocking socket. Plain TCP sleeps on.
+/// A Go server (the kubelet) or an epoll loop waits and reads again; a server that reads
+/// with blocking calls on one thread while another writes fails its connection. Unlisted
+/// ports keep TCP's semantics; this test also says when a kernel stops doing it.
+#[test]
+fn a_blocking_reader_of_a_listed_port_can_get_eagain() {
+    if !require_root(
+        "a_blocking_reader_of_a_listed_port_can_get_eagain",
+        "root and eBPF",
+    ) {
+        return;
+    }
+    let _serial = serial();
+    let n = Node::new("blocking");
+    let _listed = Backend::start(&n.node, "127.0.0.1:7005", Behaviour::WriteWhileReading);
+    let _unlisted = Backend::start(&n.node, "127.0.0.1:7301", Behaviour::WriteWhileReading);
+    let mut server = SpokeServer::start(&n);
+    let agent = server.start_agent(&n, &["--ebpf=on", "--cgroup-path", &n.cg()]);
+    assert_eq!(state(&agent.ebpf_status(), "fast_path"), "on");
+
+    for round in 0..5 {
+        let outcome = blocking_read_while_writing(&server, "127.0.0.1:7301");
+        assert_eq!(
+            outcome, "Ok(1)",
+            "round {round}: a blocking reader on an unlisted port (plain TCP) got {outcome}"
+        );
+    }
+    let before = agent.metrics();
+    let outcomes: Vec<String> = (0..10)
+        .map(|_| blocking_read_while_writing(&server, "127.0.0.1:7005"))
+        .collect();
+    eprintln!("blocking reads on a listed port returned: {outcomes:?}");
+    assert!(
+        delta(&before, &agent.metrics(), PAIRS) >= 10.0,
+        "the listed port's connections were not paired"
+    );
+    assert!(
+        outcomes.iter().any(|o| o.contains("WouldBlock")),
+        "in 10 connections to a listed port, the endpoint's blocking read never got EAGAIN \
+         ({outcomes:?}). If this kernel's tcp_bpf_recvmsg now keeps sleeping, the warning on \
+         --ebpf-fast-path-ports (README, flag help) can be relaxed."
     );
 }
 

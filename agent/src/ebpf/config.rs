@@ -91,9 +91,11 @@ pub struct EbpfArgs {
     pub cgroup_path: Option<PathBuf>,
 
     /// Endpoint ports whose legs the socket fast path redirects (comma-separated; empty, the
-    /// default, loads no fast path). Only endpoints known to read with read()/recvmsg() belong
-    /// here: bytes sk_msg redirects are invisible to a reader that uses splice(2) (Go's io.Copy
-    /// between TCP connections does). The kubelet (10250) reads through Go's TLS stack. Off by
+    /// default, loads no fast path). Only endpoints known to read with read()/recvmsg() and to
+    /// wait for readiness after EAGAIN belong here: bytes sk_msg redirects are invisible to a
+    /// reader that uses splice(2) (Go's io.Copy between TCP connections does), and the kernel
+    /// returns EAGAIN even to a blocking read of a redirect target that wakes without data.
+    /// The kubelet (10250) reads through Go's TLS stack and netpoller. Off by
     /// default because under the kernel's default congestion control (cubic) the redirect cost
     /// the agent more CPU per byte than loopback TCP (BENCHMARKS.md); it saved CPU where TCP
     /// paces every socket (bbr without the fq qdisc).
