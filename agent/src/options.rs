@@ -138,8 +138,12 @@ pub struct Options {
     /// Spoke: how long a dial to a local endpoint may take (upstream: fixed 5s).
     #[arg(long, value_parser = go_duration, default_value = "5s")]
     pub dial_timeout: Duration,
-    /// Spoke: bytes buffered per tunnelled connection before flow control or overflow.
-    #[arg(long, value_parser = byte_size, default_value = "4Mi")]
+    /// Spoke: the most one tunnelled connection may buffer. With a Spoke peer this is the
+    /// ceiling of its flow-control window, which starts at 4Mi (or this, if smaller) and
+    /// doubles while the peer is blocked on credit and the local end keeps up, so a long fat
+    /// link is not capped at 4Mi per round trip; a reader that falls behind never grows it.
+    /// With an upstream peer (no flow control) an inbox past this closes the connection.
+    #[arg(long, value_parser = byte_size, default_value = "16Mi")]
     pub max_connection_buffer_bytes: usize,
     /// Spoke: largest gRPC message accepted or sent.
     #[arg(long, value_parser = byte_size, default_value = "32Mi")]

@@ -91,7 +91,7 @@ pub async fn connect(agent: &Arc<Agent>, host: &str, port: u16) -> Result<Connec
     };
     meta(&mut req, "agentid", &o.agent_id)?;
     meta(&mut req, "agentidentifiers", &o.agent_identifiers)?;
-    let window = o.max_connection_buffer_bytes.to_string();
+    let window = spoke_tunnel::flow::initial_window(o.max_connection_buffer_bytes).to_string();
     meta(&mut req, FLOW_CONTROL_HEADER, &window)?;
     if !o.service_account_token_path.is_empty() {
         // Re-read on every connect so rotated projected tokens are picked up.

@@ -117,7 +117,7 @@ async fn connect(server: Arc<Server>, headers: Headers) -> Accepted {
     let count = server.server_count().to_string();
     grpc::metadata(&mut rsp, "servercount", &count).map_err(internal)?;
     if flow.credits() {
-        let window = flow.buffer_cap.to_string();
+        let window = flow.advertised_window().to_string();
         grpc::metadata(&mut rsp, FLOW_CONTROL_HEADER, &window).map_err(internal)?;
     }
     server.registry.add(stream.clone());

@@ -130,11 +130,24 @@ impl PacketStream {
         agent_id: &str,
         identifiers: &str,
     ) -> anyhow::Result<Self> {
+        Self::agent_with(channel, agent_id, identifiers, &[]).await
+    }
+
+    /// [`PacketStream::agent`] with more request metadata (`spoke-flow-control`, say).
+    pub async fn agent_with(
+        channel: Channel,
+        agent_id: &str,
+        identifiers: &str,
+        metadata: &[(&'static str, &str)],
+    ) -> anyhow::Result<Self> {
         let (tx, outbound) = Self::new_call(Vec::new());
         let mut req = tonic::Request::new(outbound);
         req.metadata_mut().insert("agentid", agent_id.parse()?);
         req.metadata_mut()
             .insert("agentidentifiers", identifiers.parse()?);
+        for (key, value) in metadata {
+            req.metadata_mut().insert(*key, value.parse()?);
+        }
         let mut client =
             AgentServiceClient::new(channel).max_decoding_message_size(CLIENT_MAX_MESSAGE);
         let resp = tokio::time::timeout(Duration::from_secs(10), client.connect(req))

@@ -6,7 +6,7 @@
 //! removes it when its local side ends and tells the peer; the stream's dispatch removes it
 //! on the peer's close and hands the relay the reply to send (if any), which the relay
 //! queues after the DATA it already queued, so a close never overtakes data.
-use crate::flow::{inbox, Inbox, InboxRx, PushError, SendWindow};
+use crate::flow::{inbox, initial_window, Inbox, InboxRx, PushError, SendWindow};
 use bytes::Bytes;
 use prometheus_client::metrics::gauge::Gauge;
 use spoke_proto::Packet;
@@ -43,7 +43,7 @@ pub struct ConnParts {
 /// Flow-control settings of one tunnel stream.
 #[derive(Clone, Copy, Debug)]
 pub struct FlowConfig {
-    /// Our per-connection receive cap (and the credit we advertise).
+    /// Our per-connection receive cap: with a Spoke peer, what the window may grow to.
     pub buffer_cap: usize,
     /// The peer's advertised per-connection window, if it speaks Spoke credits.
     pub peer_window: Option<usize>,
@@ -54,12 +54,23 @@ impl FlowConfig {
     pub fn credits(&self) -> bool {
         self.peer_window.is_some()
     }
+
+    /// The window we advertise to the peer (the `spoke-flow-control` value).
+    pub fn advertised_window(&self) -> usize {
+        initial_window(self.buffer_cap)
+    }
 }
 
 /// A new connection's two halves: the entry for the table, the parts for its relay. Its
 /// buffered bytes count in `totals` (the process's gauge and its agent stream's).
 pub fn new_conn(flow: FlowConfig, totals: [Gauge; 2]) -> (ConnEntry, ConnParts) {
-    let (tx, rx) = inbox(flow.buffer_cap, totals);
+    // A peer without credits cannot be told of a larger window: it gets the cap at once.
+    let start = if flow.credits() {
+        flow.advertised_window()
+    } else {
+        flow.buffer_cap
+    };
+    let (tx, rx) = inbox(start, flow.buffer_cap, totals);
     let window = match flow.peer_window {
         Some(w) => SendWindow::with_credit(w),
         None => SendWindow::unlimited(),
@@ -157,6 +168,12 @@ impl ConnTable {
             }
             None => false,
         }
+    }
+
+    /// The peer is blocked on our credit: the extra credit to grant if the connection's
+    /// window grew (see [`Inbox::grow`]); `None` if it did not, or the id is unknown.
+    pub fn peer_blocked(&self, id: i64) -> Option<usize> {
+        self.lock().get(&id).and_then(|e| e.inbox.grow())
     }
 
     /// The peer closed the connection: remove it and let its relay finish. False if unknown.

@@ -7,6 +7,13 @@
 //!   so we read our local endpoint only while the peer has room (no overflow, no stall);
 //! - with an upstream peer (no credits) the window is unlimited and an inbox that overflows
 //!   closes that one connection, never the stream.
+//!
+//! A Spoke receiver's window starts at [`INITIAL_WINDOW`] and doubles, up to its cap, each time
+//! the sender reports it is blocked on credit while the inbox is nearly empty: the local end
+//! keeps up, so what limits the connection is a window smaller than the link's
+//! bandwidth-delay product (QUIC's STREAM_DATA_BLOCKED, used the same way). A reader that
+//! falls behind fills its inbox and never grows the window, so a stalled one holds no more
+//! than before.
 use bytes::Bytes;
 use prometheus_client::metrics::gauge::Gauge;
 use std::collections::VecDeque;
@@ -23,6 +30,9 @@ pub enum PushError {
     Closed,
 }
 
+/// A receiver's first window (and the credit it advertises), unless its cap is smaller.
+pub const INITIAL_WINDOW: usize = 4 << 20;
+
 /// What producer and consumer of one inbox share. A plain queue under a lock rather than a
 /// channel: an idle connection then holds no queue allocation at all (a tokio channel
 /// allocates a block of slots up front, about 1 KiB per connection).
@@ -32,6 +42,9 @@ struct Shared {
     /// Wakes the consumer; a notification sent while nobody waits is kept as a permit.
     ready: Notify,
     buffered: AtomicUsize,
+    /// The window granted to the peer: what may be in flight or buffered at once. Grows
+    /// toward `Inbox::cap` (see [`Inbox::grow`]); only the stream's dispatch writes it.
+    window: AtomicUsize,
     /// Sums of buffered bytes this inbox adds to: the process's and its agent stream's.
     totals: [Gauge; 2],
 }
@@ -61,6 +74,7 @@ impl Shared {
 #[derive(Debug)]
 pub struct Inbox {
     shared: Arc<Shared>,
+    /// The most the window may grow to.
     cap: usize,
 }
 
@@ -70,13 +84,15 @@ pub struct InboxRx {
     shared: Arc<Shared>,
 }
 
-/// A connection's receive buffer holding at most about `cap` bytes; `totals` sum the
-/// buffered bytes of many connections (the process's gauge, the agent stream's load).
-pub fn inbox(cap: usize, totals: [Gauge; 2]) -> (Inbox, InboxRx) {
+/// A connection's receive buffer holding at most about its window, which starts at `window`
+/// and may grow to `cap`; `totals` sum the buffered bytes of many connections (the process's
+/// gauge, the agent stream's load).
+pub fn inbox(window: usize, cap: usize, totals: [Gauge; 2]) -> (Inbox, InboxRx) {
     let shared = Arc::new(Shared {
         queue: Mutex::new(Queue::default()),
         ready: Notify::new(),
         buffered: AtomicUsize::new(0),
+        window: AtomicUsize::new(window.min(cap)),
         totals,
     });
     (
@@ -88,9 +104,14 @@ pub fn inbox(cap: usize, totals: [Gauge; 2]) -> (Inbox, InboxRx) {
     )
 }
 
+/// The window a receiver with this cap starts with, and advertises.
+pub fn initial_window(cap: usize) -> usize {
+    cap.min(INITIAL_WINDOW)
+}
+
 impl Inbox {
-    /// Queues `data` unless that would pass the cap. Never waits. A chunk larger than the
-    /// whole cap is still accepted into an empty inbox so a peer's large write cannot wedge.
+    /// Queues `data` unless that would pass the window. Never waits. A chunk larger than the
+    /// whole window is still accepted into an empty inbox so a peer's large write cannot wedge.
     pub fn push(&self, data: Bytes) -> Result<(), PushError> {
         let len = data.len();
         let mut q = self.shared.lock();
@@ -102,7 +123,7 @@ impl Inbox {
             return Ok(());
         }
         let before = self.shared.buffered.load(Ordering::Acquire);
-        if before > 0 && before + len > self.cap {
+        if before > 0 && before + len > self.shared.window.load(Ordering::Acquire) {
             return Err(PushError::Overflow);
         }
         self.shared.buffered.fetch_add(len, Ordering::AcqRel);
@@ -117,6 +138,20 @@ impl Inbox {
 
     pub fn buffered(&self) -> usize {
         self.shared.buffered.load(Ordering::Acquire)
+    }
+
+    /// The peer is blocked on credit. If the local end keeps up (at most a quarter of the
+    /// window is buffered) and the window is below the cap, doubles the window and returns
+    /// the extra credit to grant. Called only from the stream's dispatch, so the window has
+    /// one writer; the extra is room the inbox has before the grant leaves.
+    pub fn grow(&self) -> Option<usize> {
+        let window = self.shared.window.load(Ordering::Acquire);
+        if window >= self.cap || self.buffered() > window / 4 {
+            return None;
+        }
+        let grown = window.saturating_mul(2).min(self.cap);
+        self.shared.window.store(grown, Ordering::Release);
+        Some(grown - window)
     }
 }
 
@@ -148,9 +183,14 @@ impl InboxRx {
         self.shared.lock().chunks.pop_front()
     }
 
-    /// Marks `n` bytes as written to the local endpoint, freeing room in the cap.
+    /// Marks `n` bytes as written to the local endpoint, freeing room in the window.
     pub fn consumed(&self, n: usize) {
         self.shared.release(n);
+    }
+
+    /// The window granted to the peer so far.
+    pub fn window(&self) -> usize {
+        self.shared.window.load(Ordering::Acquire)
     }
 }
 
@@ -233,24 +273,17 @@ impl SendWindow {
 }
 
 /// Batches credit returns so a window update goes out per quarter window, not per chunk.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct CreditReturn {
     pending: usize,
-    threshold: usize,
 }
 
 impl CreditReturn {
-    pub fn new(window: usize) -> Self {
-        Self {
-            pending: 0,
-            threshold: (window / 4).max(1),
-        }
-    }
-
-    /// Records `n` drained bytes; returns the amount to grant now, if the batch is full.
-    pub fn drained(&mut self, n: usize) -> Option<usize> {
+    /// Records `n` drained bytes; returns the amount to grant now, if a quarter of the
+    /// current `window` has drained since the last grant.
+    pub fn drained(&mut self, n: usize, window: usize) -> Option<usize> {
         self.pending += n;
-        (self.pending >= self.threshold).then(|| std::mem::take(&mut self.pending))
+        (self.pending >= (window / 4).max(1)).then(|| std::mem::take(&mut self.pending))
     }
 }
 
@@ -260,7 +293,7 @@ mod tests {
 
     #[tokio::test]
     async fn inbox_enforces_cap_and_frees_on_consume() {
-        let (tx, mut rx) = inbox(10, Default::default());
+        let (tx, mut rx) = inbox(10, 10, Default::default());
         tx.push(Bytes::from_static(b"123456")).unwrap();
         assert_eq!(
             tx.push(Bytes::from_static(b"123456")),
@@ -274,7 +307,7 @@ mod tests {
 
     #[tokio::test]
     async fn oversize_chunk_fits_into_empty_inbox_only() {
-        let (tx, _rx) = inbox(4, Default::default());
+        let (tx, _rx) = inbox(4, 4, Default::default());
         tx.push(Bytes::from_static(b"123456")).unwrap();
         assert_eq!(tx.push(Bytes::from_static(b"1")), Err(PushError::Overflow));
     }
@@ -282,7 +315,7 @@ mod tests {
     #[tokio::test]
     async fn dropped_consumer_closes_and_releases() {
         let total = Gauge::default();
-        let (tx, rx) = inbox(100, [total.clone(), Gauge::default()]);
+        let (tx, rx) = inbox(100, 100, [total.clone(), Gauge::default()]);
         tx.push(Bytes::from_static(b"abc")).unwrap();
         assert_eq!(total.get(), 3);
         drop(rx);
@@ -307,7 +340,7 @@ mod tests {
 
     #[tokio::test]
     async fn empty_chunks_are_not_queued_and_grants_saturate() {
-        let (tx, mut rx) = inbox(10, Default::default());
+        let (tx, mut rx) = inbox(10, 10, Default::default());
         for _ in 0..1000 {
             tx.push(Bytes::new()).unwrap();
         }
@@ -321,9 +354,34 @@ mod tests {
 
     #[test]
     fn credit_batches_by_quarter_window() {
-        let mut c = CreditReturn::new(100);
-        assert_eq!(c.drained(10), None);
-        assert_eq!(c.drained(15), Some(25));
-        assert_eq!(c.drained(1), None);
+        let mut c = CreditReturn::default();
+        assert_eq!(c.drained(10, 100), None);
+        assert_eq!(c.drained(15, 100), Some(25));
+        assert_eq!(c.drained(1, 100), None);
+        // After the window grew, a batch is a quarter of the new one.
+        assert_eq!(c.drained(30, 200), None);
+        assert_eq!(c.drained(19, 200), Some(50));
+    }
+
+    #[test]
+    fn window_grows_only_while_the_local_end_keeps_up() {
+        let (tx, mut rx) = inbox(100, 350, Default::default());
+        assert_eq!(rx.window(), 100);
+        // Empty inbox: the window doubles, the extra is what to grant.
+        assert_eq!(tx.grow(), Some(100));
+        assert_eq!(rx.window(), 200);
+        // The larger window holds more before an overflow.
+        tx.push(Bytes::from(vec![0u8; 120])).unwrap();
+        tx.push(Bytes::from(vec![0u8; 70])).unwrap();
+        // More than a quarter buffered: the reader is behind, the window stays.
+        assert_eq!(tx.grow(), None);
+        assert_eq!(rx.window(), 200);
+        while let Some(b) = rx.try_recv() {
+            rx.consumed(b.len());
+        }
+        // Drained again: it grows, but never past the cap, and then no more.
+        assert_eq!(tx.grow(), Some(150));
+        assert_eq!(rx.window(), 350);
+        assert_eq!(tx.grow(), None);
     }
 }

@@ -87,7 +87,23 @@ pub fn drain() -> Packet {
 pub fn credit(connect_id: i64, bytes: i64) -> Packet {
     packet(
         PacketType::SpokeCredit,
-        Payload::Credit(Credit { connect_id, bytes }),
+        Payload::Credit(Credit {
+            connect_id,
+            bytes,
+            blocked: false,
+        }),
+    )
+}
+
+/// Tells the peer we have data for `connect_id` and no credit left (see `flow::Inbox::grow`).
+pub fn blocked(connect_id: i64) -> Packet {
+    packet(
+        PacketType::SpokeCredit,
+        Payload::Credit(Credit {
+            connect_id,
+            bytes: 0,
+            blocked: true,
+        }),
     )
 }
 

@@ -131,7 +131,7 @@ impl Relay {
             closer,
             generation,
         } = parts;
-        let credit = flow.credits().then(|| CreditReturn::new(flow.buffer_cap));
+        let credit = flow.credits().then(CreditReturn::default);
         let read_side = read_loop(
             (id, generation),
             reader,
@@ -180,6 +180,10 @@ async fn read_loop<R: LocalRead>(
             r = async {
                 if window.exhausted() {
                     metrics.flow_control_stalls.inc();
+                    // Lets the peer grow the window if its local end keeps up.
+                    if window.is_limited() {
+                        let _ = outbound.control(packet::blocked(id));
+                    }
                 }
                 let max = window.ready(CHUNK).await;
                 reader.read_chunk(max).await
@@ -257,7 +261,8 @@ async fn write_loop<W: LocalWrite>(
         }
         metrics.write_done(started);
         metrics.relayed(TO_ENDPOINT, n);
-        if let Some(grant) = credit.as_mut().and_then(|c| c.drained(n)) {
+        let window = inbox.window();
+        if let Some(grant) = credit.as_mut().and_then(|c| c.drained(n, window)) {
             let _ = outbound.control(packet::credit(id, grant as i64));
         }
     }

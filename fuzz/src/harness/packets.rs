@@ -174,7 +174,8 @@ impl Conn {
         for _ in 0..n {
             if let Some(len) = r.writing.take() {
                 // The write finished: the write loop returns credit as it goes.
-                if let Some(grant) = r.credit_back.as_mut().and_then(|c| c.drained(len)) {
+                let window = r.relay.parts.inbox.window();
+                if let Some(grant) = r.credit_back.as_mut().and_then(|c| c.drained(len, window)) {
                     assert!(grant > 0);
                     let _ = r
                         .relay
@@ -275,8 +276,10 @@ impl<E: End> Harness<E> {
             (Some(PacketType::Data), Some(Payload::Data(d))) => {
                 Some((d.connect_id, Some(d.data.len()), 0))
             }
+            // A blocked report grants nothing (its window cannot grow: these caps are below
+            // the initial window, so the window is the cap from the start).
             (Some(PacketType::SpokeCredit), Some(Payload::Credit(c))) => {
-                Some((c.connect_id, None, c.bytes))
+                Some((c.connect_id, None, if c.blocked { 0 } else { c.bytes }))
             }
             _ => None,
         };
@@ -351,7 +354,7 @@ impl<E: End> Harness<E> {
         c.relay = Some(RelayModel {
             relay,
             writing: None,
-            credit_back: flow.credits().then(|| CreditReturn::new(flow.buffer_cap)),
+            credit_back: flow.credits().then(CreditReturn::default),
         });
     }
 

@@ -294,6 +294,11 @@ impl<E: End> Session<E> {
                     E::dial_cancelled(self, pending, Cancelled::ByPeer);
                 }
             }
+            (Ok(PacketType::SpokeCredit), Some(Payload::Credit(c))) if c.blocked => {
+                if let Some(extra) = self.conns.peer_blocked(c.connect_id) {
+                    let _ = out.control(packet::credit(c.connect_id, extra as i64));
+                }
+            }
             (Ok(PacketType::SpokeCredit), Some(Payload::Credit(c))) => {
                 self.conns.grant(c.connect_id, c.bytes);
             }
