@@ -6,7 +6,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use spoke_tunnel::metrics::{count, ReasonLabels, RelayMetrics, StreamMetrics, TlsMetrics};
+use spoke_tunnel::metrics::{
+    count, ReasonLabels, RelayMetrics, SegmentPackets, StreamMetrics, TlsMetrics,
+};
 use spoke_tunnel::session::SessionMetrics;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -42,6 +44,9 @@ impl Drop for Established<'_> {
 #[derive(Clone, Debug)]
 pub struct ServerMetrics {
     pub stream: StreamMetrics,
+    /// `stream`'s counters for the gRPC frontend's packets, each way.
+    pub to_client: SegmentPackets,
+    pub from_client: SegmentPackets,
     pub relay: RelayMetrics,
     pub tls: TlsMetrics,
     pub dial_duration: Histogram,
@@ -77,8 +82,11 @@ impl Default for ServerMetrics {
 impl ServerMetrics {
     pub fn new() -> Self {
         let frontend_write_duration = Histogram::new(DIAL_BUCKETS);
+        let stream = StreamMetrics::default();
         Self {
-            stream: StreamMetrics::default(),
+            to_client: stream.segment("to_client"),
+            from_client: stream.segment("from_client"),
+            stream,
             relay: RelayMetrics::timing_endpoint_writes(frontend_write_duration.clone()),
             tls: TlsMetrics::default(),
             dial_duration: Histogram::new(DIAL_BUCKETS),

@@ -6,6 +6,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use spoke_proto::PacketType;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -26,6 +28,8 @@ struct ErrorLabels {
 pub struct StreamMetrics {
     packets: Family<PacketLabels, Counter>,
     errors: Family<ErrorLabels, Counter>,
+    /// [`StreamMetrics::segment`]'s handles, one per segment, shared by every stream.
+    segments: Arc<Mutex<Vec<SegmentPackets>>>,
 }
 
 impl StreamMetrics {
@@ -42,13 +46,19 @@ impl StreamMetrics {
         );
     }
 
-    pub fn packet(&self, segment: &'static str, kind: i32) {
-        self.packets
-            .get_or_create(&PacketLabels {
-                segment,
-                packet_type: crate::packet::type_name(kind),
-            })
-            .inc();
+    /// The packet counters of one segment, for a path that counts every packet.
+    pub fn segment(&self, segment: &'static str) -> SegmentPackets {
+        let mut all = self.segments.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = all.iter().find(|s| s.0.segment == segment) {
+            return s.clone();
+        }
+        let s = SegmentPackets(Arc::new(SegmentInner {
+            family: self.packets.clone(),
+            segment,
+            by_kind: Default::default(),
+        }));
+        all.push(s.clone());
+        s
     }
 
     pub fn error(&self, segment: &'static str, code: tonic::Code, kind: Option<i32>) {
@@ -57,6 +67,43 @@ impl StreamMetrics {
                 segment,
                 code: grpc_code_name(code),
                 packet_type: kind.map_or("Unknown", crate::packet::type_name),
+            })
+            .inc();
+    }
+}
+
+/// One segment's `stream_packets` counters. Each packet type's series is looked up in the
+/// family once, on its first packet (so only types seen are exported, as before), and then
+/// counted directly: a family lookup hashes the labels under a lock, on every packet of
+/// every round trip. Clones share the counters.
+#[derive(Clone, Debug)]
+pub struct SegmentPackets(Arc<SegmentInner>);
+
+#[derive(Debug)]
+struct SegmentInner {
+    family: Family<PacketLabels, Counter>,
+    segment: &'static str,
+    /// Upstream's types 0..=6, then SPOKE_CREDIT, then every unknown type ("Unknown").
+    by_kind: [OnceLock<Counter>; 9],
+}
+
+impl SegmentPackets {
+    pub fn inc(&self, kind: i32) {
+        let slot = match kind {
+            0..=6 => kind as usize,
+            k if k == PacketType::SpokeCredit as i32 => 7,
+            _ => 8,
+        };
+        let inner = &self.0;
+        inner.by_kind[slot]
+            .get_or_init(|| {
+                inner
+                    .family
+                    .get_or_create(&PacketLabels {
+                        segment: inner.segment,
+                        packet_type: crate::packet::type_name(kind),
+                    })
+                    .clone()
             })
             .inc();
     }
@@ -102,9 +149,12 @@ pub fn count(family: &Family<ReasonLabels, Counter>, reason: &'static str) {
 }
 
 /// Spoke's own data-path metrics (prefix `spoke_`).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct RelayMetrics {
     bytes: Family<DirectionLabels, Counter>,
+    /// `bytes`' two series, kept: every relayed chunk counts into one.
+    to_endpoint: Counter,
+    to_tunnel: Counter,
     closed: Family<ReasonLabels, Counter>,
     /// Bytes received from the peer and not yet written to the local endpoint.
     pub buffered_bytes: Gauge,
@@ -118,6 +168,22 @@ pub struct RelayMetrics {
 /// Direction labels: toward the local endpoint, or toward the tunnel peer.
 pub const TO_ENDPOINT: &str = "to_endpoint";
 pub const TO_TUNNEL: &str = "to_tunnel";
+
+impl Default for RelayMetrics {
+    fn default() -> Self {
+        let bytes = Family::<DirectionLabels, Counter>::default();
+        let series = |direction| bytes.get_or_create(&DirectionLabels { direction }).clone();
+        Self {
+            to_endpoint: series(TO_ENDPOINT),
+            to_tunnel: series(TO_TUNNEL),
+            bytes,
+            closed: Family::default(),
+            buffered_bytes: Gauge::default(),
+            flow_control_stalls: Counter::default(),
+            endpoint_write_duration: None,
+        }
+    }
+}
 
 impl RelayMetrics {
     pub fn register(&self, reg: &mut Registry) {
@@ -143,10 +209,12 @@ impl RelayMetrics {
         );
     }
 
-    pub fn relayed(&self, direction: &'static str, n: usize) {
-        self.bytes
-            .get_or_create(&DirectionLabels { direction })
-            .inc_by(n as u64);
+    pub fn relayed_to_endpoint(&self, n: usize) {
+        self.to_endpoint.inc_by(n as u64);
+    }
+
+    pub fn relayed_to_tunnel(&self, n: usize) {
+        self.to_tunnel.inc_by(n as u64);
     }
 
     pub fn closed(&self, reason: &'static str) {

@@ -8,7 +8,7 @@
 //! An idle stream's queues hold no memory: they allocate on their first packet and give a
 //! grown buffer back once drained (a server keeps one such pair per agent, thousands of them
 //! mostly idle).
-use crate::metrics::StreamMetrics;
+use crate::metrics::{SegmentPackets, StreamMetrics};
 use futures::Stream;
 use spoke_proto::Packet;
 use std::collections::VecDeque;
@@ -95,7 +95,7 @@ impl Drop for Outbound {
 pub struct OutboundRx {
     shared: Arc<Shared>,
     closed: Pin<Box<WaitForCancellationFutureOwned>>,
-    metrics: Option<(StreamMetrics, &'static str)>,
+    metrics: Option<SegmentPackets>,
 }
 
 impl Drop for OutboundRx {
@@ -128,7 +128,7 @@ pub fn outbound(metrics: Option<(StreamMetrics, &'static str)>) -> (Outbound, Ou
         OutboundRx {
             shared,
             closed: Box::pin(closed.cancelled_owned()),
-            metrics,
+            metrics: metrics.map(|(m, segment)| m.segment(segment)),
         },
     )
 }
@@ -222,8 +222,8 @@ impl Stream for OutboundRx {
         if freed {
             self.shared.space.notify_one();
         }
-        if let Some((m, segment)) = &self.metrics {
-            m.packet(segment, p.r#type);
+        if let Some(m) = &self.metrics {
+            m.inc(p.r#type);
         }
         Poll::Ready(Some(p))
     }

@@ -7,7 +7,7 @@
 //! the rule of [`crate::conns`]: whoever removes the connection from the table owns the close.
 use crate::conns::{ConnParts, ConnTable, FlowConfig, PeerClose};
 use crate::flow::{CreditReturn, InboxRx, SendWindow};
-use crate::metrics::{RelayMetrics, TO_ENDPOINT, TO_TUNNEL};
+use crate::metrics::RelayMetrics;
 use crate::outbound::Outbound;
 use crate::packet;
 use bytes::{Bytes, BytesMut};
@@ -192,7 +192,7 @@ async fn read_loop<R: LocalRead>(
         match read {
             Ok(Read::Bytes(bytes)) => {
                 window.spend(bytes.len());
-                metrics.relayed(TO_TUNNEL, bytes.len());
+                metrics.relayed_to_tunnel(bytes.len());
                 if outbound.data(packet::data(id, bytes)).await.is_err() {
                     return;
                 }
@@ -260,7 +260,7 @@ async fn write_loop<W: LocalWrite>(
             return;
         }
         metrics.write_done(started);
-        metrics.relayed(TO_ENDPOINT, n);
+        metrics.relayed_to_endpoint(n);
         let window = inbox.window();
         if let Some(grant) = credit.as_mut().and_then(|c| c.drained(n, window)) {
             let _ = outbound.control(packet::credit(id, grant as i64));

@@ -164,13 +164,13 @@ impl ClientPackets {
 type ToClient = mpsc::Sender<Packet>;
 
 async fn send(server: &Server, tx: &ToClient, p: Packet) -> bool {
-    server.metrics.stream.packet("to_client", p.r#type);
+    server.metrics.to_client.inc(p.r#type);
     tx.send(p).await.is_ok()
 }
 
 async fn next(server: &Server, inbound: &mut ClientPackets) -> Option<Packet> {
     let p = inbound.next().await?;
-    server.metrics.stream.packet("from_client", p.r#type);
+    server.metrics.from_client.inc(p.r#type);
     Some(p)
 }
 

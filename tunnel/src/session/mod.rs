@@ -16,7 +16,7 @@ pub use server_end::{DialOutcome, PendingDial, ServerEnd};
 pub use stream_end::{OnEnd, SessionEnd};
 
 use crate::conns::{new_conn, ConnParts, ConnTable, Delivery, FlowConfig};
-use crate::metrics::{count, ReasonLabels, RelayMetrics, StreamMetrics};
+use crate::metrics::{count, ReasonLabels, RelayMetrics, SegmentPackets, StreamMetrics};
 use crate::outbound::Outbound;
 use crate::packet;
 use crate::relay::Relay;
@@ -120,6 +120,8 @@ pub struct Session<E: End> {
     pending: Mutex<HashMap<i64, E::Pending>>,
     pub flow: FlowConfig,
     pub metrics: SessionMetrics,
+    /// `metrics.stream`'s counters of the packets received (segment `metrics.received`).
+    received: SegmentPackets,
     /// Bytes buffered in this stream's connections (part of the process's gauge).
     buffered: Gauge,
 }
@@ -132,6 +134,7 @@ impl<E: End> Session<E> {
             conns: Arc::new(ConnTable::default()),
             pending: Mutex::new(HashMap::new()),
             flow,
+            received: metrics.stream.segment(metrics.received),
             metrics,
             buffered: Gauge::default(),
         })
@@ -242,7 +245,7 @@ impl<E: End> Session<E> {
 
     /// A packet from the peer, counted and dispatched.
     pub fn receive(self: &Arc<Self>, p: Packet) {
-        self.metrics.stream.packet(self.metrics.received, p.r#type);
+        self.received.inc(p.r#type);
         self.dispatch(p);
     }
 
