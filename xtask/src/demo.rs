@@ -773,7 +773,8 @@ async fn serve_kubelet(id: &CertKey) -> Result<SocketAddr> {
         while let Ok((tcp, _)) = listener.accept().await {
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
-                let Ok(mut s) = acceptor.accept(tcp).await else {
+                // Read as the kubelet (Go) does: see `GoLikeStream`.
+                let Ok(mut s) = acceptor.accept(crate::bench::io::GoLikeStream(tcp)).await else {
                     return;
                 };
                 let mut head = Vec::new();

@@ -59,8 +59,59 @@ pub fn backend(listener: TcpListener) -> Result<Backend> {
     Ok(Backend { addr, task })
 }
 
-async fn serve(mut s: TcpStream) -> Result<()> {
+/// A TCP stream read the way Go's netpoller reads: it waits for readiness only after a read
+/// returns EAGAIN. tokio's own `AsyncRead` also takes a short read as "drained" and waits for
+/// the next epoll edge. On a socket the eBPF fast path redirects into, a read can be short
+/// while more is queued: after a backlog fallback the kernel's `tcp_bpf_recvmsg` returns the
+/// redirected bytes without the TCP bytes queued behind them, and no edge may follow, so such
+/// a reader waits forever (a bench run hung so, 684,352 bytes readable and unread). The
+/// bench's and the demo's endpoints stand in for the kubelet, a Go server, so they read as it
+/// does; see the README on `--ebpf-fast-path-ports`.
+pub struct GoLikeStream(pub TcpStream);
+
+impl AsyncRead for GoLikeStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut TaskCx<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let s = &self.get_mut().0;
+        loop {
+            ready!(s.poll_read_ready(cx))?;
+            // try_read clears readiness on EAGAIN only, never on a short read.
+            match s.try_read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for GoLikeStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut TaskCx<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskCx<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskCx<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+}
+
+async fn serve(s: TcpStream) -> Result<()> {
     s.set_nodelay(true)?;
+    let mut s = GoLikeStream(s);
     loop {
         let mut head = [0u8; 9];
         match s.read_exact(&mut head).await {

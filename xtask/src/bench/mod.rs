@@ -8,7 +8,7 @@
 mod affinity;
 mod baselines;
 mod env;
-mod io;
+pub mod io;
 mod netns;
 mod pki;
 pub(crate) mod procs;
