@@ -11,7 +11,9 @@
 //! A Spoke receiver's window starts at [`INITIAL_WINDOW`] and doubles, up to its cap, each time
 //! the sender reports it is blocked on credit while the inbox is nearly empty: the local end
 //! keeps up, so what limits the connection is a window smaller than the link's
-//! bandwidth-delay product (QUIC's STREAM_DATA_BLOCKED, used the same way). A reader that
+//! bandwidth-delay product (QUIC's STREAM_DATA_BLOCKED, used the same way). A sender reports
+//! only a stall that outlasts a scheduling delay (5 ms, in `relay`), so windows
+//! grow over long round trips and not on a fast link, where they already suffice. A reader that
 //! falls behind fills its inbox and never grows the window, so a stalled one holds no more
 //! than before.
 use bytes::Bytes;

@@ -178,14 +178,12 @@ async fn read_loop<R: LocalRead>(
             _ = local_fail.cancelled() => break,
             _ = outbound.closed.cancelled() => return,
             r = async {
-                if window.exhausted() {
+                let max = if window.exhausted() {
                     metrics.flow_control_stalls.inc();
-                    // Lets the peer grow the window if its local end keeps up.
-                    if window.is_limited() {
-                        let _ = outbound.control(packet::blocked(id));
-                    }
-                }
-                let max = window.ready(CHUNK).await;
+                    wait_for_credit(id, window, outbound).await
+                } else {
+                    window.ready(CHUNK).await
+                };
                 reader.read_chunk(max).await
             } => r,
         };
@@ -236,6 +234,25 @@ async fn read_loop<R: LocalRead>(
         let _ = outbound.data(local_close).await;
     } else if let Ok(PeerClose { reply: Some(p) }) = closer.await {
         let _ = outbound.data(p).await;
+    }
+}
+
+/// How long a credit stall lasts before the peer hears we are blocked (and may grow the
+/// window: `flow::Inbox::grow`). Over a link with a long round trip credit takes that long
+/// to come back; on a short one it returns within a scheduling delay, the window already
+/// covers the bandwidth-delay product, and growing it would only keep more bytes in flight
+/// and out of cache (gRPC over mTLS on loopback: 12 % slower with windows grown to 16 MiB).
+const REPORT_BLOCKED_AFTER: Duration = Duration::from_millis(5);
+
+/// Waits for the peer's credit; reports the stall to the peer if it outlasts
+/// [`REPORT_BLOCKED_AFTER`].
+async fn wait_for_credit(id: i64, window: &SendWindow, outbound: &Outbound) -> usize {
+    match tokio::time::timeout(REPORT_BLOCKED_AFTER, window.ready(CHUNK)).await {
+        Ok(max) => max,
+        Err(_) => {
+            let _ = outbound.control(packet::blocked(id));
+            window.ready(CHUNK).await
+        }
     }
 }
 
