@@ -16,6 +16,7 @@ use spoke_proto::{Credit, DialResponse, Packet, PacketType};
 use spoke_tests::cluster::{Env, Mode, ServerOpts, Transport};
 use spoke_tests::connect;
 use spoke_tests::grpc::{self, PacketStream};
+use spoke_tests::BoxIo;
 use tokio::io::AsyncReadExt;
 
 const MIB: i64 = 1 << 20;
@@ -63,6 +64,27 @@ impl Sender {
             left -= k;
         }
         self.credit -= n;
+    }
+
+    /// Sends `n` bytes while the client reads them all; returns the client.
+    async fn send_read(&mut self, mut client: BoxIo, n: i64) -> BoxIo {
+        let reader = tokio::spawn(async move {
+            let mut buf = vec![0u8; n as usize];
+            client.read_exact(&mut buf).await.map(|_| client)
+        });
+        self.send(n).await;
+        reader
+            .await
+            .expect("reader task")
+            .expect("the client reads what was sent")
+    }
+
+    /// Reports this connection blocked on credit, as spoke-agent does.
+    async fn report_blocked(&self) {
+        self.agent
+            .send(blocked(CONNECT_ID))
+            .await
+            .expect("send blocked");
     }
 
     /// Takes credit packets until `expect` bytes came (for at most 10 s), then for another
@@ -174,11 +196,7 @@ async fn the_window_grows_only_while_the_reader_keeps_up() {
         drained < INITIAL / 2,
         "{drained} bytes credited although the client read nothing"
     );
-    sender
-        .agent
-        .send(blocked(CONNECT_ID))
-        .await
-        .expect("blocked");
+    sender.report_blocked().await;
     let got = sender.credits(0).await;
     assert_eq!(
         got, 0,
@@ -202,22 +220,10 @@ async fn the_window_grows_only_while_the_reader_keeps_up() {
 
     // 3. The sender spends it all with the client keeping up, and is blocked again: now the
     //    window doubles, capped at 6 MiB, and the growth is granted at once.
-    let reader = tokio::spawn(async move {
-        let mut buf = vec![0u8; INITIAL as usize];
-        client.read_exact(&mut buf).await.map(|_| client)
-    });
-    sender.send(INITIAL).await;
-    let mut client = reader
-        .await
-        .expect("reader task")
-        .expect("the client reads the second window");
+    let client = sender.send_read(client, INITIAL).await;
     let got = sender.credits(INITIAL).await;
     assert_eq!(got, INITIAL, "credit returned for the second window");
-    sender
-        .agent
-        .send(blocked(CONNECT_ID))
-        .await
-        .expect("blocked");
+    sender.report_blocked().await;
     let got = sender.credits(CAP - INITIAL).await;
     assert_eq!(
         got,
@@ -228,22 +234,10 @@ async fn the_window_grows_only_while_the_reader_keeps_up() {
     // 4. The larger window is usable: the sender spends all 6 MiB, the client reads it, the
     //    credit comes back in quarters of the new window. At the cap, blocked grows nothing.
     assert_eq!(sender.credit, CAP);
-    let reader = tokio::spawn(async move {
-        let mut buf = vec![0u8; CAP as usize];
-        client.read_exact(&mut buf).await.map(|_| client)
-    });
-    sender.send(CAP).await;
-    let _client = reader
-        .await
-        .expect("reader task")
-        .expect("the client reads the grown window");
+    let _client = sender.send_read(client, CAP).await;
     let got = sender.credits(CAP).await;
     assert_eq!(got, CAP, "credit returned for the grown window");
-    sender
-        .agent
-        .send(blocked(CONNECT_ID))
-        .await
-        .expect("blocked");
+    sender.report_blocked().await;
     let got = sender.credits(0).await;
     assert_eq!(got, 0, "the window grew past its cap");
     assert_eq!(sender.granted, INITIAL + INITIAL + (CAP - INITIAL) + CAP);
