@@ -12,10 +12,10 @@
 //! the sender reports it is blocked on credit while the inbox is nearly empty: the local end
 //! keeps up, so what limits the connection is a window smaller than the link's
 //! bandwidth-delay product (QUIC's STREAM_DATA_BLOCKED, used the same way). A sender reports
-//! only a stall that outlasts a scheduling delay (5 ms, in `relay`), so windows
-//! grow over long round trips and not on a fast link, where they already suffice. A reader that
-//! falls behind fills its inbox and never grows the window, so a stalled one holds no more
-//! than before.
+//! only a stall that outlasts a scheduling delay (5 ms, in `relay`), so windows grow over long
+//! round trips and not on a fast link, where they already suffice. A reader that falls behind
+//! fills its inbox and never grows the window: one stalled from the start holds the initial
+//! window, one that stalls after growing it at most the cap.
 use bytes::Bytes;
 use prometheus_client::metrics::gauge::Gauge;
 use std::collections::VecDeque;
