@@ -162,6 +162,7 @@ impl Drop for Ns {
 /// setting is recorded for the report.
 pub struct BenchNet {
     _ns: Ns,
+    _allowed: Option<AllowedForRun>,
     /// What every route in the bench ran with.
     pub congestion_control: String,
     /// The root namespace's setting and default qdisc, for the report.
@@ -180,6 +181,47 @@ fn sysctl(path: &str) -> String {
         .unwrap_or_default()
 }
 
+const ALLOWED: &str = "/proc/sys/net/ipv4/tcp_allowed_congestion_control";
+
+/// Outside the root namespace only the congestion controls in the root's allowed list can be
+/// chosen (some hosts allow just `reno bbr`, and then writing `cubic` in a namespace fails
+/// with EPERM). One not listed is added for the run and the list restored afterwards, through
+/// a descriptor opened in the root namespace (the bench's own shows the file read-only).
+struct AllowedForRun {
+    file: std::fs::File,
+    before: String,
+}
+
+impl AllowedForRun {
+    fn ensure(cc: &str) -> Result<Option<AllowedForRun>> {
+        use std::os::unix::fs::FileExt;
+        let before = sysctl(ALLOWED);
+        if before.split_whitespace().any(|a| a == cc) {
+            return Ok(None);
+        }
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(ALLOWED)
+            .with_context(|| format!("open {ALLOWED} to add {cc}"))?;
+        file.write_at(format!("{before} {cc}").as_bytes(), 0)
+            .with_context(|| format!("add {cc} to {ALLOWED} (it reads {before:?})"))?;
+        eprintln!("[bench] {cc} added to {ALLOWED} for this run (was {before:?})");
+        Ok(Some(AllowedForRun { file, before }))
+    }
+}
+
+impl Drop for AllowedForRun {
+    fn drop(&mut self) {
+        use std::os::unix::fs::FileExt;
+        if let Err(e) = self.file.write_at(self.before.as_bytes(), 0) {
+            eprintln!(
+                "WARNING: could not restore {ALLOWED} to {:?}: {e}",
+                self.before
+            );
+        }
+    }
+}
+
 impl BenchNet {
     /// Creates the namespace, moves the calling thread into it and sets `cc` there (`host`:
     /// the root namespace's).
@@ -195,6 +237,7 @@ impl BenchNet {
         if !available.split_whitespace().any(|a| a == want) {
             bail!("--congestion-control {want:?} is not available here (available: {available})");
         }
+        let allowed = AllowedForRun::ensure(&want)?;
         // Set first, so that `Ns::new` writes it into this namespace as into every other.
         if BENCH_CC.set(want.clone()).is_err() {
             bail!("the bench's network namespace was entered twice");
@@ -208,6 +251,7 @@ impl BenchNet {
         }
         Ok(BenchNet {
             _ns: ns,
+            _allowed: allowed,
             congestion_control: want,
             host_congestion_control,
             host_qdisc,

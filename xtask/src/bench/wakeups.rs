@@ -6,8 +6,9 @@
 //! the counts of threads that end (stunnel runs a thread per connection): context switches
 //! (`sched:sched_switch`, a thread going to sleep to be woken again, or preempted) and system
 //! calls (`raw_syscalls:sys_enter`; std's sockets use recv/send, which /proc/PID/io's
-//! syscr/syscw do not count), and CPU time (`task-clock`, user and kernel). Without perf the
-//! table says so.
+//! syscr/syscw do not count), CPU time (`task-clock`, user and kernel) and page faults
+//! (`page-faults`: pages the kernel maps in on first touch, most of them zeroed first).
+//! Without perf the table says so.
 use anyhow::{Context, Result};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -25,6 +26,8 @@ pub struct PerRound {
     pub syscalls: f64,
     /// CPU time, user and kernel, in µs.
     pub cpu_us: f64,
+    /// Page faults (mostly fresh heap pages the kernel zeroes first).
+    pub faults: f64,
 }
 
 struct Probe {
@@ -65,7 +68,12 @@ fn pids_of(pid: u32, tree: bool) -> Vec<u32> {
     all
 }
 
-const EVENTS: [&str; 3] = ["sched:sched_switch", "raw_syscalls:sys_enter", "task-clock"];
+const EVENTS: [&str; 4] = [
+    "sched:sched_switch",
+    "raw_syscalls:sys_enter",
+    "task-clock",
+    "page-faults",
+];
 
 fn start_perf(pids: &[u32], out: &Path) -> Result<Child> {
     let list: Vec<String> = pids.iter().map(u32::to_string).collect();
@@ -83,7 +91,7 @@ fn start_perf(pids: &[u32], out: &Path) -> Result<Child> {
 }
 
 /// The counts `perf stat -x,` wrote for [`EVENTS`] (task-clock in ms), once it has exited.
-fn perf_counts(mut child: Child, out: &Path) -> Result<[f64; 3]> {
+fn perf_counts(mut child: Child, out: &Path) -> Result<[f64; 4]> {
     // SAFETY: kill has no memory effects; the pid is our own child's.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     child.wait()?;
@@ -95,7 +103,12 @@ fn perf_counts(mut child: Child, out: &Path) -> Result<[f64; 3]> {
             .and_then(|v| v.trim().parse().ok())
             .with_context(|| format!("no {event} count from perf stat: {text:?}"))
     };
-    Ok([count(EVENTS[0])?, count(EVENTS[1])?, count(EVENTS[2])?])
+    Ok([
+        count(EVENTS[0])?,
+        count(EVENTS[1])?,
+        count(EVENTS[2])?,
+        count(EVENTS[3])?,
+    ])
 }
 
 impl Counting {
@@ -121,12 +134,13 @@ impl Counting {
         self.0
             .into_iter()
             .map(|p| {
-                let [switches, syscalls, cpu_ms] = perf_counts(p.perf, &p.out)?;
+                let [switches, syscalls, cpu_ms, faults] = perf_counts(p.perf, &p.out)?;
                 Ok(PerRound {
                     process: p.label,
                     switches: switches / n,
                     syscalls: syscalls / n,
                     cpu_us: cpu_ms * 1e3 / n,
+                    faults: faults / n,
                 })
             })
             .collect()

@@ -195,9 +195,10 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
         ));
     }
     md.push_str(
-        "\n**System calls and context switches per MiB**, per process (`perf stat` counts of `raw_syscalls:sys_enter` and \
-         `sched:sched_switch` over the same transfer; every route pays perf's small cost per system call alike):\n\n\
-         | route | direction | system calls per MiB | context switches per MiB |\n|---|---|---|---|\n",
+        "\n**System calls, context switches and page faults per MiB**, per process (`perf stat` counts of \
+         `raw_syscalls:sys_enter`, `sched:sched_switch` and `page-faults` over the same transfer; every route pays perf's \
+         small cost per system call alike):\n\n\
+         | route | direction | system calls per MiB | context switches per MiB | page faults per MiB |\n|---|---|---|---|---|\n",
     );
     for r in rows.iter().filter(|r| !r.per_mib.is_empty()) {
         let each = |f: fn(&PerRound) -> f64| {
@@ -208,11 +209,12 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
                 .join(", ")
         };
         md.push_str(&format!(
-            "| {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} |\n",
             r.route,
             r.dir,
             each(|p| p.syscalls),
-            each(|p| p.switches)
+            each(|p| p.switches),
+            each(|p| p.faults)
         ));
     }
     for r in rows.iter().filter(|r| !r.baseline) {
@@ -278,7 +280,7 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
             "route": r.route, "direction": r.dir, "mib_per_s": r.mibs, "baseline": r.baseline,
             "cpu_s_per_gib": r.cpu.iter().map(|(p, c)| (p.clone(), json!(c))).collect::<serde_json::Map<_, _>>(),
             "tunnel_cpu_s_per_gib": r.tunnel_cpu(),
-            "per_mib": r.per_mib.iter().map(|p| json!({"process": p.process, "syscalls": p.syscalls, "context_switches": p.switches})).collect::<Vec<_>>(),
+            "per_mib": r.per_mib.iter().map(|p| json!({"process": p.process, "syscalls": p.syscalls, "context_switches": p.switches, "page_faults": p.faults})).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "skipped": sec.skipped,
     });
