@@ -10,7 +10,7 @@ use crate::flow::{CreditReturn, InboxRx, SendWindow};
 use crate::metrics::RelayMetrics;
 use crate::outbound::Outbound;
 use crate::packet;
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use spoke_proto::Packet;
 use std::future::Future;
 use std::io;
@@ -30,6 +30,10 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Reads smaller than this are copied into a right-sized buffer, so a trickling
 /// connection does not pin a whole chunk allocation per packet.
 const SMALL_READ: usize = 8 * 1024;
+/// Chunks queued for the local end are written together, up to this many bytes or chunks
+/// per call (a peer's chunks are at most [`CHUNK`] each).
+const WRITE_BATCH: usize = 256 * 1024;
+const WRITE_BATCH_CHUNKS: usize = 16;
 
 /// What the relay reads from its local end.
 #[derive(Debug)]
@@ -52,6 +56,19 @@ pub trait LocalRead: Send {
 /// The writing half of a local end.
 pub trait LocalWrite: Send {
     fn write_chunk(&mut self, bytes: Bytes) -> impl Future<Output = io::Result<()>> + Send;
+    /// Writes all of `chunks` in order, leaving it empty; one that can gathers them into fewer
+    /// calls.
+    fn write_chunks(
+        &mut self,
+        chunks: &mut Vec<Bytes>,
+    ) -> impl Future<Output = io::Result<()>> + Send {
+        async move {
+            for c in chunks.drain(..) {
+                self.write_chunk(c).await?;
+            }
+            Ok(())
+        }
+    }
     /// Nothing more will be written (a byte stream shuts down its write side).
     fn finish(&mut self) -> impl Future<Output = ()> + Send;
 }
@@ -93,6 +110,43 @@ pub struct ByteWriter<W>(pub W);
 impl<W: AsyncWrite + Unpin + Send> LocalWrite for ByteWriter<W> {
     async fn write_chunk(&mut self, bytes: Bytes) -> io::Result<()> {
         self.0.write_all(&bytes).await
+    }
+
+    async fn write_chunks(&mut self, chunks: &mut Vec<Bytes>) -> io::Result<()> {
+        let mut first = 0;
+        loop {
+            // Empty chunks (a peer may send empty DATA) need no call; a call with nothing
+            // but them would return 0, which is not a failure here.
+            while chunks.get(first).is_some_and(Bytes::is_empty) {
+                first += 1;
+            }
+            if first == chunks.len() {
+                break;
+            }
+            let mut n = {
+                let mut slices = [io::IoSlice::new(&[]); WRITE_BATCH_CHUNKS];
+                let mut k = 0;
+                for (slot, c) in slices.iter_mut().zip(&chunks[first..]) {
+                    *slot = io::IoSlice::new(c);
+                    k += 1;
+                }
+                self.0.write_vectored(&slices[..k]).await?
+            };
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            while n > 0 {
+                let c = &mut chunks[first];
+                if n < c.len() {
+                    c.advance(n);
+                    break;
+                }
+                n -= c.len();
+                first += 1;
+            }
+        }
+        chunks.clear();
+        Ok(())
     }
     async fn finish(&mut self) {
         let _ = self.0.shutdown().await;
@@ -265,12 +319,20 @@ async fn write_loop<W: LocalWrite>(
     local_fail: &CancellationToken,
     metrics: &RelayMetrics,
 ) {
+    let mut batch = Vec::with_capacity(WRITE_BATCH_CHUNKS);
     while let Some(bytes) = inbox.recv().await {
-        let n = bytes.len();
+        // What else is queued goes along, in one call where the writer can gather.
+        let mut n = bytes.len();
+        batch.push(bytes);
+        while n < WRITE_BATCH && batch.len() < WRITE_BATCH_CHUNKS {
+            let Some(more) = inbox.try_recv() else { break };
+            n += more.len();
+            batch.push(more);
+        }
         // Out of the buffer from here on, even if the write fails or is cancelled.
         inbox.consumed(n);
         let started = metrics.write_started();
-        if let Err(e) = writer.write_chunk(bytes).await {
+        if let Err(e) = writer.write_chunks(&mut batch).await {
             tracing::debug!(connection_id = id, error = %e, "local end write failed");
             metrics.closed("endpoint_error");
             local_fail.cancel();
@@ -308,5 +370,34 @@ impl SplitIo for tokio::net::UnixStream {
     fn split_io(self) -> (Self::Reader, Self::Writer) {
         let (r, w) = self.into_split();
         (r, ByteWriter(w))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// Gathered writes that the socket takes a piece at a time still deliver every byte, in
+    /// order, and leave the batch empty.
+    #[tokio::test]
+    async fn gathered_writes_survive_short_writes() {
+        let (a, mut b) = tokio::io::duplex(7);
+        let mut w = ByteWriter(a);
+        // Empty ones among them, and last.
+        let chunks: Vec<Bytes> = (0..41u8)
+            .map(|i| Bytes::from(vec![i; usize::from(i % 5) * 3]))
+            .collect();
+        let want: Vec<u8> = chunks.iter().flat_map(|c| c.to_vec()).collect();
+        let mut batch = chunks.clone();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            b.read_to_end(&mut got).await.map(|_| got)
+        });
+        w.write_chunks(&mut batch).await.expect("write");
+        assert!(batch.is_empty());
+        w.finish().await;
+        drop(w);
+        assert_eq!(reader.await.expect("join").expect("read"), want);
     }
 }

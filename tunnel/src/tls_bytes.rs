@@ -157,6 +157,17 @@ impl<S: Socket + AsyncWrite + Unpin> LocalWrite for TlsWriter<S> {
         std::future::poll_fn(|cx| self.shared.lock().poll_flush(cx)).await
     }
 
+    // All queued first, so that they are packed into full records and written together.
+    async fn write_chunks(&mut self, chunks: &mut Vec<Bytes>) -> io::Result<()> {
+        {
+            let mut io = self.shared.lock();
+            for c in chunks.drain(..) {
+                io.queue(c);
+            }
+        }
+        std::future::poll_fn(|cx| self.shared.lock().poll_flush(cx)).await
+    }
+
     async fn finish(&mut self) {
         let notified = &mut self.notified;
         let shared = &self.shared;
