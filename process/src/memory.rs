@@ -16,21 +16,26 @@ const KEEP_FREE: usize = 64 << 20;
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 const OWN_MAPPING_FROM: usize = 4 << 20;
 
-/// Starts the trimmer thread (glibc only; a no-op elsewhere).
-///
-/// It also tells glibc to keep freed heap until the trimmer returns it. By default glibc
-/// returns the top of the heap as soon as 128 KiB of it are free, so every relay read buffer
-/// (64 KiB, freed once the peer took it) faulted fresh zeroed pages in again: about a tenth of
-/// the agent's CPU in a bulk transfer went to page faults. The trimmer still gives the memory
-/// back after a burst, so RSS returns to its baseline all the same.
+/// Tells glibc to keep freed heap for reuse (glibc only; a no-op elsewhere). By default glibc
+/// returns the top of the heap as soon as 128 KiB of it are free, and maps blocks from 128 KiB
+/// up on their own, so every relay read buffer (64 KiB, freed once the peer took it) faulted
+/// fresh zeroed pages in again: about a tenth of the agent's CPU in a bulk transfer went to
+/// page faults. Call it before other threads start.
+pub fn keep_freed_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; it takes no pointers.
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, KEEP_FREE as libc::c_int);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, OWN_MAPPING_FROM as libc::c_int);
+    }
+}
+
+/// Keeps freed heap ([`keep_freed_heap`]) and starts the trimmer thread, which still gives the
+/// memory back after a burst, so RSS returns to its baseline all the same (glibc only).
 pub fn spawn_trimmer() {
+    keep_freed_heap();
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        // SAFETY: mallopt only changes allocator parameters; called before the threads start.
-        unsafe {
-            libc::mallopt(libc::M_TRIM_THRESHOLD, KEEP_FREE as libc::c_int);
-            libc::mallopt(libc::M_MMAP_THRESHOLD, OWN_MAPPING_FROM as libc::c_int);
-        }
         let spawned = std::thread::Builder::new()
             .name("spoke-trim".into())
             .spawn(|| loop {

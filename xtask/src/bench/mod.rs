@@ -149,28 +149,19 @@ fn say0(t0: Instant, msg: &str) {
 /// Where the hand-written analysis of `BENCHMARKS.md` starts: a full run keeps it.
 const ANALYSIS_MARKER: &str = "<!-- analysis: kept by cargo xtask bench -->";
 
-/// The bench's gRPC client holds up to a stream window (8 MiB) of received frames, each a
-/// slice of a 256 KiB read block, so its reads keep needing fresh blocks. With glibc's
-/// defaults those went back to the kernel as they were freed (large blocks are mmapped, and
-/// a free heap top is trimmed) and came back as fresh zeroed pages: 39 page faults per MiB
-/// received over UDS and 162 over mTLS, and up to a third of the client's CPU, on the two
-/// cores Spoke's own processes run on. Go's allocator, in the kube-apiserver the client
-/// stands in for, keeps freed memory for minutes. Only this process is set: the processes
-/// it measures keep glibc's defaults.
-fn keep_freed_memory() {
-    // SAFETY: mallopt only changes glibc's allocation thresholds; it takes no pointers.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 16 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
-    }
-}
-
 pub fn run(args: BenchArgs) -> Result<()> {
     if let Some(addr) = &args.serve_backend {
         return io::serve_backend_process(addr);
     }
     let t0 = Instant::now();
-    keep_freed_memory();
+    // The bench's gRPC client holds up to a stream window (8 MiB) of received frames, each a
+    // slice of a 256 KiB read block, so its reads keep needing fresh blocks. With glibc's
+    // defaults those went back to the kernel as they were freed and came back as fresh zeroed
+    // pages: 39 page faults per MiB received over UDS and 162 over mTLS, up to a third of the
+    // client's CPU, on the two cores Spoke's own processes run on. Go's allocator, in the
+    // kube-apiserver the client stands in for, keeps freed memory for minutes. The bench keeps
+    // it as Spoke's processes do; the processes it starts set their own.
+    spoke_process::memory::keep_freed_heap();
     let root = crate::workspace_root();
     let mut chosen: Vec<String> = args
         .scenarios
