@@ -3,9 +3,8 @@
 //!
 //! The buffers are the connection's own and live as long as it. Once a TLS 1.3 handshake is
 //! done, the records are ours (`records.rs`): ciphertext is read in large reads into the block
-//! that ends `plain`, each record is opened in place there and its payload moved down to the
-//! end of `plain` while it is still in the cache, and HTTP/2 frames are split off `plain`
-//! without a copy. Outgoing plaintext is packed into full records straight in `tls_out`,
+//! that ends `plain`, a gap of one record's size past it, each record is opened from there
+//! straight to the end of `plain`, and HTTP/2 frames are split off `plain` without a copy. Outgoing plaintext is packed into full records straight in `tls_out`,
 //! written with as few calls as the socket takes. Nothing is allocated per record once the
 //! buffers have grown to their working size. The handshake and TLS 1.2 go through rustls'
 //! unbuffered API (`tls_in` → `plain`, one copy).
@@ -418,6 +417,9 @@ impl<S: Socket> Io<S> {
 
     /// Gives back the memory of buffers that hold nothing (an idle connection).
     pub fn trim(&mut self) {
+        if let Crypto::Records(r) = &mut self.crypto {
+            r.drop_gap(&mut self.tls_in);
+        }
         if self.tls_in.is_empty() {
             self.tls_in = BytesMut::new();
         }

@@ -4,8 +4,8 @@
 //!
 //! Why not rustls for the records: its unbuffered API copies every decrypted record into a
 //! fresh `Vec` before handing it out, and its encrypter makes one record per call. Here a
-//! record is opened in place in the receive buffer and its payload moved down to the
-//! plaintext while it is still in the cache, and pending pieces are packed into full records.
+//! record is opened from the receive buffer straight to the end of the plaintext before it,
+//! and pending pieces are packed into full records.
 //! TLS 1.2 connections stay on rustls.
 use super::io::Ring;
 use aws_lc_rs::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
@@ -23,6 +23,9 @@ const TAG: usize = 16;
 const MAX_PLAIN: usize = 1 << 14;
 /// The most ciphertext after the header: plaintext, content type, padding and tag (§5.2).
 const MAX_CIPHER: usize = MAX_PLAIN + 256;
+/// Room kept between the plaintext and the ciphertext, so that a record opens from one into
+/// the other without overwriting ciphertext not yet read: its plaintext is at most this long.
+const GAP: usize = MAX_CIPHER;
 
 mod content {
     pub const ALERT: u8 = 21;
@@ -131,8 +134,9 @@ pub struct Records {
     tx_limit: u64,
     /// A post-handshake message split over records, until it is whole.
     handshake: Vec<u8>,
-    /// Where the payloads of the records opened in one call lie (offsets in the ciphertext).
-    payloads: Vec<(usize, usize)>,
+    /// Bytes of no meaning between the plaintext and the ciphertext in the receive buffer
+    /// ([`GAP`] once a record was opened, 0 before and after [`Records::drop_gap`]).
+    pub(super) gap: usize,
     /// Post-handshake messages handled: keys updated each way, session tickets kept.
     pub(super) counts: Counts,
     /// The peer asked for a key update: ours goes out before our next record. Several
@@ -209,7 +213,7 @@ impl Records {
             kernel,
             tx_limit: limit / 2,
             handshake: Vec::new(),
-            payloads: Vec::new(),
+            gap: 0,
             counts: Counts::default(),
             update_owed: false,
             requests_in_a_row: 0,
@@ -218,11 +222,13 @@ impl Records {
         })
     }
 
-    /// Opens every whole record in `buf[*plain_len..]` in place and moves each payload down
-    /// to the end of the plaintext (`buf[..*plain_len]`), followed by what is left of the
-    /// ciphertext: `buf` is plaintext and then ciphertext again. A key update the peer asks
-    /// for is answered before our next record (`seal`); on an error the fatal alert goes to
-    /// `out`.
+    /// Opens every whole record in the ciphertext, which starts [`Records::gap`] bytes past the
+    /// plaintext (`buf[..*plain_len]`), appending each payload to the plaintext. What is left
+    /// of the ciphertext, part of a record, is then moved to [`GAP`] bytes past the new end of
+    /// the plaintext: with that much room, the next records open straight from the ciphertext
+    /// into place, in one pass, where opening in place and moving the payload down took two.
+    /// A key update the peer asks for is answered before our next record (`seal`); on an error
+    /// the fatal alert goes to `out`.
     pub(super) fn open(
         &mut self,
         buf: &mut BytesMut,
@@ -230,9 +236,9 @@ impl Records {
         out: &mut Ring,
     ) -> io::Result<Opened> {
         self.check()?;
-        let start = *plain_len;
-        self.payloads.clear();
-        let (used, opened) = match self.open_records(&mut buf[start..]) {
+        let mut end = *plain_len;
+        let cipher_at = end + self.gap;
+        let (used, opened) = match self.open_records(buf, cipher_at, &mut end) {
             Ok(r) => r,
             Err(f) => {
                 if let Some(alert) = f.alert {
@@ -247,35 +253,44 @@ impl Records {
                 return Err(io::Error::new(io::ErrorKind::InvalidData, f.why));
             }
         };
-        let mut end = start;
-        for &(at, len) in &self.payloads {
-            // Each payload lies inside its own record, after everything moved before it.
-            buf.copy_within(start + at..start + at + len, end);
-            end += len;
-        }
-        let rest = start + used;
+        *plain_len = end;
         if opened == Opened::PeerClosed {
             buf.truncate(end);
-        } else if rest > end {
-            buf.copy_within(rest.., end);
-            buf.truncate(buf.len() - (rest - end));
+            self.gap = 0;
+            return Ok(opened);
         }
-        *plain_len = end;
+        let (rest, left) = (cipher_at + used, buf.len() - cipher_at - used);
+        let to = end + GAP;
+        if rest < to {
+            // Only before the gap first exists: make room for it.
+            buf.resize(to + left, 0);
+        }
+        buf.copy_within(rest..rest + left, to);
+        buf.truncate(to + left);
+        self.gap = GAP;
         Ok(opened)
     }
 
-    /// Opens the whole records at the front of `input`: how many bytes they took, and why
-    /// it stopped. Application data payloads are noted in `self.payloads`.
-    fn open_records(&mut self, input: &mut [u8]) -> Result<(usize, Opened), Fatal> {
-        let mut at = 0;
-        while input.len() - at >= HEADER {
-            let header: [u8; HEADER] = [
-                input[at],
-                input[at + 1],
-                input[at + 2],
-                input[at + 3],
-                input[at + 4],
-            ];
+    /// Forgets the gap once nothing follows it (the connection's buffers are given back).
+    pub(super) fn drop_gap(&mut self, cipher: &mut BytesMut) {
+        if cipher.len() == self.gap {
+            *cipher = BytesMut::new();
+            self.gap = 0;
+        }
+    }
+
+    /// Opens the whole records in `buf[cipher_at..]`, appending application data to the
+    /// plaintext that ends at `*end`: how many ciphertext bytes they took, and why it stopped.
+    fn open_records(
+        &mut self,
+        buf: &mut [u8],
+        cipher_at: usize,
+        end: &mut usize,
+    ) -> Result<(usize, Opened), Fatal> {
+        let mut at = cipher_at;
+        while buf.len() - at >= HEADER {
+            let header: [u8; HEADER] =
+                [buf[at], buf[at + 1], buf[at + 2], buf[at + 3], buf[at + 4]];
             if header[0] != content::APPLICATION_DATA {
                 return Err(fatal(
                     alert::UNEXPECTED_MESSAGE,
@@ -289,19 +304,43 @@ impl Records {
                     format!("TLS record of {len} bytes"),
                 ));
             }
-            if input.len() - at - HEADER < len {
+            if buf.len() - at - HEADER < len {
                 break;
             }
-            let body = &mut input[at + HEADER..at + HEADER + len];
+            let Some(inner_len) = len.checked_sub(TAG) else {
+                return Err(fatal(
+                    alert::BAD_RECORD_MAC,
+                    "TLS record shorter than its tag",
+                ));
+            };
             let nonce = self
                 .rx
                 .next_nonce()
                 .map_err(|e| fatal(alert::BAD_RECORD_MAC, e.to_string()))?;
-            let inner = self
-                .rx
-                .key
-                .open_in_place(nonce, Aad::from(header), body)
-                .map_err(|_| fatal(alert::BAD_RECORD_MAC, "TLS record failed to decrypt"))?;
+            let body = at + HEADER;
+            // Straight into place when that leaves the ciphertext still to be read untouched
+            // (the gap), else in place, to be moved down after.
+            let inner_at = if *end + inner_len <= body {
+                let (plain, cipher) = buf.split_at_mut(body);
+                self.rx
+                    .key
+                    .open_separate_gather(
+                        nonce,
+                        Aad::from(header),
+                        &cipher[..inner_len],
+                        &cipher[inner_len..len],
+                        &mut plain[*end..*end + inner_len],
+                    )
+                    .map_err(|_| fatal(alert::BAD_RECORD_MAC, "TLS record failed to decrypt"))?;
+                *end
+            } else {
+                self.rx
+                    .key
+                    .open_in_place(nonce, Aad::from(header), &mut buf[body..body + len])
+                    .map_err(|_| fatal(alert::BAD_RECORD_MAC, "TLS record failed to decrypt"))?;
+                body
+            };
+            let inner = &buf[inner_at..inner_at + inner_len];
             // The content type is the last byte that is not padding.
             let Some(typ_at) = inner.iter().rposition(|&b| b != 0) else {
                 return Err(fatal(
@@ -317,8 +356,7 @@ impl Records {
                 ));
             }
             let typ = inner[typ_at];
-            let payload = at + HEADER;
-            at += HEADER + len;
+            at = body + len;
             match typ {
                 content::APPLICATION_DATA => {
                     if !self.handshake.is_empty() {
@@ -328,7 +366,10 @@ impl Records {
                         ));
                     }
                     if typ_at > 0 {
-                        self.payloads.push((payload, typ_at));
+                        if inner_at != *end {
+                            buf.copy_within(inner_at..inner_at + typ_at, *end);
+                        }
+                        *end += typ_at;
                         self.requests_in_a_row = 0;
                     }
                 }
@@ -339,8 +380,8 @@ impl Records {
                             "empty TLS handshake record",
                         ));
                     }
-                    let message = &input[payload..payload + typ_at];
-                    self.handshake.extend_from_slice(message);
+                    self.handshake
+                        .extend_from_slice(&buf[inner_at..inner_at + typ_at]);
                     self.post_handshake()?;
                 }
                 content::ALERT if !self.handshake.is_empty() => {
@@ -349,8 +390,8 @@ impl Records {
                         "TLS alert inside a handshake message",
                     ));
                 }
-                content::ALERT => match &input[payload..payload + typ_at] {
-                    [_, alert::CLOSE_NOTIFY] => return Ok((at, Opened::PeerClosed)),
+                content::ALERT => match &buf[inner_at..inner_at + typ_at] {
+                    [_, alert::CLOSE_NOTIFY] => return Ok((at - cipher_at, Opened::PeerClosed)),
                     [1, alert::USER_CANCELED] => {}
                     [_, d] => {
                         return Err(Fatal {
@@ -368,7 +409,7 @@ impl Records {
                 }
             }
         }
-        Ok((at, Opened::NeedInput))
+        Ok((at - cipher_at, Opened::NeedInput))
     }
 
     /// Handles the whole messages gathered in `self.handshake`: session tickets (kept by
@@ -659,6 +700,56 @@ mod tests {
         (0..len)
             .map(|i| (i as u8).wrapping_mul(31) ^ seed)
             .collect()
+    }
+
+    /// Records arrive cut every way across reads; the first ones open in place (no gap yet),
+    /// the rest straight into place past the gap. Every byte arrives, in order, and the gap
+    /// goes when the buffers are given back.
+    #[tokio::test]
+    async fn records_open_into_place_across_reads() {
+        let (server_cfg, client_cfg) = tls_configs(0);
+        let (c, s) = pair().await;
+        let data = pattern(4 << 20, 7);
+        let sent = data.clone();
+        let server = tokio::spawn(async move {
+            let mut tls = rustls_server(server_cfg, s).await;
+            let sizes = [1, 7, 16_384, 16_385, 50_000, 3, 100_000, 16_383, 200_000];
+            let (mut at, mut i) = (0, 0);
+            while at < sent.len() {
+                let n = sizes[i % sizes.len()].min(sent.len() - at);
+                tls.write_all(&sent[at..at + n]).await.unwrap();
+                if i % 3 == 0 {
+                    tls.flush().await.unwrap();
+                }
+                at += n;
+                i += 1;
+            }
+            tls.flush().await.unwrap();
+            let mut b = [0u8; 1];
+            let _ = tls.read(&mut b).await;
+        });
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let conn = rustls::client::UnbufferedClientConnection::new(client_cfg, name).unwrap();
+        let mut io = Io::new(c, Crypto::Client(Box::new(conn)));
+        io.handshake().await.unwrap();
+        let mut got = Vec::new();
+        while got.len() < data.len() {
+            let n = tokio::time::timeout(
+                Duration::from_secs(10),
+                std::future::poll_fn(|cx| io.poll_read(cx)),
+            )
+            .await
+            .expect("data in time")
+            .expect("read");
+            assert!(n > 0, "closed after {} bytes", got.len());
+            got.extend_from_slice(&io.plain.split());
+        }
+        assert!(got == data, "the bytes differ");
+        assert_eq!(io.records_mut().expect("ours").gap, super::GAP);
+        io.trim();
+        assert_eq!(io.records_mut().expect("ours").gap, 0);
+        drop(io);
+        server.await.unwrap();
     }
 
     /// A rustls server that sends session tickets, echoes, and updates its keys (asking us
