@@ -681,6 +681,11 @@ mod tests {
     async fn round(io: &mut Io<TcpStream>, data: &[u8], want: usize) -> Vec<u8> {
         io.queue(Bytes::copy_from_slice(data));
         std::future::poll_fn(|cx| io.poll_flush(cx)).await.unwrap();
+        read_n(io, want).await
+    }
+
+    /// Reads until `want` bytes of plaintext have come.
+    async fn read_n(io: &mut Io<TcpStream>, want: usize) -> Vec<u8> {
         let mut got = Vec::new();
         while got.len() < want {
             let n = tokio::time::timeout(
@@ -732,18 +737,7 @@ mod tests {
         let conn = rustls::client::UnbufferedClientConnection::new(client_cfg, name).unwrap();
         let mut io = Io::new(c, Crypto::Client(Box::new(conn)));
         io.handshake().await.unwrap();
-        let mut got = Vec::new();
-        while got.len() < data.len() {
-            let n = tokio::time::timeout(
-                Duration::from_secs(10),
-                std::future::poll_fn(|cx| io.poll_read(cx)),
-            )
-            .await
-            .expect("data in time")
-            .expect("read");
-            assert!(n > 0, "closed after {} bytes", got.len());
-            got.extend_from_slice(&io.plain.split());
-        }
+        let got = read_n(&mut io, data.len()).await;
         assert!(got == data, "the bytes differ");
         assert_eq!(io.records_mut().expect("ours").gap, super::GAP);
         io.trim();
