@@ -4,8 +4,9 @@
 //! The buffers are the connection's own and live as long as it. Once a TLS 1.3 handshake is
 //! done, the records are ours (`records.rs`): ciphertext is read in large reads into the block
 //! that ends `plain`, a gap of one record's size past it, each record is opened from there
-//! straight to the end of `plain`, and HTTP/2 frames are split off `plain` without a copy. Outgoing plaintext is packed into full records straight in `tls_out`,
-//! written with as few calls as the socket takes. Nothing is allocated per record once the
+//! straight to the end of `plain`, and HTTP/2 frames are split off `plain` without a copy.
+//! Outgoing plaintext is packed into full records straight in `tls_out`, written with as few
+//! calls as the socket takes. Nothing is allocated per record once the
 //! buffers have grown to their working size. The handshake and TLS 1.2 go through rustls'
 //! unbuffered API (`tls_in` → `plain`, one copy).
 use super::records::{self, Opened, Records};
