@@ -26,6 +26,9 @@ const MAX_CIPHER: usize = MAX_PLAIN + 256;
 /// Room kept between the plaintext and the ciphertext, so that a record opens from one into
 /// the other without overwriting ciphertext not yet read: its plaintext is at most this long.
 const GAP: usize = MAX_CIPHER;
+/// Pieces of at least this many bytes are sealed from where they lie, in records of their own:
+/// an extra record costs less than copying this much into a shared one.
+const SEAL_FROM_SOURCE: usize = 4096;
 
 mod content {
     pub const ALERT: u8 = 21;
@@ -544,7 +547,13 @@ impl Records {
             let mut pieces: [&[u8]; 16] = [&[]; 16];
             let (mut n, mut len) = (0, 0);
             for p in pending.iter() {
-                if n == pieces.len() || len == MAX_PLAIN {
+                // A long piece gets records of its own, sealed from where it lies; short
+                // ones are copied together into one.
+                let long = p.len() >= SEAL_FROM_SOURCE;
+                if n == pieces.len()
+                    || len == MAX_PLAIN
+                    || (n > 0 && (long || pieces[0].len() >= SEAL_FROM_SOURCE))
+                {
                     break;
                 }
                 let take = p.len().min(MAX_PLAIN - len);
@@ -592,7 +601,9 @@ impl Records {
         let _ = self.seal_record(content::ALERT, &[&[level, desc]], out);
     }
 
-    /// One record of `typ` holding `pieces` (at most 16 KiB in all), sealed into `out`.
+    /// One record of `typ` holding `pieces` (at most 16 KiB in all), sealed into `out`. A
+    /// single piece is sealed straight from where it lies; several are copied into the
+    /// record first.
     fn seal_record(&mut self, typ: u8, pieces: &[&[u8]], out: &mut Ring) -> io::Result<()> {
         let len: usize = pieces.iter().map(|p| p.len()).sum();
         let cipher_len = len + 1 + TAG;
@@ -606,19 +617,28 @@ impl Records {
         let nonce = self.tx.next_nonce()?;
         let room = &mut out.spare(HEADER + cipher_len)[..HEADER + cipher_len];
         room[..HEADER].copy_from_slice(&header);
-        let mut at = HEADER;
-        for p in pieces {
-            room[at..at + p.len()].copy_from_slice(p);
-            at += p.len();
-        }
-        room[at] = typ;
-        let (inner, tag) = room[HEADER..].split_at_mut(len + 1);
-        let sealed = self
-            .tx
-            .key
-            .seal_in_place_separate_tag(nonce, Aad::from(header), inner)
-            .map_err(|_| io::Error::other("TLS record failed to encrypt"))?;
-        tag.copy_from_slice(sealed.as_ref());
+        // The content type byte goes after the content, encrypted with the tag.
+        let (body, type_and_tag) = room[HEADER..].split_at_mut(len);
+        let key = &self.tx.key;
+        let sealed = match pieces {
+            [one] => key.seal_out_of_place_scatter(
+                nonce,
+                Aad::from(header),
+                one,
+                body,
+                &[typ],
+                type_and_tag,
+            ),
+            _ => {
+                let mut at = 0;
+                for p in pieces {
+                    body[at..at + p.len()].copy_from_slice(p);
+                    at += p.len();
+                }
+                key.seal_in_place_scatter(nonce, Aad::from(header), body, &[typ], type_and_tag)
+            }
+        };
+        sealed.map_err(|_| io::Error::other("TLS record failed to encrypt"))?;
         out.filled_by(HEADER + cipher_len);
         Ok(())
     }
@@ -748,6 +768,78 @@ mod tests {
 
     /// A rustls server that sends session tickets, echoes, and updates its keys (asking us
     /// to update ours) between echoes.
+    /// Long pieces are sealed from where they lie, in records of their own; short ones share
+    /// a record. Read through a TCP hop that keeps a copy of what our end sent, the records'
+    /// lengths on the wire are those, and a rustls client reads every byte in order.
+    #[tokio::test]
+    async fn long_pieces_get_records_of_their_own() {
+        let (server_cfg, client_cfg) = tls_configs(0);
+        let (c, hop_in) = pair().await;
+        let (hop_out, s) = pair().await;
+        let wire = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = wire.clone();
+        tokio::spawn(async move {
+            let (mut from_client, mut to_client) = hop_in.into_split();
+            let (mut from_server, mut to_server) = hop_out.into_split();
+            tokio::spawn(async move { tokio::io::copy(&mut from_client, &mut to_server).await });
+            let mut buf = vec![0; 1 << 16];
+            loop {
+                let n = from_server.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                seen.lock().unwrap().extend_from_slice(&buf[..n]);
+                if to_client.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        });
+        // (piece length, the records' plaintext lengths it starts, given what follows)
+        let pieces = [20, 65_536, 100, 5_000, 3, 2, 16_394, 4_095, 4_096];
+        let records = [
+            20,
+            16_384,
+            16_384,
+            16_384,
+            16_384,
+            100,
+            5_000,
+            5,
+            16_384,
+            10 + 4_095,
+            4_096,
+        ];
+        let data = pattern(pieces.iter().sum(), 3);
+        let want = data.clone();
+        let client = tokio::spawn(async move {
+            let mut tls = rustls_client(client_cfg, c).await;
+            let mut got = vec![0; want.len()];
+            tls.read_exact(&mut got).await.unwrap();
+            assert!(got == want, "the bytes arrive intact and in order");
+        });
+        let (mut io, _) = our_server(s, server_cfg).await;
+        let mut at = 0;
+        for len in pieces {
+            io.queue(Bytes::copy_from_slice(&data[at..at + len]));
+            at += len;
+        }
+        std::future::poll_fn(|cx| io.poll_flush(cx)).await.unwrap();
+        client.await.unwrap();
+        let wire = wire.lock().unwrap().clone();
+        let mut lengths = Vec::new();
+        let mut at = 0;
+        while at + 5 <= wire.len() {
+            let len = u16::from_be_bytes([wire[at + 3], wire[at + 4]]) as usize;
+            lengths.push(len);
+            at += 5 + len;
+        }
+        let sent: Vec<usize> = records.iter().map(|n| n + 1 + 16).collect();
+        assert!(
+            lengths.ends_with(&sent),
+            "records on the wire {lengths:?}, want them to end with {sent:?}"
+        );
+    }
+
     #[tokio::test]
     async fn tickets_and_key_updates_from_a_rustls_peer() {
         let (server_cfg, client_cfg) = tls_configs(2);
