@@ -1,6 +1,7 @@
 //! Spoke's data plane, shared by spoke-agent and spoke-server: Konnectivity packets, the
 //! per-stream send queues, per-connection flow control and relay, TLS, listeners, the
 //! frontends' request parsers and the data-path metrics.
+pub mod chunks;
 pub mod connect_head;
 pub mod conns;
 pub mod flow;

@@ -5,13 +5,15 @@
 //! an adapter). Toward the tunnel the relay sends DATA within the peer's credit; toward the
 //! local end it writes what the peer sent, returning credit as it drains. Closing follows
 //! the rule of [`crate::conns`]: whoever removes the connection from the table owns the close.
+use crate::chunks;
 use crate::conns::{ConnParts, ConnTable, FlowConfig, PeerClose};
 use crate::flow::{CreditReturn, InboxRx, SendWindow};
 use crate::metrics::RelayMetrics;
 use crate::outbound::Outbound;
 use crate::packet;
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use spoke_proto::Packet;
+use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
@@ -60,7 +62,7 @@ pub trait LocalWrite: Send {
     /// calls.
     fn write_chunks(
         &mut self,
-        chunks: &mut Vec<Bytes>,
+        chunks: &mut VecDeque<Bytes>,
     ) -> impl Future<Output = io::Result<()>> + Send {
         async move {
             for c in chunks.drain(..) {
@@ -112,40 +114,21 @@ impl<W: AsyncWrite + Unpin + Send> LocalWrite for ByteWriter<W> {
         self.0.write_all(&bytes).await
     }
 
-    async fn write_chunks(&mut self, chunks: &mut Vec<Bytes>) -> io::Result<()> {
-        let mut first = 0;
-        loop {
-            // Empty chunks (a peer may send empty DATA) need no call; a call with nothing
-            // but them would return 0, which is not a failure here.
-            while chunks.get(first).is_some_and(Bytes::is_empty) {
-                first += 1;
-            }
-            if first == chunks.len() {
-                break;
-            }
-            let mut n = {
+    async fn write_chunks(&mut self, chunks: &mut VecDeque<Bytes>) -> io::Result<()> {
+        // Empty chunks (a peer may send empty DATA) need no call; a call with nothing but
+        // them would return 0, which is not a failure here.
+        chunks::advance(chunks, 0);
+        while !chunks.is_empty() {
+            let n = {
                 let mut slices = [io::IoSlice::new(&[]); WRITE_BATCH_CHUNKS];
-                let mut k = 0;
-                for (slot, c) in slices.iter_mut().zip(&chunks[first..]) {
-                    *slot = io::IoSlice::new(c);
-                    k += 1;
-                }
+                let k = chunks::front_slices(chunks, &mut slices);
                 self.0.write_vectored(&slices[..k]).await?
             };
             if n == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
             }
-            while n > 0 {
-                let c = &mut chunks[first];
-                if n < c.len() {
-                    c.advance(n);
-                    break;
-                }
-                n -= c.len();
-                first += 1;
-            }
+            chunks::advance(chunks, n);
         }
-        chunks.clear();
         Ok(())
     }
     async fn finish(&mut self) {
@@ -319,20 +302,29 @@ async fn write_loop<W: LocalWrite>(
     local_fail: &CancellationToken,
     metrics: &RelayMetrics,
 ) {
-    let mut batch = Vec::with_capacity(WRITE_BATCH_CHUNKS);
-    let mut sizes = [0usize; WRITE_BATCH_CHUNKS];
+    let mut batch = VecDeque::with_capacity(WRITE_BATCH_CHUNKS);
     while let Some(bytes) = inbox.recv().await {
         // What else is queued goes along, in one call where the writer can gather.
         let mut n = bytes.len();
-        sizes[0] = n;
-        batch.push(bytes);
+        batch.push_back(bytes);
         while n < WRITE_BATCH && batch.len() < WRITE_BATCH_CHUNKS {
             let Some(more) = inbox.try_recv() else { break };
             n += more.len();
-            sizes[batch.len()] = more.len();
-            batch.push(more);
+            batch.push_back(more);
         }
-        let count = batch.len();
+        // Credit is counted chunk by chunk, as the peer sent them, so that it comes back at the
+        // same points as without gathering (a quarter window at a time, none held back once
+        // whole chunks add up to it), in one packet once the write is done.
+        let grant: usize = match credit.as_mut() {
+            Some(c) => {
+                let window = inbox.window();
+                batch
+                    .iter()
+                    .filter_map(|b| c.drained(b.len(), window))
+                    .sum()
+            }
+            None => 0,
+        };
         // Out of the buffer from here on, even if the write fails or is cancelled.
         inbox.consumed(n);
         let started = metrics.write_started();
@@ -344,18 +336,8 @@ async fn write_loop<W: LocalWrite>(
         }
         metrics.write_done(started);
         metrics.relayed_to_endpoint(n);
-        // Credit is counted chunk by chunk, as the peer sent them, so that it comes back at the
-        // same points as without gathering (a quarter window at a time, none held back once
-        // whole chunks add up to it), in one packet per write.
-        if let Some(c) = credit.as_mut() {
-            let window = inbox.window();
-            let grant: usize = sizes[..count]
-                .iter()
-                .filter_map(|&k| c.drained(k, window))
-                .sum();
-            if grant > 0 {
-                let _ = outbound.control(packet::credit(id, grant as i64));
-            }
+        if grant > 0 {
+            let _ = outbound.control(packet::credit(id, grant as i64));
         }
     }
     writer.finish().await;
@@ -398,7 +380,7 @@ mod tests {
         let (a, mut b) = tokio::io::duplex(7);
         let mut w = ByteWriter(a);
         // Empty ones among them, and last.
-        let chunks: Vec<Bytes> = (0..41u8)
+        let chunks: VecDeque<Bytes> = (0..41u8)
             .map(|i| Bytes::from(vec![i; usize::from(i % 5) * 3]))
             .collect();
         let want: Vec<u8> = chunks.iter().flat_map(|c| c.to_vec()).collect();

@@ -158,7 +158,10 @@ impl<S: Socket + AsyncWrite + Unpin> LocalWrite for TlsWriter<S> {
     }
 
     // All queued first, so that they are packed into full records and written together.
-    async fn write_chunks(&mut self, chunks: &mut Vec<Bytes>) -> io::Result<()> {
+    async fn write_chunks(
+        &mut self,
+        chunks: &mut std::collections::VecDeque<Bytes>,
+    ) -> io::Result<()> {
         {
             let mut io = self.shared.lock();
             for c in chunks.drain(..) {

@@ -10,6 +10,7 @@
 //! buffers have grown to their working size. The handshake and TLS 1.2 go through rustls'
 //! unbuffered API (`tls_in` → `plain`, one copy).
 use super::records::{self, Opened, Records};
+use crate::chunks;
 use crate::metrics::ReasonLabels;
 use bytes::{Buf, Bytes, BytesMut};
 use prometheus_client::metrics::{counter::Counter, family::Family};
@@ -539,29 +540,13 @@ impl<S: Socket> Io<S> {
     /// Without TLS the queued pieces go out as they are, gathered into one call.
     fn poll_flush_plain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.pending.is_empty() {
-            let slices: Vec<io::IoSlice<'_>> = self
-                .pending
-                .iter()
-                .take(64)
-                .map(|b| io::IoSlice::new(b))
-                .collect();
-            match self.socket.try_write_vectored_from(&slices) {
+            let mut slices = [io::IoSlice::new(&[]); 64];
+            let k = chunks::front_slices(&self.pending, &mut slices);
+            match self.socket.try_write_vectored_from(&slices[..k]) {
                 Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Ok(mut n) => {
-                    while n > 0 {
-                        let Some(front) = self.pending.front_mut() else {
-                            break;
-                        };
-                        if front.len() <= n {
-                            n -= front.len();
-                            self.pending_len -= front.len();
-                            self.pending.pop_front();
-                        } else {
-                            let _ = front.split_to(n);
-                            self.pending_len -= n;
-                            n = 0;
-                        }
-                    }
+                Ok(n) => {
+                    chunks::advance(&mut self.pending, n);
+                    self.pending_len -= n;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     std::task::ready!(self.socket.poll_ready(cx, Interest::WRITABLE))?

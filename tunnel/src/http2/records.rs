@@ -8,6 +8,7 @@
 //! and pending pieces are packed into full records.
 //! TLS 1.2 connections stay on rustls.
 use super::io::Ring;
+use crate::chunks;
 use aws_lc_rs::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
 use bytes::{Bytes, BytesMut};
 use rustls::client::ClientConnectionData;
@@ -563,19 +564,7 @@ impl Records {
             }
             self.seal_record(content::APPLICATION_DATA, &pieces[..n], out)?;
             sealed += len;
-            let mut left = len;
-            while left > 0 {
-                let Some(front) = pending.front_mut() else {
-                    break;
-                };
-                if front.len() <= left {
-                    left -= front.len();
-                    pending.pop_front();
-                } else {
-                    let _ = front.split_to(left);
-                    left = 0;
-                }
-            }
+            chunks::advance(pending, len);
         }
         Ok(sealed)
     }
