@@ -32,6 +32,9 @@ pub use crate::bench_args::BenchArgs;
 /// Sizes of one run profile.
 pub struct Size {
     pub bulk: u64,
+    /// Rounds of the bulk scenario, every route once per round; each row reports the round
+    /// of median throughput (one transfer moved by up to 45 % between runs on a busy host).
+    pub bulk_rounds: usize,
     pub pings: usize,
     pub churn: Duration,
     pub fanout: Vec<usize>,
@@ -68,6 +71,7 @@ impl Size {
         if a.tiny {
             Size {
                 bulk: 8 << 20,
+                bulk_rounds: 1,
                 pings: 300,
                 churn: Duration::from_millis(500),
                 fanout: vec![50],
@@ -85,6 +89,7 @@ impl Size {
         } else if a.quick {
             Size {
                 bulk: 256 << 20,
+                bulk_rounds: 3,
                 pings: 5_000,
                 churn: Duration::from_secs(3),
                 fanout: vec![1_000],
@@ -102,6 +107,7 @@ impl Size {
         } else {
             Size {
                 bulk: 1 << 30,
+                bulk_rounds: 3,
                 pings: 20_000,
                 churn: Duration::from_secs(8),
                 fanout: vec![1_000, 10_000],

@@ -26,6 +26,8 @@ pub struct Row {
     /// System calls and context switches per MiB, per process; empty without perf.
     pub per_mib: Vec<PerRound>,
     pub baseline: bool,
+    /// MiB/s of every round, in order (the row's figures are those of the median one).
+    pub rounds: Vec<f64>,
 }
 
 impl Row {
@@ -90,17 +92,19 @@ pub async fn measure(
             cpu: cpu.into_iter().map(|(p, c)| (p, c / gib)).collect(),
             per_mib,
             baseline,
+            rounds: vec![mibs],
         });
     }
     Ok(rows)
 }
 
-pub async fn run(ctx: &Ctx) -> Result<Section> {
-    let mut sec = Section::new("bulk", super::title("bulk"));
-    let backend = io::backend(TcpListener::bind("127.0.0.1:0").await?)?;
-    let target = backend.addr;
+/// Every route once, in order; routes that cannot run add why to `skipped`.
+async fn one_round(ctx: &Ctx, target: SocketAddr, skipped: &mut Vec<String>) -> Vec<Row> {
     let mut rows: Vec<Row> = Vec::new();
-    rows.extend(measure(ctx, "direct loopback", &Route::Direct, target, &[], true).await?);
+    match measure(ctx, "direct loopback", &Route::Direct, target, &[], true).await {
+        Ok(r) => rows.extend(r),
+        Err(e) => skipped.push(format!("direct loopback: {e:#}")),
+    }
     match baselines::ssh(&ctx.work, target) {
         Ok(t) => match measure(
             ctx,
@@ -113,9 +117,9 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
         .await
         {
             Ok(r) => rows.extend(r),
-            Err(e) => sec.skipped.push(format!("ssh -L: {e:#}")),
+            Err(e) => skipped.push(format!("ssh -L: {e:#}")),
         },
-        Err(e) => sec.skipped.push(format!("ssh -L: {e:#}")),
+        Err(e) => skipped.push(format!("ssh -L: {e:#}")),
     }
     match baselines::stunnel(&ctx.work, &ctx.pki, target) {
         Ok(t) => match measure(
@@ -132,9 +136,9 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
         .await
         {
             Ok(r) => rows.extend(r),
-            Err(e) => sec.skipped.push(format!("stunnel: {e:#}")),
+            Err(e) => skipped.push(format!("stunnel: {e:#}")),
         },
-        Err(e) => sec.skipped.push(format!("stunnel: {e:#}")),
+        Err(e) => skipped.push(format!("stunnel: {e:#}")),
     }
     for (mode, t) in FRONTENDS {
         let label = format!("spoke {}", Cluster::label(mode, t));
@@ -156,9 +160,64 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
         .await;
         match r {
             Ok(r) => rows.extend(r),
-            Err(e) => sec.skipped.push(format!("{label}: {e:#}")),
+            Err(e) => skipped.push(format!("{label}: {e:#}")),
         }
     }
+    rows
+}
+
+/// One row per route and direction: the round of median throughput, with every round's.
+fn median_rounds(rounds: Vec<Vec<Row>>) -> Vec<Row> {
+    let mut out: Vec<Row> = Vec::new();
+    let Some(first) = rounds.first() else {
+        return out;
+    };
+    let keys: Vec<(String, &'static str)> =
+        first.iter().map(|r| (r.route.clone(), r.dir)).collect();
+    let mut rounds: Vec<Vec<Option<Row>>> = rounds
+        .into_iter()
+        .map(|rs| rs.into_iter().map(Some).collect())
+        .collect();
+    for (route, dir) in keys {
+        let mut runs: Vec<Row> = rounds
+            .iter_mut()
+            .filter_map(|rs| {
+                rs.iter_mut()
+                    .find(|r| r.as_ref().is_some_and(|r| r.route == route && r.dir == dir))
+                    .and_then(Option::take)
+            })
+            .collect();
+        let each: Vec<f64> = runs.iter().map(|r| r.mibs).collect();
+        runs.sort_by(|a, b| a.mibs.total_cmp(&b.mibs));
+        let mut median = runs.swap_remove(runs.len() / 2);
+        median.rounds = each;
+        out.push(median);
+    }
+    out
+}
+
+pub async fn run(ctx: &Ctx) -> Result<Section> {
+    let mut sec = Section::new("bulk", super::title("bulk"));
+    let backend = io::backend(TcpListener::bind("127.0.0.1:0").await?)?;
+    let target = backend.addr;
+    let mut all = Vec::new();
+    for round in 0..ctx.size.bulk_rounds {
+        if ctx.size.bulk_rounds > 1 {
+            ctx.say(&format!(
+                "   bulk round {} of {}",
+                round + 1,
+                ctx.size.bulk_rounds
+            ));
+        }
+        let mut skipped = Vec::new();
+        all.push(one_round(ctx, target, &mut skipped).await);
+        for why in skipped {
+            if !sec.skipped.contains(&why) {
+                sec.skipped.push(why);
+            }
+        }
+    }
+    let rows = median_rounds(all);
 
     // Table, ratios, floors.
     let find = |route: &str, dir: &str| {
@@ -168,10 +227,13 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
     };
     let mut md = format!(
         "One {} MiB transfer per route and direction over an established connection (after a warm-up), backend and client in the bench \
-         process. Spoke routes: frontend → spoke-server → mTLS gRPC tunnel → spoke-agent → backend, all on loopback, `--ebpf=off`. \
-         CPU is utime+stime from /proc/PID/stat before/after, per GiB moved.\n\n\
-         | route | direction | MiB/s | × direct | × ssh -L | CPU s/GiB (per process) | tunnel CPU s/GiB |\n|---|---|---|---|---|---|---|\n",
-        ctx.size.bulk >> 20
+         process, in each of {} rounds; every round runs all routes in turn. Each row gives the round of median throughput: its \
+         MiB/s, CPU and counts (the MiB/s of every round in the last column). Spoke routes: frontend → spoke-server → mTLS gRPC \
+         tunnel → spoke-agent → backend, all on loopback, `--ebpf=off`. CPU is utime+stime from /proc/PID/stat before/after, per \
+         GiB moved.\n\n\
+         | route | direction | MiB/s | × direct | × ssh -L | CPU s/GiB (per process) | tunnel CPU s/GiB | MiB/s of each round |\n|---|---|---|---|---|---|---|---|\n",
+        ctx.size.bulk >> 20,
+        ctx.size.bulk_rounds
     );
     for r in &rows {
         let x = |b: Option<f64>| {
@@ -179,8 +241,9 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
                 .unwrap_or_else(|| "—".into())
         };
         let cpu: Vec<String> = r.cpu.iter().map(|(p, c)| format!("{p} {c:.2}")).collect();
+        let each: Vec<String> = r.rounds.iter().map(|m| num(*m)).collect();
         md.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.route,
             r.dir,
             num(r.mibs),
@@ -191,7 +254,8 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
                 "—".into()
             } else {
                 format!("{:.2}", r.tunnel_cpu())
-            }
+            },
+            each.join(", ")
         ));
     }
     md.push_str(
@@ -276,8 +340,10 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
     );
     sec.json = json!({
         "bytes": ctx.size.bulk,
+        "rounds": ctx.size.bulk_rounds,
         "rows": rows.iter().map(|r| json!({
             "route": r.route, "direction": r.dir, "mib_per_s": r.mibs, "baseline": r.baseline,
+            "mib_per_s_each_round": r.rounds,
             "cpu_s_per_gib": r.cpu.iter().map(|(p, c)| (p.clone(), json!(c))).collect::<serde_json::Map<_, _>>(),
             "tunnel_cpu_s_per_gib": r.tunnel_cpu(),
             "per_mib": r.per_mib.iter().map(|p| json!({"process": p.process, "syscalls": p.syscalls, "context_switches": p.switches, "page_faults": p.faults})).collect::<Vec<_>>(),
