@@ -36,6 +36,8 @@ pub struct Size {
     /// of median throughput (one transfer moved by up to 45 % between runs on a busy host).
     pub bulk_rounds: usize,
     pub pings: usize,
+    /// Rounds the latency scenario spreads its round trips over, every route in each.
+    pub latency_rounds: usize,
     pub churn: Duration,
     pub fanout: Vec<usize>,
     pub trickle: Duration,
@@ -73,6 +75,7 @@ impl Size {
                 bulk: 8 << 20,
                 bulk_rounds: 1,
                 pings: 300,
+                latency_rounds: 1,
                 churn: Duration::from_millis(500),
                 fanout: vec![50],
                 trickle: Duration::from_millis(500),
@@ -91,6 +94,7 @@ impl Size {
                 bulk: 256 << 20,
                 bulk_rounds: 3,
                 pings: 5_000,
+                latency_rounds: 2,
                 churn: Duration::from_secs(3),
                 fanout: vec![1_000],
                 trickle: Duration::from_secs(3),
@@ -109,6 +113,7 @@ impl Size {
                 bulk: 1 << 30,
                 bulk_rounds: 3,
                 pings: 20_000,
+                latency_rounds: 3,
                 churn: Duration::from_secs(8),
                 fanout: vec![1_000, 10_000],
                 trickle: Duration::from_secs(5),

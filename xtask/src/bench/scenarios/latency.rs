@@ -32,30 +32,43 @@ pub fn summarize(route: &str, rtts: &[f64], baseline: bool) -> Lat {
     }
 }
 
-/// Every route's ping-pong, each route's processes started for it and stopped after. With
-/// `counts`, each route's wake-ups and system calls per round trip are counted too.
+/// One route's round trips (µs), and whether it is a baseline.
+struct Samples {
+    route: String,
+    rtts: Vec<f64>,
+    baseline: bool,
+}
+
+/// Every route's ping-pong, `n` round trips each, each route's processes started for it and
+/// stopped after. With `counts`, each route's wake-ups and system calls per round trip are
+/// counted too.
 async fn measure(
     ctx: &Ctx,
     sec: &mut Section,
     tag: &str,
+    n: usize,
     mut counts: Option<&mut Vec<(String, Vec<PerRound>)>>,
-) -> Result<Vec<Lat>> {
+) -> Result<Vec<Samples>> {
     let backend = io::backend(TcpListener::bind("127.0.0.1:0").await?)?;
     let target = backend.addr;
-    let n = ctx.size.pings;
     let mut lats = Vec::new();
-    let mut go = |l: Lat| {
+    let mut go = |route: &str, rtts: Vec<f64>, baseline: bool| {
+        let l = summarize(route, &rtts, baseline);
         ctx.say(&format!(
             "   latency{tag} {:<26} p50 {:>7.1} µs  p99 {:>7.1} µs  p99.9 {:>7.1} µs",
             l.route, l.p50, l.p99, l.p999
         ));
-        lats.push(l);
+        lats.push(Samples {
+            route: route.to_string(),
+            rtts,
+            baseline,
+        });
     };
-    go(summarize(
+    go(
         "direct loopback",
-        &pingpong(ctx, &Route::Direct, target, n).await?,
+        pingpong(ctx, &Route::Direct, target, n).await?,
         true,
-    ));
+    );
     let counting = counts.is_some();
     let mut counted = |route: &str, r: Result<Vec<PerRound>>, sec: &mut Section| match r {
         Ok(c) => {
@@ -77,7 +90,7 @@ async fn measure(
     match baselines::ssh(&ctx.work, target) {
         Ok(t) => match pingpong(ctx, &Route::Forward(t.port), target, n).await {
             Ok(r) => {
-                go(summarize(label, &r, true));
+                go(label, r, true);
                 if counting {
                     let procs = [("ssh", t.ssh.pid, false), ("sshd", t.sshd.pid, true)];
                     let route = Route::Forward(t.port);
@@ -92,7 +105,7 @@ async fn measure(
     match baselines::stunnel(&ctx.work, &ctx.pki, target) {
         Ok(t) => match pingpong(ctx, &Route::Forward(t.port), target, n).await {
             Ok(r) => {
-                go(summarize(label, &r, true));
+                go(label, r, true);
                 if counting {
                     let procs = [
                         ("stunnel client", t.client.pid, true),
@@ -125,7 +138,7 @@ async fn measure(
         .await;
         match r {
             Ok((r, per)) => {
-                go(summarize(&label, &r, false));
+                go(&label, r, false);
                 if let Some(per) = per {
                     counted(&label, per, sec);
                 }
@@ -254,21 +267,63 @@ fn floors(sec: &mut Section, lats: &[Lat], suffix: &str) {
     }
 }
 
+/// Every route's round trips over `rounds` rounds, each running all routes in turn with its
+/// share of the round trips (so that a slow spell of the host falls on every route alike),
+/// pooled per route. Wake-ups are counted in the first round.
+async fn rounds(
+    ctx: &Ctx,
+    sec: &mut Section,
+    tag: &str,
+    counts: &mut Vec<(String, Vec<PerRound>)>,
+) -> Result<Vec<Lat>> {
+    let rounds = ctx.size.latency_rounds.max(1);
+    let n = ctx.size.pings.div_ceil(rounds);
+    let mut pooled: Vec<Samples> = Vec::new();
+    for round in 0..rounds {
+        let count = (round == 0).then_some(&mut *counts);
+        for s in measure(ctx, sec, tag, n, count).await? {
+            match pooled.iter_mut().find(|p| p.route == s.route) {
+                Some(p) => p.rtts.extend(s.rtts),
+                None => pooled.push(s),
+            }
+        }
+    }
+    let lats: Vec<Lat> = pooled
+        .iter_mut()
+        .map(|s| {
+            // Percentiles are read from sorted samples; each round's came sorted.
+            s.rtts.sort_by(f64::total_cmp);
+            summarize(&s.route, &s.rtts, s.baseline)
+        })
+        .collect();
+    if rounds > 1 {
+        for l in &lats {
+            ctx.say(&format!(
+                "   latency{tag} {:<26} p50 {:>7.1} µs  p99 {:>7.1} µs  p99.9 {:>7.1} µs (all {rounds} rounds)",
+                l.route, l.p50, l.p99, l.p999
+            ));
+        }
+    }
+    Ok(lats)
+}
+
 pub async fn run(ctx: &Ctx) -> Result<Section> {
     let mut sec = Section::new("latency", super::title("latency"));
     let n = ctx.size.pings;
+    let rounds_n = ctx.size.latency_rounds.max(1);
     let mut counts = Vec::new();
-    let lats = measure(ctx, &mut sec, "", Some(&mut counts)).await?;
+    let lats = rounds(ctx, &mut sec, "", &mut counts).await?;
     // The same with every process on CPU 0: no wake-ups across CPUs, so what remains is the
     // route's own work per round trip (a halted vCPU woken by another CPU costs tens of µs on
     // this kind of VM, paid by every multi-process relay alike).
     let mut pinned_counts = Vec::new();
     let pinned = {
         let _one = OneCpu::pin(0, &[])?;
-        measure(ctx, &mut sec, " (one CPU)", Some(&mut pinned_counts)).await?
+        rounds(ctx, &mut sec, " (one CPU)", &mut pinned_counts).await?
     };
     let md = format!(
-        "{n} round trips of 64 bytes each way per route over one established connection (after a warm-up of {}), client and echo \
+        "{n} round trips of 64 bytes each way per route, in {rounds_n} rounds: each round runs every route in turn, {} round trips \
+         over one established connection (after a warm-up of {}), and each route's percentiles are over all its rounds. Client and echo \
          backend in the bench process; agent `--ebpf=off`. Added = route percentile − direct percentile. Floors: each Spoke \
          route adds no more p50 and p99 than `ssh -L` adds in the same table.\n\n\
          **Scheduler's placement** (as deployed; a round trip wakes each relay process, often on the other, halted, vCPU):\n\n{}\n\
@@ -280,7 +335,8 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
          are one process, in every row; its gRPC rows include the client's HTTP/2 and gRPC framing:\n\n{}\n\
          **The same counts with all processes pinned to one CPU**: here a round trip's CPU time, summed over the processes, \
          is most of its latency, so this is where a route's microseconds go:\n\n{}",
-        n / 10 + 50,
+        n.div_ceil(rounds_n),
+        n.div_ceil(rounds_n) / 10 + 50,
         table(&lats),
         table(&pinned),
         count_table(&counts),
@@ -328,6 +384,7 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
     };
     sec.json = json!({
         "round_trips": n,
+        "rounds": rounds_n,
         "rows": rows(&lats),
         "rows_one_cpu": rows(&pinned),
         "per_round_trip": per_round(&counts),
