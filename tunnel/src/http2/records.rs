@@ -264,14 +264,21 @@ impl Records {
             return Ok(opened);
         }
         let (rest, left) = (cipher_at + used, buf.len() - cipher_at - used);
-        let to = end + GAP;
+        // A gap, once made, keeps itself (each record opened frees more than it adds). It is
+        // made only when a read brought a whole full-size record: a connection that carries
+        // pings and small messages (an idle agent's) keeps no 16 KiB of room for nothing.
+        let to = if self.gap == GAP || used > MAX_PLAIN {
+            end + GAP
+        } else {
+            end
+        };
         if rest < to {
-            // Only before the gap first exists: make room for it.
+            // Only when the gap is first made: room for it.
             buf.resize(to + left, 0);
         }
         buf.copy_within(rest..rest + left, to);
         buf.truncate(to + left);
-        self.gap = GAP;
+        self.gap = to - end;
         Ok(opened)
     }
 
@@ -757,6 +764,40 @@ mod tests {
 
     /// A rustls server that sends session tickets, echoes, and updates its keys (asking us
     /// to update ours) between echoes.
+    /// Small records (pings, small messages) open in place and make no gap: an idle agent's
+    /// connection keeps no record's worth of room. The first read that brings full-size
+    /// records makes it, and it stays.
+    #[tokio::test]
+    async fn only_full_size_records_make_a_gap() {
+        let (server_cfg, client_cfg) = tls_configs(0);
+        let (c, s) = pair().await;
+        let client = tokio::spawn(async move {
+            let mut tls = rustls_client(client_cfg, c).await;
+            for i in 0..50u8 {
+                tls.write_all(&pattern(100, i)).await.unwrap();
+                tls.flush().await.unwrap();
+                let mut ack = [0u8; 1];
+                tls.read_exact(&mut ack).await.unwrap();
+            }
+            tls.write_all(&pattern(256 << 10, 99)).await.unwrap();
+            tls.flush().await.unwrap();
+            let mut ack = [0u8; 1];
+            tls.read_exact(&mut ack).await.unwrap();
+        });
+        let (mut io, _) = our_server(s, server_cfg).await;
+        for i in 0..50u8 {
+            assert_eq!(read_n(&mut io, 100).await, pattern(100, i));
+            assert_eq!(io.records_mut().expect("ours").gap, 0, "message {i}");
+            io.queue(Bytes::from_static(b"k"));
+            std::future::poll_fn(|cx| io.poll_flush(cx)).await.unwrap();
+        }
+        assert_eq!(read_n(&mut io, 256 << 10).await, pattern(256 << 10, 99));
+        assert_eq!(io.records_mut().expect("ours").gap, super::GAP);
+        io.queue(Bytes::from_static(b"k"));
+        std::future::poll_fn(|cx| io.poll_flush(cx)).await.unwrap();
+        client.await.unwrap();
+    }
+
     /// Long pieces are sealed from where they lie, in records of their own; short ones share
     /// a record. Read through a TCP hop that keeps a copy of what our end sent, the records'
     /// lengths on the wire are those, and a rustls client reads every byte in order.
