@@ -1,7 +1,7 @@
 //! Opening local endpoints for the server's dials: the agent's limits, `--allowed-destinations`,
 //! the eBPF fast path, and error texts as Go's net package words them (upstream servers map
 //! them to HTTP statuses and clients match phrases like "connection refused").
-use crate::ebpf::Ebpf;
+use crate::ebpf::{Ebpf, HeldWriter};
 use crate::metrics::AgentMetrics;
 use crate::policy::Destinations;
 use spoke_proto::DialRequest;
@@ -83,8 +83,23 @@ impl EndpointDialer for Endpoints {
             m.dial_duration.observe(started.elapsed().as_secs_f64());
             tracing::debug!(address = %req.address, connection_id = id, "endpoint connected");
             m.open_endpoint_connections.inc();
+            let backlog = self.ebpf.backlog(&tcp);
             let (reader, writer) = tcp.split_io();
-            session.relay(id, parts).run(reader, writer).await;
+            let relay = session.relay(id, parts);
+            match backlog {
+                Some(backlog) => {
+                    relay
+                        .run(
+                            reader,
+                            HeldWriter {
+                                inner: writer,
+                                backlog,
+                            },
+                        )
+                        .await
+                }
+                None => relay.run(reader, writer).await,
+            }
             m.open_endpoint_connections.dec();
             tracing::debug!(connection_id = id, "endpoint connection closed");
         });

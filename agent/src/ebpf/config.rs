@@ -95,8 +95,9 @@ pub struct EbpfArgs {
     /// wait for readiness after EAGAIN belong here: bytes sk_msg redirects are invisible to a
     /// reader that uses splice(2) (Go's io.Copy between TCP connections does), and the kernel
     /// returns EAGAIN even to a blocking read of a redirect target that wakes without data,
-    /// and after a backlog fallback a read may be short while more is queued (a reader that
-    /// then waits for the next epoll edge, as tokio's and nginx's do, may wait for ever).
+    /// and after a backlog fallback (which the agent avoids by waiting for a lagging reader)
+    /// a read may be short while more is queued (a reader that then waits for the next
+    /// epoll edge, as tokio's and nginx's do, may wait for ever).
     /// The kubelet (10250) reads through Go's TLS stack and netpoller. Off by
     /// default because under the kernel's default congestion control (cubic) the redirect cost
     /// the agent more CPU per byte than loopback TCP (BENCHMARKS.md); it saved CPU where TCP

@@ -10,6 +10,7 @@
 //!
 //! Every attachment is a kernel link owned by this process (nothing is pinned), so dropping
 //! [`Ebpf`], exiting or being SIGKILLed detaches everything; a restarted agent starts clean.
+mod backlog;
 mod config;
 mod metrics;
 mod sys;
@@ -18,7 +19,7 @@ use std::{
     fs::File,
     io,
     net::IpAddr,
-    os::fd::BorrowedFd,
+    os::fd::{AsFd, BorrowedFd},
     sync::{Arc, Mutex},
 };
 
@@ -31,6 +32,7 @@ use aya::{
 use serde::Serialize;
 use spoke_agent_common::{SockKey, AGENT_SOCK_MARK, PRESENT};
 
+pub use backlog::{Backlog, HeldWriter};
 pub use config::{EbpfArgs, EbpfConfig, EbpfMode};
 pub use metrics::EbpfCollector;
 
@@ -121,6 +123,9 @@ pub struct Ebpf {
     status: EbpfStatus,
     /// Socket cookies of agent sockets (`AGENT_SOCKS`); `Some` only while the fast path runs.
     agent_socks: Option<Mutex<HashMap<MapData, u64, u8>>>,
+    /// The pairs' counts, read to hold a writer back from a lagging reader; `Some` only
+    /// while the fast path runs.
+    backlog_maps: Option<Arc<backlog::BacklogMaps>>,
     /// Endpoint ports whose legs are redirected (`--ebpf-fast-path-ports`).
     fast_path_ports: Vec<u16>,
     counters: Option<Arc<PerCpuArray<MapData, u64>>>,
@@ -160,6 +165,7 @@ impl Ebpf {
         Ebpf {
             status,
             agent_socks: None,
+            backlog_maps: None,
             fast_path_ports: Vec::new(),
             counters: None,
             _xdp_links: Vec::new(),
@@ -229,6 +235,7 @@ impl Ebpf {
         let mut ebpf = Ebpf {
             status,
             agent_socks: None,
+            backlog_maps: None,
             fast_path_ports: cfg.fast_path_ports.clone(),
             counters,
             _xdp_links: Vec::new(),
@@ -273,6 +280,7 @@ impl Ebpf {
         }
         self._socks = None;
         self.agent_socks = None;
+        self.backlog_maps = None;
     }
 
     fn attach_fast_path(
@@ -311,6 +319,18 @@ impl Ebpf {
             .ok_or("object has no AGENT_SOCKS map")?
             .try_into()
             .map_err(|e| explain("AGENT_SOCKS map", &e))?;
+        let backlog_maps = backlog::BacklogMaps {
+            peers: bpf
+                .take_map("PEERS")
+                .ok_or("object has no PEERS map")?
+                .try_into()
+                .map_err(|e| explain("PEERS map", &e))?,
+            consumed: bpf
+                .take_map("CONSUMED")
+                .ok_or("object has no CONSUMED map")?
+                .try_into()
+                .map_err(|e| explain("CONSUMED map", &e))?,
+        };
 
         // Without counting what readers consume, a redirect could queue without bound in a
         // stalled reader's socket (the kernel charges it to no receive buffer): no count, no
@@ -365,6 +385,7 @@ impl Ebpf {
             error: None,
         });
         self.agent_socks = Some(Mutex::new(agent_socks));
+        self.backlog_maps = Some(Arc::new(backlog_maps));
         let ports: Vec<String> = cfg.fast_path_ports.iter().map(u16::to_string).collect();
         Ok(format!(
             "sock_ops on {cgroup_label}, sk_msg redirect to endpoint ports {} (a leg goes to TCP while its reader lags {} MiB)",
@@ -451,6 +472,25 @@ impl Ebpf {
             .map_err(|_| io::Error::other("AGENT_SOCKS lock poisoned"))?;
         map.insert(cookie, AGENT_SOCK_MARK, 0)
             .map_err(io::Error::other)
+    }
+
+    /// What holds the agent's writes to `tcp` back while its endpoint's reader lags
+    /// ([`Backlog`]); `None` when the fast path is off or `tcp`'s port is not listed.
+    pub fn backlog(&self, tcp: &tokio::net::TcpStream) -> Option<Backlog> {
+        let maps = self.backlog_maps.as_ref()?;
+        let peer = tcp.peer_addr().ok()?;
+        if !self.fast_path_ports.contains(&peer.port()) {
+            return None;
+        }
+        let netns = match sys::netns_cookie(tcp.as_fd()) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "no network namespace cookie: the redirect's backlog goes unwatched");
+                return None;
+            }
+        };
+        let key = backlog::sock_key(netns, tcp.local_addr().ok()?, peer);
+        Some(Backlog::new(maps.clone(), key))
     }
 
     /// True while the socket fast path is attached.

@@ -69,6 +69,28 @@ pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(cookie)
 }
 
+/// The socket's network namespace cookie (SO_NETNS_COOKIE, Linux 5.14): the value
+/// `bpf_get_netns_cookie()` returns to the programs for it.
+pub fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd, output buffer of the advertised length.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it where allowed. Newer
 /// kernels use memcg accounting and ignore it, so failure is not an error.
 pub fn raise_memlock_rlimit() {
