@@ -83,20 +83,19 @@ impl EndpointDialer for Endpoints {
             m.dial_duration.observe(started.elapsed().as_secs_f64());
             tracing::debug!(address = %req.address, connection_id = id, "endpoint connected");
             m.open_endpoint_connections.inc();
-            let backlog = self.ebpf.backlog(&tcp);
+            // Boxed, as the held relay below: this task lives as long as its connection.
+            let backlog = self.ebpf.backlog(&tcp).map(Box::new);
             let (reader, writer) = tcp.split_io();
             let relay = session.relay(id, parts);
             match backlog {
+                // Boxed: the held relay's future is larger, and every endpoint connection's
+                // task would otherwise be that large too (fast path or not).
                 Some(backlog) => {
-                    relay
-                        .run(
-                            reader,
-                            HeldWriter {
-                                inner: writer,
-                                backlog,
-                            },
-                        )
-                        .await
+                    let writer = HeldWriter {
+                        inner: writer,
+                        backlog: *backlog,
+                    };
+                    Box::pin(relay.run(reader, writer)).await
                 }
                 None => relay.run(reader, writer).await,
             }

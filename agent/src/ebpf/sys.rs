@@ -51,44 +51,34 @@ pub fn missing_caps() -> Vec<&'static str> {
 /// The kernel's socket cookie (SO_COOKIE): stable for the socket's lifetime, never reused,
 /// and the same value `bpf_get_socket_cookie()` returns to the programs.
 pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: valid fd, output buffer of the advertised length.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(cookie)
+    socket_u64(fd, libc::SO_COOKIE)
 }
 
 /// The socket's network namespace cookie (SO_NETNS_COOKIE, Linux 5.14): the value
 /// `bpf_get_netns_cookie()` returns to the programs for it.
 pub fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     const SO_NETNS_COOKIE: libc::c_int = 71;
-    let mut cookie: u64 = 0;
+    socket_u64(fd, SO_NETNS_COOKIE)
+}
+
+/// A `u64` socket option at SOL_SOCKET level.
+fn socket_u64(fd: BorrowedFd<'_>, option: libc::c_int) -> io::Result<u64> {
+    let mut value: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: valid fd, output buffer of the advertised length.
     let rc = unsafe {
         libc::getsockopt(
             fd.as_raw_fd(),
             libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
+            option,
+            (&mut value as *mut u64).cast(),
             &mut len,
         )
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(cookie)
+    Ok(value)
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it where allowed. Newer

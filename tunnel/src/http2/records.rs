@@ -762,8 +762,6 @@ mod tests {
         server.await.unwrap();
     }
 
-    /// A rustls server that sends session tickets, echoes, and updates its keys (asking us
-    /// to update ours) between echoes.
     /// Small records (pings, small messages) open in place and make no gap: an idle agent's
     /// connection keeps no record's worth of room. The first read that brings full-size
     /// records makes it, and it stays.
@@ -870,6 +868,8 @@ mod tests {
         );
     }
 
+    /// A rustls server that sends session tickets, echoes, and updates its keys (asking us
+    /// to update ours) between echoes.
     #[tokio::test]
     async fn tickets_and_key_updates_from_a_rustls_peer() {
         let (server_cfg, client_cfg) = tls_configs(2);
