@@ -168,25 +168,17 @@ async fn one_round(ctx: &Ctx, target: SocketAddr, skipped: &mut Vec<String>) -> 
 
 /// One row per route and direction: the round of median throughput, with every round's.
 fn median_rounds(rounds: Vec<Vec<Row>>) -> Vec<Row> {
-    let mut out: Vec<Row> = Vec::new();
-    let Some(first) = rounds.first() else {
-        return out;
-    };
-    let keys: Vec<(String, &'static str)> =
-        first.iter().map(|r| (r.route.clone(), r.dir)).collect();
-    let mut rounds: Vec<Vec<Option<Row>>> = rounds
-        .into_iter()
-        .map(|rs| rs.into_iter().map(Some).collect())
-        .collect();
+    let keys: Vec<(String, &'static str)> = rounds
+        .first()
+        .map(|first| first.iter().map(|r| (r.route.clone(), r.dir)).collect())
+        .unwrap_or_default();
+    let mut left: Vec<Row> = rounds.into_iter().flatten().collect();
+    let mut out = Vec::new();
     for (route, dir) in keys {
-        let mut runs: Vec<Row> = rounds
-            .iter_mut()
-            .filter_map(|rs| {
-                rs.iter_mut()
-                    .find(|r| r.as_ref().is_some_and(|r| r.route == route && r.dir == dir))
-                    .and_then(Option::take)
-            })
-            .collect();
+        let (mut runs, rest): (Vec<Row>, Vec<Row>) = left
+            .into_iter()
+            .partition(|r| r.route == route && r.dir == dir);
+        left = rest;
         let each: Vec<f64> = runs.iter().map(|r| r.mibs).collect();
         runs.sort_by(|a, b| a.mibs.total_cmp(&b.mibs));
         let mut median = runs.swap_remove(runs.len() / 2);
@@ -351,4 +343,39 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
         "skipped": sec.skipped,
     });
     Ok(sec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(route: &str, dir: &'static str, mibs: f64) -> Row {
+        Row {
+            route: route.into(),
+            dir,
+            mibs,
+            cpu: vec![("p".into(), mibs / 1000.0)],
+            per_mib: Vec::new(),
+            baseline: false,
+            rounds: vec![mibs],
+        }
+    }
+
+    /// Each route and direction keeps its median round whole (its CPU with its MiB/s), lists
+    /// every round's MiB/s in order, and keeps the first round's order of rows.
+    #[test]
+    fn median_rounds_keep_the_median_round_and_all_rounds() {
+        let rounds = vec![
+            vec![row("a", "download", 3.0), row("a", "upload", 10.0)],
+            vec![row("a", "download", 1.0), row("a", "upload", 30.0)],
+            vec![row("a", "upload", 20.0), row("a", "download", 2.0)],
+        ];
+        let rows = median_rounds(rounds);
+        assert_eq!(rows.len(), 2);
+        assert_eq!((rows[0].dir, rows[0].mibs), ("download", 2.0));
+        assert_eq!(rows[0].cpu[0].1, 0.002);
+        assert_eq!(rows[0].rounds, [3.0, 1.0, 2.0]);
+        assert_eq!((rows[1].dir, rows[1].mibs), ("upload", 20.0));
+        assert_eq!(rows[1].rounds, [10.0, 30.0, 20.0]);
+    }
 }
