@@ -83,13 +83,13 @@ impl EndpointDialer for Endpoints {
             m.dial_duration.observe(started.elapsed().as_secs_f64());
             tracing::debug!(address = %req.address, connection_id = id, "endpoint connected");
             m.open_endpoint_connections.inc();
-            // Boxed, as the held relay below: this task lives as long as its connection.
+            // The held relay and its backlog are boxed: they are larger, and every endpoint
+            // connection's task (it lives as long as the connection) would otherwise be that
+            // large too, fast path or not.
             let backlog = self.ebpf.backlog(&tcp).map(Box::new);
             let (reader, writer) = tcp.split_io();
             let relay = session.relay(id, parts);
             match backlog {
-                // Boxed: the held relay's future is larger, and every endpoint connection's
-                // task would otherwise be that large too (fast path or not).
                 Some(backlog) => {
                     let writer = HeldWriter {
                         inner: writer,

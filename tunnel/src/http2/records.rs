@@ -822,7 +822,7 @@ mod tests {
                 }
             }
         });
-        // (piece length, the records' plaintext lengths it starts, given what follows)
+        // The pieces queued, and the plaintext lengths of the records they must go out in.
         let pieces = [20, 65_536, 100, 5_000, 3, 2, 16_394, 4_095, 4_096];
         let records = [
             20,
