@@ -117,8 +117,13 @@ pub mod counter {
     /// sk_msg: times a pair's reader fell [`super::REDIRECT_BACKLOG_LIMIT`] behind and the
     /// pair went to the TCP path (until the reader catches up).
     pub const BACKLOG_FALLBACKS: u32 = 13;
+    /// Read counter: reads that reached the count an agent writer waited for, and sent it a
+    /// wake-up on the `WAKE` ring.
+    pub const READER_WAKEUPS: u32 = 14;
+    /// Read counter: wake-ups lost to a full `WAKE` ring (the writer's timer takes over).
+    pub const WAKE_RING_FULL: u32 = 15;
     /// Number of slots in the array.
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 16;
 }
 
 /// Value stored in the protected-port and allow-CIDR maps.

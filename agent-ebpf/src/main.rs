@@ -10,7 +10,8 @@
 //!   and often faster than the agent forwards), whose redirect would only fall back soon and
 //!   meanwhile costs its every send the sk_msg path (measured in BENCHMARKS.md).
 //! * `spoke_recv` (raw tracepoint `sock_recv_length`, every socket read on the node): counts
-//!   what each paired socket's reader consumed, in `CONSUMED`.
+//!   what each paired socket's reader consumed, in `CONSUMED`, and wakes an agent writer
+//!   waiting for that reader (`WAITING`, `WAKE`).
 //! * `spoke_xdp_guard` (XDP): drops TCP to protected local ports unless the source is allowed.
 #![no_std]
 #![no_main]
@@ -24,7 +25,7 @@ use aya_ebpf::{
     },
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{map, raw_tracepoint, sk_msg, sock_ops, xdp},
-    maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
+    maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash},
     programs::{RawTracePointContext, SkMsgContext, SockOpsContext, XdpContext},
 };
 use aya_log_ebpf::warn;
@@ -51,6 +52,16 @@ static PEERS: LruHashMap<SockKey, Peer> = LruHashMap::with_max_entries(65536, 0)
 /// Kernel address of a paired socket -> bytes its reader has read.
 #[map]
 static CONSUMED: LruHashMap<u64, u64> = LruHashMap::with_max_entries(65536, 0);
+
+/// Kernel address of a paired socket -> the `CONSUMED` count its agent writer waits for.
+/// Written by the agent, removed by the read that reaches it (which then sends the address
+/// on `WAKE`), by the agent when it stops waiting, or at close.
+#[map]
+static WAITING: LruHashMap<u64, u64> = LruHashMap::with_max_entries(65536, 0);
+
+/// Addresses of sockets whose reader reached the count the agent waited for.
+#[map]
+static WAKE: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
 
 /// Tuple the endpoint's socket will have (netns 0) -> key of the agent socket waiting for it.
 /// The agent's side is established first, so the endpoint's passive callback finds it here.
@@ -233,7 +244,9 @@ fn on_state_change(ctx: &SockOpsContext) {
     };
     let _ = PEERS.remove(key);
     let _ = PENDING.remove(key.reversed(0));
-    let _ = CONSUMED.remove(sock_addr(ctx));
+    let sock = sock_addr(ctx);
+    let _ = CONSUMED.remove(sock);
+    let _ = WAITING.remove(sock);
     count(counter::SOCKETS_CLOSED, 1);
 }
 
@@ -309,10 +322,24 @@ pub fn spoke_recv(ctx: RawTracePointContext) -> i32 {
     if copied <= 0 || flags & MSG_PEEK != 0 {
         return 0;
     }
-    if let Some(total) = CONSUMED.get_ptr_mut(sock) {
-        // Two threads reading one socket at once could lose an add: the backlog then reads
-        // high and the pair falls back early, the safe way round.
-        unsafe { *total += copied as u64 };
+    let Some(total) = CONSUMED.get_ptr_mut(sock) else {
+        return 0;
+    };
+    // Two threads reading one socket at once could lose an add: the backlog then reads
+    // high and the pair falls back early, the safe way round.
+    let total = unsafe {
+        *total += copied as u64;
+        *total
+    };
+    // The remove decides which of two racing reads sends the wake-up. If the ring is full
+    // the agent's own timeout reads the count instead.
+    if let Some(at) = unsafe { WAITING.get(sock) } {
+        if total >= *at && WAITING.remove(sock).is_ok() {
+            match WAKE.output::<u64>(sock, 0) {
+                Ok(()) => count(counter::READER_WAKEUPS, 1),
+                Err(_) => count(counter::WAKE_RING_FULL, 1),
+            }
+        }
     }
     0
 }

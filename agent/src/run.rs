@@ -61,7 +61,11 @@ pub fn run(opts: Options) -> Result<()> {
         false => None,
     };
     let destinations = policy::Destinations::parse(&opts.allowed_destinations)?;
-    let ebpf = Ebpf::load(&opts.ebpf.config()?)?;
+    // In the runtime: the loader spawns the tasks that read the programs' rings.
+    let ebpf = {
+        let _in_runtime = rt.enter();
+        Ebpf::load(&opts.ebpf.config()?)?
+    };
     let mut registry = metrics.registry();
     ebpf.register_metrics(&mut registry);
     let endpoints = Arc::new(Endpoints {

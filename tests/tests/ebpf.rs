@@ -455,6 +455,10 @@ const PAIRS_REFUSED: &str = "spoke_ebpf_pairs_refused_total";
 const REDIR_BYTES: &str = "spoke_ebpf_redirected_bytes_total";
 const REDIR_MSGS: &str = "spoke_ebpf_redirected_messages_total";
 const FALLBACKS: &str = "spoke_ebpf_backlog_fallbacks_total";
+const HOLDS: &str = "spoke_ebpf_backlog_holds_total";
+const HELD_SECONDS: &str = "spoke_ebpf_backlog_hold_seconds_total";
+const READER_WAKEUPS: &str = "spoke_ebpf_backlog_reader_wakeups_total";
+const WAKEUPS_SENT: &str = "spoke_ebpf_backlog_wakeups_sent_total";
 const XDP_DENIED: &str = "spoke_ebpf_xdp_packets_total{action=\"drop\",reason=\"denied_source\"}";
 const XDP_ALLOWED: &str = "spoke_ebpf_xdp_packets_total{action=\"pass\",reason=\"allowed_source\"}";
 
@@ -967,6 +971,8 @@ fn fast_path_memory_stays_bounded_when_a_reader_stalls() {
         0.0,
         "the agent did not hold back from a stalled reader: the pair fell back to TCP"
     );
+    // The write still waiting is not counted yet; the ones that waited before it are.
+    let stalled_holds = delta(&before, &after, HOLDS);
     drop(conn);
 
     // The endpoint writes, the client never reads.
@@ -997,6 +1003,19 @@ fn fast_path_memory_stays_bounded_when_a_reader_stalls() {
         "only {} of {} bytes to a slow reader were redirected",
         delta(&before, &mid, REDIR_BYTES),
         24 << 20
+    );
+    // The waits show in the agent's metrics, counted and timed, and the reader's reads
+    // (not only timers) ended them.
+    let (holds, held, woken) = (
+        delta(&before, &mid, HOLDS),
+        delta(&before, &mid, HELD_SECONDS),
+        delta(&before, &mid, READER_WAKEUPS),
+    );
+    assert!(
+        holds >= 1.0 && held > 0.0 && woken >= 1.0,
+        "writes held for a slow reader: {holds} ({held} s in all, {woken} woken by its reads, \
+         of {} wake-ups its reads sent); for the stalled one earlier: {stalled_holds}",
+        delta(&before, &mid, WAKEUPS_SENT)
     );
     let burst = Arc::new(payload(1 << 20, 12));
     echo_over(&conn, "the caught-up reader", &burst);

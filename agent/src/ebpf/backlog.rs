@@ -12,36 +12,139 @@
 //! of the limit. The maps are read only once the agent may be that far ahead by its own
 //! count, so a reader that keeps up costs no system call. Its own flow control then holds the
 //! peer back, as with a slow TCP reader. The kernel's fallback stays as the last resort.
-use aya::maps::{HashMap, MapData};
+//!
+//! A wait ends as a TCP sender's does, on the reader's progress: the agent marks in `WAITING`
+//! the count it waits for, and the read that reaches it sends the socket on the `WAKE` ring
+//! ([`BacklogMaps::wake_from`]). A timer that grows from 1 to 32 ms stays behind it, for a
+//! full ring. (Timers alone held a reader that keeps up but shares the agent's CPU for 2 ms
+//! each time: it drained the backlog in a fraction of that and the pair idled the rest.)
+use aya::maps::{HashMap, MapData, RingBuf};
 use bytes::Bytes;
 use spoke_agent_common::{Peer, SockKey, REDIRECT_BACKLOG_LIMIT};
 use spoke_tunnel::relay::LocalWrite;
 use std::collections::VecDeque;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
 
 /// Writes wait while they would leave more than this unread.
 const HOLD_AT: u64 = REDIRECT_BACKLOG_LIMIT / 4 * 3;
-/// First and longest pause between two readings of a lagging reader's count.
+/// First and longest wait between two readings of a lagging reader's count, when no read
+/// wakes the writer first.
 const FIRST_PAUSE: Duration = Duration::from_millis(1);
 const LONGEST_PAUSE: Duration = Duration::from_millis(32);
 
 /// The kernel programs' counts of each pair: what the agent sent (`PEERS`, by the agent
-/// socket's key) and what the endpoint read (`CONSUMED`, by the endpoint socket's address).
+/// socket's key) and what the endpoint read (`CONSUMED`, by the endpoint socket's address);
+/// and the marks (`WAITING`) whose reads wake a held writer.
 pub struct BacklogMaps {
-    pub(super) peers: HashMap<MapData, SockKey, Peer>,
-    pub(super) consumed: HashMap<MapData, u64, u64>,
+    peers: HashMap<MapData, SockKey, Peer>,
+    consumed: HashMap<MapData, u64, u64>,
+    waiting: Mutex<HashMap<MapData, u64, u64>>,
+    /// Held writers by their endpoint socket's address, woken from the `WAKE` ring.
+    waiters: Mutex<std::collections::HashMap<u64, Arc<Notify>>>,
+    /// Writes held back for a lagging reader, the time they waited in all (µs), and the
+    /// wake-ups readers sent them: an operator's view of how often endpoints stall the
+    /// fast path.
+    holds: AtomicU64,
+    held_micros: AtomicU64,
+    wakeups: AtomicU64,
+}
+
+/// What a pair's counts say: the endpoint socket's address, bytes sent, bytes read.
+struct Counts {
+    sock: u64,
+    sent: u64,
+    read: u64,
 }
 
 impl BacklogMaps {
-    /// Bytes the agent socket `key` sent that its endpoint has not read; `None` if the
-    /// socket is not paired, or its endpoint is closing.
-    fn unread(&self, key: &SockKey) -> Option<u64> {
+    pub(super) fn new(
+        peers: HashMap<MapData, SockKey, Peer>,
+        consumed: HashMap<MapData, u64, u64>,
+        waiting: HashMap<MapData, u64, u64>,
+    ) -> BacklogMaps {
+        BacklogMaps {
+            peers,
+            consumed,
+            waiting: Mutex::new(waiting),
+            waiters: Mutex::default(),
+            holds: AtomicU64::new(0),
+            held_micros: AtomicU64::new(0),
+            wakeups: AtomicU64::new(0),
+        }
+    }
+
+    /// (writes held, seconds they waited in all, wake-ups sent by readers).
+    pub(super) fn holds(&self) -> (u64, f64, u64) {
+        let micros = self.held_micros.load(Ordering::Relaxed);
+        (
+            self.holds.load(Ordering::Relaxed),
+            micros as f64 / 1e6,
+            self.wakeups.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The counts of the agent socket `key`; `None` if it is not paired, or its endpoint is
+    /// closing.
+    fn counts(&self, key: &SockKey) -> Option<Counts> {
         let peer = self.peers.get(key, 0).ok()?;
-        let consumed = self.consumed.get(&peer.sock, 0).ok()?;
-        Some(peer.sent.saturating_sub(consumed))
+        let read = self.consumed.get(&peer.sock, 0).ok()?;
+        Some(Counts {
+            sock: peer.sock,
+            sent: peer.sent,
+            read,
+        })
+    }
+
+    /// Waits until the endpoint socket `sock` has read `at` bytes in all, or `longest`.
+    async fn wait_for(&self, sock: u64, at: u64, notify: &Arc<Notify>, longest: Duration) {
+        let _mark = Mark { maps: self, sock };
+        lock(&self.waiters).insert(sock, notify.clone());
+        if lock(&self.waiting).insert(sock, at, 0).is_err() {
+            tokio::time::sleep(longest).await;
+            return;
+        }
+        // A read between the last look at the counts and the mark woke nobody.
+        if self.consumed.get(&sock, 0).is_ok_and(|read| read < at) {
+            let _ = tokio::time::timeout(longest, notify.notified()).await;
+        }
+    }
+
+    /// Wakes the writers whose readers' addresses `ring` brings, until it is empty.
+    pub(super) fn wake_from(&self, ring: &mut RingBuf<MapData>) {
+        while let Some(item) = ring.next() {
+            let Ok(sock) = <[u8; 8]>::try_from(&*item).map(u64::from_ne_bytes) else {
+                continue;
+            };
+            if let Some(waiter) = lock(&self.waiters).get(&sock) {
+                self.wakeups.fetch_add(1, Ordering::Relaxed);
+                waiter.notify_one();
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Nothing panics while holding these; a poisoned map is still consistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A writer's mark in `WAITING` and its entry among the waiters, removed however the wait
+/// ends (woken, timed out, or the write dropped with its connection).
+struct Mark<'a> {
+    maps: &'a BacklogMaps,
+    sock: u64,
+}
+
+impl Drop for Mark<'_> {
+    fn drop(&mut self) {
+        // Gone already when the reader's read removed it.
+        let _ = lock(&self.maps.waiting).remove(&self.sock);
+        lock(&self.maps.waiters).remove(&self.sock);
     }
 }
 
@@ -53,6 +156,7 @@ pub struct Backlog {
     ahead: u64,
     /// The socket is not paired (or no longer): TCP bounds it, nothing to watch.
     unpaired: bool,
+    notify: Arc<Notify>,
 }
 
 impl Backlog {
@@ -62,6 +166,7 @@ impl Backlog {
             key,
             ahead: 0,
             unpaired: false,
+            notify: Arc::new(Notify::new()),
         }
     }
 
@@ -73,25 +178,48 @@ impl Backlog {
             return;
         }
         let mut pause = FIRST_PAUSE;
+        // Once held: since when, and the endpoint's read count that lets the write go.
+        let mut held: Option<(Instant, u64)> = None;
         loop {
-            match self.maps.unread(&self.key) {
-                // An unread backlog larger than the limit minus this write would be
-                // refused by the kernel; a write larger than the margin goes when all is read.
-                Some(unread) if unread + n > HOLD_AT && unread > 0 => {
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(LONGEST_PAUSE);
-                }
-                Some(unread) => {
-                    self.ahead = unread + n;
-                    return;
-                }
-                None => {
-                    self.unpaired = true;
-                    return;
-                }
+            let Some(c) = self.maps.counts(&self.key) else {
+                self.unpaired = true;
+                break;
+            };
+            let unread = c.sent.saturating_sub(c.read);
+            // An unread backlog larger than the limit minus this write would be refused by
+            // the kernel; a write larger than the margin goes when all is read.
+            let go = match held {
+                None => unread == 0 || unread + n <= HOLD_AT,
+                Some((_, at)) => c.read >= at,
+            };
+            if go {
+                self.ahead = unread + n;
+                break;
             }
+            // The agent sends nothing meanwhile, so `sent` stays put.
+            let at = held
+                .get_or_insert_with(|| (Instant::now(), release_at(c.sent, n)))
+                .1;
+            self.maps.wait_for(c.sock, at, &self.notify, pause).await;
+            pause = (pause * 2).min(LONGEST_PAUSE);
+        }
+        if let Some((since, _)) = held {
+            let micros = u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX);
+            self.maps.holds.fetch_add(1, Ordering::Relaxed);
+            self.maps.held_micros.fetch_add(micros, Ordering::Relaxed);
         }
     }
+}
+
+/// The endpoint's read count that releases a write of `n` bytes held after `sent`: the write
+/// fits and half the margin is read, like a TCP sender woken with a third of its buffer
+/// free. The reader still has bytes while the agent refills, and a run of small reads wakes
+/// it once. A write larger than the margin waits for everything to be read.
+fn release_at(sent: u64, n: u64) -> u64 {
+    (sent + n)
+        .saturating_sub(HOLD_AT)
+        .max(sent.saturating_sub(HOLD_AT / 2))
+        .min(sent)
 }
 
 /// The key `spoke_sockops` and `spoke_msg` give the agent's socket from `local` to `peer`
@@ -154,6 +282,21 @@ impl<W: LocalWrite> LocalWrite for HeldWriter<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn held_writes_go_once_they_fit_and_half_the_margin_is_read() {
+        let sent = 100 << 20;
+        // A small write: half the margin read.
+        assert_eq!(release_at(sent, 16 << 10), sent - HOLD_AT / 2);
+        // A write larger than half the margin: read until it fits.
+        let n = HOLD_AT / 4 * 3;
+        assert_eq!(release_at(sent, n), sent + n - HOLD_AT);
+        assert!(sent - release_at(sent, n) + n <= HOLD_AT);
+        // Larger than the margin: everything read.
+        assert_eq!(release_at(sent, HOLD_AT + 1), sent);
+        // Early in a connection, nothing below zero.
+        assert_eq!(release_at(1 << 20, 16 << 10), 0);
+    }
 
     #[test]
     fn keys_as_the_kernel_programs_build_them() {

@@ -9,6 +9,8 @@ use prometheus_client::{
 };
 use spoke_agent_common::counter;
 
+use super::backlog::BacklogMaps;
+
 /// Plain counters: (metric name without `_total`, help, counter index).
 const COUNTERS: &[(&str, &str, u32)] = &[
     (
@@ -56,6 +58,16 @@ const COUNTERS: &[(&str, &str, u32)] = &[
         "Failures to insert a socket into the SockHash",
         counter::SOCKHASH_ERRORS,
     ),
+    (
+        "spoke_ebpf_backlog_wakeups_sent",
+        "Reads of a redirected endpoint that reached the count an agent writer held for it waited for, and woke it",
+        counter::READER_WAKEUPS,
+    ),
+    (
+        "spoke_ebpf_backlog_wakeups_lost",
+        "Wake-ups for held agent writers lost to a full ring buffer (the writer's timer took over)",
+        counter::WAKE_RING_FULL,
+    ),
 ];
 
 /// XDP verdicts: (action, reason, counter index).
@@ -71,6 +83,8 @@ const XDP: &[(&str, &str, u32)] = &[
 /// keeps programs attached.
 pub struct EbpfCollector {
     pub(super) counters: Option<Arc<PerCpuArray<MapData, u64>>>,
+    /// The agent's own count of writes held for a lagging reader; `Some` while the fast path runs.
+    pub(super) backlog: Option<Arc<BacklogMaps>>,
     /// (program label, attached).
     pub(super) programs: Vec<(&'static str, bool)>,
 }
@@ -79,6 +93,7 @@ impl std::fmt::Debug for EbpfCollector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EbpfCollector")
             .field("counters", &self.counters.is_some())
+            .field("backlog", &self.backlog.is_some())
             .field("programs", &self.programs)
             .finish()
     }
@@ -124,6 +139,30 @@ impl Collector for EbpfCollector {
             let labels = [("action", *action), ("reason", *reason)];
             let metric = ConstCounter::new(self.read(*index).unwrap_or(0));
             metric.encode(family.encode_family(&labels)?)?;
+        }
+        if let Some(backlog) = &self.backlog {
+            let (holds, seconds, wakeups) = backlog.holds();
+            let metric = ConstCounter::new(holds);
+            metric.encode(encoder.encode_descriptor(
+                "spoke_ebpf_backlog_holds",
+                "Agent writes to a redirected endpoint held back until its reader caught up (instead of falling back to TCP)",
+                None,
+                metric.metric_type(),
+            )?)?;
+            let metric = ConstCounter::new(seconds);
+            metric.encode(encoder.encode_descriptor(
+                "spoke_ebpf_backlog_hold_seconds",
+                "Time agent writes to redirected endpoints spent held back for their readers",
+                None,
+                metric.metric_type(),
+            )?)?;
+            let metric = ConstCounter::new(wakeups);
+            metric.encode(encoder.encode_descriptor(
+                "spoke_ebpf_backlog_reader_wakeups",
+                "Held agent writes woken by their reader's progress (the rest by a timer)",
+                None,
+                metric.metric_type(),
+            )?)?;
         }
         Ok(())
     }

@@ -24,7 +24,7 @@ use std::{
 };
 
 use aya::{
-    maps::{lpm_trie::Key, HashMap, LpmTrie, MapData, PerCpuArray, SockHash},
+    maps::{lpm_trie::Key, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, SockHash},
     programs::{links::FdLink, CgroupAttachMode, RawTracePoint, SkMsg, SockOps, Xdp, XdpMode},
     util::KernelVersion,
     EbpfLoader,
@@ -129,8 +129,10 @@ pub struct Ebpf {
     /// Endpoint ports whose legs are redirected (`--ebpf-fast-path-ports`).
     fast_path_ports: Vec<u16>,
     counters: Option<Arc<PerCpuArray<MapData, u64>>>,
-    // Field order is drop order: XDP links, then the log task, then programs and maps.
+    // Field order is drop order: XDP links, then the tasks, then programs and maps.
     _xdp_links: Vec<FdLink>,
+    /// Reads the `WAKE` ring while the fast path runs.
+    _waker: Option<Waker>,
     _logger: Option<LogForwarder>,
     _socks: Option<SockHash<MapData, SockKey>>,
     _bpf: Option<aya::Ebpf>,
@@ -169,6 +171,7 @@ impl Ebpf {
             fast_path_ports: Vec::new(),
             counters: None,
             _xdp_links: Vec::new(),
+            _waker: None,
             _logger: None,
             _socks: None,
             _bpf: None,
@@ -239,6 +242,7 @@ impl Ebpf {
             fast_path_ports: cfg.fast_path_ports.clone(),
             counters,
             _xdp_links: Vec::new(),
+            _waker: None,
             _logger: logger,
             _socks: None,
             _bpf: None,
@@ -281,6 +285,7 @@ impl Ebpf {
         self._socks = None;
         self.agent_socks = None;
         self.backlog_maps = None;
+        self._waker = None;
     }
 
     fn attach_fast_path(
@@ -319,18 +324,25 @@ impl Ebpf {
             .ok_or("object has no AGENT_SOCKS map")?
             .try_into()
             .map_err(|e| explain("AGENT_SOCKS map", &e))?;
-        let backlog_maps = backlog::BacklogMaps {
-            peers: bpf
-                .take_map("PEERS")
-                .ok_or("object has no PEERS map")?
+        let mut map = |name: &str| {
+            bpf.take_map(name)
+                .ok_or_else(|| format!("object has no {name} map"))
+        };
+        let backlog_maps = Arc::new(backlog::BacklogMaps::new(
+            map("PEERS")?
                 .try_into()
                 .map_err(|e| explain("PEERS map", &e))?,
-            consumed: bpf
-                .take_map("CONSUMED")
-                .ok_or("object has no CONSUMED map")?
+            map("CONSUMED")?
                 .try_into()
                 .map_err(|e| explain("CONSUMED map", &e))?,
-        };
+            map("WAITING")?
+                .try_into()
+                .map_err(|e| explain("WAITING map", &e))?,
+        ));
+        let wake: RingBuf<MapData> = map("WAKE")?
+            .try_into()
+            .map_err(|e| explain("WAKE ring buffer", &e))?;
+        self._waker = Some(Waker::start(wake, backlog_maps.clone()));
 
         // Without counting what readers consume, a redirect could queue without bound in a
         // stalled reader's socket (the kernel charges it to no receive buffer): no count, no
@@ -385,7 +397,7 @@ impl Ebpf {
             error: None,
         });
         self.agent_socks = Some(Mutex::new(agent_socks));
-        self.backlog_maps = Some(Arc::new(backlog_maps));
+        self.backlog_maps = Some(backlog_maps);
         let ports: Vec<String> = cfg.fast_path_ports.iter().map(u16::to_string).collect();
         Ok(format!(
             "sock_ops on {cgroup_label}, sk_msg redirect to endpoint ports {} (a leg goes to TCP while its reader lags {} MiB)",
@@ -512,6 +524,7 @@ impl Ebpf {
         };
         EbpfCollector {
             counters: self.counters.clone(),
+            backlog: self.backlog_maps.clone(),
             programs: vec![
                 ("sock_ops", attached("sock_ops")),
                 ("sk_msg", attached("sk_msg")),
@@ -634,6 +647,48 @@ fn explain(what: &str, err: &(dyn std::error::Error + 'static)) -> String {
         );
     }
     msg
+}
+
+/// Wakes the agent's writers held for a lagging reader when the reader's reads reach their
+/// marks (see `backlog`).
+enum Waker {
+    Task(#[allow(dead_code)] tokio_util::task::AbortOnDropHandle<()>),
+    /// No tokio runtime at load: keep the ring open (the programs need it), unread; the
+    /// waits then end by their timers.
+    Idle(#[allow(dead_code)] RingBuf<MapData>),
+}
+
+impl Waker {
+    fn start(ring: RingBuf<MapData>, maps: Arc<backlog::BacklogMaps>) -> Waker {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(
+                "no runtime to read the WAKE ring: writers held for a lagging reader wake by timer"
+            );
+            return Waker::Idle(ring);
+        };
+        let _enter = rt.enter();
+        // SAFETY: the ring owns its map fd, which stays open and unchanged for as long as the
+        // AsyncFd owns the ring.
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)
+        };
+        let mut ring = match registered {
+            Ok(fd) => fd,
+            Err(e) => {
+                let (ring, e) = e.into_parts();
+                tracing::warn!(error = %e, "cannot poll the WAKE ring: writers held for a lagging reader wake by timer");
+                return Waker::Idle(ring);
+            }
+        };
+        Waker::Task(tokio_util::task::AbortOnDropHandle::new(rt.spawn(
+            async move {
+                while let Ok(mut ready) = ring.readable_mut().await {
+                    maps.wake_from(ready.get_inner_mut());
+                    ready.clear_ready();
+                }
+            },
+        )))
+    }
 }
 
 /// Forwards the programs' aya-log records to `log`/`tracing`.

@@ -23,6 +23,11 @@ struct Leg {
     lat1: Lat,
     redirected_bytes: f64,
     pairs: f64,
+    /// Agent writes held back for the backend's reader, and their wait in seconds.
+    holds: f64,
+    held_s: f64,
+    /// Of those waits, the ones the backend's reads ended (the rest ended by a timer).
+    woken: f64,
     /// Context switches and system calls per round trip of the server and the agent.
     counts: Vec<PerRound>,
 }
@@ -98,6 +103,9 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
         let m = c.agent_metrics();
         let redirected_bytes = metric_sum(&m, "spoke_ebpf_redirected_bytes", "");
         let pairs = metric_sum(&m, "spoke_ebpf_socket_pairs", "");
+        let holds = metric_sum(&m, "spoke_ebpf_backlog_holds", "");
+        let held_s = metric_sum(&m, "spoke_ebpf_backlog_hold_seconds", "");
+        let woken = metric_sum(&m, "spoke_ebpf_backlog_reader_wakeups", "");
         legs.push(Leg {
             mode,
             round,
@@ -106,6 +114,9 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
             lat1,
             redirected_bytes,
             pairs,
+            holds,
+            held_s,
+            woken,
             counts,
         });
     }
@@ -135,8 +146,8 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
          Latency twice: as the scheduler places the processes, and with the bench, spoke-server and spoke-agent pinned to \
          one CPU (wake-ups become context switches instead of cross-CPU interrupts to a halted vCPU, which isolates what \
          the fast path changes).\n\n\
-         | agent | download MiB/s | upload MiB/s | agent CPU s/GiB down | agent CPU s/GiB up | p50 µs | p99 µs | p99.9 µs | one CPU p50 µs | one CPU p99 µs | bytes redirected by sk_msg | socket pairs | context switches per round trip: server / agent | system calls per round trip: server / agent |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+         | agent | download MiB/s | upload MiB/s | agent CPU s/GiB down | agent CPU s/GiB up | p50 µs | p99 µs | p99.9 µs | one CPU p50 µs | one CPU p99 µs | bytes redirected by sk_msg | socket pairs | writes held for the reader (s waited; woken by its reads) | context switches per round trip: server / agent | system calls per round trip: server / agent |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         ctx.size.bulk >> 20,
         ctx.size.pings,
         rounds
@@ -149,7 +160,7 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
                 .map_or(f64::NAN, f)
         };
         md.push_str(&format!(
-            "| --ebpf={} (round {}) | {} | {} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {:.2} / {:.2} | {:.1} / {:.1} |\n",
+            "| --ebpf={} (round {}) | {} | {} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} ({:.3}; {}) | {:.2} / {:.2} | {:.1} / {:.1} |\n",
             l.mode,
             l.round,
             num(mibs(l, "download")),
@@ -163,6 +174,9 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
             num(l.lat1.p99),
             l.redirected_bytes,
             l.pairs,
+            l.holds,
+            l.held_s,
+            l.woken,
             per("spoke-server", |p| p.switches),
             per("spoke-agent", |p| p.switches),
             per("spoke-server", |p| p.syscalls),
@@ -277,6 +291,7 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
             "p50_us": l.lat.p50, "p99_us": l.lat.p99, "p999_us": l.lat.p999,
             "one_cpu_p50_us": l.lat1.p50, "one_cpu_p99_us": l.lat1.p99, "one_cpu_p999_us": l.lat1.p999,
             "redirected_bytes": l.redirected_bytes, "socket_pairs": l.pairs,
+            "backlog_holds": l.holds, "backlog_hold_seconds": l.held_s, "backlog_reader_wakeups": l.woken,
         })).collect::<Vec<_>>(),
         "ebpf_on_error": on_error,
     });
