@@ -125,9 +125,7 @@ impl Collector for EbpfCollector {
             return Ok(());
         }
         for (name, help, index) in COUNTERS {
-            let value = self.read(*index).unwrap_or(0);
-            let metric = ConstCounter::new(value);
-            metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)?;
+            encode_counter(&mut encoder, name, help, self.read(*index).unwrap_or(0))?;
         }
         let mut family = encoder.encode_descriptor(
             "spoke_ebpf_xdp_packets",
@@ -142,28 +140,38 @@ impl Collector for EbpfCollector {
         }
         if let Some(backlog) = &self.backlog {
             let (holds, seconds, wakeups) = backlog.holds();
-            let metric = ConstCounter::new(holds);
-            metric.encode(encoder.encode_descriptor(
+            encode_counter(
+                &mut encoder,
                 "spoke_ebpf_backlog_holds",
                 "Agent writes to a redirected endpoint held back until its reader caught up (instead of falling back to TCP)",
-                None,
-                metric.metric_type(),
-            )?)?;
-            let metric = ConstCounter::new(seconds);
-            metric.encode(encoder.encode_descriptor(
+                holds,
+            )?;
+            encode_counter(
+                &mut encoder,
                 "spoke_ebpf_backlog_hold_seconds",
                 "Time agent writes to redirected endpoints spent held back for their readers",
-                None,
-                metric.metric_type(),
-            )?)?;
-            let metric = ConstCounter::new(wakeups);
-            metric.encode(encoder.encode_descriptor(
+                seconds,
+            )?;
+            encode_counter(
+                &mut encoder,
                 "spoke_ebpf_backlog_reader_wakeups",
                 "Held agent writes woken by their reader's progress (the rest by a timer)",
-                None,
-                metric.metric_type(),
-            )?)?;
+                wakeups,
+            )?;
         }
         Ok(())
     }
+}
+
+fn encode_counter<T>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: T,
+) -> Result<(), std::fmt::Error>
+where
+    ConstCounter<T>: EncodeMetric,
+{
+    let metric = ConstCounter::new(value);
+    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
 }
