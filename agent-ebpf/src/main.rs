@@ -15,8 +15,14 @@
 //! * `spoke_xdp_guard` (XDP): drops TCP to protected local ports unless the source is allowed.
 #![no_std]
 #![no_main]
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
-use core::{ffi::c_void, mem};
+use core::{
+    ffi::c_void,
+    intrinsics::{atomic_xadd, AtomicOrdering},
+    mem,
+};
 
 use aya_ebpf::{
     bindings::{
@@ -55,9 +61,10 @@ static CONSUMED: LruHashMap<u64, u64> = LruHashMap::with_max_entries(65536, 0);
 
 /// Kernel address of a paired socket -> the `CONSUMED` count its agent writer waits for.
 /// Written by the agent, removed by the read that reaches it (which then sends the address
-/// on `WAKE`), by the agent when it stops waiting, or at close.
+/// on `WAKE`), by the agent when it stops waiting, or at close. Only writes held right now
+/// have one; past this many the oldest marks go, and their writers wake by timer.
 #[map]
-static WAITING: LruHashMap<u64, u64> = LruHashMap::with_max_entries(65536, 0);
+static WAITING: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096, 0);
 
 /// Addresses of sockets whose reader reached the count the agent waited for.
 #[map]
@@ -325,12 +332,14 @@ pub fn spoke_recv(ctx: RawTracePointContext) -> i32 {
     let Some(total) = CONSUMED.get_ptr_mut(sock) else {
         return 0;
     };
-    // Two threads reading one socket at once could lose an add: the backlog then reads
-    // high and the pair falls back early, the safe way round.
-    let total = unsafe {
-        *total += copied as u64;
-        *total
-    };
+    // Atomic: two threads reading one socket at once lose no add. And a full barrier before
+    // the `WAITING` lookup below: the agent sets its mark and then reads this count, so each
+    // side's store must be seen before its own load, or both could miss the other.
+    let added = copied as u64;
+    // SAFETY: `total` points into a live map value; the BPF target's core has no atomic
+    // methods (no compare-and-swap), the intrinsic is its `fetch_add`.
+    let total =
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(total, added) } + added;
     // The remove decides which of two racing reads sends the wake-up. If the ring is full
     // the agent's own timeout reads the count instead.
     if let Some(at) = unsafe { WAITING.get(sock) } {

@@ -971,8 +971,12 @@ fn fast_path_memory_stays_bounded_when_a_reader_stalls() {
         0.0,
         "the agent did not hold back from a stalled reader: the pair fell back to TCP"
     );
-    // The write still waiting is not counted yet; the ones that waited before it are.
+    // Holds count as they start: the write still waiting shows.
     let stalled_holds = delta(&before, &after, HOLDS);
+    assert!(
+        stalled_holds >= 1.0,
+        "no write held for a reader that never reads: {stalled_holds}"
+    );
     drop(conn);
 
     // The endpoint writes, the client never reads.
@@ -1013,8 +1017,8 @@ fn fast_path_memory_stays_bounded_when_a_reader_stalls() {
     );
     assert!(
         holds >= 1.0 && held > 0.0 && woken >= 1.0,
-        "writes held for a slow reader: {holds} ({held} s in all, {woken} woken by its reads, \
-         of {} wake-ups its reads sent); for the stalled one earlier: {stalled_holds}",
+        "writes held for a slow reader: {holds} ({held} s in all, {woken} waits ended by its reads' \
+         wake-ups, of {} wake-ups its reads sent)",
         delta(&before, &mid, WAKEUPS_SENT)
     );
     let burst = Arc::new(payload(1 << 20, 12));

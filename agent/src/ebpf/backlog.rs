@@ -46,9 +46,9 @@ pub struct BacklogMaps {
     waiting: Mutex<HashMap<MapData, u64, u64>>,
     /// Held writers by their endpoint socket's address, woken from the `WAKE` ring.
     waiters: Mutex<std::collections::HashMap<u64, Arc<Notify>>>,
-    /// Writes held back for a lagging reader, the time they waited in all (µs), and the
-    /// wake-ups readers sent them: an operator's view of how often endpoints stall the
-    /// fast path.
+    /// Writes held back for a lagging reader (counted as the hold starts), the time they
+    /// waited in all (µs, counted as each ends), and the waits a read's wake-up ended: an
+    /// operator's view of how often endpoints stall the fast path.
     holds: AtomicU64,
     held_micros: AtomicU64,
     wakeups: AtomicU64,
@@ -78,7 +78,7 @@ impl BacklogMaps {
         }
     }
 
-    /// (writes held, seconds they waited in all, wake-ups sent by readers).
+    /// (writes held, seconds the ended holds waited in all, waits ended by a read's wake-up).
     pub(super) fn holds(&self) -> (u64, f64, u64) {
         let micros = self.held_micros.load(Ordering::Relaxed);
         (
@@ -100,18 +100,30 @@ impl BacklogMaps {
         })
     }
 
-    /// Waits until the endpoint socket `sock` has read `at` bytes in all, or `longest`.
-    async fn wait_for(&self, sock: u64, at: u64, notify: &Arc<Notify>, longest: Duration) {
-        let _mark = Mark { maps: self, sock };
+    /// Waits until the endpoint socket `sock` has read `at` bytes in all, or `longest`; true
+    /// if a read's wake-up ended the wait.
+    async fn wait_for(&self, sock: u64, at: u64, notify: &Arc<Notify>, longest: Duration) -> bool {
+        let _mark = Mark {
+            maps: self,
+            sock,
+            at,
+            notify,
+        };
         lock(&self.waiters).insert(sock, notify.clone());
         if lock(&self.waiting).insert(sock, at, 0).is_err() {
             tokio::time::sleep(longest).await;
-            return;
+            return false;
         }
-        // A read between the last look at the counts and the mark woke nobody.
+        // A read between the last look at the counts and the mark woke nobody. (The read
+        // tracepoint adds to the count with a full barrier before it looks for a mark. Here
+        // the mark and this lookup are two system calls, ordered by the fully ordered atomic
+        // file reference the second takes: one of the two sides sees the other.)
         if self.consumed.get(&sock, 0).is_ok_and(|read| read < at) {
-            let _ = tokio::time::timeout(longest, notify.notified()).await;
+            return tokio::time::timeout(longest, notify.notified())
+                .await
+                .is_ok();
         }
+        false
     }
 
     /// Wakes the writers whose readers' addresses `ring` brings, until it is empty.
@@ -121,7 +133,6 @@ impl BacklogMaps {
                 continue;
             };
             if let Some(waiter) = lock(&self.waiters).get(&sock) {
-                self.wakeups.fetch_add(1, Ordering::Relaxed);
                 waiter.notify_one();
             }
         }
@@ -134,17 +145,30 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// A writer's mark in `WAITING` and its entry among the waiters, removed however the wait
-/// ends (woken, timed out, or the write dropped with its connection).
+/// ends (woken, timed out, or the write dropped with its connection). Only its own: a freed
+/// endpoint socket's address can come back as another pair's, whose writer may be waiting.
 struct Mark<'a> {
     maps: &'a BacklogMaps,
     sock: u64,
+    at: u64,
+    notify: &'a Arc<Notify>,
 }
 
 impl Drop for Mark<'_> {
     fn drop(&mut self) {
-        // Gone already when the reader's read removed it.
-        let _ = lock(&self.maps.waiting).remove(&self.sock);
-        lock(&self.maps.waiters).remove(&self.sock);
+        // Usually gone already: the read that reached it removed it.
+        let mut waiting = lock(&self.maps.waiting);
+        if waiting.get(&self.sock, 0).is_ok_and(|at| at == self.at) {
+            let _ = waiting.remove(&self.sock);
+        }
+        drop(waiting);
+        let mut waiters = lock(&self.maps.waiters);
+        if waiters
+            .get(&self.sock)
+            .is_some_and(|w| Arc::ptr_eq(w, self.notify))
+        {
+            waiters.remove(&self.sock);
+        }
     }
 }
 
@@ -196,25 +220,30 @@ impl Backlog {
                 self.ahead = unread + n;
                 break;
             }
-            // The agent sends nothing meanwhile, so `sent` stays put.
+            // Counted as it starts, so that a reader that never reads shows too. The agent
+            // sends nothing meanwhile, so `sent` stays put.
             let at = held
-                .get_or_insert_with(|| (Instant::now(), release_at(c.sent, n)))
+                .get_or_insert_with(|| {
+                    self.maps.holds.fetch_add(1, Ordering::Relaxed);
+                    (Instant::now(), release_at(c.sent, n))
+                })
                 .1;
-            self.maps.wait_for(c.sock, at, &self.notify, pause).await;
+            if self.maps.wait_for(c.sock, at, &self.notify, pause).await {
+                self.maps.wakeups.fetch_add(1, Ordering::Relaxed);
+            }
             pause = (pause * 2).min(LONGEST_PAUSE);
         }
         if let Some((since, _)) = held {
             let micros = u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX);
-            self.maps.holds.fetch_add(1, Ordering::Relaxed);
             self.maps.held_micros.fetch_add(micros, Ordering::Relaxed);
         }
     }
 }
 
 /// The endpoint's read count that releases a write of `n` bytes held after `sent`: the write
-/// fits and half the margin is read, like a TCP sender woken with a third of its buffer
-/// free. The reader still has bytes while the agent refills, and a run of small reads wakes
-/// it once. A write larger than the margin waits for everything to be read.
+/// fits and half the margin is read. As a TCP sender is woken only once a good part of its
+/// buffer is free, the reader still has bytes while the agent refills, and a run of small
+/// reads wakes it once. A write larger than the margin waits for everything to be read.
 fn release_at(sent: u64, n: u64) -> u64 {
     (sent + n)
         .saturating_sub(HOLD_AT)

@@ -60,7 +60,7 @@ const COUNTERS: &[(&str, &str, u32)] = &[
     ),
     (
         "spoke_ebpf_backlog_wakeups_sent",
-        "Reads of a redirected endpoint that reached the count an agent writer held for it waited for, and woke it",
+        "Reads of a redirected endpoint that reached the mark of an agent write held for it, and sent that write a wake-up",
         counter::READER_WAKEUPS,
     ),
     (
@@ -143,19 +143,19 @@ impl Collector for EbpfCollector {
             encode_counter(
                 &mut encoder,
                 "spoke_ebpf_backlog_holds",
-                "Agent writes to a redirected endpoint held back until its reader caught up (instead of falling back to TCP)",
+                "Agent writes to a redirected endpoint held back for its reader to catch up (instead of falling back to TCP), counted as each hold starts",
                 holds,
             )?;
             encode_counter(
                 &mut encoder,
                 "spoke_ebpf_backlog_hold_seconds",
-                "Time agent writes to redirected endpoints spent held back for their readers",
+                "Time agent writes to redirected endpoints spent held back for their readers, counted as each hold ends",
                 seconds,
             )?;
             encode_counter(
                 &mut encoder,
                 "spoke_ebpf_backlog_reader_wakeups",
-                "Held agent writes woken by their reader's progress (the rest by a timer)",
+                "Waits of held agent writes ended by a wake-up from their reader's read (the others end by a timer)",
                 wakeups,
             )?;
         }
