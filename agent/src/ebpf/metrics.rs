@@ -79,8 +79,8 @@ const XDP: &[(&str, &str, u32)] = &[
     ("drop", "malformed", counter::XDP_DROP_MALFORMED),
 ];
 
-/// Scrape-time view of the eBPF data plane. Holds the counter map's fd only, so it never
-/// keeps programs attached.
+/// Scrape-time view of the eBPF data plane. Holds map fds only (the counters, the backlog's
+/// counts), so it never keeps programs attached.
 pub struct EbpfCollector {
     pub(super) counters: Option<Arc<PerCpuArray<MapData, u64>>>,
     /// The agent's own count of writes held for a lagging reader; `Some` while the fast path runs.

@@ -19,7 +19,7 @@ use std::{
     fs::File,
     io,
     net::IpAddr,
-    os::fd::{AsFd, BorrowedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
     sync::{Arc, Mutex},
 };
 
@@ -229,7 +229,7 @@ impl Ebpf {
             }
         };
         // Before any program loads: the programs reference the log ring buffer.
-        let logger = LogForwarder::start(&mut bpf);
+        let logger = start_log_forwarder(&mut bpf);
         let counters = bpf
             .take_map("COUNTERS")
             .and_then(|m| PerCpuArray::try_from(m).ok())
@@ -342,7 +342,7 @@ impl Ebpf {
         let wake: RingBuf<MapData> = map("WAKE")?
             .try_into()
             .map_err(|e| explain("WAKE ring buffer", &e))?;
-        self._waker = Some(Waker::start(wake, backlog_maps.clone()));
+        self._waker = Some(start_waker(wake, backlog_maps.clone()));
 
         // Without counting what readers consume, a redirect could queue without bound in a
         // stalled reader's socket (the kernel charges it to no receive buffer): no count, no
@@ -649,25 +649,23 @@ fn explain(what: &str, err: &(dyn std::error::Error + 'static)) -> String {
     msg
 }
 
-/// Wakes the agent's writers held for a lagging reader when the reader's reads reach their
-/// marks (see `backlog`).
-enum Waker {
+/// A ring buffer the programs write to, drained by a runtime task whenever it has records.
+/// Without a runtime at load, or if epoll refuses it, it stays open, unread: the programs
+/// are loaded against its fd, and run on without a reader.
+enum RingReader<T> {
     Task(#[allow(dead_code)] tokio_util::task::AbortOnDropHandle<()>),
-    /// No tokio runtime at load: keep the ring open (the programs need it), unread; the
-    /// waits then end by their timers.
-    Idle(#[allow(dead_code)] RingBuf<MapData>),
+    Idle(#[allow(dead_code)] Box<T>),
 }
 
-impl Waker {
-    fn start(ring: RingBuf<MapData>, maps: Arc<backlog::BacklogMaps>) -> Waker {
+impl<T: AsRawFd + Send + 'static> RingReader<T> {
+    /// `unread` says what is lost while the ring is not read.
+    fn start(ring: T, unread: &str, mut drain: impl FnMut(&mut T) + Send + 'static) -> Self {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            tracing::warn!(
-                "no runtime to read the WAKE ring: writers held for a lagging reader wake by timer"
-            );
-            return Waker::Idle(ring);
+            tracing::warn!("no runtime to read an eBPF ring buffer: {unread}");
+            return RingReader::Idle(Box::new(ring));
         };
         let _enter = rt.enter();
-        // SAFETY: the ring owns its map fd, which stays open and unchanged for as long as the
+        // SAFETY: the ring owns its fd, which stays open and unchanged for as long as the
         // AsyncFd owns the ring.
         let registered = unsafe {
             tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)
@@ -676,14 +674,14 @@ impl Waker {
             Ok(fd) => fd,
             Err(e) => {
                 let (ring, e) = e.into_parts();
-                tracing::warn!(error = %e, "cannot poll the WAKE ring: writers held for a lagging reader wake by timer");
-                return Waker::Idle(ring);
+                tracing::warn!(error = %e, "cannot poll an eBPF ring buffer: {unread}");
+                return RingReader::Idle(Box::new(ring));
             }
         };
-        Waker::Task(tokio_util::task::AbortOnDropHandle::new(rt.spawn(
+        RingReader::Task(tokio_util::task::AbortOnDropHandle::new(rt.spawn(
             async move {
                 while let Ok(mut ready) = ring.readable_mut().await {
-                    maps.wake_from(ready.get_inner_mut());
+                    drain(ready.get_inner_mut());
                     ready.clear_ready();
                 }
             },
@@ -691,52 +689,32 @@ impl Waker {
     }
 }
 
+/// Wakes the agent's writers held for a lagging reader when the reader's reads reach their
+/// marks (`WAKE`; see `backlog`).
+type Waker = RingReader<RingBuf<MapData>>;
+
+fn start_waker(ring: RingBuf<MapData>, maps: Arc<backlog::BacklogMaps>) -> Waker {
+    RingReader::start(
+        ring,
+        "writers held for a lagging reader wake by timer",
+        move |ring| maps.wake_from(ring),
+    )
+}
+
 /// Forwards the programs' aya-log records to `log`/`tracing`.
-enum LogForwarder {
-    Task(tokio::task::JoinHandle<()>),
-    /// No tokio runtime at load time: keep the ring buffer open (the programs need it), unread.
-    Idle(#[allow(dead_code)] Box<aya_log::EbpfLogger<&'static dyn log::Log>>),
-}
+type LogForwarder = RingReader<aya_log::EbpfLogger<&'static dyn log::Log>>;
 
-impl LogForwarder {
-    fn start(bpf: &mut aya::Ebpf) -> Option<LogForwarder> {
-        let logger = match aya_log::EbpfLogger::init(bpf) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::debug!(error = %e, "eBPF log forwarding unavailable");
-                return None;
-            }
-        };
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return Some(LogForwarder::Idle(Box::new(logger)));
-        };
-        Some(LogForwarder::Task(rt.spawn(async move {
-            // SAFETY: the logger owns its ring-buffer fd, which stays open and unchanged for
-            // as long as the AsyncFd owns the logger.
-            let registered = unsafe {
-                tokio::io::unix::AsyncFd::register_with_interest(
-                    logger,
-                    tokio::io::Interest::READABLE,
-                )
-            };
-            let Ok(mut fd) = registered else {
-                return;
-            };
-            loop {
-                let Ok(mut ready) = fd.readable_mut().await else {
-                    return;
-                };
-                ready.get_inner_mut().flush();
-                ready.clear_ready();
-            }
-        })))
-    }
-}
-
-impl Drop for LogForwarder {
-    fn drop(&mut self) {
-        if let LogForwarder::Task(t) = self {
-            t.abort();
+fn start_log_forwarder(bpf: &mut aya::Ebpf) -> Option<LogForwarder> {
+    let logger = match aya_log::EbpfLogger::init(bpf) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::debug!(error = %e, "eBPF log forwarding unavailable");
+            return None;
         }
-    }
+    };
+    Some(RingReader::start(
+        logger,
+        "the programs' log records are dropped",
+        |logger| logger.flush(),
+    ))
 }
