@@ -11,6 +11,7 @@ mod env;
 pub mod io;
 mod netns;
 mod pki;
+mod placement;
 pub(crate) mod procs;
 mod report;
 mod scenarios;

@@ -9,6 +9,7 @@
 //! syscr/syscw do not count), CPU time (`task-clock`, user and kernel) and page faults
 //! (`page-faults`: pages the kernel maps in on first touch, most of them zeroed first).
 //! Without perf the table says so.
+use super::placement::Landing;
 use anyhow::{Context, Result};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -28,6 +29,8 @@ pub struct PerRound {
     pub cpu_us: f64,
     /// Page faults (mostly fresh heap pages the kernel zeroes first).
     pub faults: f64,
+    /// Where its wake-ups landed, when traced (see [`super::placement`]).
+    pub landing: Option<Landing>,
 }
 
 struct Probe {
@@ -40,7 +43,7 @@ struct Probe {
 pub struct Counting(Vec<Probe>);
 
 /// `pid` and, with `tree`, its descendants.
-fn pids_of(pid: u32, tree: bool) -> Vec<u32> {
+pub fn pids_of(pid: u32, tree: bool) -> Vec<u32> {
     if !tree {
         return vec![pid];
     }
@@ -141,6 +144,7 @@ impl Counting {
                     syscalls: syscalls / n,
                     cpu_us: cpu_ms * 1e3 / n,
                     faults: faults / n,
+                    landing: None,
                 })
             })
             .collect()

@@ -4,6 +4,7 @@ use super::{count, pingpong, start, COUNTED, FRONTENDS};
 use crate::bench::affinity::OneCpu;
 use crate::bench::baselines;
 use crate::bench::io::{self, Route};
+use crate::bench::placement::Landing;
 use crate::bench::procs::{Cluster, ClusterCfg};
 use crate::bench::report::{num, Floor, Section};
 use crate::bench::stats::pct;
@@ -151,12 +152,20 @@ async fn measure(
 
 fn count_table(counts: &[(String, Vec<PerRound>)]) -> String {
     let mut md = String::from(
-        "| route | process | context switches per round trip | system calls per round trip | CPU µs per round trip |\n|---|---|---|---|---|\n",
+        "| route | process | context switches per round trip | system calls per round trip | CPU µs per round trip | wake-ups per round trip (onto the other, idle vCPU) | µs from wake-up to running per round trip (of it, on the other vCPU) |\n|---|---|---|---|---|---|---|\n",
     );
+    let landed = |l: Option<Landing>| match l {
+        Some(l) => (
+            format!("{:.2} ({:.2})", l.wakeups, l.to_idle_other),
+            format!("{:.1} ({:.1})", l.wait_us, l.to_idle_other_wait_us),
+        ),
+        None => ("not traced".into(), "not traced".into()),
+    };
     for (route, procs) in counts {
         for p in procs {
+            let (wakeups, wait) = landed(p.landing);
             md.push_str(&format!(
-                "| {route} | {} | {:.2} | {:.1} | {:.1} |\n",
+                "| {route} | {} | {:.2} | {:.1} | {:.1} | {wakeups} | {wait} |\n",
                 p.process, p.switches, p.syscalls, p.cpu_us
             ));
         }
@@ -166,8 +175,10 @@ fn count_table(counts: &[(String, Vec<PerRound>)]) -> String {
             .collect();
         if !relay.is_empty() {
             let sum = |f: fn(&PerRound) -> f64| relay.iter().map(|p| f(p)).sum::<f64>();
+            let landing = relay.iter().map(|p| p.landing).sum::<Option<Landing>>();
+            let (wakeups, wait) = landed(landing);
             md.push_str(&format!(
-                "| {route} | **relay processes** | **{:.2}** | **{:.1}** | **{:.1}** |\n",
+                "| {route} | **relay processes** | **{:.2}** | **{:.1}** | **{:.1}** | **{wakeups}** | **{wait}** |\n",
                 sum(|p| p.switches),
                 sum(|p| p.syscalls),
                 sum(|p| p.cpu_us)
@@ -332,7 +343,12 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
          **Wake-ups, system calls and CPU time per round trip**, per process ({COUNTED} round trips after the timed ones, \
          scheduler's placement; `perf stat` counts of `sched:sched_switch` (a thread sleeping until woken, or preempted), \
          `raw_syscalls:sys_enter` and `task-clock` (user and kernel time), all threads). The bench's client and echo backend \
-         are one process, in every row; its gRPC rows include the client's HTTP/2 and gRPC framing:\n\n{}\n\
+         are one process, in every row; its gRPC rows include the client's HTTP/2 and gRPC framing. The last two columns come \
+         from a `perf record -a` trace of `sched:sched_waking` and `sched:sched_switch` over the same round trips: the \
+         process's wake-ups, in parentheses those run on the other vCPU while it was idle (halted), and the µs from each \
+         wake-up to running, summed. A halted vCPU woken by the other one takes tens of µs to run anything, so those \
+         wake-ups, which the kernel's placement decides, are most of what separates a route's unpinned round trip from \
+         its pinned one:\n\n{}\n\
          **The same counts with all processes pinned to one CPU**: here a round trip's CPU time, summed over the processes, \
          is most of its latency, so this is where a route's microseconds go:\n\n{}",
         n.div_ceil(rounds_n),
@@ -380,7 +396,9 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
     };
     let per_round = |counts: &[(String, Vec<PerRound>)]| {
         counts.iter().map(|(route, procs)| json!({"route": route, "processes": procs.iter().map(|p| json!({
-            "process": p.process, "context_switches": p.switches, "syscalls": p.syscalls, "cpu_us": p.cpu_us})).collect::<Vec<_>>()})).collect::<Vec<_>>()
+            "process": p.process, "context_switches": p.switches, "syscalls": p.syscalls, "cpu_us": p.cpu_us,
+            "wakeups": p.landing.map(|l| l.wakeups), "wakeups_to_idle_other_cpu": p.landing.map(|l| l.to_idle_other),
+            "wake_to_run_us": p.landing.map(|l| l.wait_us), "wake_to_run_idle_other_cpu_us": p.landing.map(|l| l.to_idle_other_wait_us)})).collect::<Vec<_>>()})).collect::<Vec<_>>()
     };
     sec.json = json!({
         "round_trips": n,

@@ -10,10 +10,11 @@ mod longfat;
 mod xdp;
 
 use super::io::{self, Route};
+use super::placement::Tracing;
 use super::procs::{Cluster, ClusterCfg, Mode, Transport};
 use super::report::Section;
 use super::stats;
-use super::wakeups::{Counting, PerRound, Watched};
+use super::wakeups::{pids_of, Counting, PerRound, Watched};
 use super::Ctx;
 use anyhow::Result;
 use spoke_tests::BoxIo;
@@ -84,9 +85,21 @@ pub async fn count(
     let mut all: Vec<Watched<'_>> = vec![("bench client+backend", std::process::id(), false)];
     all.extend_from_slice(procs);
     let n = COUNTED.min(ctx.size.pings);
+    let groups: Vec<Vec<u32>> = all
+        .iter()
+        .map(|(_, pid, tree)| pids_of(*pid, *tree))
+        .collect();
+    let tracing = Tracing::start(&ctx.work);
     let counting = Counting::start(&ctx.work, &all)?;
     pingpong(ctx, route, target, n).await?;
-    counting.stop(rounds(n))
+    let mut per = counting.stop(rounds(n))?;
+    // Without the trace the table says so; the counts stand on their own.
+    if let Ok(landed) = tracing.and_then(|t| t.stop(&groups)) {
+        for (p, l) in per.iter_mut().zip(landed) {
+            p.landing = Some(l.per(rounds(n) as f64));
+        }
+    }
+    Ok(per)
 }
 
 /// Round trips [`pingpong`] makes for `n` timed ones (a warm-up first).
