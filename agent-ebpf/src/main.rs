@@ -59,6 +59,12 @@ static PEERS: LruHashMap<SockKey, Peer> = LruHashMap::with_max_entries(65536, 0)
 #[map]
 static CONSUMED: LruHashMap<u64, u64> = LruHashMap::with_max_entries(65536, 0);
 
+/// Kernel address of a paired endpoint socket -> its agent socket's key, so that the pair's
+/// `PEERS` entry ends with the endpoint: a freed socket's address can come back as another
+/// pair's endpoint, whose counts the old agent socket must not read.
+#[map]
+static PAIRED: LruHashMap<u64, SockKey> = LruHashMap::with_max_entries(65536, 0);
+
 /// Kernel address of a paired socket -> the `CONSUMED` count its agent writer waits for.
 /// Written by the agent, removed by the read that reaches it (which then sends the address
 /// on `WAKE`), by the agent when it stops waiting, or at close. Only writes held right now
@@ -233,6 +239,7 @@ fn on_passive_established(ctx: &SockOpsContext) {
     };
     // The endpoint's reads are counted from zero before the agent can redirect to it.
     if CONSUMED.insert(sock, 0, BPF_ANY as u64).is_ok()
+        && PAIRED.insert(sock, agent, BPF_ANY as u64).is_ok()
         && PEERS.insert(agent, peer, BPF_ANY as u64).is_ok()
     {
         count(counter::PAIRS, 1);
@@ -252,6 +259,11 @@ fn on_state_change(ctx: &SockOpsContext) {
     let _ = PEERS.remove(key);
     let _ = PENDING.remove(key.reversed(0));
     let sock = sock_addr(ctx);
+    // An endpoint closing ends its pair: the agent socket's sends go by TCP from here on.
+    if let Some(agent) = unsafe { PAIRED.get(sock) }.copied() {
+        let _ = PEERS.remove(&agent);
+        let _ = PAIRED.remove(sock);
+    }
     let _ = CONSUMED.remove(sock);
     let _ = WAITING.remove(sock);
     count(counter::SOCKETS_CLOSED, 1);

@@ -475,7 +475,7 @@ impl Ebpf {
         let Some(agent_socks) = &self.agent_socks else {
             return Ok(());
         };
-        if !self.fast_path_ports.contains(&port) {
+        if !self.redirects_to(port) {
             return Ok(());
         }
         let cookie = sys::socket_cookie(fd)?;
@@ -486,12 +486,17 @@ impl Ebpf {
             .map_err(io::Error::other)
     }
 
+    /// True if legs to endpoint `port` are redirected (`--ebpf-fast-path-ports`).
+    fn redirects_to(&self, port: u16) -> bool {
+        self.fast_path_ports.contains(&port)
+    }
+
     /// What holds the agent's writes to `tcp` back while its endpoint's reader lags
     /// ([`Backlog`]); `None` when the fast path is off or `tcp`'s port is not listed.
     pub fn backlog(&self, tcp: &tokio::net::TcpStream) -> Option<Backlog> {
         let maps = self.backlog_maps.as_ref()?;
         let peer = tcp.peer_addr().ok()?;
-        if !self.fast_path_ports.contains(&peer.port()) {
+        if !self.redirects_to(peer.port()) {
             return None;
         }
         let netns = match sys::netns_cookie(tcp.as_fd()) {
