@@ -37,7 +37,10 @@ pub struct Size {
     /// of median throughput (one transfer moved by up to 45 % between runs on a busy host).
     pub bulk_rounds: usize,
     pub pings: usize,
-    /// Rounds the latency scenario spreads its round trips over, every route in each.
+    /// Times the latency scenario starts every route's processes ...
+    pub latency_starts: usize,
+    /// ... and rounds it runs on each start (unpinned, then as many pinned), every route in
+    /// each round.
     pub latency_rounds: usize,
     pub churn: Duration,
     pub fanout: Vec<usize>,
@@ -78,6 +81,7 @@ impl Size {
                 bulk: 8 << 20,
                 bulk_rounds: 1,
                 pings: 300,
+                latency_starts: 1,
                 latency_rounds: 1,
                 churn: Duration::from_millis(500),
                 fanout: vec![50],
@@ -97,6 +101,7 @@ impl Size {
                 bulk: 256 << 20,
                 bulk_rounds: 3,
                 pings: 5_000,
+                latency_starts: 2,
                 latency_rounds: 2,
                 churn: Duration::from_secs(3),
                 fanout: vec![1_000],
@@ -116,7 +121,8 @@ impl Size {
                 bulk: 1 << 30,
                 bulk_rounds: 3,
                 pings: 20_000,
-                latency_rounds: 3,
+                latency_starts: 5,
+                latency_rounds: 2,
                 churn: Duration::from_secs(8),
                 fanout: vec![1_000, 10_000],
                 trickle: Duration::from_secs(5),

@@ -9,7 +9,7 @@ use crate::bench::procs::{Cluster, ClusterCfg};
 use crate::bench::report::{num, Floor, Section};
 use crate::bench::stats::pct;
 use crate::bench::svg::{self, Bar};
-use crate::bench::wakeups::PerRound;
+use crate::bench::wakeups::{pids_of, PerRound};
 use crate::bench::Ctx;
 use anyhow::Result;
 use serde_json::json;
@@ -33,121 +33,161 @@ pub fn summarize(route: &str, rtts: &[f64], baseline: bool) -> Lat {
     }
 }
 
-/// One route's round trips (µs), and whether it is a baseline.
-struct Samples {
-    route: String,
-    rtts: Vec<f64>,
+/// A route whose processes stay up for the whole scenario, so that its round trips can be
+/// spread over many short rounds: this host has slow spells lasting seconds, and a route
+/// measured in one stretch could land in one and another route not.
+struct Relay {
+    label: String,
+    route: Route,
     baseline: bool,
+    /// Its processes: label, pid, and whether the pid's children count too (sshd).
+    procs: Vec<(&'static str, u32, bool)>,
+    /// What keeps them running (dropping it stops them).
+    _up: Box<dyn std::any::Any>,
 }
 
-/// Every route's ping-pong, `n` round trips each, each route's processes started for it and
-/// stopped after. With `counts`, each route's wake-ups and system calls per round trip are
-/// counted too.
-async fn measure(
-    ctx: &Ctx,
-    sec: &mut Section,
-    tag: &str,
-    n: usize,
-    mut counts: Option<&mut Vec<(String, Vec<PerRound>)>>,
-) -> Result<Vec<Samples>> {
-    let backend = io::backend(TcpListener::bind("127.0.0.1:0").await?)?;
-    let target = backend.addr;
-    let mut lats = Vec::new();
-    let mut go = |route: &str, rtts: Vec<f64>, baseline: bool| {
-        let l = summarize(route, &rtts, baseline);
-        ctx.say(&format!(
-            "   latency{tag} {:<26} p50 {:>7.1} µs  p99 {:>7.1} µs  p99.9 {:>7.1} µs",
-            l.route, l.p50, l.p99, l.p999
-        ));
-        lats.push(Samples {
-            route: route.to_string(),
-            rtts,
-            baseline,
-        });
-    };
-    go(
-        "direct loopback",
-        pingpong(ctx, &Route::Direct, target, n).await?,
-        true,
-    );
-    let counting = counts.is_some();
-    let mut counted = |route: &str, r: Result<Vec<PerRound>>, sec: &mut Section| match r {
-        Ok(c) => {
-            if let Some(counts) = counts.as_mut() {
-                counts.push((route.to_string(), c));
-            }
-        }
-        Err(e) => sec.skipped.push(format!("counting {route}: {e:#}")),
-    };
-    let direct = Route::Direct;
-    if counting {
-        counted(
-            "direct loopback",
-            count(ctx, &direct, target, &[]).await,
-            sec,
-        );
-    }
-    let label = "ssh -L (aes128-gcm)";
+/// Starts every route: direct, ssh -L, stunnel and the four Spoke frontends. A route that
+/// cannot start is reported as skipped.
+fn start_relays(ctx: &Ctx, sec: &mut Section, target: std::net::SocketAddr) -> Vec<Relay> {
+    let mut relays = vec![Relay {
+        label: "direct loopback".into(),
+        route: Route::Direct,
+        baseline: true,
+        procs: Vec::new(),
+        _up: Box::new(()),
+    }];
     match baselines::ssh(&ctx.work, target) {
-        Ok(t) => match pingpong(ctx, &Route::Forward(t.port), target, n).await {
-            Ok(r) => {
-                go(label, r, true);
-                if counting {
-                    let procs = [("ssh", t.ssh.pid, false), ("sshd", t.sshd.pid, true)];
-                    let route = Route::Forward(t.port);
-                    counted(label, count(ctx, &route, target, &procs).await, sec);
-                }
-            }
-            Err(e) => sec.skipped.push(format!("ssh -L{tag}: {e:#}")),
-        },
-        Err(e) => sec.skipped.push(format!("ssh -L{tag}: {e:#}")),
+        Ok(t) => relays.push(Relay {
+            label: "ssh -L (aes128-gcm)".into(),
+            route: Route::Forward(t.port),
+            baseline: true,
+            procs: vec![("ssh", t.ssh.pid, false), ("sshd", t.sshd.pid, true)],
+            _up: Box::new(t),
+        }),
+        Err(e) => sec.skipped.push(format!("ssh -L: {e:#}")),
     }
-    let label = "stunnel TLS hop";
     match baselines::stunnel(&ctx.work, &ctx.pki, target) {
-        Ok(t) => match pingpong(ctx, &Route::Forward(t.port), target, n).await {
-            Ok(r) => {
-                go(label, r, true);
-                if counting {
-                    let procs = [
-                        ("stunnel client", t.client.pid, true),
-                        ("stunnel server", t.server.pid, true),
-                    ];
-                    let route = Route::Forward(t.port);
-                    counted(label, count(ctx, &route, target, &procs).await, sec);
-                }
-            }
-            Err(e) => sec.skipped.push(format!("stunnel{tag}: {e:#}")),
-        },
-        Err(e) => sec.skipped.push(format!("stunnel{tag}: {e:#}")),
+        Ok(t) => relays.push(Relay {
+            label: "stunnel TLS hop".into(),
+            route: Route::Forward(t.port),
+            baseline: true,
+            procs: vec![
+                ("stunnel client", t.client.pid, true),
+                ("stunnel server", t.server.pid, true),
+            ],
+            _up: Box::new(t),
+        }),
+        Err(e) => sec.skipped.push(format!("stunnel: {e:#}")),
     }
     for (mode, t) in FRONTENDS {
         let label = format!("spoke {}", Cluster::label(mode, t));
-        let r = async {
-            let c = start(ctx, &ClusterCfg::new(mode, t))?;
-            let route = Route::through(&c);
-            let rtts = pingpong(ctx, &route, target, n).await?;
-            let procs = [
-                ("spoke-server", c.server.pid, false),
-                ("spoke-agent", c.agent.pid, false),
-            ];
-            let per = match counting {
-                true => Some(count(ctx, &route, target, &procs).await),
-                false => None,
-            };
-            anyhow::Ok((rtts, per))
-        }
-        .await;
-        match r {
-            Ok((r, per)) => {
-                go(&label, r, false);
-                if let Some(per) = per {
-                    counted(&label, per, sec);
-                }
-            }
-            Err(e) => sec.skipped.push(format!("{label}{tag}: {e:#}")),
+        match start(ctx, &ClusterCfg::new(mode, t)) {
+            Ok(c) => relays.push(Relay {
+                label,
+                route: Route::through(&c),
+                baseline: false,
+                procs: vec![
+                    ("spoke-server", c.server.pid, false),
+                    ("spoke-agent", c.agent.pid, false),
+                ],
+                _up: Box::new(c),
+            }),
+            Err(e) => sec.skipped.push(format!("{label}: {e:#}")),
         }
     }
-    Ok(lats)
+    relays
+}
+
+/// Each route's round trips so far (µs), by label; `None` once it failed.
+#[derive(Default)]
+struct Pool(Vec<(String, bool, Option<Vec<f64>>)>);
+
+impl Pool {
+    fn slot(&mut self, relay: &Relay) -> &mut Option<Vec<f64>> {
+        let i = match self.0.iter().position(|(l, ..)| *l == relay.label) {
+            Some(i) => i,
+            None => {
+                self.0
+                    .push((relay.label.clone(), relay.baseline, Some(Vec::new())));
+                self.0.len() - 1
+            }
+        };
+        &mut self.0[i].2
+    }
+
+    fn summarize(self, ctx: &Ctx, tag: &str) -> Vec<Lat> {
+        self.0
+            .into_iter()
+            .filter_map(|(label, baseline, rtts)| {
+                let mut rtts = rtts?;
+                rtts.sort_by(f64::total_cmp);
+                let l = summarize(&label, &rtts, baseline);
+                ctx.say(&format!(
+                    "   latency{tag} {:<26} p50 {:>7.1} µs  p99 {:>7.1} µs  p99.9 {:>7.1} µs",
+                    l.route, l.p50, l.p99, l.p999
+                ));
+                Some(l)
+            })
+            .collect()
+    }
+}
+
+/// `rounds` rounds of `n` round trips per route, each round running every route in turn (so
+/// that a slow spell of the host falls on every route alike), into `pool`. A route that
+/// fails is reported and left out from then on.
+async fn rounds(
+    ctx: &Ctx,
+    sec: &mut Section,
+    tag: &str,
+    relays: &[Relay],
+    target: std::net::SocketAddr,
+    (rounds, n): (usize, usize),
+    pool: &mut Pool,
+) {
+    for round in 0..rounds {
+        let mut line = Vec::new();
+        for relay in relays {
+            let slot = pool.slot(relay);
+            let Some(all) = slot else {
+                continue;
+            };
+            match pingpong(ctx, &relay.route, target, n).await {
+                Ok(r) => {
+                    line.push(format!("{:.0}", pct(&r, 50.0)));
+                    all.extend(r);
+                }
+                Err(e) => {
+                    sec.skipped.push(format!("{}{tag}: {e:#}", relay.label));
+                    *slot = None;
+                }
+            }
+        }
+        ctx.say(&format!(
+            "   latency{tag} round {}/{rounds}: p50 µs {}",
+            round + 1,
+            line.join(" ")
+        ));
+    }
+}
+
+/// Each route's wake-ups, system calls and CPU time per round trip, in a ping-pong of its own.
+async fn count_all(
+    ctx: &Ctx,
+    sec: &mut Section,
+    tag: &str,
+    relays: &[Relay],
+    target: std::net::SocketAddr,
+) -> Vec<(String, Vec<PerRound>)> {
+    let mut out = Vec::new();
+    for relay in relays {
+        match count(ctx, &relay.route, target, &relay.procs).await {
+            Ok(c) => out.push((relay.label.clone(), c)),
+            Err(e) => sec
+                .skipped
+                .push(format!("counting {}{tag}: {e:#}", relay.label)),
+        }
+    }
+    out
 }
 
 fn count_table(counts: &[(String, Vec<PerRound>)]) -> String {
@@ -278,64 +318,53 @@ fn floors(sec: &mut Section, lats: &[Lat], suffix: &str) {
     }
 }
 
-/// Every route's round trips over `rounds` rounds, each running all routes in turn with its
-/// share of the round trips (so that a slow spell of the host falls on every route alike),
-/// pooled per route. Wake-ups are counted in the first round.
-async fn rounds(
-    ctx: &Ctx,
-    sec: &mut Section,
-    tag: &str,
-    counts: &mut Vec<(String, Vec<PerRound>)>,
-) -> Result<Vec<Lat>> {
-    let rounds = ctx.size.latency_rounds.max(1);
-    let n = ctx.size.pings.div_ceil(rounds);
-    let mut pooled: Vec<Samples> = Vec::new();
-    for round in 0..rounds {
-        let count = (round == 0).then_some(&mut *counts);
-        for s in measure(ctx, sec, tag, n, count).await? {
-            match pooled.iter_mut().find(|p| p.route == s.route) {
-                Some(p) => p.rtts.extend(s.rtts),
-                None => pooled.push(s),
-            }
-        }
-    }
-    let lats: Vec<Lat> = pooled
-        .iter_mut()
-        .map(|s| {
-            // Percentiles are read from sorted samples; each round's came sorted.
-            s.rtts.sort_by(f64::total_cmp);
-            summarize(&s.route, &s.rtts, s.baseline)
-        })
-        .collect();
-    if rounds > 1 {
-        for l in &lats {
-            ctx.say(&format!(
-                "   latency{tag} {:<26} p50 {:>7.1} µs  p99 {:>7.1} µs  p99.9 {:>7.1} µs (all {rounds} rounds)",
-                l.route, l.p50, l.p99, l.p999
-            ));
-        }
-    }
-    Ok(lats)
-}
-
 pub async fn run(ctx: &Ctx) -> Result<Section> {
     let mut sec = Section::new("latency", super::title("latency"));
     let n = ctx.size.pings;
-    let rounds_n = ctx.size.latency_rounds.max(1);
-    let mut counts = Vec::new();
-    let lats = rounds(ctx, &mut sec, "", &mut counts).await?;
-    // The same with every process on CPU 0: no wake-ups across CPUs, so what remains is the
-    // route's own work per round trip (a halted vCPU woken by another CPU costs tens of µs on
-    // this kind of VM, paid by every multi-process relay alike).
-    let mut pinned_counts = Vec::new();
-    let pinned = {
-        let _one = OneCpu::pin(0, &[])?;
-        rounds(ctx, &mut sec, " (one CPU)", &mut pinned_counts).await?
-    };
+    let (starts, per_start) = (
+        ctx.size.latency_starts.max(1),
+        ctx.size.latency_rounds.max(1),
+    );
+    let rounds_n = starts * per_start;
+    let each = (per_start, n.div_ceil(rounds_n));
+    let backend = io::backend(TcpListener::bind("127.0.0.1:0").await?)?;
+    let target = backend.addr;
+    let (mut free, mut one_cpu) = (Pool::default(), Pool::default());
+    let (mut counts, mut pinned_counts) = (Vec::new(), Vec::new());
+    for start in 0..starts {
+        ctx.say(&format!(
+            "   latency: processes started ({}/{starts})",
+            start + 1
+        ));
+        let relays = start_relays(ctx, &mut sec, target);
+        rounds(ctx, &mut sec, "", &relays, target, each, &mut free).await;
+        if start == 0 {
+            counts = count_all(ctx, &mut sec, "", &relays, target).await;
+        }
+        // The same processes with every thread on CPU 0: no wake-ups across CPUs, so what
+        // remains is the route's own work per round trip (a halted vCPU woken by another CPU
+        // costs tens of µs on this kind of VM, paid by every multi-process relay alike).
+        let pids: Vec<u32> = relays
+            .iter()
+            .flat_map(|r| &r.procs)
+            .flat_map(|(_, pid, tree)| pids_of(*pid, *tree))
+            .collect();
+        let one = OneCpu::pin(0, &pids)?;
+        let tag = " (one CPU)";
+        rounds(ctx, &mut sec, tag, &relays, target, each, &mut one_cpu).await;
+        if start == 0 {
+            pinned_counts = count_all(ctx, &mut sec, tag, &relays, target).await;
+        }
+        drop(one);
+    }
+    let lats = free.summarize(ctx, "");
+    let pinned = one_cpu.summarize(ctx, " (one CPU)");
     let md = format!(
         "{n} round trips of 64 bytes each way per route, in {rounds_n} rounds: each round runs every route in turn, {} round trips \
-         over one established connection (after a warm-up of {}), and each route's percentiles are over all its rounds. Client and echo \
-         backend in the bench process; agent `--ebpf=off`. Added = route percentile − direct percentile. Floors: each Spoke \
+         over a new connection (after a warm-up of {}), and each route's percentiles are over all its rounds. Every route's processes \
+         are started {starts} times, and each start serves {per_start} rounds unpinned, then {per_start} pinned: a process start draws \
+         a speed that its whole life keeps (pinned to one CPU, ssh -L's p50 was 45–47 µs in five of eight starts and 57–65 µs in the \
+         other three, Spoke's alike), and the host has slow spells lasting seconds, so each route gets several draws, and every round every route. Client and echo backend in the bench process; agent `--ebpf=off`. Added = route percentile − direct percentile. Floors: each Spoke \
          route adds no more p50 and p99 than `ssh -L` adds in the same table.\n\n\
          **Scheduler's placement** (as deployed; a round trip wakes each relay process, often on the other, halted, vCPU):\n\n{}\n\
          **All processes pinned to one CPU** (the bench process and every process it starts share CPU 0: wake-ups are context \
