@@ -119,7 +119,7 @@ impl Size {
         } else {
             Size {
                 bulk: 1 << 30,
-                bulk_rounds: 3,
+                bulk_rounds: 5,
                 pings: 20_000,
                 latency_starts: 5,
                 latency_rounds: 2,

@@ -146,21 +146,22 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
          Latency twice: as the scheduler places the processes, and with the bench, spoke-server and spoke-agent pinned to \
          one CPU (wake-ups become context switches instead of cross-CPU interrupts to a halted vCPU, which isolates what \
          the fast path changes).\n\n\
-         | agent | download MiB/s | upload MiB/s | agent CPU s/GiB down | agent CPU s/GiB up | p50 µs | p99 µs | p99.9 µs | one CPU p50 µs | one CPU p99 µs | bytes redirected by sk_msg | socket pairs | writes held for the reader (s waited; woken by its reads) | context switches per round trip: server / agent | system calls per round trip: server / agent |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+         | agent | download MiB/s | upload MiB/s | agent CPU s/GiB down | agent CPU s/GiB up | p50 µs | p99 µs | p99.9 µs | one CPU p50 µs | one CPU p99 µs | bytes redirected by sk_msg | socket pairs | writes held for the reader (s waited; woken by its reads) | context switches per round trip: server / agent | system calls per round trip: server / agent | wake-ups run on the other, idle vCPU per round trip: bench / server / agent |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         ctx.size.bulk >> 20,
         ctx.size.pings,
         rounds
     );
+    let to_idle_other = |p: &PerRound| p.landing.map_or(f64::NAN, |l| l.to_idle_other);
     for l in &legs {
-        let per = |name: &str, f: fn(&PerRound) -> f64| {
+        let per = |name: &str, f: &dyn Fn(&PerRound) -> f64| {
             l.counts
                 .iter()
                 .find(|p| p.process == name)
                 .map_or(f64::NAN, f)
         };
         md.push_str(&format!(
-            "| --ebpf={} (round {}) | {} | {} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} ({:.3}; {}) | {:.2} / {:.2} | {:.1} / {:.1} |\n",
+            "| --ebpf={} (round {}) | {} | {} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} ({:.3}; {}) | {:.2} / {:.2} | {:.1} / {:.1} | {:.2} / {:.2} / {:.2} |\n",
             l.mode,
             l.round,
             num(mibs(l, "download")),
@@ -177,10 +178,13 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
             l.holds,
             l.held_s,
             l.woken,
-            per("spoke-server", |p| p.switches),
-            per("spoke-agent", |p| p.switches),
-            per("spoke-server", |p| p.syscalls),
-            per("spoke-agent", |p| p.syscalls),
+            per("spoke-server", &|p| p.switches),
+            per("spoke-agent", &|p| p.switches),
+            per("spoke-server", &|p| p.syscalls),
+            per("spoke-agent", &|p| p.syscalls),
+            per("bench client+backend", &to_idle_other),
+            per("spoke-server", &to_idle_other),
+            per("spoke-agent", &to_idle_other),
         ));
     }
     if let Some(e) = &on_error {
