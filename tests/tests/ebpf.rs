@@ -717,6 +717,22 @@ fn echo_roundtrip(ns: &NetNs, addr: &str, data: Arc<Vec<u8>>) {
     h.join().expect("client thread").expect("enter netns");
 }
 
+/// Entries in the loaded map called `name` (bpftool), which must be the only one by that name:
+/// the tests run one agent at a time.
+fn map_entries(name: &str) -> usize {
+    let shown = netns::run(&["bpftool", "-j", "map", "show", "name", name]).expect("bpftool map");
+    let maps: serde_json::Value = serde_json::from_str(&shown).expect("bpftool map show JSON");
+    // One map comes as an object, several as a list.
+    let found = maps.as_array().map_or(1, Vec::len);
+    assert_eq!(found, 1, "maps called {name}: {shown}");
+    let dump = netns::run(&["bpftool", "-j", "map", "dump", "name", name]).expect("bpftool dump");
+    let entries: serde_json::Value = serde_json::from_str(&dump).expect("bpftool map dump JSON");
+    entries
+        .as_array()
+        .map(Vec::len)
+        .unwrap_or_else(|| panic!("{name}: not a list: {dump}"))
+}
+
 fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !cond() {
@@ -850,6 +866,13 @@ fn fast_path_redirects_agent_legs_only() {
         );
         wait_for("closed sockets to leave the maps", || {
             delta(&before, &agent.metrics(), CLOSED) >= 2.0
+        });
+    }
+    // Every pair's entries went with its sockets: nothing is left for a later socket at a
+    // freed address to inherit.
+    for map in ["PEERS", "PAIRED", "CONSUMED", "WAITING", "PENDING"] {
+        wait_for(&format!("{map} to empty once every pair closed"), || {
+            map_entries(map) == 0
         });
     }
 
