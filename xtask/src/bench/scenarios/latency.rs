@@ -33,9 +33,9 @@ pub fn summarize(route: &str, rtts: &[f64], baseline: bool) -> Lat {
     }
 }
 
-/// A route whose processes stay up for the whole scenario, so that its round trips can be
-/// spread over many short rounds: this host has slow spells lasting seconds, and a route
-/// measured in one stretch could land in one and another route not.
+/// A route whose processes stay up for one start of the scenario, serving its short rounds
+/// unpinned and pinned: this host has slow spells lasting seconds, and a route measured in
+/// one stretch could land in one and another route not.
 struct Relay {
     label: String,
     route: Route,
