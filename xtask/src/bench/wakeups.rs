@@ -35,6 +35,8 @@ pub struct PerRound {
 
 struct Probe {
     label: String,
+    /// The process and, for a tree, its descendants.
+    pids: Vec<u32>,
     perf: Child,
     out: PathBuf,
 }
@@ -120,15 +122,22 @@ impl Counting {
         let mut probes = Vec::new();
         for (i, (label, pid, tree)) in procs.iter().enumerate() {
             let out = work.join(format!("perf-counts-{i}.txt"));
+            let pids = pids_of(*pid, *tree);
             probes.push(Probe {
                 label: label.to_string(),
-                perf: start_perf(&pids_of(*pid, *tree), &out)?,
+                perf: start_perf(&pids, &out)?,
+                pids,
                 out,
             });
         }
         // perf attaches asynchronously: give it a moment before the counted work.
         std::thread::sleep(std::time::Duration::from_millis(300));
         Ok(Counting(probes))
+    }
+
+    /// The process ids each watched process stands for, in the order given to `start`.
+    pub fn groups(&self) -> Vec<Vec<u32>> {
+        self.0.iter().map(|p| p.pids.clone()).collect()
     }
 
     /// Stops counting; counts per round trip for `rounds` round trips.

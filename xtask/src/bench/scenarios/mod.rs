@@ -14,7 +14,7 @@ use super::placement::Tracing;
 use super::procs::{Cluster, ClusterCfg, Mode, Transport};
 use super::report::Section;
 use super::stats;
-use super::wakeups::{pids_of, Counting, PerRound, Watched};
+use super::wakeups::{Counting, PerRound, Watched};
 use super::Ctx;
 use anyhow::Result;
 use spoke_tests::BoxIo;
@@ -85,18 +85,16 @@ pub async fn count(
     let mut all: Vec<Watched<'_>> = vec![("bench client+backend", std::process::id(), false)];
     all.extend_from_slice(procs);
     let n = COUNTED.min(ctx.size.pings);
-    let groups: Vec<Vec<u32>> = all
-        .iter()
-        .map(|(_, pid, tree)| pids_of(*pid, *tree))
-        .collect();
+    let made = rounds(n);
     let tracing = Tracing::start(&ctx.work);
     let counting = Counting::start(&ctx.work, &all)?;
+    let groups = counting.groups();
     pingpong(ctx, route, target, n).await?;
-    let mut per = counting.stop(rounds(n))?;
+    let mut per = counting.stop(made)?;
     // Without the trace the table says so; the counts stand on their own.
     if let Ok(landed) = tracing.and_then(|t| t.stop(&groups)) {
         for (p, l) in per.iter_mut().zip(landed) {
-            p.landing = Some(l.per(rounds(n) as f64));
+            p.landing = Some(l.per(made as f64));
         }
     }
     Ok(per)
