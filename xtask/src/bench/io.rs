@@ -325,15 +325,13 @@ impl Tls {
             roots.add(c?)?;
         }
         let make = |alpn: &[&[u8]]| -> Result<Arc<ClientConfig>> {
-            let mut c = ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots.clone())
-            .with_client_auth_cert(
-                CertificateDer::pem_file_iter(&pki.frontend.cert)?.collect::<Result<_, _>>()?,
-                PrivateKeyDer::from_pem_file(&pki.frontend.key)?,
-            )?;
+            let mut c = ClientConfig::builder_with_provider(super::pki::go_client_provider())
+                .with_safe_default_protocol_versions()?
+                .with_root_certificates(roots.clone())
+                .with_client_auth_cert(
+                    CertificateDer::pem_file_iter(&pki.frontend.cert)?.collect::<Result<_, _>>()?,
+                    PrivateKeyDer::from_pem_file(&pki.frontend.key)?,
+                )?;
             c.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
             // Its HTTP/2 client is Spoke's, which takes over the TLS 1.3 records.
             c.enable_secret_extraction = true;

@@ -148,14 +148,14 @@ fn agent_tls(ctx: &Ctx) -> Result<Arc<ClientConfig>> {
     for c in CertificateDer::pem_file_iter(&ctx.pki.ca)? {
         roots.add(c?)?;
     }
-    let mut c =
-        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(
-                CertificateDer::pem_file_iter(&ctx.pki.agent.cert)?.collect::<Result<_, _>>()?,
-                PrivateKeyDer::from_pem_file(&ctx.pki.agent.key)?,
-            )?;
+    // Suites in Go's order, as an upstream agent offers them.
+    let mut c = ClientConfig::builder_with_provider(crate::bench::pki::go_client_provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            CertificateDer::pem_file_iter(&ctx.pki.agent.cert)?.collect::<Result<_, _>>()?,
+            PrivateKeyDer::from_pem_file(&ctx.pki.agent.key)?,
+        )?;
     c.alpn_protocols = vec![b"h2".to_vec()];
     // As grpc-go: no session resumption.
     c.resumption = rustls::client::Resumption::disabled();
