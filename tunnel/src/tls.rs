@@ -1,4 +1,4 @@
-//! TLS configuration from PEM files, with rustls (ring provider).
+//! TLS configuration from PEM files, with rustls (ring provider; X25519 from aws-lc-rs).
 //!
 //! Configs are held in a [`Reloading`] cell: a background task re-reads the files when they
 //! change (kubelet-style rotation), so new handshakes use new certs while open
@@ -12,11 +12,25 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
+mod x25519;
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::CryptoProvider {
         cipher_suites: go_order(rustls::crypto::ring::default_provider().cipher_suites),
-        ..rustls::crypto::ring::default_provider()
+        ..base_provider()
     })
+}
+
+/// ring's provider, with X25519 (the group every client offers first) from aws-lc-rs:
+/// see [`x25519`]. ring's order of groups stays.
+fn base_provider() -> rustls::crypto::CryptoProvider {
+    let mut p = rustls::crypto::ring::default_provider();
+    for g in p.kx_groups.iter_mut() {
+        if g.name() == rustls::NamedGroup::X25519 {
+            *g = x25519::X25519;
+        }
+    }
+    p
 }
 
 /// rustls' suites in Go's order of preference on CPUs with AES instructions: AES-128-GCM,
@@ -165,7 +179,7 @@ impl TlsPolicy {
     fn provider(&self) -> Arc<rustls::crypto::CryptoProvider> {
         Arc::new(rustls::crypto::CryptoProvider {
             cipher_suites: self.suites.clone(),
-            ..rustls::crypto::ring::default_provider()
+            ..base_provider()
         })
     }
 }
