@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
+mod verified;
 mod x25519;
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -260,7 +261,7 @@ impl ServerTlsFiles {
                 )
                 .build()
                 .map_err(|e| anyhow!("{flag} {}: {e}", path.display()))?;
-                builder.with_client_cert_verifier(verifier)
+                builder.with_client_cert_verifier(Arc::new(verified::Remembering::new(verifier)))
             }
             None => builder.with_no_client_auth(),
         };
