@@ -15,16 +15,19 @@ use std::time::{Duration, SystemTime};
 mod verified;
 mod x25519;
 
+/// The clients' provider (an agent's tunnels), and the verifier's signature algorithms.
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::CryptoProvider {
         cipher_suites: go_order(rustls::crypto::ring::default_provider().cipher_suites),
-        ..base_provider()
+        ..rustls::crypto::ring::default_provider()
     })
 }
 
-/// ring's provider, with X25519 (the group every client offers first) from aws-lc-rs:
-/// see [`x25519`]. ring's order of groups stays.
-fn base_provider() -> rustls::crypto::CryptoProvider {
+/// The servers' base provider: ring's, with X25519 (the group every client offers first) from
+/// aws-lc-rs, see [`x25519`]; ring's order of groups stays. Only servers take it: they make a
+/// handshake per agent and per frontend connection, an agent one per server it holds, and the
+/// agent would map aws-lc's X25519 code besides ring's (its idle RSS is mostly code pages).
+fn server_base_provider() -> rustls::crypto::CryptoProvider {
     let mut p = rustls::crypto::ring::default_provider();
     for g in p.kx_groups.iter_mut() {
         if g.name() == rustls::NamedGroup::X25519 {
@@ -180,7 +183,7 @@ impl TlsPolicy {
     fn provider(&self) -> Arc<rustls::crypto::CryptoProvider> {
         Arc::new(rustls::crypto::CryptoProvider {
             cipher_suites: self.suites.clone(),
-            ..base_provider()
+            ..server_base_provider()
         })
     }
 }
