@@ -502,6 +502,20 @@ pub fn handshake_failure_reason(e: &std::io::Error) -> &'static str {
 mod tests {
     use super::*;
 
+    /// Servers take aws-lc's X25519, first as ring's was; clients keep ring's whole provider.
+    #[test]
+    fn servers_take_aws_lc_x25519_and_clients_ring() {
+        let server = TlsPolicy::default().provider();
+        let client = provider();
+        let groups = |p: &rustls::crypto::CryptoProvider| -> Vec<String> {
+            p.kx_groups.iter().map(|g| format!("{:?}", g.name())).collect()
+        };
+        assert_eq!(groups(&server), groups(&client), "the same groups in the same order");
+        assert_eq!(groups(&server)[0], "X25519");
+        assert_eq!(format!("{:?}", server.kx_groups[0]), "X25519Group");
+        assert_ne!(format!("{:?}", client.kx_groups[0]), "X25519Group");
+    }
+
     #[test]
     fn default_suites_in_gos_order() {
         let names: Vec<_> = TlsPolicy::default()
