@@ -508,9 +508,16 @@ mod tests {
         let server = TlsPolicy::default().provider();
         let client = provider();
         let groups = |p: &rustls::crypto::CryptoProvider| -> Vec<String> {
-            p.kx_groups.iter().map(|g| format!("{:?}", g.name())).collect()
+            p.kx_groups
+                .iter()
+                .map(|g| format!("{:?}", g.name()))
+                .collect()
         };
-        assert_eq!(groups(&server), groups(&client), "the same groups in the same order");
+        assert_eq!(
+            groups(&server),
+            groups(&client),
+            "the same groups in the same order"
+        );
         assert_eq!(groups(&server)[0], "X25519");
         assert_eq!(format!("{:?}", server.kx_groups[0]), "X25519Group");
         assert_ne!(format!("{:?}", client.kx_groups[0]), "X25519Group");
