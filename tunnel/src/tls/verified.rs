@@ -10,7 +10,10 @@
 //! its certificates' validity. A failure is never remembered.
 //!
 //! The handshake's own signature (CertificateVerify), which proves the client holds the key, is
-//! checked on every handshake: a remembered chain is worth nothing without it.
+//! checked on every handshake: a remembered chain is worth nothing without it. A chain is
+//! remembered only once that signature checked out too: certificates are public, and a client
+//! without the key could otherwise fill the memory with one real certificate and changing
+//! extra ones, pushing out the chains of real agents.
 use ring::digest::{Context, SHA256};
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::{CertificateDer, UnixTime};
@@ -19,14 +22,43 @@ use rustls::{DigitallySignedStruct, DistinguishedName, Error, SignatureScheme};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-/// Chains remembered at most; when full, the expired ones go, or all of them.
+/// Chains remembered at most, and chains awaiting their holder's signature; when full, the
+/// expired ones go, or all of them.
 const CAPACITY: usize = 4096;
+
+/// The seconds (Unix) in which every certificate of a chain is valid.
+type Window = (u64, u64);
+/// A SHA-256 digest.
+type Digest = [u8; 32];
 
 #[derive(Debug)]
 pub struct Remembering {
     inner: Arc<dyn ClientCertVerifier>,
-    /// SHA-256 of the chain → the seconds (Unix) in which all of its certificates are valid.
-    verified: Mutex<HashMap<[u8; 32], (u64, u64)>>,
+    /// SHA-256 of the chain → its window.
+    verified: Mutex<HashMap<Digest, Window>>,
+    /// Chains verified in a handshake whose signature is still to come, by the SHA-256 of their
+    /// end-entity certificate (the one the signature is checked against).
+    awaiting_key: Mutex<HashMap<Digest, (Digest, Window)>>,
+}
+
+fn insert_bounded<V>(
+    map: &Mutex<HashMap<Digest, V>>,
+    key: Digest,
+    value: V,
+    live: impl Fn(&V) -> bool,
+) {
+    let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+    if map.len() >= CAPACITY {
+        map.retain(|_, v| live(v));
+        if map.len() >= CAPACITY {
+            map.clear();
+        }
+    }
+    map.insert(key, value);
+}
+
+fn unix_now() -> u64 {
+    UnixTime::now().as_secs()
 }
 
 impl Remembering {
@@ -34,29 +66,31 @@ impl Remembering {
         Self {
             inner,
             verified: Mutex::new(HashMap::new()),
+            awaiting_key: Mutex::new(HashMap::new()),
         }
     }
 
-    fn remembered(&self, key: &[u8; 32], now: u64) -> bool {
+    fn remembered(&self, key: &Digest, now: u64) -> bool {
         let verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
         matches!(verified.get(key), Some(&(from, until)) if from <= now && now <= until)
     }
 
-    fn remember(&self, key: [u8; 32], window: (u64, u64), now: u64) {
-        let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
-        if verified.len() >= CAPACITY {
-            verified.retain(|_, &mut (_, until)| now <= until);
-            if verified.len() >= CAPACITY {
-                verified.clear();
-            }
+    /// The holder of `cert` proved its key: the chain verified with it is remembered.
+    fn key_proven(&self, cert: &CertificateDer<'_>) {
+        let awaiting = {
+            let mut map = self.awaiting_key.lock().unwrap_or_else(|e| e.into_inner());
+            map.remove(&digest(cert, &[]))
+        };
+        if let Some((chain, window)) = awaiting {
+            let now = unix_now();
+            insert_bounded(&self.verified, chain, window, |&(_, until)| now <= until);
         }
-        verified.insert(key, window);
     }
 }
 
 /// The chain's digest: each certificate's length, then its bytes, so that no two chains share
 /// an input.
-fn digest(end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) -> [u8; 32] {
+fn digest(end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) -> Digest {
     let mut ctx = Context::new(&SHA256);
     for cert in std::iter::once(end_entity).chain(intermediates) {
         ctx.update(&(cert.len() as u64).to_be_bytes());
@@ -111,7 +145,12 @@ impl ClientCertVerifier for Remembering {
             .inner
             .verify_client_cert(end_entity, intermediates, now)?;
         if let Some(window) = validity(end_entity, intermediates) {
-            self.remember(key, window, secs);
+            insert_bounded(
+                &self.awaiting_key,
+                digest(end_entity, &[]),
+                (key, window),
+                |&(_, (_, until))| secs <= until,
+            );
         }
         Ok(verified)
     }
@@ -122,7 +161,9 @@ impl ClientCertVerifier for Remembering {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        let valid = self.inner.verify_tls12_signature(message, cert, dss)?;
+        self.key_proven(cert);
+        Ok(valid)
     }
 
     fn verify_tls13_signature(
@@ -131,7 +172,9 @@ impl ClientCertVerifier for Remembering {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        let valid = self.inner.verify_tls13_signature(message, cert, dss)?;
+        self.key_proven(cert);
+        Ok(valid)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -235,20 +278,26 @@ mod tests {
         let (b, _) = leaf(&ca, "agent-b");
         let (count, v) = verifier(&ca);
         let calls = || count.1.load(Ordering::SeqCst);
+        // Each chain's holder then signs, as in a handshake (`key_proven`).
         v.verify_client_cert(&a, &[], at(2030)).unwrap();
+        v.verify_client_cert(&a, &[], at(2030)).unwrap();
+        assert_eq!(calls(), 2, "not remembered before its holder signed");
+        v.key_proven(&a);
         v.verify_client_cert(&a, &[], at(2031)).unwrap();
-        assert_eq!(calls(), 1, "the same chain again is not verified again");
+        assert_eq!(calls(), 2, "the same chain again is not verified again");
         v.verify_client_cert(&b, &[], at(2030)).unwrap();
-        assert_eq!(calls(), 2, "another chain is verified");
+        v.key_proven(&b);
+        assert_eq!(calls(), 3, "another chain is verified");
         v.verify_client_cert(&a, std::slice::from_ref(&b), at(2030))
             .unwrap();
+        v.key_proven(&a);
         assert_eq!(
             calls(),
-            3,
+            4,
             "the same leaf with other intermediates is another chain"
         );
         let expired = v.verify_client_cert(&a, &[], at(2041)).unwrap_err();
-        assert_eq!(calls(), 4, "outside the validity the real verifier decides");
+        assert_eq!(calls(), 5, "outside the validity the real verifier decides");
         assert!(format!("{expired:?}").contains("Expired"), "{expired:?}");
     }
 
@@ -345,20 +394,27 @@ mod tests {
         .with_single_cert(vec![server_cert], server_key)
         .unwrap();
         let server = Arc::new(server);
-        handshake(&server, &ca, &agent, &agent_key).expect("the agent's own key");
-        handshake(&server, &ca, &agent, &agent_key).expect("again");
-        assert_eq!(
-            count.1.load(Ordering::SeqCst),
-            1,
-            "the chain was verified once"
-        );
-        let e = handshake(&server, &ca, &agent, &other_key).unwrap_err();
-        assert!(
+        let calls = || count.1.load(Ordering::SeqCst);
+        let bad_signature = |r: Result<(), Error>| {
             matches!(
-                e,
-                Error::InvalidCertificate(rustls::CertificateError::BadSignature)
-            ),
-            "a remembered chain with another key must fail: {e:?}"
+                r,
+                Err(Error::InvalidCertificate(
+                    rustls::CertificateError::BadSignature
+                ))
+            )
+        };
+        assert!(bad_signature(handshake(&server, &ca, &agent, &other_key)));
+        handshake(&server, &ca, &agent, &agent_key).expect("the agent's own key");
+        assert_eq!(
+            calls(),
+            2,
+            "a chain whose holder did not sign is not remembered"
+        );
+        handshake(&server, &ca, &agent, &agent_key).expect("again");
+        assert_eq!(calls(), 2, "the chain was remembered");
+        assert!(
+            bad_signature(handshake(&server, &ca, &agent, &other_key)),
+            "a remembered chain with another key must fail"
         );
     }
 }
