@@ -71,20 +71,40 @@ pub fn rss(pid: u32) -> Result<u64> {
     Ok(kib * 1024)
 }
 
-/// System-wide CPU seconds from the first line of /proc/stat: (softirq, busy = all but idle
-/// and iowait).
+/// The first line of /proc/stat, in seconds: (softirq, busy = all but idle and iowait).
 pub fn system_cpu() -> Result<(f64, f64)> {
+    let v = proc_stat_cpu()?;
+    let busy: f64 = v.iter().take(8).sum::<f64>() - v[3] - v[4];
+    Ok((v[6], busy))
+}
+
+/// Seconds the machine's CPUs spent working (user, nice, system, irq, softirq): neither
+/// idle, nor waiting, nor taken by the hypervisor (steal).
+pub fn machine_work() -> Result<f64> {
+    Ok(work(&proc_stat_cpu()?))
+}
+
+fn work(v: &[f64]) -> f64 {
+    v[0] + v[1] + v[2] + v[5] + v[6]
+}
+
+/// The times of /proc/stat's `cpu` line (user, nice, system, idle, iowait, irq, softirq,
+/// steal, ...), in seconds.
+fn proc_stat_cpu() -> Result<Vec<f64>> {
     let s = std::fs::read_to_string("/proc/stat")?;
-    let line = s.lines().next().context("empty /proc/stat")?;
-    let v: Vec<u64> = line
+    parse_cpu_line(s.lines().next().context("empty /proc/stat")?)
+}
+
+fn parse_cpu_line(line: &str) -> Result<Vec<f64>> {
+    let t = clk_tck();
+    let v: Vec<f64> = line
         .split_whitespace()
         .skip(1)
-        .filter_map(|x| x.parse().ok())
+        .filter_map(|x| x.parse::<u64>().ok())
+        .map(|x| x as f64 / t)
         .collect();
-    anyhow::ensure!(v.len() >= 7, "short cpu line in /proc/stat");
-    let t = clk_tck();
-    let busy: u64 = v.iter().take(8).sum::<u64>() - v[3] - v[4];
-    Ok((v[6] as f64 / t, busy as f64 / t))
+    anyhow::ensure!(v.len() >= 8, "short cpu line in /proc/stat: {line:?}");
+    Ok(v)
 }
 
 /// NET_RX softirq count summed over CPUs (/proc/softirqs).
@@ -155,5 +175,19 @@ impl CpuProbe {
                 (n.clone(), (now - before).max(0.0))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Work counts user, nice, system, irq and softirq; idle, iowait and steal are not work.
+    #[test]
+    fn machine_work_leaves_out_idle_iowait_and_steal() {
+        let t = clk_tck();
+        let v = parse_cpu_line("cpu  100 1 20 5000 7 3 4 900 0 0").expect("parse");
+        assert!((work(&v) - 128.0 / t).abs() < 1e-9);
+        assert!(parse_cpu_line("cpu 1 2 3").is_err());
     }
 }

@@ -5,7 +5,7 @@ use crate::bench::baselines;
 use crate::bench::io::{self, Route};
 use crate::bench::procs::{Cluster, ClusterCfg};
 use crate::bench::report::{num, Floor, Section};
-use crate::bench::stats::CpuProbe;
+use crate::bench::stats::{machine_work, CpuProbe};
 use crate::bench::svg::{self, Bar};
 use crate::bench::wakeups::{Counting, PerRound};
 use crate::bench::Ctx;
@@ -28,6 +28,8 @@ pub struct Row {
     pub baseline: bool,
     /// MiB/s of every round, in order (the row's figures are those of the median one).
     pub rounds: Vec<f64>,
+    /// The machine's CPUs at work during the transfer, in cores (`None`: /proc/stat unread).
+    pub busy: Option<f64>,
 }
 
 impl Row {
@@ -59,7 +61,7 @@ pub async fn measure(
     for dir in ["download", "upload"] {
         // The client on a thread of its own, as in the latency scenario; the backend stays on
         // the bench's runtime.
-        let (secs, cpu, per_mib) = super::on_client_thread(|| async {
+        let (secs, cpu, per_mib, busy) = super::on_client_thread(|| async {
             let mut conn = io::dial(route, &ctx.tls, target).await?;
             // Warm up the connection (windows, allocations) before measuring.
             let warm = (n / 16).min(16 << 20);
@@ -68,16 +70,20 @@ pub async fn measure(
             // for every route.
             let counting = Counting::start(&ctx.work, &all).ok();
             let probe = CpuProbe::start(&all);
+            let work = machine_work().ok();
             let secs = if dir == "download" {
                 io::download(&mut conn, n).await?
             } else {
                 io::upload(&mut conn, n).await?
             };
+            let busy = work
+                .zip(machine_work().ok())
+                .map(|(before, after)| (after - before) / secs);
             let cpu = probe.stop();
             let per_mib = counting
                 .and_then(|c| c.stop((n >> 20) as usize).ok())
                 .unwrap_or_default();
-            anyhow::Ok((secs, cpu, per_mib))
+            anyhow::Ok((secs, cpu, per_mib, busy))
         })?;
         let mibs = n as f64 / (1 << 20) as f64 / secs;
         ctx.say(&format!(
@@ -93,6 +99,7 @@ pub async fn measure(
             per_mib,
             baseline,
             rounds: vec![mibs],
+            busy,
         });
     }
     Ok(rows)
@@ -222,8 +229,9 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
          process, in each of {} rounds; every round runs all routes in turn. Each row gives the round of median throughput: its \
          MiB/s, CPU and counts (the MiB/s of every round in the last column). Spoke routes: frontend → spoke-server → mTLS gRPC \
          tunnel → spoke-agent → backend, all on loopback, `--ebpf=off`. CPU is utime+stime from /proc/PID/stat before/after, per \
-         GiB moved.\n\n\
-         | route | direction | MiB/s | × direct | × ssh -L | CPU s/GiB (per process) | tunnel CPU s/GiB | MiB/s of each round |\n|---|---|---|---|---|---|---|---|\n",
+         GiB moved. Busy cores: the whole machine's CPU time at work (user, system, irq, softirq; not idle, \
+         not steal) during the transfer, over its duration: out of 2, what the route's pipeline kept busy.\n\n\
+         | route | direction | MiB/s | × direct | × ssh -L | CPU s/GiB (per process) | tunnel CPU s/GiB | busy cores | MiB/s of each round |\n|---|---|---|---|---|---|---|---|---|\n",
         ctx.size.bulk >> 20,
         ctx.size.bulk_rounds
     );
@@ -235,7 +243,7 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
         let cpu: Vec<String> = r.cpu.iter().map(|(p, c)| format!("{p} {c:.2}")).collect();
         let each: Vec<String> = r.rounds.iter().map(|m| num(*m)).collect();
         md.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.route,
             r.dir,
             num(r.mibs),
@@ -247,6 +255,9 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
             } else {
                 format!("{:.2}", r.tunnel_cpu())
             },
+            r.busy
+                .map(|b| format!("{b:.2}"))
+                .unwrap_or_else(|| "—".into()),
             each.join(", ")
         ));
     }
@@ -338,6 +349,7 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
             "mib_per_s_each_round": r.rounds,
             "cpu_s_per_gib": r.cpu.iter().map(|(p, c)| (p.clone(), json!(c))).collect::<serde_json::Map<_, _>>(),
             "tunnel_cpu_s_per_gib": r.tunnel_cpu(),
+            "busy_cores": r.busy,
             "per_mib": r.per_mib.iter().map(|p| json!({"process": p.process, "syscalls": p.syscalls, "context_switches": p.switches, "page_faults": p.faults})).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "skipped": sec.skipped,
@@ -358,6 +370,7 @@ mod tests {
             per_mib: Vec::new(),
             baseline: false,
             rounds: vec![mibs],
+            busy: None,
         }
     }
 
