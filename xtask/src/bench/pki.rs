@@ -67,43 +67,11 @@ impl Pki {
 }
 
 /// The TLS provider of the bench's clients, which stand in for Go programs (kube-apiserver, an
-/// upstream agent): rustls' ring suites in the order Go's crypto/tls offers them on a CPU with
-/// AES instructions, so the server picks what it picks for those clients. TLS 1.3:
-/// AES-128-GCM-SHA256, AES-256-GCM-SHA384, ChaCha20-Poly1305-SHA256; TLS 1.2 after it.
-/// rustls alone offers AES-256 first, which would make every mTLS route seal and hash with the
-/// larger suite where a Go client would not.
+/// upstream agent): ring's suites in Go's order ([`spoke_tunnel::tls::go_order`]), so the server
+/// picks what it picks for those clients. rustls alone offers AES-256 first, which would make
+/// every mTLS route seal and hash with the larger suite where a Go client would not.
 pub fn go_client_provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
     let mut p = rustls::crypto::ring::default_provider();
-    let rank = |s: &rustls::SupportedCipherSuite| {
-        let name = s.suite().as_str().unwrap_or("");
-        let aead = ["AES_128_GCM", "AES_256_GCM", "CHACHA20"]
-            .iter()
-            .position(|a| name.contains(a))
-            .unwrap_or(3);
-        (matches!(s, rustls::SupportedCipherSuite::Tls12(_)), aead)
-    };
-    p.cipher_suites.sort_by_key(rank);
+    p.cipher_suites = spoke_tunnel::tls::go_order(p.cipher_suites);
     std::sync::Arc::new(p)
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn go_order_offers_aes_128_first() {
-        let p = super::go_client_provider();
-        let names: Vec<&str> = p
-            .cipher_suites
-            .iter()
-            .take(3)
-            .map(|s| s.suite().as_str().unwrap_or("?"))
-            .collect();
-        assert_eq!(
-            names,
-            [
-                "TLS13_AES_128_GCM_SHA256",
-                "TLS13_AES_256_GCM_SHA384",
-                "TLS13_CHACHA20_POLY1305_SHA256"
-            ]
-        );
-    }
 }
