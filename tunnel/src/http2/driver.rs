@@ -8,6 +8,7 @@ use super::frame::{ConnError, Reason};
 use super::grpc::{self, Deframer, Outgoing};
 use super::headers::Headers;
 use super::io::{Io, Socket};
+use super::trim;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
@@ -24,8 +25,6 @@ use tonic::Code;
 const OUTPUT_HIGH: usize = 512 * 1024;
 /// Turns of the loop before the task yields to others.
 const BUDGET: usize = 64;
-/// A connection with nothing to do for this long gives its buffers back.
-const IDLE_TRIM: Duration = Duration::from_secs(2);
 
 /// How a stream ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -136,11 +135,9 @@ pub struct Driver<S> {
     max_message: usize,
     /// Scratch for messages cut from DATA.
     messages: Vec<Bytes>,
-    /// Checks for idleness, and whether anything happened since the last check.
+    /// When the connection gives its buffers back, and the timer of its next check.
+    trim: trim::Clock,
     trim_timer: Pin<Box<tokio::time::Sleep>>,
-    /// Trimmed while idle: the timer is off until the connection does something.
-    trimmed: bool,
-    active: bool,
 }
 
 impl<S: Socket> Driver<S> {
@@ -170,9 +167,8 @@ impl<S: Socket> Driver<S> {
             keepalive,
             max_message: opts.max_message,
             messages: Vec::new(),
-            trim_timer: Box::pin(tokio::time::sleep(IDLE_TRIM)),
-            trimmed: false,
-            active: false,
+            trim: trim::Clock::default(),
+            trim_timer: Box::pin(tokio::time::sleep(trim::FIRST)),
         }
     }
 
@@ -319,26 +315,17 @@ impl<S: Socket> Driver<S> {
             if let Err(e) = self.poll_keepalive(cx) {
                 return Poll::Ready(Err(e));
             }
-            self.active |= progress;
-            // An idle connection is trimmed once and then left without a timer (thousands of
-            // idle agent streams must not each wake every few seconds); activity re-arms it.
-            let rearm = if self.trimmed {
-                progress
-            } else if self.trim_timer.as_mut().poll(cx).is_ready() {
-                let was_active = std::mem::take(&mut self.active);
-                if !was_active {
-                    self.io.trim();
-                    self.trimmed = true;
+            let timer = &mut self.trim_timer;
+            match self
+                .trim
+                .turn(progress, || timer.as_mut().poll(cx).is_ready())
+            {
+                trim::Step::Nothing => {}
+                trim::Step::Trim => self.io.trim(),
+                trim::Step::Arm(after) => {
+                    timer.as_mut().reset(tokio::time::Instant::now() + after);
+                    let _ = timer.as_mut().poll(cx);
                 }
-                was_active
-            } else {
-                false
-            };
-            if rearm {
-                self.trimmed = false;
-                let next = tokio::time::Instant::now() + IDLE_TRIM;
-                self.trim_timer.as_mut().reset(next);
-                let _ = self.trim_timer.as_mut().poll(cx);
             }
             if self.conn.role() == Role::Client
                 && self.streams.is_empty()

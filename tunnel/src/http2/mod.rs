@@ -16,6 +16,7 @@ pub mod hpack;
 mod huffman;
 pub mod io;
 mod records;
+mod trim;
 
 #[cfg(test)]
 mod tests;
