@@ -71,11 +71,10 @@ pub fn rss(pid: u32) -> Result<u64> {
     Ok(kib * 1024)
 }
 
-/// The first line of /proc/stat, in seconds: (softirq, busy = all but idle and iowait).
+/// The first line of /proc/stat, in seconds: (softirq, busy = [`machine_work`]'s work).
 pub fn system_cpu() -> Result<(f64, f64)> {
     let v = proc_stat_cpu()?;
-    let busy: f64 = v.iter().take(8).sum::<f64>() - v[3] - v[4];
-    Ok((v[6], busy))
+    Ok((v[6], work(&v)))
 }
 
 /// Seconds the machine's CPUs spent working (user, nice, system, irq, softirq): neither
