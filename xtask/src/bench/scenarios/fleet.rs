@@ -482,10 +482,26 @@ struct Ha {
     failed_after_kill: usize,
     fail_window_ms: f64,
     ok_after_kill: usize,
-    first_error: Option<String>,
+    /// Every failed dial after the kill: ms after the kill it started, the server it went to
+    /// (2 is the one killed), and its error.
+    failures: Vec<(f64, usize, String)>,
     back_after_restart_s: f64,
     ready_after_restart_s: f64,
     sync_interval_s: f64,
+}
+
+/// Whether a server's health port answers `GET /readyz` with 200.
+async fn readyz(port: u16) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return false;
+    };
+    let req = b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+    if s.write_all(req).await.is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).await.is_ok() && head.starts_with(b"HTTP/1.1 200")
 }
 
 /// Three servers behind one address; SIGKILL one under load, then restart it.
@@ -508,7 +524,9 @@ async fn ha(ctx: &Ctx, spoke: &Impl, n: usize, tls: &Arc<ClientConfig>) -> Resul
         connect.as_secs_f64()
     ));
     // The dial load: every 5 ms a dial to a random agent (destHost), through the next server
-    // an active health check (TCP connect to its health port every 100 ms) says is up.
+    // an active check says is ready: GET /readyz every 100 ms, as the deployed readiness probe
+    // does. A TCP connect to the health port would pass a restarted server before any agent
+    // is back on it, and every dial sent to it then fails.
     let up: Arc<Vec<AtomicBool>> = Arc::new((0..3).map(|_| AtomicBool::new(true)).collect());
     let stop = Arc::new(AtomicBool::new(false));
     let checker = {
@@ -517,20 +535,17 @@ async fn ha(ctx: &Ctx, spoke: &Impl, n: usize, tls: &Arc<ClientConfig>) -> Resul
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 for (i, p) in ports.iter().enumerate() {
-                    let ok = tokio::time::timeout(
-                        Duration::from_millis(100),
-                        tokio::net::TcpStream::connect(("127.0.0.1", *p)),
-                    )
-                    .await
-                    .is_ok_and(|r| r.is_ok());
+                    let ok = tokio::time::timeout(Duration::from_millis(100), readyz(*p))
+                        .await
+                        .unwrap_or(false);
                     up[i].store(ok, Ordering::Relaxed);
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         })
     };
-    // (start time, ok, error)
-    type Log = Arc<Mutex<Vec<(Instant, bool, Option<String>)>>>;
+    // (start time, server, error if it failed)
+    type Log = Arc<Mutex<Vec<(Instant, usize, Option<String>)>>>;
     let log: Log = Arc::new(Mutex::new(Vec::new()));
     let load = {
         let (up, stop, log) = (up.clone(), stop.clone(), log.clone());
@@ -560,7 +575,7 @@ async fn ha(ctx: &Ctx, spoke: &Impl, n: usize, tls: &Arc<ClientConfig>) -> Resul
                         Err(_) => Some("timed out".into()),
                     };
                     if let Ok(mut l) = log.lock() {
-                        l.push((t, e.is_none(), e));
+                        l.push((t, i, e));
                     }
                 });
             }
@@ -588,12 +603,18 @@ async fn ha(ctx: &Ctx, spoke: &Impl, n: usize, tls: &Arc<ClientConfig>) -> Resul
     let log = log.lock().map(|l| l.clone()).unwrap_or_default();
     let before = log.iter().filter(|(t, _, _)| *t < t_kill).count();
     let after: Vec<_> = log.iter().filter(|(t, _, _)| *t >= t_kill).collect();
-    let failed: Vec<_> = after.iter().filter(|(_, ok, _)| !ok).collect();
-    let window = failed
+    let failures: Vec<(f64, usize, String)> = after
         .iter()
-        .map(|(t, _, _)| t.duration_since(t_kill).as_secs_f64() * 1e3)
-        .fold(0.0_f64, f64::max);
-    let failed_before = log.iter().filter(|(t, ok, _)| *t < t_kill && !ok).count();
+        .filter_map(|(t, i, e)| {
+            let ms = t.duration_since(t_kill).as_secs_f64() * 1e3;
+            e.as_ref().map(|e| (ms, *i, e.clone()))
+        })
+        .collect();
+    let window = failures.iter().map(|f| f.0).fold(0.0_f64, f64::max);
+    let failed_before = log
+        .iter()
+        .filter(|(t, _, e)| *t < t_kill && e.is_some())
+        .count();
     if failed_before > 0 {
         bail!("{failed_before} dials failed before the kill");
     }
@@ -601,14 +622,19 @@ async fn ha(ctx: &Ctx, spoke: &Impl, n: usize, tls: &Arc<ClientConfig>) -> Resul
         n,
         connect_s: connect.as_secs_f64(),
         dials_before: before,
-        failed_after_kill: failed.len(),
+        failed_after_kill: failures.len(),
         fail_window_ms: window,
-        ok_after_kill: after.len() - failed.len(),
-        first_error: failed.first().and_then(|(_, _, e)| e.clone()),
+        ok_after_kill: after.len() - failures.len(),
         back_after_restart_s,
         ready_after_restart_s,
         sync_interval_s: sync.as_secs_f64(),
+        failures,
     };
+    for (ms, i, e) in &r.failures {
+        ctx.say(&format!(
+            "   HA: dial through server {i} at {ms:.0} ms failed: {e}"
+        ));
+    }
     ctx.say(&format!(
         "   HA: after SIGKILL of one server {} dials failed (last {:.0} ms after the kill), {} succeeded; restarted server up in {:.2} s, all {n} agents back on it {:.2} s after the restart",
         r.failed_after_kill, r.fail_window_ms, r.ok_after_kill, r.ready_after_restart_s, r.back_after_restart_s
@@ -715,7 +741,7 @@ fn report(ctx: &Ctx, sec: &mut Section, res: &[Res], ha: Option<&Ha>, upstream_r
         md.push_str(&format!(
             "\n**HA**: three spoke-servers (`--server-count=3`) behind one address (a least-connections TCP balancer that skips a \
              backend refusing connections), {} agents holding a stream to each; a dial every 5 ms to a random agent (`destHost`), \
-             sent to the servers in turn, skipping one whose health port an active check (every 100 ms) finds closed. {} dials \
+             sent to the servers in turn, skipping one that an active check (`GET /readyz` every 100 ms, as the deployed readiness probe) finds not ready. {} dials \
              before the kill, none failed. After SIGKILL of one server: **{} dials failed, the last one started {:.0} ms after \
              the kill**, {} succeeded. Restarted: up in {:.2} s, every agent back on it {:.2} s after the restart (sync interval \
              {:.0} s, jittered up to 10 %).\n",
@@ -728,8 +754,12 @@ fn report(ctx: &Ctx, sec: &mut Section, res: &[Res], ha: Option<&Ha>, upstream_r
             h.back_after_restart_s,
             h.sync_interval_s
         ));
-        if let Some(e) = &h.first_error {
-            md.push_str(&format!("First failure: `{}`.\n", e.replace('`', "'")));
+        for (ms, i, e) in h.failures.iter().take(10) {
+            md.push_str(&format!(
+                "- failed: a dial through server {i}{} at {ms:.0} ms: `{}`\n",
+                if *i == 2 { " (the one killed)" } else { "" },
+                e.replace('`', "'")
+            ));
         }
     }
     if !upstream_ran {
@@ -914,7 +944,8 @@ fn report(ctx: &Ctx, sec: &mut Section, res: &[Res], ha: Option<&Ha>, upstream_r
         })).collect::<Vec<_>>(),
         "ha": ha.map(|h| json!({
             "agents": h.n, "connect_s": h.connect_s, "dials_before_kill": h.dials_before, "failed_after_kill": h.failed_after_kill,
-            "fail_window_ms": h.fail_window_ms, "ok_after_kill": h.ok_after_kill, "first_error": h.first_error,
+            "fail_window_ms": h.fail_window_ms, "ok_after_kill": h.ok_after_kill,
+            "failures": h.failures.iter().map(|(ms, i, e)| json!({"ms_after_kill": ms, "server": i, "error": e})).collect::<Vec<_>>(),
             "restart_up_s": h.ready_after_restart_s, "all_back_after_restart_s": h.back_after_restart_s,
         })),
         "skipped": sec.skipped,
