@@ -316,10 +316,9 @@ impl<S: Socket> Driver<S> {
                 return Poll::Ready(Err(e));
             }
             let timer = &mut self.trim_timer;
-            match self
-                .trim
-                .turn(progress, || timer.as_mut().poll(cx).is_ready())
-            {
+            match self.trim.turn(progress, tokio::time::Instant::now, || {
+                timer.as_mut().poll(cx).is_ready()
+            }) {
                 trim::Step::Nothing => {}
                 trim::Step::Trim => self.io.trim(),
                 trim::Step::Arm(after) => {

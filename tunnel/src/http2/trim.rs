@@ -5,7 +5,13 @@
 //! busy, the checks back off, so a busy connection costs one timer every couple of seconds.
 //! An idle, trimmed connection has no timer at all (thousands of idle agent tunnels must not
 //! each wake every few seconds) until it does something again.
+//!
+//! A check finds a connection idle when the second half of the wait before it was quiet.
+//! A dial is a few turns within a millisecond (DIAL_REQ out, DIAL_RSP in, the close), so the
+//! first check, 50 ms later, trims it: one timer wake-up per dial of an idle agent, where
+//! asking for a whole quiet wait took two and kept the buffers 150 ms.
 use std::time::Duration;
+use tokio::time::Instant;
 
 /// The first check after activity (a new connection, or a trimmed one that woke).
 pub const FIRST: Duration = Duration::from_millis(50);
@@ -25,10 +31,11 @@ pub enum Step {
 /// The schedule of one connection. The driver arms its timer [`FIRST`] ahead when it starts.
 #[derive(Debug)]
 pub struct Clock {
+    /// The wait before the check now armed.
     after: Duration,
     trimmed: bool,
-    /// Did anything since the last check.
-    active: bool,
+    /// The last turn that did something.
+    last: Option<Instant>,
 }
 
 impl Default for Clock {
@@ -36,33 +43,48 @@ impl Default for Clock {
         Clock {
             after: FIRST,
             trimmed: false,
-            active: false,
+            last: None,
         }
     }
 }
 
 impl Clock {
     /// After a turn of the driver's loop: `progress` if it did anything; `fired` polls the
-    /// timer, and is called only while the timer is armed.
-    pub fn turn(&mut self, progress: bool, fired: impl FnOnce() -> bool) -> Step {
+    /// timer, and is called only while the timer is armed; `now` is read only on a turn that
+    /// did something or a check.
+    pub fn turn(
+        &mut self,
+        progress: bool,
+        now: impl Fn() -> Instant,
+        fired: impl FnOnce() -> bool,
+    ) -> Step {
         if self.trimmed {
             if !progress {
                 return Step::Nothing;
             }
             // Woken: this turn's work is the activity the first check starts from.
-            *self = Clock::default();
+            *self = Clock {
+                last: Some(now()),
+                ..Clock::default()
+            };
             return Step::Arm(FIRST);
         }
-        self.active |= progress;
+        if progress {
+            self.last = Some(now());
+        }
         if !fired() {
             return Step::Nothing;
         }
-        if std::mem::take(&mut self.active) {
-            self.after = (self.after * 2).min(MAX);
-            Step::Arm(self.after)
-        } else {
+        let t = now();
+        let quiet = self
+            .last
+            .map_or(Duration::MAX, |l| t.saturating_duration_since(l));
+        if quiet >= self.after / 2 {
             self.trimmed = true;
             Step::Trim
+        } else {
+            self.after = (self.after * 2).min(MAX);
+            Step::Arm(self.after)
         }
     }
 }
@@ -71,34 +93,57 @@ impl Clock {
 mod tests {
     use super::*;
 
-    /// Runs `turns` of (progress, timer fired) and returns the steps that did something.
-    fn run(c: &mut Clock, turns: &[(bool, bool)]) -> Vec<Step> {
+    const MS: Duration = Duration::from_millis(1);
+
+    /// A clock driven through (ms since the start, progress, timer fired) turns; returns
+    /// the steps that did something, with the time of each.
+    fn run(c: &mut Clock, t0: Instant, turns: &[(u64, bool, bool)]) -> Vec<(u64, Step)> {
         turns
             .iter()
-            .map(|&(progress, fired)| c.turn(progress, || fired))
-            .filter(|s| *s != Step::Nothing)
+            .map(|&(ms, progress, fired)| (ms, c.turn(progress, || t0 + MS * ms as u32, || fired)))
+            .filter(|(_, s)| *s != Step::Nothing)
             .collect()
     }
 
     #[test]
-    fn a_connection_that_talks_once_is_trimmed_at_the_second_check() {
-        let mut c = Clock::default();
-        // Set-up traffic, then the first check finds it, then silence.
+    fn a_dial_is_trimmed_at_the_first_check() {
+        let (mut c, t0) = (Clock::default(), Instant::now());
+        // Set-up traffic over a millisecond, then the first check, 50 ms after the start.
         let steps = run(
             &mut c,
-            &[(true, false), (true, false), (false, true), (false, true)],
+            t0,
+            &[(0, true, false), (1, true, false), (50, false, true)],
         );
-        assert_eq!(steps, [Step::Arm(FIRST * 2), Step::Trim]);
+        assert_eq!(steps, [(50, Step::Trim)]);
         // Trimmed and idle: no timer, whatever the (stale) timer says.
-        assert_eq!(run(&mut c, &[(false, true), (false, false)]), []);
+        assert_eq!(
+            run(&mut c, t0, &[(60, false, true), (70, false, false)]),
+            []
+        );
+        // A dial wakes it: armed once, trimmed at that one check.
+        let steps = run(
+            &mut c,
+            t0,
+            &[
+                (1000, true, false),
+                (1000, true, false),
+                (1001, true, false),
+                (1050, false, true),
+            ],
+        );
+        assert_eq!(steps, [(1000, Step::Arm(FIRST)), (1050, Step::Trim)]);
     }
 
     #[test]
     fn a_busy_connections_checks_back_off_to_the_maximum() {
-        let mut c = Clock::default();
+        let (mut c, t0) = (Clock::default(), Instant::now());
         let mut arms = Vec::new();
+        let mut ms = 0;
         for _ in 0..8 {
-            if let Step::Arm(d) = c.turn(true, || true) {
+            // Activity just before every check.
+            ms += 10_000;
+            c.turn(true, || t0 + MS * ms, || false);
+            if let Step::Arm(d) = c.turn(false, || t0 + MS * ms, || true) {
                 arms.push(d);
             }
         }
@@ -108,14 +153,16 @@ mod tests {
     }
 
     #[test]
-    fn a_trimmed_connection_that_wakes_is_checked_soon_again() {
-        let mut c = Clock::default();
-        for _ in 0..8 {
-            c.turn(true, || true);
-        }
-        assert_eq!(c.turn(false, || true), Step::Trim);
-        // One message: armed at FIRST, and trimmed at the first check if nothing follows.
-        assert_eq!(c.turn(true, || false), Step::Arm(FIRST));
-        assert_eq!(c.turn(false, || true), Step::Trim);
+    fn only_a_quiet_second_half_of_the_wait_trims() {
+        let (mut c, t0) = (Clock::default(), Instant::now());
+        // Busy to the first check (50 ms): the next wait is 100 ms.
+        let steps = run(&mut c, t0, &[(49, true, false), (50, false, true)]);
+        assert_eq!(steps, [(50, Step::Arm(FIRST * 2))]);
+        // Activity 60 ms into that wait (in its second half): checked again, 200 ms later.
+        let steps = run(&mut c, t0, &[(110, true, false), (150, false, true)]);
+        assert_eq!(steps, [(150, Step::Arm(FIRST * 4))]);
+        // Activity in the first half of the 200 ms wait only: trimmed.
+        let steps = run(&mut c, t0, &[(240, true, false), (350, false, true)]);
+        assert_eq!(steps, [(350, Step::Trim)]);
     }
 }
