@@ -34,6 +34,19 @@ pub fn cpu_secs(pid: u32) -> Result<f64> {
     Ok((u + s) as f64 / clk_tck())
 }
 
+/// Nanoseconds `pid`'s threads have run (schedstat: exact, where utime and stime are
+/// sampled at the clock tick).
+pub fn run_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
 /// CPU seconds of `pid` and every living descendant (sshd forks a child per session).
 pub fn tree_cpu_secs(pid: u32) -> f64 {
     let mut children: HashMap<u32, Vec<u32>> = HashMap::new();

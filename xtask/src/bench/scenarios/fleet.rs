@@ -10,7 +10,7 @@
 //! load: one is SIGKILLed, then restarted.
 use crate::bench::procs::{free_port, http_get, Proc};
 use crate::bench::report::{num, Floor, Section};
-use crate::bench::stats::{cpu_secs, pct, rss, sorted};
+use crate::bench::stats::{cpu_secs, pct, rss, run_ns, sorted};
 use crate::bench::svg::{self, Bar};
 use crate::bench::Ctx;
 use anyhow::{bail, Context, Result};
@@ -228,6 +228,8 @@ struct Dials {
     ms: Vec<f64>,
     failed: usize,
     first_error: Option<String>,
+    /// The server's CPU per dial, µs (0 where not measured).
+    server_us: f64,
 }
 
 impl Dials {
@@ -236,9 +238,10 @@ impl Dials {
     }
 }
 
-/// `n` sequential dials to `target(i)`.
-async fn dial_series(uds: &Path, n: usize, target: impl Fn(usize) -> String) -> Dials {
+/// `n` sequential dials to `target(i)` through the server `pid`.
+async fn dial_series(uds: &Path, pid: u32, n: usize, target: impl Fn(usize) -> String) -> Dials {
     let mut d = Dials::default();
+    let ns0 = run_ns(pid);
     for i in 0..n {
         match tokio::time::timeout(Duration::from_secs(10), connect_dial(uds, &target(i))).await {
             Ok(Ok(t)) => d.ms.push(t.as_secs_f64() * 1e3),
@@ -252,6 +255,7 @@ async fn dial_series(uds: &Path, n: usize, target: impl Fn(usize) -> String) -> 
             }
         }
     }
+    d.server_us = run_ns(pid).saturating_sub(ns0) as f64 / 1e3 / n.max(1) as f64;
     d.ms = sorted(std::mem::take(&mut d.ms));
     d
 }
@@ -274,6 +278,7 @@ struct Res {
     idle_cpu_s_per_min: f64,
     dest: Dials,
     default: Dials,
+    one_agent: Dials,
     storm: Option<Storm>,
 }
 
@@ -329,11 +334,17 @@ async fn one(ctx: &Ctx, imp: &Impl, n: usize, tls: &Arc<ClientConfig>) -> Result
     };
     let dials = ctx.size.fleet_dials;
     let prefix = "node-";
-    let dest = dial_series(&server.uds, dials, |_| {
+    let pid = server.pid();
+    let dest = dial_series(&server.uds, pid, dials, |_| {
         format!("{}:10250", agent_host(prefix, rnd(n)))
     })
     .await;
-    let default = dial_series(&server.uds, dials, |_| "unnamed.fleet:443".to_string()).await;
+    let default = dial_series(&server.uds, pid, dials, |_| "unnamed.fleet:443".to_string()).await;
+    // Every dial to one agent: its state stays in cache, unlike a random agent's.
+    let one_agent = dial_series(&server.uds, pid, dials, |_| {
+        format!("{}:10250", agent_host(prefix, 0))
+    })
+    .await;
     ctx.say(&format!(
         "   {} × {n}: {} kiB RSS per idle agent, idle CPU {:.3} s/min; dial p50/p99 destHost {:.3}/{:.3} ms, default {:.3}/{:.3} ms ({} + {} failed)",
         imp.name,
@@ -367,6 +378,7 @@ async fn one(ctx: &Ctx, imp: &Impl, n: usize, tls: &Arc<ClientConfig>) -> Result
         idle_cpu_s_per_min: idle_cpu,
         dest,
         default,
+        one_agent,
         storm: storm_res,
     })
 }
@@ -737,6 +749,24 @@ fn report(ctx: &Ctx, sec: &mut Section, res: &[Res], ha: Option<&Ha>, upstream_r
             storm
         ));
     }
+    md.push_str(
+        "\nWhere a dial's time goes: the server's CPU per dial (its threads' run time over each series, from \
+         `/proc/<pid>/task/*/schedstat`), and a third series of dials that all go to one agent, whose state (the server's \
+         and the simulated agent's) stays in cache.\n\n\
+         | server | agents | server CPU µs/dial destHost | default | one agent | one agent p50/p99 ms |\n|---|---|---|---|---|---|\n",
+    );
+    for r in res {
+        md.push_str(&format!(
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.3}/{:.3} |\n",
+            r.imp,
+            r.n,
+            r.dest.server_us,
+            r.default.server_us,
+            r.one_agent.server_us,
+            r.one_agent.p(50.0),
+            r.one_agent.p(99.0)
+        ));
+    }
     if let Some(h) = ha {
         md.push_str(&format!(
             "\n**HA**: three spoke-servers (`--server-count=3`) behind one address (a least-connections TCP balancer that skips a \
@@ -927,7 +957,7 @@ fn report(ctx: &Ctx, sec: &mut Section, res: &[Res], ha: Option<&Ha>, upstream_r
             None,
         ),
     );
-    let dials = |d: &Dials| json!({"p50_ms": d.p(50.0), "p99_ms": d.p(99.0), "ok": d.ms.len(), "failed": d.failed, "first_error": d.first_error});
+    let dials = |d: &Dials| json!({"p50_ms": d.p(50.0), "p99_ms": d.p(99.0), "ok": d.ms.len(), "failed": d.failed, "first_error": d.first_error, "server_cpu_us_per_dial": d.server_us});
     sec.json = json!({
         "first_connects_in_flight": ctx.size.fleet_first_connects,
         "rows": res.iter().map(|r| json!({
@@ -935,7 +965,7 @@ fn report(ctx: &Ctx, sec: &mut Section, res: &[Res], ha: Option<&Ha>, upstream_r
             "connect_failures": r.connect_failures, "listen_overflows": r.connect_overflows,
             "rss_before": r.rss_before, "rss_idle": r.rss_idle, "kib_per_idle_agent": r.kib_per_agent(),
             "idle_cpu_s_per_min": if r.idle_cpu_s_per_min.is_finite() { json!(r.idle_cpu_s_per_min) } else { json!(null) },
-            "dial_desthost": dials(&r.dest), "dial_default": dials(&r.default),
+            "dial_desthost": dials(&r.dest), "dial_default": dials(&r.default), "dial_one_agent": dials(&r.one_agent),
             "storm": r.storm.as_ref().map(|s| json!({
                 "all_back_s": s.back_s, "server_up_s": s.ready_s, "peak_rss": s.peak_rss, "settled_rss": s.settled_rss,
                 "cpu_ms_per_reconnect": s.cpu_per_connect_ms, "failed_attempts": s.failures, "listen_overflows": s.overflows,
