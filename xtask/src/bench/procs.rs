@@ -152,11 +152,10 @@ impl Drop for Proc {
     }
 }
 
-/// A TCP port that is free on the root namespace's loopback now.
+/// A TCP port that is free on loopback now, from below the ephemeral range so that no
+/// outbound connection takes it before the process under test binds it.
 pub fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    Ok(spoke_tests::ports::free_port())
 }
 
 /// Blocking HTTP/1.0 GET of `127.0.0.1:port` `path` (inside `ns` when given).
