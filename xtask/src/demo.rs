@@ -9,7 +9,7 @@
 //! CPU per GiB (utime+stime from /proc/PID/stat, as the bench measures it) is compared.
 //! Ctrl-C at any point stops every process this started (their kernel programs are links
 //! owned by the agent, so they go with it).
-use crate::bench::procs::metric_sum;
+use crate::bench::procs::{free_port, http_get_async as http_get, metric_sum};
 use crate::bench::stats::cpu_secs;
 use anyhow::{bail, Context, Result};
 use spoke_tests::certs::{CertKey, Pki};
@@ -65,12 +65,6 @@ impl Drop for Proc {
         }
         println!("   stopped {} (pid {}){how}", self.name, self.child.id());
     }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 /// Starts `bin` in its own process group (a Ctrl-C in the terminal reaches only this
@@ -541,20 +535,6 @@ async fn wait_ready(port: u16, name: &str, log: &Path) -> Result<()> {
     let lines: Vec<&str> = text.lines().collect();
     let tail = lines[lines.len().saturating_sub(8)..].join("\n   | ");
     bail!("{name} not ready after 20 s; the end of its log:\n   | {tail}")
-}
-
-async fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
-        .await?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await?;
-    let code = out
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    Ok((code, out.split("\r\n\r\n").nth(1).unwrap_or("").to_string()))
 }
 
 async fn print_figures(s_health: u16, agent: &Agent) {

@@ -189,6 +189,22 @@ pub fn http_get(ns: Option<&str>, port: u16, path: &str) -> Result<(u16, String)
     }
 }
 
+/// [`http_get`] for async code, outside any namespace.
+pub async fn http_get_async(port: u16, path: &str) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+        .await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    let code = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((code, out.split("\r\n\r\n").nth(1).unwrap_or("").to_string()))
+}
+
 /// Sum of the samples of metric `name` (all label sets) in a Prometheus text body.
 pub fn metric_sum(body: &str, name: &str, label_filter: &str) -> f64 {
     body.lines()

@@ -8,7 +8,7 @@
 //! upstream-compatible server binary given with `--server-bin`. Last, three Spoke servers
 //! behind one address (least-connections balancer) with serverCount 3 under a steady dial
 //! load: one is SIGKILLed, then restarted.
-use crate::bench::procs::{free_port, http_get, Proc};
+use crate::bench::procs::{free_port, http_get, http_get_async, Proc};
 use crate::bench::report::{num, Floor, Section};
 use crate::bench::stats::{cpu_secs, pct, rss, run_ns, sorted};
 use crate::bench::svg::{self, Bar};
@@ -491,8 +491,6 @@ struct Ha {
     n: usize,
     connect_s: f64,
     dials_before: usize,
-    failed_after_kill: usize,
-    fail_window_ms: f64,
     ok_after_kill: usize,
     /// Every failed dial after the kill: ms after the kill it started, the server it went to
     /// (2 is the one killed), and its error.
@@ -502,18 +500,15 @@ struct Ha {
     sync_interval_s: f64,
 }
 
-/// Whether a server's health port answers `GET /readyz` with 200.
-async fn readyz(port: u16) -> bool {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
-        return false;
-    };
-    let req = b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
-    if s.write_all(req).await.is_err() {
-        return false;
+impl Ha {
+    fn failed_after_kill(&self) -> usize {
+        self.failures.len()
     }
-    let mut head = [0u8; 12];
-    s.read_exact(&mut head).await.is_ok() && head.starts_with(b"HTTP/1.1 200")
+
+    /// When the last failed dial started, ms after the kill (0 when none failed).
+    fn fail_window_ms(&self) -> f64 {
+        self.failures.iter().map(|f| f.0).fold(0.0_f64, f64::max)
+    }
 }
 
 /// Three servers behind one address; SIGKILL one under load, then restart it.
@@ -547,9 +542,10 @@ async fn ha(ctx: &Ctx, spoke: &Impl, n: usize, tls: &Arc<ClientConfig>) -> Resul
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 for (i, p) in ports.iter().enumerate() {
-                    let ok = tokio::time::timeout(Duration::from_millis(100), readyz(*p))
+                    let ready = http_get_async(*p, "/readyz");
+                    let ok = tokio::time::timeout(Duration::from_millis(100), ready)
                         .await
-                        .unwrap_or(false);
+                        .is_ok_and(|r| matches!(r, Ok((200, _))));
                     up[i].store(ok, Ordering::Relaxed);
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -622,7 +618,6 @@ async fn ha(ctx: &Ctx, spoke: &Impl, n: usize, tls: &Arc<ClientConfig>) -> Resul
             e.as_ref().map(|e| (ms, *i, e.clone()))
         })
         .collect();
-    let window = failures.iter().map(|f| f.0).fold(0.0_f64, f64::max);
     let failed_before = log
         .iter()
         .filter(|(t, _, e)| *t < t_kill && e.is_some())
@@ -634,8 +629,6 @@ async fn ha(ctx: &Ctx, spoke: &Impl, n: usize, tls: &Arc<ClientConfig>) -> Resul
         n,
         connect_s: connect.as_secs_f64(),
         dials_before: before,
-        failed_after_kill: failures.len(),
-        fail_window_ms: window,
         ok_after_kill: after.len() - failures.len(),
         back_after_restart_s,
         ready_after_restart_s,
@@ -649,7 +642,7 @@ async fn ha(ctx: &Ctx, spoke: &Impl, n: usize, tls: &Arc<ClientConfig>) -> Resul
     }
     ctx.say(&format!(
         "   HA: after SIGKILL of one server {} dials failed (last {:.0} ms after the kill), {} succeeded; restarted server up in {:.2} s, all {n} agents back on it {:.2} s after the restart",
-        r.failed_after_kill, r.fail_window_ms, r.ok_after_kill, r.ready_after_restart_s, r.back_after_restart_s
+        r.failed_after_kill(), r.fail_window_ms(), r.ok_after_kill, r.ready_after_restart_s, r.back_after_restart_s
     ));
     drop(fleet);
     drop(lb);
@@ -777,8 +770,8 @@ fn report(ctx: &Ctx, sec: &mut Section, res: &[Res], ha: Option<&Ha>, upstream_r
              {:.0} s, jittered up to 10 %).\n",
             h.n,
             h.dials_before,
-            h.failed_after_kill,
-            h.fail_window_ms,
+            h.failed_after_kill(),
+            h.fail_window_ms(),
             h.ok_after_kill,
             h.ready_after_restart_s,
             h.back_after_restart_s,
@@ -910,10 +903,11 @@ fn report(ctx: &Ctx, sec: &mut Section, res: &[Res], ha: Option<&Ha>, upstream_r
             "HA: dials failing after SIGKILL of one of three servers",
             format!(
                 "{} failed, last {:.0} ms after the kill",
-                h.failed_after_kill, h.fail_window_ms
+                h.failed_after_kill(),
+                h.fail_window_ms()
             ),
             "≤ 1000 ms",
-            Some(h.fail_window_ms <= 1000.0),
+            Some(h.fail_window_ms() <= 1000.0),
         ));
         let bound = h.sync_interval_s * 1.1 + 0.5;
         sec.floors.push(Floor::new(
@@ -973,8 +967,8 @@ fn report(ctx: &Ctx, sec: &mut Section, res: &[Res], ha: Option<&Ha>, upstream_r
             })),
         })).collect::<Vec<_>>(),
         "ha": ha.map(|h| json!({
-            "agents": h.n, "connect_s": h.connect_s, "dials_before_kill": h.dials_before, "failed_after_kill": h.failed_after_kill,
-            "fail_window_ms": h.fail_window_ms, "ok_after_kill": h.ok_after_kill,
+            "agents": h.n, "connect_s": h.connect_s, "dials_before_kill": h.dials_before, "failed_after_kill": h.failed_after_kill(),
+            "fail_window_ms": h.fail_window_ms(), "ok_after_kill": h.ok_after_kill,
             "failures": h.failures.iter().map(|(ms, i, e)| json!({"ms_after_kill": ms, "server": i, "error": e})).collect::<Vec<_>>(),
             "restart_up_s": h.ready_after_restart_s, "all_back_after_restart_s": h.back_after_restart_s,
         })),
