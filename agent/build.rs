@@ -10,6 +10,7 @@ use std::{
 };
 
 fn main() {
+    pack_relative_relocs();
     println!("cargo:rerun-if-env-changed=SPOKE_EBPF_OBJECT");
     let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let object = env::var_os("SPOKE_EBPF_OBJECT")
@@ -43,5 +44,16 @@ fn main() {
             object.display()
         );
         fs::write(&out, []).expect("write the empty eBPF placeholder");
+    }
+}
+
+/// Relative relocations packed as RELR (glibc 2.36, binutils 2.38; Debian 12 has both): the
+/// dynamic loader reads about 6 KiB of relocations at start instead of 470 KiB, and those pages
+/// no longer stay mapped, so an idle agent's RSS is about 0.5 MiB lower. The server does the same.
+fn pack_relative_relocs() {
+    if env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux")
+        && env::var("CARGO_CFG_TARGET_ENV").as_deref() == Ok("gnu")
+    {
+        println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
     }
 }
