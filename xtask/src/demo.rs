@@ -231,7 +231,7 @@ async fn show(
     let kubelet = serve_kubelet(&ca.server).await?;
     println!("== kubelet-like HTTPS backend on {kubelet}");
     let [frontend, agent_port, s_health, s_admin] =
-        [free_port()?, free_port()?, free_port()?, free_port()?];
+        [free_port(), free_port(), free_port(), free_port()];
     let p = |x: &PathBuf| x.display().to_string();
     let server_args = vec![
         "--mode=http-connect".into(),
@@ -347,7 +347,7 @@ async fn show(
 }
 
 async fn start_agent(setup: &Setup, mode: &str) -> Result<Agent> {
-    let (health, admin) = (free_port()?, free_port()?);
+    let (health, admin) = (free_port(), free_port());
     let mut args = setup.agent_args.clone();
     args.extend([
         format!("--health-server-port={health}"),

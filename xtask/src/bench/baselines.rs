@@ -31,7 +31,7 @@ pub fn ssh(work: &Path, backend: SocketAddr) -> Result<SshTunnel> {
         }
     }
     std::fs::copy(dir.join("userkey.pub"), dir.join("authorized_keys"))?;
-    let port = free_port()?;
+    let port = free_port();
     let cfg = format!(
         "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nPidFile {}\nAuthorizedKeysFile {}\n\
          PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n\
@@ -50,7 +50,7 @@ pub fn ssh(work: &Path, backend: SocketAddr) -> Result<SshTunnel> {
         &dir.join("sshd.log"),
     )?;
     wait_port(port, Duration::from_secs(10)).context("throw-away sshd did not listen")?;
-    let local = free_port()?;
+    let local = free_port();
     let user = std::env::var("USER")
         .ok()
         .filter(|u| !u.is_empty())
@@ -125,7 +125,7 @@ pub fn stunnel(work: &Path, pki: &Pki, backend: SocketAddr) -> Result<Stunnel> {
         .context("stunnel not installed (stunnel4)")?;
     let dir = work.join("stunnel");
     std::fs::create_dir_all(&dir)?;
-    let (sport, cport) = (free_port()?, free_port()?);
+    let (sport, cport) = (free_port(), free_port());
     let server_cfg = format!(
         "foreground = yes\npid =\nsyslog = no\ndebug = 3\n[s]\naccept = 127.0.0.1:{sport}\nconnect = {backend}\ncert = {}\nkey = {}\n",
         pki.server.cert.display(),

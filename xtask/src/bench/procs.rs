@@ -154,9 +154,7 @@ impl Drop for Proc {
 
 /// A TCP port that is free on loopback now, from below the ephemeral range so that no
 /// outbound connection takes it before the process under test binds it.
-pub fn free_port() -> Result<u16> {
-    Ok(spoke_tests::ports::free_port())
-}
+pub use spoke_tests::ports::free_port;
 
 /// Blocking HTTP/1.0 GET of `127.0.0.1:port` `path` (inside `ns` when given).
 pub fn http_get(ns: Option<&str>, port: u16, path: &str) -> Result<(u16, String)> {
@@ -302,20 +300,20 @@ impl Cluster {
         let p = |x: &Path| x.display().to_string();
         // Ports: the root namespace shares loopback with everything else, so ask the kernel;
         // a fresh namespace has nothing bound.
-        let port = |ns: &Option<String>, fixed: u16| -> Result<u16> {
+        let port = |ns: &Option<String>, fixed: u16| {
             if ns.is_some() {
-                Ok(fixed)
+                fixed
             } else {
                 free_port()
             }
         };
         let [s_front, s_agent, s_health, s_admin] = [
-            port(&cfg.server_ns, 18090)?,
-            port(&cfg.server_ns, 18091)?,
-            port(&cfg.server_ns, 18092)?,
-            port(&cfg.server_ns, 18095)?,
+            port(&cfg.server_ns, 18090),
+            port(&cfg.server_ns, 18091),
+            port(&cfg.server_ns, 18092),
+            port(&cfg.server_ns, 18095),
         ];
-        let [a_health, a_admin] = [port(&cfg.agent_ns, 18093)?, port(&cfg.agent_ns, 18094)?];
+        let [a_health, a_admin] = [port(&cfg.agent_ns, 18093), port(&cfg.agent_ns, 18094)];
         let mut sargs = vec![format!("--mode={}", cfg.mode.flag())];
         let frontend = match cfg.transport {
             Transport::Uds => {

@@ -52,7 +52,7 @@ struct ServerProc {
 impl ServerProc {
     fn start(ctx: &Ctx, imp: &Impl, id: &str, count: usize) -> Result<ServerProc> {
         let p = |x: &Path| x.display().to_string();
-        let (agent_port, health, admin) = (free_port()?, free_port()?, free_port()?);
+        let (agent_port, health, admin) = (free_port(), free_port(), free_port());
         let uds = ctx.work.join(format!("fleet-{id}.sock"));
         let _ = std::fs::remove_file(&uds);
         // Upstream's flags only, so any upstream-compatible binary takes them.
@@ -596,7 +596,8 @@ async fn ha(ctx: &Ctx, spoke: &Impl, n: usize, tls: &Arc<ClientConfig>) -> Resul
     let connects0 = fleet.stats.connects.load(Ordering::Relaxed);
     let t_restart = Instant::now();
     servers[2].restart()?;
-    servers[2].wait_up()?;
+    // The dials and the readiness check go on meanwhile on the runtime's other worker.
+    tokio::task::block_in_place(|| servers[2].wait_up())?;
     let ready_after_restart_s = t_restart.elapsed().as_secs_f64();
     let back = fleet
         .wait_complete(connects0 + n as u64, Duration::from_secs(120))
