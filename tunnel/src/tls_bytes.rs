@@ -54,6 +54,16 @@ impl<S: Socket + AsyncWrite + Unpin> TlsBytes<S> {
     pub fn io_mut(&mut self) -> &mut Io<S> {
         &mut self.io
     }
+
+    /// Up to `max` decrypted bytes as a slice of the receive buffer (no copy); `None` at the
+    /// end. For a reader that consumes in place what `poll_read` would copy out.
+    pub fn poll_read_bytes(
+        &mut self,
+        cx: &mut Context<'_>,
+        max: usize,
+    ) -> Poll<io::Result<Option<Bytes>>> {
+        poll_take(&mut self.io, cx, max)
+    }
 }
 
 /// Up to `max` bytes of what `io` has decrypted (a slice of its buffer), reading when it has

@@ -12,7 +12,6 @@ use bytes::Bytes;
 use rustls::ClientConfig;
 use spoke_proto::packet::Payload;
 use spoke_proto::{Packet, PacketType};
-use spoke_tests::BoxIo;
 use spoke_tunnel::http2::conn::Config;
 use spoke_tunnel::http2::driver::{self, Driver, Ended, StreamEnd};
 use spoke_tunnel::http2::grpc;
@@ -220,15 +219,45 @@ pub fn command(c: u8, n: u64) -> [u8; 9] {
     h
 }
 
+/// A bench client's connection to the backend.
+pub trait BenchIo: spoke_tests::Io {
+    /// Takes up to `scratch.len()` received bytes and drops them; 0 at the end. A stream that
+    /// holds what it receives as `Bytes` (TLS records opened in place, gRPC packets) drops them
+    /// there: a read would copy each byte once more, which a socket read does not, and the
+    /// bench measures the tunnel, not its own client.
+    fn poll_discard(&mut self, cx: &mut TaskCx<'_>, scratch: &mut [u8]) -> Poll<io::Result<usize>> {
+        let mut b = ReadBuf::new(scratch);
+        ready!(Pin::new(self).poll_read(cx, &mut b))?;
+        Poll::Ready(Ok(b.filled().len()))
+    }
+}
+
+impl BenchIo for TcpStream {}
+impl BenchIo for UnixStream {}
+
+impl BenchIo for TlsBytes<TcpStream> {
+    fn poll_discard(&mut self, cx: &mut TaskCx<'_>, scratch: &mut [u8]) -> Poll<io::Result<usize>> {
+        let b = ready!(self.poll_read_bytes(cx, scratch.len()))?;
+        Poll::Ready(Ok(b.map_or(0, |b| b.len())))
+    }
+}
+
+/// A boxed [`BenchIo`]; it coerces to the tests' `BoxIo`.
+pub type BenchBox = Box<dyn BenchIo>;
+
+async fn discard(io: &mut BenchBox, scratch: &mut [u8]) -> io::Result<usize> {
+    std::future::poll_fn(|cx| io.poll_discard(cx, scratch)).await
+}
+
 /// Downloads `n` bytes on an open connection; returns the seconds it took.
-pub async fn download(io: &mut BoxIo, n: u64) -> Result<f64> {
+pub async fn download(io: &mut BenchBox, n: u64) -> Result<f64> {
     let t = Instant::now();
     io.write_all(&command(b'D', n)).await?;
     io.flush().await?;
     let mut buf = vec![0u8; CHUNK];
     let mut got = 0u64;
     while got < n {
-        let k = io.read(&mut buf).await?;
+        let k = discard(io, &mut buf).await?;
         if k == 0 {
             bail!("download ended after {got} of {n} bytes");
         }
@@ -238,7 +267,7 @@ pub async fn download(io: &mut BoxIo, n: u64) -> Result<f64> {
 }
 
 /// Uploads `n` bytes on an open connection and waits for the backend's `K`.
-pub async fn upload(io: &mut BoxIo, n: u64) -> Result<f64> {
+pub async fn upload(io: &mut BenchBox, n: u64) -> Result<f64> {
     let t = Instant::now();
     io.write_all(&command(b'U', n)).await?;
     let mut left = n;
@@ -256,14 +285,14 @@ pub async fn upload(io: &mut BoxIo, n: u64) -> Result<f64> {
 }
 
 /// Reads a download for `dur`; returns bytes received.
-pub async fn timed_download(io: &mut BoxIo, dur: Duration) -> Result<u64> {
+pub async fn timed_download(io: &mut BenchBox, dur: Duration) -> Result<u64> {
     io.write_all(&command(b'D', u64::MAX / 2)).await?;
     io.flush().await?;
     let mut buf = vec![0u8; CHUNK];
     let mut got = 0u64;
     let end = tokio::time::Instant::now() + dur;
     loop {
-        match tokio::time::timeout_at(end, io.read(&mut buf)).await {
+        match tokio::time::timeout_at(end, discard(io, &mut buf)).await {
             Err(_) => return Ok(got),
             Ok(Ok(0)) => bail!("download ended after {got} bytes"),
             Ok(Ok(k)) => got += k as u64,
@@ -356,7 +385,7 @@ async fn tls_connect(addr: SocketAddr, cfg: Arc<ClientConfig>) -> io::Result<Tls
 }
 
 /// Opens a connection to `target` along `route`.
-pub async fn dial(route: &Route, tls: &Tls, target: SocketAddr) -> Result<BoxIo> {
+pub async fn dial(route: &Route, tls: &Tls, target: SocketAddr) -> Result<BenchBox> {
     match route {
         Route::Direct => {
             let s = TcpStream::connect(target).await?;
@@ -588,21 +617,10 @@ fn rand_id() -> i64 {
     h.finish() as i64
 }
 
-impl AsyncRead for GrpcIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut TaskCx<'_>,
-        out: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        loop {
-            if !self.buf.is_empty() {
-                let k = self.buf.len().min(out.remaining());
-                out.put_slice(&self.buf.split_to(k));
-                return Poll::Ready(Ok(()));
-            }
-            if self.eof {
-                return Poll::Ready(Ok(()));
-            }
+impl GrpcIo {
+    /// Until `buf` holds data or the stream has ended.
+    fn poll_fill(&mut self, cx: &mut TaskCx<'_>) -> Poll<()> {
+        while self.buf.is_empty() && !self.eof {
             match ready!(self.rx.poll_recv(cx)) {
                 Some((p, size)) => {
                     self.taken.bytes.fetch_add(size, Ordering::AcqRel);
@@ -617,6 +635,29 @@ impl AsyncRead for GrpcIo {
                 None => self.eof = true,
             }
         }
+        Poll::Ready(())
+    }
+}
+
+impl AsyncRead for GrpcIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskCx<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        ready!(self.poll_fill(cx));
+        let k = self.buf.len().min(out.remaining());
+        out.put_slice(&self.buf.split_to(k));
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl BenchIo for GrpcIo {
+    fn poll_discard(&mut self, cx: &mut TaskCx<'_>, scratch: &mut [u8]) -> Poll<io::Result<usize>> {
+        ready!(self.poll_fill(cx));
+        let k = self.buf.len().min(scratch.len());
+        let _ = self.buf.split_to(k);
+        Poll::Ready(Ok(k))
     }
 }
 
@@ -651,5 +692,55 @@ impl AsyncWrite for GrpcIo {
         let _ = self.tx.send_item(spoke_tests::grpc::close_request(id));
         self.tx.close();
         Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spoke_proto::CloseResponse;
+
+    /// Discarding takes every byte of every packet, in pieces no larger than asked for,
+    /// returns the window each packet held, and reports the end after CLOSE_RSP.
+    #[tokio::test]
+    async fn grpc_discard_takes_packets_whole_and_ends_at_close() {
+        let (tx, _out) = mpsc::channel(4);
+        let (inbound, rx) = mpsc::unbounded_channel();
+        let taken = Arc::new(Taken::default());
+        let mut io: BenchBox = Box::new(GrpcIo {
+            tx: PollSender::new(tx),
+            rx,
+            taken: taken.clone(),
+            id: 7,
+            buf: Bytes::new(),
+            eof: false,
+        });
+        for (len, size) in [(10usize, 15usize), (0, 5), (25, 30)] {
+            inbound
+                .send((spoke_tests::grpc::data(7, vec![1u8; len]), size))
+                .unwrap();
+        }
+        let close = Packet {
+            r#type: PacketType::CloseRsp as i32,
+            payload: Some(Payload::CloseResponse(CloseResponse {
+                connect_id: 7,
+                error: String::new(),
+            })),
+        };
+        inbound
+            .send((close, 9))
+            .map_err(|_| anyhow::anyhow!("send"))
+            .unwrap();
+        let mut scratch = [0u8; 8];
+        let mut pieces = vec![];
+        loop {
+            let k = discard(&mut io, &mut scratch).await.unwrap();
+            if k == 0 {
+                break;
+            }
+            pieces.push(k);
+        }
+        assert_eq!(pieces, [8, 2, 8, 8, 8, 1]);
+        assert_eq!(taken.bytes.load(Ordering::Acquire), 15 + 5 + 30 + 9);
     }
 }
