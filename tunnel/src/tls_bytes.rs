@@ -55,6 +55,19 @@ impl<S: Socket + AsyncWrite + Unpin> TlsBytes<S> {
         &mut self.io
     }
 
+    /// Queues `bytes` as they are (no copy), once what was queued before has gone out, and
+    /// writes what it can.
+    pub fn poll_send_bytes(
+        &mut self,
+        cx: &mut Context<'_>,
+        bytes: &mut Bytes,
+    ) -> Poll<io::Result<()>> {
+        ready!(self.io.poll_flush(cx))?;
+        self.io.queue(std::mem::take(bytes));
+        let _ = self.io.poll_flush(cx)?;
+        Poll::Ready(Ok(()))
+    }
+
     /// Up to `max` decrypted bytes as a slice of the receive buffer (no copy); `None` at the
     /// end. For a reader that consumes in place what `poll_read` would copy out.
     pub fn poll_read_bytes(
