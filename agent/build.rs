@@ -47,12 +47,16 @@ fn main() {
     }
 }
 
-/// Relative relocations packed as RELR (glibc 2.36, binutils 2.38; Debian 12 has both): the
-/// dynamic loader reads about 6 KiB of relocations at start instead of 470 KiB, and those pages
-/// no longer stay mapped, so an idle agent's RSS is about 0.5 MiB lower. The server does the same.
+/// Relative relocations packed as RELR (binutils 2.38; Debian 12 has 2.40): the dynamic loader
+/// reads about 6 KiB of relocations at start instead of 470 KiB, and those pages no longer stay
+/// mapped, so an idle agent's RSS is about 0.5 MiB lower. The binary then needs glibc 2.36 or
+/// later (Debian 12, the distroless cc-debian12 image); SPOKE_PACK_RELOCS=0 builds one for an
+/// older glibc. The server does the same.
 fn pack_relative_relocs() {
+    println!("cargo:rerun-if-env-changed=SPOKE_PACK_RELOCS");
     if env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux")
         && env::var("CARGO_CFG_TARGET_ENV").as_deref() == Ok("gnu")
+        && env::var("SPOKE_PACK_RELOCS").as_deref() != Ok("0")
     {
         println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
     }

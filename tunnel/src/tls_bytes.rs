@@ -68,8 +68,8 @@ impl<S: Socket + AsyncWrite + Unpin> TlsBytes<S> {
         Poll::Ready(Ok(()))
     }
 
-    /// Up to `max` decrypted bytes as a slice of the receive buffer (no copy); `None` at the
-    /// end. For a reader that consumes in place what `poll_read` would copy out.
+    /// Up to `max` (> 0) decrypted bytes as a slice of the receive buffer (no copy); `None` at
+    /// the end. For a reader that consumes in place what `poll_read` would copy out.
     pub fn poll_read_bytes(
         &mut self,
         cx: &mut Context<'_>,

@@ -231,9 +231,13 @@ pub trait BenchIo: spoke_tests::Io {
         Poll::Ready(Ok(b.filled().len()))
     }
 
-    /// Writes some of `chunk`, advancing it. Streams that send `Bytes` take it whole without
-    /// copying it, as spoke-server's and spoke-agent's relays hand theirs over.
+    /// Writes some of `chunk`, advancing it; an empty chunk writes nothing. Streams that send
+    /// `Bytes` take it whole without copying it, as spoke-server's and spoke-agent's relays hand
+    /// theirs over.
     fn poll_send(&mut self, cx: &mut TaskCx<'_>, chunk: &mut Bytes) -> Poll<io::Result<()>> {
+        if chunk.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
         let k = ready!(Pin::new(self).poll_write(cx, chunk))?;
         if k == 0 {
             return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
@@ -253,6 +257,9 @@ impl BenchIo for TlsBytes<TcpStream> {
     }
 
     fn poll_send(&mut self, cx: &mut TaskCx<'_>, chunk: &mut Bytes) -> Poll<io::Result<()>> {
+        if chunk.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
         self.poll_send_bytes(cx, chunk)
     }
 }
@@ -682,6 +689,9 @@ impl BenchIo for GrpcIo {
     }
 
     fn poll_send(&mut self, cx: &mut TaskCx<'_>, chunk: &mut Bytes) -> Poll<io::Result<()>> {
+        if chunk.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
         ready!(self.tx.poll_reserve(cx)).map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
         let piece = chunk.split_to(chunk.len().min(PACKET_MAX));
         self.tx
@@ -730,14 +740,11 @@ mod tests {
     use super::*;
     use spoke_proto::CloseResponse;
 
-    /// Discarding takes every byte of every packet, in pieces no larger than asked for,
-    /// returns the window each packet held, and reports the end after CLOSE_RSP.
-    #[tokio::test]
-    async fn grpc_discard_takes_packets_whole_and_ends_at_close() {
+    fn grpc_io() -> (BenchBox, mpsc::UnboundedSender<(Packet, usize)>, Arc<Taken>) {
         let (tx, _out) = mpsc::channel(4);
         let (inbound, rx) = mpsc::unbounded_channel();
         let taken = Arc::new(Taken::default());
-        let mut io: BenchBox = Box::new(GrpcIo {
+        let io = Box::new(GrpcIo {
             tx: PollSender::new(tx),
             rx,
             taken: taken.clone(),
@@ -745,33 +752,52 @@ mod tests {
             buf: Bytes::new(),
             eof: false,
         });
-        for (len, size) in [(10usize, 15usize), (0, 5), (25, 30)] {
-            inbound
-                .send((spoke_tests::grpc::data(7, vec![1u8; len]), size))
-                .unwrap();
-        }
-        let close = Packet {
-            r#type: PacketType::CloseRsp as i32,
-            payload: Some(Payload::CloseResponse(CloseResponse {
-                connect_id: 7,
-                error: String::new(),
-            })),
-        };
-        inbound
-            .send((close, 9))
-            .map_err(|_| anyhow::anyhow!("send"))
-            .unwrap();
-        let mut scratch = [0u8; 8];
-        let mut pieces = vec![];
-        loop {
-            let k = discard(&mut io, &mut scratch).await.unwrap();
-            if k == 0 {
-                break;
+        (io, inbound, taken)
+    }
+
+    /// Discarding takes every byte of every packet, in pieces no larger than asked for,
+    /// returns the window each packet held, and reports the end after CLOSE_RSP (with its
+    /// payload, or by its type alone).
+    #[tokio::test]
+    async fn grpc_discard_takes_packets_whole_and_ends_at_close() {
+        let closes = [
+            Packet {
+                r#type: PacketType::CloseRsp as i32,
+                payload: Some(Payload::CloseResponse(CloseResponse {
+                    connect_id: 7,
+                    error: String::new(),
+                })),
+            },
+            Packet {
+                r#type: PacketType::CloseRsp as i32,
+                payload: None,
+            },
+        ];
+        for close in closes {
+            let (mut io, inbound, taken) = grpc_io();
+            for (len, size) in [(10usize, 15usize), (0, 5), (25, 30)] {
+                inbound
+                    .send((spoke_tests::grpc::data(7, vec![1u8; len]), size))
+                    .unwrap();
             }
-            pieces.push(k);
+            inbound.send((close, 9)).unwrap();
+            let mut scratch = [0u8; 8];
+            let mut pieces = vec![];
+            loop {
+                // The sender stays open: only CLOSE_RSP can end this, not a closed channel.
+                let k =
+                    tokio::time::timeout(Duration::from_secs(5), discard(&mut io, &mut scratch))
+                        .await
+                        .expect("CLOSE_RSP ends the stream")
+                        .unwrap();
+                if k == 0 {
+                    break;
+                }
+                pieces.push(k);
+            }
+            assert_eq!(pieces, [8, 2, 8, 8, 8, 1]);
+            assert_eq!(taken.bytes.load(Ordering::Acquire), 15 + 5 + 30 + 9);
         }
-        assert_eq!(pieces, [8, 2, 8, 8, 8, 1]);
-        assert_eq!(taken.bytes.load(Ordering::Acquire), 15 + 5 + 30 + 9);
     }
 
     /// Sending hands the chunk over in packets of at most PACKET_MAX, the bytes themselves.

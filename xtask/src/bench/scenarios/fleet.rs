@@ -596,8 +596,7 @@ async fn ha(ctx: &Ctx, spoke: &Impl, n: usize, tls: &Arc<ClientConfig>) -> Resul
     let connects0 = fleet.stats.connects.load(Ordering::Relaxed);
     let t_restart = Instant::now();
     servers[2].restart()?;
-    // The dials and the readiness check go on meanwhile on the runtime's other worker.
-    tokio::task::block_in_place(|| servers[2].wait_up())?;
+    servers[2].wait_up()?;
     let ready_after_restart_s = t_restart.elapsed().as_secs_f64();
     let back = fleet
         .wait_complete(connects0 + n as u64, Duration::from_secs(120))
