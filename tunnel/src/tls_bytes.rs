@@ -135,8 +135,7 @@ impl<S: Socket + AsyncWrite + Unpin> AsyncWrite for TlsBytes<S> {
         // The caller keeps its buffer, so the bytes are copied (the relay's halves hand over
         // `Bytes` instead); one write is queued at a time.
         ready!(self.io.poll_flush(cx))?;
-        self.io.queue(Bytes::copy_from_slice(data));
-        let _ = self.io.poll_flush(cx)?;
+        ready!(self.poll_send_bytes(cx, &mut Bytes::copy_from_slice(data)))?;
         Poll::Ready(Ok(data.len()))
     }
 

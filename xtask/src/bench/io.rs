@@ -231,13 +231,10 @@ pub trait BenchIo: spoke_tests::Io {
         Poll::Ready(Ok(b.filled().len()))
     }
 
-    /// Writes some of `chunk`, advancing it; an empty chunk writes nothing. Streams that send
+    /// Writes some of `chunk` (not empty; see [`send`]), advancing it. Streams that send
     /// `Bytes` take it whole without copying it, as spoke-server's and spoke-agent's relays hand
     /// theirs over.
     fn poll_send(&mut self, cx: &mut TaskCx<'_>, chunk: &mut Bytes) -> Poll<io::Result<()>> {
-        if chunk.is_empty() {
-            return Poll::Ready(Ok(()));
-        }
         let k = ready!(Pin::new(self).poll_write(cx, chunk))?;
         if k == 0 {
             return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
@@ -257,9 +254,6 @@ impl BenchIo for TlsBytes<TcpStream> {
     }
 
     fn poll_send(&mut self, cx: &mut TaskCx<'_>, chunk: &mut Bytes) -> Poll<io::Result<()>> {
-        if chunk.is_empty() {
-            return Poll::Ready(Ok(()));
-        }
         self.poll_send_bytes(cx, chunk)
     }
 }
@@ -269,6 +263,14 @@ pub type BenchBox = Box<dyn BenchIo>;
 
 async fn discard(io: &mut BenchBox, scratch: &mut [u8]) -> io::Result<usize> {
     std::future::poll_fn(|cx| io.poll_discard(cx, scratch)).await
+}
+
+/// Writes all of `chunk`; an empty one writes nothing.
+async fn send(io: &mut BenchBox, mut chunk: Bytes) -> io::Result<()> {
+    while !chunk.is_empty() {
+        std::future::poll_fn(|cx| io.poll_send(cx, &mut chunk)).await?;
+    }
+    Ok(())
 }
 
 /// Downloads `n` bytes on an open connection; returns the seconds it took.
@@ -295,10 +297,7 @@ pub async fn upload(io: &mut BenchBox, n: u64) -> Result<f64> {
     let mut left = n;
     while left > 0 {
         let k = left.min(CHUNK as u64) as usize;
-        let mut chunk = Bytes::from_static(&ZEROS[..k]);
-        while !chunk.is_empty() {
-            std::future::poll_fn(|cx| io.poll_send(cx, &mut chunk)).await?;
-        }
+        send(io, Bytes::from_static(&ZEROS[..k])).await?;
         left -= k as u64;
     }
     io.flush().await?;
@@ -646,6 +645,19 @@ fn rand_id() -> i64 {
 }
 
 impl GrpcIo {
+    /// Sends one DATA packet of `piece()`, taken once the stream has room for it.
+    fn poll_data(
+        &mut self,
+        cx: &mut TaskCx<'_>,
+        piece: impl FnOnce() -> Bytes,
+    ) -> Poll<io::Result<()>> {
+        let gone = |_| io::Error::from(io::ErrorKind::BrokenPipe);
+        ready!(self.tx.poll_reserve(cx)).map_err(gone)?;
+        let p = spoke_tests::grpc::data(self.id, piece());
+        self.tx.send_item(p).map_err(gone)?;
+        Poll::Ready(Ok(()))
+    }
+
     /// Until `buf` holds data or the stream has ended.
     fn poll_fill(&mut self, cx: &mut TaskCx<'_>) -> Poll<()> {
         while self.buf.is_empty() && !self.eof {
@@ -689,14 +701,8 @@ impl BenchIo for GrpcIo {
     }
 
     fn poll_send(&mut self, cx: &mut TaskCx<'_>, chunk: &mut Bytes) -> Poll<io::Result<()>> {
-        if chunk.is_empty() {
-            return Poll::Ready(Ok(()));
-        }
-        ready!(self.tx.poll_reserve(cx)).map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
-        let piece = chunk.split_to(chunk.len().min(PACKET_MAX));
-        self.tx
-            .send_item(spoke_tests::grpc::data(self.id, piece))
-            .map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
+        let k = chunk.len().min(PACKET_MAX);
+        ready!(self.poll_data(cx, || chunk.split_to(k)))?;
         Poll::Ready(Ok(()))
     }
 }
@@ -707,15 +713,8 @@ impl AsyncWrite for GrpcIo {
         cx: &mut TaskCx<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        ready!(self.tx.poll_reserve(cx)).map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
         let k = buf.len().min(PACKET_MAX);
-        let id = self.id;
-        self.tx
-            .send_item(spoke_tests::grpc::data(
-                id,
-                Bytes::copy_from_slice(&buf[..k]),
-            ))
-            .map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
+        ready!(self.poll_data(cx, || Bytes::copy_from_slice(&buf[..k])))?;
         Poll::Ready(Ok(k))
     }
 
@@ -740,8 +739,16 @@ mod tests {
     use super::*;
     use spoke_proto::CloseResponse;
 
-    fn grpc_io() -> (BenchBox, mpsc::UnboundedSender<(Packet, usize)>, Arc<Taken>) {
-        let (tx, _out) = mpsc::channel(4);
+    /// A GrpcIo, the driver's ends of its channels, and its window accounting.
+    struct Ends {
+        io: BenchBox,
+        inbound: mpsc::UnboundedSender<(Packet, usize)>,
+        out: mpsc::Receiver<Packet>,
+        taken: Arc<Taken>,
+    }
+
+    fn grpc_io() -> Ends {
+        let (tx, out) = mpsc::channel(4);
         let (inbound, rx) = mpsc::unbounded_channel();
         let taken = Arc::new(Taken::default());
         let io = Box::new(GrpcIo {
@@ -752,7 +759,12 @@ mod tests {
             buf: Bytes::new(),
             eof: false,
         });
-        (io, inbound, taken)
+        Ends {
+            io,
+            inbound,
+            out,
+            taken,
+        }
     }
 
     /// Discarding takes every byte of every packet, in pieces no larger than asked for,
@@ -774,7 +786,12 @@ mod tests {
             },
         ];
         for close in closes {
-            let (mut io, inbound, taken) = grpc_io();
+            let Ends {
+                mut io,
+                inbound,
+                taken,
+                ..
+            } = grpc_io();
             for (len, size) in [(10usize, 15usize), (0, 5), (25, 30)] {
                 inbound
                     .send((spoke_tests::grpc::data(7, vec![1u8; len]), size))
@@ -803,22 +820,12 @@ mod tests {
     /// Sending hands the chunk over in packets of at most PACKET_MAX, the bytes themselves.
     #[tokio::test]
     async fn grpc_send_packets_the_chunk_without_copying() {
-        let (tx, mut out) = mpsc::channel(4);
-        let (_inbound, rx) = mpsc::unbounded_channel();
-        let mut io: BenchBox = Box::new(GrpcIo {
-            tx: PollSender::new(tx),
-            rx,
-            taken: Arc::new(Taken::default()),
-            id: 7,
-            buf: Bytes::new(),
-            eof: false,
-        });
-        let mut chunk = Bytes::from_static(&ZEROS[..PACKET_MAX * 2 + 100]);
-        while !chunk.is_empty() {
-            std::future::poll_fn(|cx| io.poll_send(cx, &mut chunk))
-                .await
-                .unwrap();
-        }
+        let Ends {
+            mut io, mut out, ..
+        } = grpc_io();
+        send(&mut io, Bytes::from_static(&ZEROS[..PACKET_MAX * 2 + 100]))
+            .await
+            .unwrap();
         let mut sizes = vec![];
         while let Ok(p) = out.try_recv() {
             let Some(Payload::Data(d)) = p.payload else {

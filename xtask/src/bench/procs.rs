@@ -298,7 +298,7 @@ impl Cluster {
     pub fn start(bin: &Path, work: &Path, pki: &Pki, cfg: &ClusterCfg) -> Result<Cluster> {
         let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let p = |x: &Path| x.display().to_string();
-        // Ports: the root namespace shares loopback with everything else, so ask the kernel;
+        // Ports: the root namespace shares loopback with everything else, so draw free ones;
         // a fresh namespace has nothing bound.
         let port = |ns: &Option<String>, fixed: u16| {
             if ns.is_some() {
