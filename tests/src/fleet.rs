@@ -9,6 +9,10 @@
 //! error, back off (`sync_interval` × 1.5 per failure, 10 % jitter, capped at
 //! `sync_interval_cap`). It keeps connecting until it holds `serverCount` streams to distinct
 //! server ids. The loop starts at once; a stream that ends is noticed at the next tick.
+//! An agent that holds all its streams does not wake at ticks that would find nothing to do:
+//! it sleeps until a stream ends, then until the tick after that, drawn from the same jittered
+//! schedule. Reconnects come when upstream's would, and 10,000 idle agents in one process do
+//! not cost the server under test 10,000 wake-ups a second of the machine's two cores.
 //!
 //! Connections leave from several loopback source addresses (127.0.1.x, with
 //! `IP_BIND_ADDRESS_NO_PORT`), so tens of thousands fit in the ephemeral port range.
@@ -26,7 +30,7 @@ use spoke_proto::packet::Payload;
 use spoke_proto::{CloseResponse, DialResponse, Packet, PacketType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, UnixStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinHandle;
 
 /// How the fleet reaches its server(s) and behaves.
@@ -157,6 +161,7 @@ impl Fleet {
                     cfg: cfg.clone(),
                     stats: stats.clone(),
                     live: Arc::new(Mutex::new(Live::default())),
+                    lost: Arc::new(Notify::new()),
                     stop: stop_rx.clone(),
                 };
                 let (gate, stop) = (gate.clone(), stop_rx.clone());
@@ -225,6 +230,8 @@ struct Agent {
     cfg: Arc<FleetConfig>,
     stats: Arc<FleetStats>,
     live: Arc<Mutex<Live>>,
+    /// A stream ended (a permit is kept if the sync loop is not waiting yet).
+    lost: Arc<Notify>,
     /// Fires when the fleet is dropped: every stream ends.
     stop: watch::Receiver<bool>,
 }
@@ -263,7 +270,18 @@ impl Agent {
             };
             let wait = if !wanted {
                 backoff = cfg.sync_interval;
-                jitter(cfg.sync_interval, 0.1)
+                // Ticks until a stream ends would do nothing: skip them, then wait for the
+                // first tick of the same schedule after the loss.
+                let mut tick = Instant::now() + jitter(cfg.sync_interval, 0.1);
+                tokio::select! {
+                    _ = self.lost.notified() => {}
+                    _ = stop.changed() => return,
+                }
+                let now = Instant::now();
+                while tick <= now {
+                    tick += jitter(cfg.sync_interval, 0.1);
+                }
+                tick - now
             } else {
                 let permit = match (&gate, first) {
                     (Some(g), true) => g.clone().acquire_owned().await.ok(),
@@ -314,7 +332,7 @@ impl Agent {
         }
         self.stats.connects.fetch_add(1, Ordering::Relaxed);
         self.stats.streams.fetch_add(1, Ordering::Relaxed);
-        let (live, stats) = (self.live.clone(), self.stats.clone());
+        let (live, stats, lost) = (self.live.clone(), self.stats.clone(), self.lost.clone());
         let mut stop = self.stop.clone();
         tokio::spawn(async move {
             tokio::select! {
@@ -326,6 +344,7 @@ impl Agent {
             let mut l = live.lock().unwrap_or_else(|e| e.into_inner());
             l.servers.retain(|s| *s != server_id);
             Agent::recount(&mut l, &stats);
+            lost.notify_one();
         });
         Ok(true)
     }
