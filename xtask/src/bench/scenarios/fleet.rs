@@ -5,8 +5,7 @@
 //! to any by `default`), and a reconnect storm: SIGKILL, restart at once, time until all N are
 //! back with upstream's sync loop (retry at the next 1 s tick, then 1 s × 1.5 backoff with
 //! 10 % jitter, capped at 10 s), the server's peak memory meanwhile. The same run measures any
-//! upstream-compatible server binary given with `--server-bin`. The dial floors' baseline is a
-//! one-agent server dialed in turns with each loaded one. Last, three Spoke servers
+//! upstream-compatible server binary given with `--server-bin`. Last, three Spoke servers
 //! behind one address (least-connections balancer) with serverCount 3 under a steady dial
 //! load: one is SIGKILLed, then restarted.
 use crate::bench::procs::{free_port, http_get, http_get_async, Proc};
@@ -239,113 +238,26 @@ impl Dials {
     }
 }
 
-/// Dials per turn when series are measured side by side.
-const SIDE_BY_SIDE_BLOCK: usize = 2500;
-/// Before each turn, a pause and dials not counted. Without the pause, what a server still
-/// does after its turn (a connection's buffers are given back 50–100 ms after its dial)
-/// lands on the other series' dials; without the warm-up, a turn's first dials find the
-/// other server's state in the caches and the vCPUs halted.
-const TURN_PAUSE: Duration = Duration::from_millis(400);
-const TURN_WARM_UP: usize = 20;
-
-/// A series of sequential dials to `target()` through the server at `uds` (process `pid`).
-struct Series<'a> {
-    uds: &'a Path,
-    pid: u32,
-    target: Box<dyn Fn() -> String + 'a>,
-    dials: Dials,
-    server_ns: u64,
-}
-
-impl<'a> Series<'a> {
-    fn new(uds: &'a Path, pid: u32, target: impl Fn() -> String + 'a) -> Self {
-        Series {
-            uds,
-            pid,
-            target: Box::new(target),
-            dials: Dials::default(),
-            server_ns: 0,
-        }
-    }
-
-    /// `k` dials timed, after `warm_up` not counted.
-    async fn dial(&mut self, warm_up: usize, k: usize) {
-        for _ in 0..warm_up {
-            let _ = tokio::time::timeout(
-                Duration::from_secs(10),
-                connect_dial(self.uds, &(self.target)()),
-            )
-            .await;
-        }
-        let ns0 = run_ns(self.pid);
-        for _ in 0..k {
-            let (target, d) = ((self.target)(), &mut self.dials);
-            let dial = connect_dial(self.uds, &target);
-            match tokio::time::timeout(Duration::from_secs(10), dial).await {
-                Ok(Ok(t)) => d.ms.push(t.as_secs_f64() * 1e3),
-                Ok(Err(e)) => {
-                    d.failed += 1;
-                    d.first_error.get_or_insert(format!("{e:#}"));
-                }
-                Err(_) => {
-                    d.failed += 1;
-                    d.first_error.get_or_insert("timed out".into());
-                }
+/// `n` sequential dials to `target(i)` through the server `pid`.
+async fn dial_series(uds: &Path, pid: u32, n: usize, target: impl Fn(usize) -> String) -> Dials {
+    let mut d = Dials::default();
+    let ns0 = run_ns(pid);
+    for i in 0..n {
+        match tokio::time::timeout(Duration::from_secs(10), connect_dial(uds, &target(i))).await {
+            Ok(Ok(t)) => d.ms.push(t.as_secs_f64() * 1e3),
+            Ok(Err(e)) => {
+                d.failed += 1;
+                d.first_error.get_or_insert(format!("{e:#}"));
+            }
+            Err(_) => {
+                d.failed += 1;
+                d.first_error.get_or_insert("timed out".into());
             }
         }
-        self.server_ns += run_ns(self.pid).saturating_sub(ns0);
     }
-}
-
-/// `n` dials of each series, taken in turns of `block` dials: series measured side by side
-/// sample the same spells of the host, which move a p99 more than the code under test does.
-async fn dial_series(mut series: Vec<Series<'_>>, n: usize, block: usize) -> Vec<Dials> {
-    let (mut done, series_count) = (0, series.len());
-    while done < n {
-        let k = block.max(1).min(n - done);
-        for s in &mut series {
-            let warm_up = if series_count > 1 {
-                tokio::time::sleep(TURN_PAUSE).await;
-                TURN_WARM_UP
-            } else {
-                0
-            };
-            s.dial(warm_up, k).await;
-        }
-        done += k;
-    }
-    series
-        .into_iter()
-        .map(|s| {
-            let mut d = s.dials;
-            d.server_us = s.server_ns as f64 / 1e3 / n.max(1) as f64;
-            d.ms = sorted(std::mem::take(&mut d.ms));
-            d
-        })
-        .collect()
-}
-
-/// A server with one agent, dialed beside each loaded server in turns: the baseline of the
-/// dial floors. The one-agent run alone comes minutes earlier, and its p99 moved from 0.19 to
-/// 0.33 ms between runs of the same binary on this host.
-struct Beside {
-    server: ServerProc,
-    _fleet: Fleet,
-}
-
-impl Beside {
-    async fn start(ctx: &Ctx, imp: &Impl, tls: &Arc<ClientConfig>) -> Result<Beside> {
-        let server = ServerProc::start(ctx, imp, "fleet-beside", 1)?;
-        let fleet = Fleet::start(FleetConfig::new(server.agent_addr, tls.clone()), 1);
-        fleet
-            .wait_complete(1, Duration::from_secs(30))
-            .await
-            .context("connecting the one-agent server's agent")?;
-        Ok(Beside {
-            server,
-            _fleet: fleet,
-        })
-    }
+    d.server_us = run_ns(pid).saturating_sub(ns0) as f64 / 1e3 / n.max(1) as f64;
+    d.ms = sorted(std::mem::take(&mut d.ms));
+    d
 }
 
 fn rnd(n: usize) -> usize {
@@ -367,8 +279,6 @@ struct Res {
     dest: Dials,
     default: Dials,
     one_agent: Dials,
-    /// The one-agent server's series, dialed in turns with `dest` and `default`.
-    beside: Option<(Dials, Dials)>,
     storm: Option<Storm>,
 }
 
@@ -389,13 +299,7 @@ struct Storm {
     dials: Dials,
 }
 
-async fn one(
-    ctx: &Ctx,
-    imp: &Impl,
-    n: usize,
-    tls: &Arc<ClientConfig>,
-    beside: Option<&Beside>,
-) -> Result<Res> {
+async fn one(ctx: &Ctx, imp: &Impl, n: usize, tls: &Arc<ClientConfig>) -> Result<Res> {
     let id = format!("fleet-{}-{n}", if imp.spoke { "spoke" } else { "upstream" });
     let mut server = ServerProc::start(ctx, imp, &id, 1)?;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -431,39 +335,16 @@ async fn one(
     let dials = ctx.size.fleet_dials;
     let prefix = "node-";
     let pid = server.pid();
-    let to_agent = |i: usize| format!("{}:10250", agent_host(prefix, i));
-    let to_default = || "unnamed.fleet:443".to_string();
-    let uds = server.uds.clone();
-    // Each series, and the one-agent server's beside it when there is one.
-    let side_by_side = |target: Box<dyn Fn() -> String>, beside_target: Box<dyn Fn() -> String>| {
-        let mut v = vec![Series::new(&uds, pid, target)];
-        if let Some(b) = beside {
-            v.push(Series::new(&b.server.uds, b.server.pid(), beside_target));
-        }
-        dial_series(v, dials, SIDE_BY_SIDE_BLOCK)
-    };
-    let mut dest = side_by_side(
-        Box::new(move || to_agent(rnd(n))),
-        Box::new(move || to_agent(0)),
-    )
-    .await
-    .into_iter();
-    let mut default = side_by_side(Box::new(to_default), Box::new(to_default))
-        .await
-        .into_iter();
-    let (dest, beside_dest) = (dest.next().unwrap_or_default(), dest.next());
-    let (default, beside_default) = (default.next().unwrap_or_default(), default.next());
-    let beside = beside_dest.zip(beside_default);
+    let dest = dial_series(&server.uds, pid, dials, |_| {
+        format!("{}:10250", agent_host(prefix, rnd(n)))
+    })
+    .await;
+    let default = dial_series(&server.uds, pid, dials, |_| "unnamed.fleet:443".to_string()).await;
     // Every dial to one agent: its state stays in cache, unlike a random agent's.
-    let one_agent = dial_series(
-        vec![Series::new(&uds, pid, move || to_agent(0))],
-        dials,
-        dials,
-    )
-    .await
-    .into_iter()
-    .next()
-    .unwrap_or_default();
+    let one_agent = dial_series(&server.uds, pid, dials, |_| {
+        format!("{}:10250", agent_host(prefix, 0))
+    })
+    .await;
     ctx.say(&format!(
         "   {} × {n}: {} kiB RSS per idle agent, idle CPU {:.3} s/min; dial p50/p99 destHost {:.3}/{:.3} ms, default {:.3}/{:.3} ms ({} + {} failed)",
         imp.name,
@@ -498,7 +379,6 @@ async fn one(
         dest,
         default,
         one_agent,
-        beside,
         storm: storm_res,
     })
 }
@@ -792,15 +672,8 @@ pub async fn run(ctx: &Ctx) -> Result<Section> {
     }
     let mut res: Vec<Res> = Vec::new();
     for imp in &imps {
-        let mut beside = None;
         for &n in std::iter::once(&1).chain(ctx.size.fleet.iter()) {
-            if n > 1 && imp.spoke && beside.is_none() {
-                match Beside::start(ctx, imp, &tls).await {
-                    Ok(b) => beside = Some(b),
-                    Err(e) => sec.skipped.push(format!("one-agent server beside: {e:#}")),
-                }
-            }
-            match one(ctx, imp, n, &tls, beside.as_ref()).await {
+            match one(ctx, imp, n, &tls).await {
                 Ok(r) => res.push(r),
                 Err(e) => sec.skipped.push(format!("{} × {n}: {e:#}", imp.name)),
             }
@@ -869,30 +742,15 @@ fn report(ctx: &Ctx, sec: &mut Section, res: &[Res], ha: Option<&Ha>, upstream_r
             storm
         ));
     }
-    md.push_str(&format!(
+    md.push_str(
         "\nWhere a dial's time goes: the server's CPU per dial (its threads' run time over each series, from \
          `/proc/<pid>/task/*/schedstat`), and a third series of dials that all go to one agent, whose state (the server's \
-         and the simulated agent's) stays in cache. The dial floors' baseline (last column): a second server with one \
-         agent, started before the first loaded one and kept, whose dials take turns with the loaded server's destHost \
-         and default series, {SIDE_BY_SIDE_BLOCK} at a time, each turn after a {:.1} s pause and {TURN_WARM_UP} dials \
-         not counted. A p99 moves with the host's slow spells, and series taken minutes apart sample different ones.\n\n\
-         | server | agents | server CPU µs/dial destHost | default | one agent | one agent p50/p99 ms | one-agent server in turns: destHost, default p50/p99 ms |\n\
-         |---|---|---|---|---|---|---|\n",
-        TURN_PAUSE.as_secs_f64()
-    ));
+         and the simulated agent's) stays in cache.\n\n\
+         | server | agents | server CPU µs/dial destHost | default | one agent | one agent p50/p99 ms |\n|---|---|---|---|---|---|\n",
+    );
     for r in res {
-        let beside = match &r.beside {
-            Some((d, f)) => format!(
-                "{:.3}/{:.3}, {:.3}/{:.3}",
-                d.p(50.0),
-                d.p(99.0),
-                f.p(50.0),
-                f.p(99.0)
-            ),
-            None => "—".into(),
-        };
         md.push_str(&format!(
-            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.3}/{:.3} | {beside} |\n",
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.3}/{:.3} |\n",
             r.imp,
             r.n,
             r.dest.server_us,
@@ -990,26 +848,18 @@ fn report(ctx: &Ctx, sec: &mut Section, res: &[Res], ha: Option<&Ha>, upstream_r
             ));
         }
     }
-    // Against the one-agent server dialed in turns with it; the one-agent run alone only if
-    // that server could not be started.
     let one_agent = spoke.iter().find(|r| r.n == 1);
-    let baseline = last.and_then(|b| match (&b.beside, one_agent) {
-        (Some((d, f)), _) => Some((d, f, "its own server, dialed in turns with it")),
-        (None, Some(o)) => Some((&o.dest, &o.default, "the one-agent run, before it")),
-        (None, None) => None,
-    });
-    if let (Some(b), Some((od, of, how))) = (last, baseline) {
-        for (what, x, y) in [("destHost", &b.dest, od), ("default", &b.default, of)] {
+    if let (Some(o), Some(b)) = (one_agent, last) {
+        for (what, x, y) in [
+            ("destHost", &b.dest, &o.dest),
+            ("default", &b.default, &o.default),
+        ] {
             let ratio = x.p(99.0) / y.p(99.0);
             sec.floors.push(Floor::new(
                 format!("dial p99 {what}, {} agents vs 1", b.n),
-                format!(
-                    "{ratio:.2}× ({:.3} vs {:.3} ms; one agent: {how})",
-                    x.p(99.0),
-                    y.p(99.0)
-                ),
+                format!("{ratio:.2}× ({:.3} vs {:.3} ms)", x.p(99.0), y.p(99.0)),
                 "≤ 1.5×",
-                Some(ratio <= 1.5 && x.failed == 0 && y.failed == 0),
+                Some(ratio <= 1.5 && x.failed == 0),
             ));
         }
     }
@@ -1110,7 +960,6 @@ fn report(ctx: &Ctx, sec: &mut Section, res: &[Res], ha: Option<&Ha>, upstream_r
             "rss_before": r.rss_before, "rss_idle": r.rss_idle, "kib_per_idle_agent": r.kib_per_agent(),
             "idle_cpu_s_per_min": if r.idle_cpu_s_per_min.is_finite() { json!(r.idle_cpu_s_per_min) } else { json!(null) },
             "dial_desthost": dials(&r.dest), "dial_default": dials(&r.default), "dial_one_agent": dials(&r.one_agent),
-            "dial_beside_one_agent_server": r.beside.as_ref().map(|(d, f)| json!({"desthost": dials(d), "default": dials(f)})),
             "storm": r.storm.as_ref().map(|s| json!({
                 "all_back_s": s.back_s, "server_up_s": s.ready_s, "peak_rss": s.peak_rss, "settled_rss": s.settled_rss,
                 "cpu_ms_per_reconnect": s.cpu_per_connect_ms, "failed_attempts": s.failures, "listen_overflows": s.overflows,
