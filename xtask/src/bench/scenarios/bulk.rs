@@ -71,11 +71,16 @@ pub async fn measure(
             let counting = Counting::start(&ctx.work, &all).ok();
             let probe = CpuProbe::start(&all);
             let work = machine_work().ok();
-            let secs = if dir == "download" {
-                io::download(&mut conn, n).await?
-            } else {
-                io::upload(&mut conn, n).await?
-            };
+            // A task of the client's runtime, not its `block_on` future (see `pingpong`).
+            let secs = tokio::spawn(async move {
+                if dir == "download" {
+                    io::download(&mut conn, n).await
+                } else {
+                    io::upload(&mut conn, n).await
+                }
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("the transfer task failed: {e}"))??;
             let busy = work
                 .zip(machine_work().ok())
                 .map(|(before, after)| (after - before) / secs);
