@@ -71,16 +71,15 @@ pub async fn measure(
             let counting = Counting::start(&ctx.work, &all).ok();
             let probe = CpuProbe::start(&all);
             let work = machine_work().ok();
-            // A task of the client's runtime, not its `block_on` future (see `pingpong`).
-            let secs = tokio::spawn(async move {
-                if dir == "download" {
-                    io::download(&mut conn, n).await
+            let secs = super::as_task(async move {
+                let secs = if dir == "download" {
+                    io::download(&mut conn, n).await?
                 } else {
-                    io::upload(&mut conn, n).await
-                }
+                    io::upload(&mut conn, n).await?
+                };
+                anyhow::Ok(secs)
             })
-            .await
-            .map_err(|e| anyhow::anyhow!("the transfer task failed: {e}"))??;
+            .await?;
             let busy = work
                 .zip(machine_work().ok())
                 .map(|(before, after)| (after - before) / secs);

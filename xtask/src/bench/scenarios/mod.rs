@@ -140,10 +140,7 @@ async fn pingpong_client(
 ) -> Result<Vec<f64>> {
     let mut io: BoxIo = io::dial(route, &ctx.tls, target).await?;
     io.write_all(&io::command(b'E', 0)).await?;
-    // The loop is a task of the client's runtime, not the future its `block_on` polls: a gRPC
-    // client's HTTP/2 driver is a task too, and its waking the `block_on` future cost one more
-    // turn of the event loop (an `epoll_wait` that returns at once) per round trip.
-    let timed = tokio::spawn(async move {
+    let rtts = as_task(async move {
         let msg = [7u8; 64];
         let mut back = [0u8; 64];
         let mut rtts = Vec::with_capacity(n);
@@ -157,9 +154,19 @@ async fn pingpong_client(
         }
         let _ = io.shutdown().await;
         anyhow::Ok(rtts)
-    });
-    let rtts = timed
-        .await
-        .map_err(|e| anyhow::anyhow!("the ping-pong task failed: {e}"))??;
+    })
+    .await?;
     Ok(stats::sorted(rtts))
+}
+
+/// Runs a client's measured loop as a task of its runtime ([`on_client_thread`]), not as the
+/// future its `block_on` polls: a gRPC client's HTTP/2 driver is a task too, and its waking
+/// the `block_on` future cost one more turn of the event loop (an `epoll_wait` that returns
+/// at once) per wake-up.
+pub async fn as_task<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T>> + Send + 'static,
+) -> Result<T> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| anyhow::anyhow!("the client's task failed: {e}"))?
 }
